@@ -1,0 +1,3 @@
+from smnn.cli import main
+
+raise SystemExit(main())

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["OdeProblem", "prepare_problem", "check_weight", "broadcast_batch"]
+__all__ = [
+    "OdeProblem",
+    "prepare_problem",
+    "check_weight",
+    "check_finite",
+    "broadcast_batch",
+]
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,8 @@ def _require_tensor(name: str, x, min_rank: int, layout: str) -> torch.Tensor:
     return x
 
 
-def _check_finite(name: str, x: torch.Tensor) -> None:
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """Raise a ValueError naming ``name`` if ``x`` holds NaN or inf."""
     bad = ~torch.isfinite(x.detach())
     if bool(bad.any()):
         n_bad = int(bad.sum())
@@ -212,9 +219,9 @@ def prepare_problem(
     lhs_batch_shape = torch.broadcast_shapes(c.shape[:-4], h.shape[:-1])
 
     if check_values:
-        _check_finite("coefficients", c)
-        _check_finite("rhs_equation", b)
-        _check_finite("init_vars", u0)
+        check_finite("coefficients", c)
+        check_finite("rhs_equation", b)
+        check_finite("init_vars", u0)
         hd = h.detach()
         if not bool(torch.isfinite(hd).all()):
             raise ValueError("steps contains non-finite value(s) (NaN or inf)")

@@ -1,0 +1,266 @@
+"""Public solver entry points: :func:`ode_forward` and :func:`factorize` (SOLVER_SPEC sections 1-8).
+
+``ode_forward`` is keyword-compatible with the authors' published function: switching is a change
+of import. Our own options (method, backend, checks) are keyword-only and come after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from smnn.solver.autograd import solve_with_factor
+from smnn.solver.banded import (
+    BlockTridiagonalFactor,
+    factorize_block_tridiagonal,
+    raise_if_failed,
+    resolve_backend,
+)
+from smnn.solver.blocks import build_lhs_blocks, build_rhs
+from smnn.solver.inputs import OdeProblem, check_finite, check_weight, prepare_problem
+from smnn.solver.layout import BatchFolding, pair_rhs, pair_steps, unpair_solution
+
+__all__ = ["ode_forward", "factorize", "OdeFactorization", "METHODS"]
+
+METHODS = ("auto", "sequential")
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_options(method: str, dtype: torch.dtype) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"inputs must be float32 or float64, got {dtype}")
+    return "sequential"
+
+
+@dataclass
+class _LeftHandSide:
+    """A factorized left-hand side in canonical layout (see :mod:`smnn.solver.banded`)."""
+
+    diag: torch.Tensor  # (N, T', n, n), differentiable when built with grad
+    sub: torch.Tensor  # (N, T'-1, n, n)
+    factor: BlockTridiagonalFactor
+    central: bool
+    lhs_batch_shape: torch.Size
+
+
+def _factorize_lhs(
+    problem: OdeProblem,
+    weights: tuple,
+    central: bool,
+    method: str,
+    backend: str,
+    check_pivots: bool,
+) -> _LeftHandSide:
+    _check_options(method, problem.coefficients.dtype)
+    w_eq, w_in, w_s = weights
+    blocks = build_lhs_blocks(problem, w_eq, w_in, w_s, central)
+    diag, sub = blocks.diag, blocks.sub
+    if central:
+        diag, sub = pair_steps(diag, sub, blocks.sub2)
+    folding = BatchFolding(tuple(problem.batch_shape), tuple(problem.lhs_batch_shape))
+    diag_c = folding.fold_lhs(diag)
+    sub_c = folding.fold_lhs(sub)
+    backend = resolve_backend(backend, diag_c.device)
+    with torch.no_grad():
+        factor = factorize_block_tridiagonal(diag_c.detach(), sub_c.detach(), backend)
+    if check_pivots:
+        raise_if_failed(factor, tuple(problem.lhs_batch_shape))
+    return _LeftHandSide(diag_c, sub_c, factor, central, problem.lhs_batch_shape)
+
+
+def _solve_lhs(lhs: _LeftHandSide, problem: OdeProblem, rhs: torch.Tensor) -> torch.Tensor:
+    """``rhs`` ``(*batch, T, m)`` -> u ``(*batch, T, D, R)``."""
+    T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
+    if lhs.central:
+        rhs = pair_rhs(rhs)
+    folding = BatchFolding(tuple(problem.batch_shape), tuple(lhs.lhs_batch_shape))
+    rhs_c = folding.fold_rhs(rhs).contiguous()
+    x = solve_with_factor(lhs.diag, lhs.sub, rhs_c, lhs.factor)
+    x = folding.unfold(x)
+    if lhs.central:
+        x = unpair_solution(x, T)
+    return x.reshape(*problem.batch_shape, T, D, R)
+
+
+def _check_weights(weight_equation, weight_init_var, weight_smooth) -> tuple:
+    check_weight("weight_equation", weight_equation)
+    check_weight("weight_init_var", weight_init_var)
+    check_weight("weight_smooth", weight_smooth)
+    return weight_equation, weight_init_var, weight_smooth
+
+
+def ode_forward(
+    coefficients: torch.Tensor,
+    rhs_equation: torch.Tensor,
+    init_vars: torch.Tensor,
+    steps: torch.Tensor,
+    n_steps: int | None = None,
+    n_init_var_steps: int | None = None,
+    weight_equation: float | torch.Tensor = 1.0,
+    weight_init_var: float | torch.Tensor = 1.0,
+    weight_smooth: float | torch.Tensor = 1.0,
+    enable_central_smoothness: bool = False,
+    *,
+    method: str = "auto",
+    backend: str = "auto",
+    check_inputs: bool = True,
+    check_pivots: bool = True,
+) -> torch.Tensor:
+    """Least-squares solution of a batch of linear ODEs (SOLVER_SPEC sections 1-5).
+
+    Args:
+        coefficients: ``(..., T or 1, E, D, R)``; c[t,e,d,k] multiplies the k-th derivative of
+            state d in equation e at step t.
+        rhs_equation: ``(..., T or 1, E)``.
+        init_vars: ``(..., S or 1, D, K)``: values of orders k < K on the first S steps.
+        steps: ``(..., T-1 or 1)``, step sizes > 0.
+        n_steps: T, when ``steps`` has a size-1 step axis (default ``steps.shape[-1] + 1``).
+        n_init_var_steps: S (default ``init_vars.shape[-3]``).
+        weight_equation, weight_init_var, weight_smooth: positive scalar row weights (python
+            numbers or 0-dim tensors; tensors receive gradients).
+        enable_central_smoothness: add the central rows on the two top orders and drop the top
+            order's Taylor rows (block pentadiagonal normal matrix).
+        method: 'auto' or 'sequential' (block LDL^T, T dependent steps).
+        backend: 'auto' (compiled numba kernels on CPU, batched torch ops elsewhere), 'numba'
+            or 'torch'.
+        check_inputs: validate values (finite, steps > 0); shapes are always checked.
+        check_pivots: raise :class:`~smnn.solver.banded.NonPositivePivotError` naming the batch
+            entries whose normal matrix is not positive definite; off: those come back NaN.
+
+    Returns:
+        u: ``(*batch, T, D, R)``, u[t,d,k] ~ k-th derivative of state d at step t, where
+        ``batch`` is the broadcast of all inputs' batch dims.
+
+    Gradients flow to every tensor input through a custom backward pass that reuses the
+    factorization (one extra pair of substitutions, O(T) memory).
+    """
+    problem = prepare_problem(
+        coefficients, rhs_equation, init_vars, steps, n_steps, n_init_var_steps, check_inputs
+    )
+    weights = _check_weights(weight_equation, weight_init_var, weight_smooth)
+    lhs = _factorize_lhs(
+        problem, weights, bool(enable_central_smoothness), method, backend, check_pivots
+    )
+    rhs = build_rhs(
+        problem,
+        problem.rhs_equation,
+        problem.init_vars,
+        weight_equation=weights[0],
+        weight_init_var=weights[1],
+    )
+    return _solve_lhs(lhs, problem, rhs)
+
+
+class OdeFactorization:
+    """A factorized left-hand side, reusable for many right-hand sides (SOLVER_SPEC section 8).
+
+    Create with :func:`factorize`; call :meth:`solve` with ``rhs_equation`` and ``init_vars``.
+    The object is owned by the caller (no hidden cache). The coefficients and steps are frozen
+    (detached) at factorization time: gradients flow to ``rhs_equation`` and ``init_vars`` only.
+    """
+
+    def __init__(self, problem: OdeProblem, lhs: _LeftHandSide, weights: tuple):
+        self._problem = problem
+        self._lhs = lhs
+        self._weights = weights
+
+    @property
+    def n_steps(self) -> int:
+        return self._problem.n_steps
+
+    @property
+    def lhs_batch_shape(self) -> torch.Size:
+        return self._problem.lhs_batch_shape
+
+    def solve(
+        self, rhs_equation: torch.Tensor, init_vars: torch.Tensor, check_inputs: bool = True
+    ) -> torch.Tensor:
+        """u ``(*batch, T, D, R)`` for ``rhs_equation`` ``(..., T or 1, E)`` and ``init_vars``
+        ``(..., S or 1, D, K)`` with the factorized coefficients and steps."""
+        p = self._problem
+        problem = prepare_problem(
+            p.coefficients,
+            rhs_equation,
+            init_vars,
+            p.steps,
+            p.n_steps,
+            p.n_init_var_steps,
+            check_values=False,
+        )
+        if check_inputs:
+            check_finite("rhs_equation", rhs_equation)
+            check_finite("init_vars", init_vars)
+        if problem.n_init_orders != p.n_init_orders:
+            raise ValueError(
+                f"init_vars fixes K={problem.n_init_orders} orders but the factorization was "
+                f"made for n_init_orders={p.n_init_orders}"
+            )
+        rhs = build_rhs(
+            problem,
+            problem.rhs_equation,
+            problem.init_vars,
+            weight_equation=self._weights[0],
+            weight_init_var=self._weights[1],
+        )
+        return _solve_lhs(self._lhs, problem, rhs)
+
+
+def factorize(
+    coefficients: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    n_init_orders: int,
+    n_steps: int | None = None,
+    n_init_var_steps: int = 1,
+    weight_equation: float | torch.Tensor = 1.0,
+    weight_init_var: float | torch.Tensor = 1.0,
+    weight_smooth: float | torch.Tensor = 1.0,
+    enable_central_smoothness: bool = False,
+    method: str = "auto",
+    backend: str = "auto",
+    check_inputs: bool = True,
+    check_pivots: bool = True,
+) -> OdeFactorization:
+    """Factorize the normal matrix of fixed coefficients and steps once (SOLVER_SPEC section 8).
+
+    Args:
+        coefficients: ``(..., T or 1, E, D, R)``.
+        steps: ``(..., T-1 or 1)``.
+        n_init_orders: K, the number of derivative orders fixed by ``init_vars`` (K <= R).
+        n_init_var_steps: S, the number of initial-value steps.
+        Other arguments as in :func:`ode_forward`.
+
+    Returns:
+        An :class:`OdeFactorization`; ``fac.solve(rhs_equation, init_vars)`` equals
+        ``ode_forward(coefficients, rhs_equation, init_vars, steps, ...)`` but skips the
+        factorization. Gradients reach ``rhs_equation`` and ``init_vars`` only.
+    """
+    if not isinstance(n_init_orders, int) or n_init_orders < 1:
+        raise ValueError(f"n_init_orders must be a positive int, got {n_init_orders!r}")
+    if not isinstance(n_init_var_steps, int) or n_init_var_steps < 1:
+        raise ValueError(f"n_init_var_steps must be a positive int, got {n_init_var_steps!r}")
+    if not isinstance(coefficients, torch.Tensor) or coefficients.dim() < 4:
+        raise ValueError(
+            "coefficients must be a tensor of shape (..., T or 1, E, D, R), got "
+            f"{getattr(coefficients, 'shape', type(coefficients).__name__)}"
+        )
+    c = coefficients.detach()
+    h = steps.detach() if isinstance(steps, torch.Tensor) else steps
+    E, D = c.shape[-3], c.shape[-2]
+    placeholder_b = c.new_zeros(1, E)
+    placeholder_u0 = c.new_zeros(1, D, n_init_orders)
+    problem = prepare_problem(
+        c, placeholder_b, placeholder_u0, h, n_steps, n_init_var_steps, check_inputs
+    )
+    weights = tuple(
+        w.detach() if isinstance(w, torch.Tensor) else w
+        for w in _check_weights(weight_equation, weight_init_var, weight_smooth)
+    )
+    with torch.no_grad():
+        lhs = _factorize_lhs(
+            problem, weights, bool(enable_central_smoothness), method, backend, check_pivots
+        )
+    return OdeFactorization(problem, lhs, weights)

@@ -1,0 +1,231 @@
+"""Factorize and solve symmetric positive definite block-tridiagonal systems (SOLVER_SPEC section 4).
+
+Canonical layout, shared by every method:
+
+- ``diag`` ``(N, T, n, n)``: diagonal blocks; ``sub`` ``(N, T-1, n, n)``: blocks M_{t+1,t}.
+- ``rhs`` ``(N, T, n, P)``: P right-hand sides for each of the N systems (a batch that shares its
+  left-hand side is folded into P, so its factorization is computed once).
+
+The sequential block LDL^T method runs either as compiled CPU kernels (:mod:`numba_kernels`) or as
+batched torch ops (any device; the CUDA path). Both store the same factors: multipliers
+L_{t+1} = M_{t+1,t} D_t^{-1} and lower Cholesky factors of the pivots D_t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "NonPositivePivotError",
+    "BlockTridiagonalFactor",
+    "factorize_block_tridiagonal",
+    "resolve_backend",
+]
+
+BACKENDS = ("auto", "numba", "torch")
+
+
+class NonPositivePivotError(ValueError):
+    """The normal matrix of some batch entries is not numerically positive definite."""
+
+
+def _numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:  # pragma: no cover - numba is a declared dependency
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'numba' on CPU when numba imports, 'torch' otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "numba" if device.type == "cpu" and _numba_available() else "torch"
+    if backend == "numba" and device.type != "cpu":
+        raise ValueError(f"backend='numba' runs on CPU tensors only, got device {device}")
+    return backend
+
+
+@dataclass
+class BlockTridiagonalFactor:
+    """Sequential block LDL^T factors of N block-tridiagonal systems.
+
+    Attributes:
+        lmul: ``(N, T-1, n, n)``, lmul[:, t] = M_{t+1,t} D_t^{-1}.
+        dchol: ``(N, T, n, n)``, lower Cholesky factor of each pivot block D_t.
+        failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot, 0 where none.
+        backend: 'numba' or 'torch'.
+    """
+
+    lmul: torch.Tensor
+    dchol: torch.Tensor
+    failed_at: torch.Tensor
+    backend: str
+
+    @property
+    def n_systems(self) -> int:
+        return self.dchol.shape[0]
+
+    @property
+    def n_steps(self) -> int:
+        return self.dchol.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.dchol.shape[-1]
+
+    def failed(self) -> torch.Tensor:
+        """``(N,)`` bool: systems whose factorization met a non-positive pivot."""
+        return self.failed_at > 0
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """Solve M x = rhs for ``rhs`` ``(N, T, n, P)``; returns ``(N, T, n, P)``."""
+        N, T, n = self.n_systems, self.n_steps, self.block_size
+        if rhs.dim() != 4 or rhs.shape[0] != N or rhs.shape[1] != T or rhs.shape[2] != n:
+            raise ValueError(
+                f"rhs must have shape (N={N}, T={T}, n={n}, P), got {tuple(rhs.shape)}"
+            )
+        if self.backend == "numba":
+            return _solve_numba(self, rhs)
+        return _solve_torch(self, rhs)
+
+
+def factorize_block_tridiagonal(
+    diag: torch.Tensor, sub: torch.Tensor, backend: str = "auto"
+) -> BlockTridiagonalFactor:
+    """Sequential block LDL^T of ``diag`` ``(N, T, n, n)`` and ``sub`` ``(N, T-1, n, n)``.
+
+    Pivot failures are recorded in ``failed_at``, not raised; see :func:`raise_if_failed`.
+    """
+    backend = resolve_backend(backend, diag.device)
+    if backend == "numba":
+        return _factor_numba(diag, sub)
+    return _factor_torch(diag, sub)
+
+
+def raise_if_failed(factor: BlockTridiagonalFactor, batch_shape: tuple[int, ...]) -> None:
+    """Raise :class:`NonPositivePivotError` naming the failed entries of ``batch_shape``."""
+    failed = factor.failed()
+    if not bool(failed.any()):
+        return
+    idx = torch.nonzero(failed).flatten().cpu()
+    steps = factor.failed_at[failed].cpu() - 1
+    entries = []
+    for flat, step in zip(idx[:10].tolist(), steps[:10].tolist(), strict=False):
+        pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), batch_shape))
+        entries.append(f"batch index {pos} at block {step}")
+    more = f" (and {len(idx) - 10} more)" if len(idx) > 10 else ""
+    raise NonPositivePivotError(
+        f"the normal matrix is not positive definite for {len(idx)} of {failed.numel()} batch "
+        f"entries: non-positive pivot in {', '.join(entries)}{more}. Check for all-zero "
+        "coefficients, huge or tiny steps, or zero weights; pass check_pivots=False to skip "
+        "this check (those entries then come back as NaN)."
+    )
+
+
+# ---------------------------------------------------------------- numba (CPU) backend
+
+
+def _as_numpy(x: torch.Tensor):
+    return x.detach().contiguous().numpy()
+
+
+def _factor_numba(diag: torch.Tensor, sub: torch.Tensor) -> BlockTridiagonalFactor:
+    from smnn.solver import numba_kernels
+
+    N, T, n, _ = diag.shape
+    lmul = torch.empty(N, T - 1, n, n, dtype=diag.dtype)
+    dchol = torch.empty(N, T, n, n, dtype=diag.dtype)
+    failed_at = torch.zeros(N, dtype=torch.int64)
+    _with_threads(
+        numba_kernels.factor_sequential,
+        _as_numpy(diag),
+        _as_numpy(sub),
+        lmul.numpy(),
+        dchol.numpy(),
+        failed_at.numpy(),
+    )
+    return BlockTridiagonalFactor(lmul, dchol, failed_at, "numba")
+
+
+def _solve_numba(factor: BlockTridiagonalFactor, rhs: torch.Tensor) -> torch.Tensor:
+    from smnn.solver import numba_kernels
+
+    N, T, n, P = rhs.shape
+    out = torch.empty(N, T, n, P, dtype=rhs.dtype)
+    threads = torch.get_num_threads()
+    # enough (system, column-chunk) jobs to keep every thread busy when N is small
+    n_chunks = max(1, min(P, -(-2 * threads // N)))
+    _with_threads(
+        numba_kernels.solve_sequential,
+        _as_numpy(factor.lmul),
+        _as_numpy(factor.dchol),
+        _as_numpy(rhs.to(factor.dchol.dtype)),
+        out.numpy(),
+        n_chunks,
+    )
+    return out
+
+
+def _with_threads(kernel, *args):
+    """Run a numba kernel with as many threads as torch uses (bounded by numba's pool)."""
+    import numba
+
+    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(wanted)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- torch backend (any device)
+
+
+def _factor_torch(diag: torch.Tensor, sub: torch.Tensor) -> BlockTridiagonalFactor:
+    diag = diag.detach()
+    sub = sub.detach()
+    N, T, n, _ = diag.shape
+    lmul = diag.new_empty(N, T - 1, n, n)
+    dchol = diag.new_empty(N, T, n, n)
+    failed_at = torch.zeros(N, dtype=torch.int64, device=diag.device)
+    pivot = diag[:, 0]
+    for t in range(T):
+        chol, info = torch.linalg.cholesky_ex(pivot)
+        bad = (info > 0) & (failed_at == 0)
+        failed_at = torch.where(bad, torch.full_like(failed_at, t + 1), failed_at)
+        dchol[:, t] = chol
+        if t == T - 1:
+            break
+        m_next = sub[:, t]
+        # L = M_{t+1,t} D_t^{-1}  <=>  L^T = D_t^{-1} M_{t+1,t}^T
+        lt = torch.cholesky_solve(m_next.transpose(-1, -2), chol).transpose(-1, -2)
+        lmul[:, t] = lt
+        pivot = diag[:, t + 1] - lt @ m_next.transpose(-1, -2)
+    # make failures visible as NaN from the failing step on, like the numba kernel
+    if bool((failed_at > 0).any()):
+        steps = torch.arange(T, device=diag.device)
+        dead = (failed_at[:, None] > 0) & (steps[None, :] >= failed_at[:, None] - 1)
+        dchol = dchol.masked_fill(dead[:, :, None, None], float("nan"))
+        lmul = lmul.masked_fill(dead[:, :-1, None, None], float("nan"))
+    return BlockTridiagonalFactor(lmul, dchol, failed_at, "torch")
+
+
+def _solve_torch(factor: BlockTridiagonalFactor, rhs: torch.Tensor) -> torch.Tensor:
+    lmul, dchol = factor.lmul, factor.dchol
+    T = dchol.shape[1]
+    z = torch.empty_like(rhs)
+    z[:, 0] = rhs[:, 0]
+    for t in range(1, T):
+        z[:, t] = rhs[:, t] - lmul[:, t - 1] @ z[:, t - 1]
+    y = torch.cholesky_solve(z, dchol)
+    x = torch.empty_like(rhs)
+    x[:, T - 1] = y[:, T - 1]
+    for t in range(T - 2, -1, -1):
+        x[:, t] = y[:, t] - lmul[:, t].transpose(-1, -2) @ x[:, t + 1]
+    return x

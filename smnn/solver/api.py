@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from smnn.solver.autograd import solve_with_factor
+from smnn.solver.assembly import CompiledAssembly
+from smnn.solver.autograd import fused_solve, solve_with_factor
 from smnn.solver.banded import (
     BlockTridiagonalFactor,
     factorize_block_tridiagonal,
@@ -37,13 +38,33 @@ def _check_options(method: str, dtype: torch.dtype) -> str:
 
 @dataclass
 class _LeftHandSide:
-    """A factorized left-hand side in canonical layout (see :mod:`smnn.solver.banded`)."""
+    """A factorized left-hand side in canonical layout (see :mod:`smnn.solver.banded`).
 
-    diag: torch.Tensor  # (N, T', n, n), differentiable when built with grad
-    sub: torch.Tensor  # (N, T'-1, n, n)
+    Torch path: ``diag``/``sub`` are the (differentiable) canonical blocks. Compiled path
+    (``assembly`` set): ``coef`` (N, Tc, E, m) and ``steps`` (N, Th) are the differentiable
+    inputs the blocks were assembled from.
+    """
+
     factor: BlockTridiagonalFactor
     central: bool
     lhs_batch_shape: torch.Size
+    diag: torch.Tensor | None = None  # (N, T', n, n)
+    sub: torch.Tensor | None = None  # (N, T'-1, n, n)
+    coef: torch.Tensor | None = None
+    steps: torch.Tensor | None = None
+    assembly: CompiledAssembly | None = None
+
+
+def _plain_weights(weights: tuple) -> tuple[float, float, float] | None:
+    """The weights as floats, or None when one of them needs a gradient."""
+    out = []
+    for w in weights:
+        if isinstance(w, torch.Tensor):
+            if w.requires_grad:
+                return None
+            w = w.item()
+        out.append(float(w))
+    return tuple(out)
 
 
 def _factorize_lhs(
@@ -55,20 +76,51 @@ def _factorize_lhs(
     check_pivots: bool,
 ) -> _LeftHandSide:
     _check_options(method, problem.coefficients.dtype)
-    w_eq, w_in, w_s = weights
-    blocks = build_lhs_blocks(problem, w_eq, w_in, w_s, central)
-    diag, sub = blocks.diag, blocks.sub
-    if central:
-        diag, sub = pair_steps(diag, sub, blocks.sub2)
+    if central and problem.n_orders < 2:
+        raise ValueError(
+            "enable_central_smoothness needs n_orders R >= 2 (it constrains orders R-2, R-1), "
+            f"got R={problem.n_orders}"
+        )
+    backend = resolve_backend(backend, problem.coefficients.device)
     folding = BatchFolding(tuple(problem.batch_shape), tuple(problem.lhs_batch_shape))
-    diag_c = folding.fold_lhs(diag)
-    sub_c = folding.fold_lhs(sub)
-    backend = resolve_backend(backend, diag_c.device)
-    with torch.no_grad():
-        factor = factorize_block_tridiagonal(diag_c.detach(), sub_c.detach(), backend)
+    plain = _plain_weights(weights)
+    if backend == "numba" and plain is not None:
+        lhs_shape = tuple(problem.lhs_batch_shape)
+        c, h = problem.coefficients, problem.steps
+        coef = c.expand(*lhs_shape, *c.shape[-4:]).reshape(
+            folding.n_systems, c.shape[-4], c.shape[-3], problem.block_size
+        )
+        steps = h.expand(*lhs_shape, h.shape[-1]).reshape(folding.n_systems, h.shape[-1])
+        assembly = CompiledAssembly(
+            problem.n_steps,
+            problem.n_dims,
+            problem.n_orders,
+            problem.n_init_var_steps,
+            problem.n_init_orders,
+            plain,
+            central,
+        )
+        diag, sub, sub2 = assembly.blocks(coef, steps)
+        if central:
+            diag, sub = pair_steps(diag, sub, sub2)
+        factor = factorize_block_tridiagonal(diag, sub.contiguous(), backend)
+        lhs = _LeftHandSide(
+            factor, central, problem.lhs_batch_shape, coef=coef, steps=steps, assembly=assembly
+        )
+    else:
+        w_eq, w_in, w_s = weights
+        blocks = build_lhs_blocks(problem, w_eq, w_in, w_s, central)
+        diag, sub = blocks.diag, blocks.sub
+        if central:
+            diag, sub = pair_steps(diag, sub, blocks.sub2)
+        diag_c = folding.fold_lhs(diag)
+        sub_c = folding.fold_lhs(sub)
+        with torch.no_grad():
+            factor = factorize_block_tridiagonal(diag_c.detach(), sub_c.detach(), backend)
+        lhs = _LeftHandSide(factor, central, problem.lhs_batch_shape, diag=diag_c, sub=sub_c)
     if check_pivots:
         raise_if_failed(factor, tuple(problem.lhs_batch_shape))
-    return _LeftHandSide(diag_c, sub_c, factor, central, problem.lhs_batch_shape)
+    return lhs
 
 
 def _solve_lhs(lhs: _LeftHandSide, problem: OdeProblem, rhs: torch.Tensor) -> torch.Tensor:
@@ -78,7 +130,10 @@ def _solve_lhs(lhs: _LeftHandSide, problem: OdeProblem, rhs: torch.Tensor) -> to
         rhs = pair_rhs(rhs)
     folding = BatchFolding(tuple(problem.batch_shape), tuple(lhs.lhs_batch_shape))
     rhs_c = folding.fold_rhs(rhs).contiguous()
-    x = solve_with_factor(lhs.diag, lhs.sub, rhs_c, lhs.factor)
+    if lhs.assembly is not None:
+        x = fused_solve(lhs.coef, lhs.steps, rhs_c, lhs)
+    else:
+        x = solve_with_factor(lhs.diag, lhs.sub, rhs_c, lhs.factor)
     x = folding.unfold(x)
     if lhs.central:
         x = unpair_solution(x, T)

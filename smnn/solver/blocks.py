@@ -147,12 +147,6 @@ def build_lhs_blocks(
     T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
     S, K = problem.n_init_var_steps, problem.n_init_orders
     m = D * R
-    if central and R < 2:
-        raise ValueError(
-            f"enable_central_smoothness needs n_orders R >= 2 (it constrains orders R-2, R-1), "
-            f"got R={R}"
-        )
-
     diag_r, sub_r, sub2_r = _smoothness_blocks(h, T, R, weight_smooth, central)
     diag = _kron_states(diag_r, D)
     sub = _kron_states(sub_r, D)

@@ -143,3 +143,168 @@ def solve_sequential(lmul, dchol, rhs, out, n_chunks):
                     lki = lmul[b, t, k, i]
                     for p in range(p0, p1):
                         out[b, t, i, p] -= lki * out[b, t + 1, k, p]
+
+
+# ------------------------------------------------------------------ fused block assembly
+#
+# The left-hand side of the ODE problem is assembled straight from the coefficients and steps
+# (SOLVER_SPEC section 3), and in the backward pass the chain rule through that assembly is applied
+# in the same compiled loop, so no (N, T, m, m) gradient tensor and no autograd graph over the
+# blocks is ever built. Layout:
+# - ``coef`` (N, Tc, E, m): coefficients with (d, k) flattened, Tc in {1, T}.
+# - ``steps`` (N, Th): step sizes, Th in {1, T-1}.
+# - ``g0``, ``g1``, ``g2`` (R, R): the constant Taylor Gram matrices (blocks.taylor_gram_matrices).
+# - ``weights`` (3,): squared weights (w_eq^2, w_in^2, w_s^2).
+
+
+@njit(cache=True, parallel=True)
+def assemble_blocks(
+    coef, steps, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights, central,
+    diag, sub, sub2,
+):
+    """Write M_t into ``diag`` (N, T, m, m), M_{t+1,t} into ``sub`` (N, T-1, m, m) and, with
+    central rows, M_{t+2,t} into ``sub2`` (N, T-2, m, m)."""
+    N, Tc, E, m = coef.shape
+    Th = steps.shape[1]
+    T, D = n_steps, n_dims
+    R = m // D
+    weq2, win2, ws2 = weights[0], weights[1], weights[2]
+    for b in prange(N):
+        pw = np.empty(R, dtype=diag.dtype)
+        for t in range(T):
+            tc = t if Tc > 1 else 0
+            for i in range(m):
+                for j in range(m):
+                    acc = 0.0
+                    for e in range(E):
+                        acc += coef[b, tc, e, i] * coef[b, tc, e, j]
+                    diag[b, t, i, j] = weq2 * acc
+            if t < n_init_steps:
+                for d in range(D):
+                    for k in range(n_init_orders):
+                        diag[b, t, d * R + k, d * R + k] += win2
+        for t in range(T - 1):
+            hv = steps[b, t if Th > 1 else 0]
+            p = 1.0
+            for k in range(R):
+                pw[k] = p
+                p *= hv
+            for i in range(m):
+                for j in range(m):
+                    sub[b, t, i, j] = 0.0
+            for d in range(D):
+                o = d * R
+                for i in range(R):
+                    for j in range(R):
+                        val = ws2 * pw[i] * pw[j]
+                        diag[b, t, o + i, o + j] += val * g0[i, j]
+                        diag[b, t + 1, o + i, o + j] += val * g1[i, j]
+                        sub[b, t, o + i, o + j] = val * g2[i, j]
+        if central:
+            for q in range(T - 2):
+                s = steps[b, q if Th > 1 else 0] + steps[b, q + 1 if Th > 1 else 0]
+                a = s ** (R - 3)
+                bb = s ** (R - 2)
+                for i in range(m):
+                    for j in range(m):
+                        sub2[b, q, i, j] = 0.0
+                for d in range(D):
+                    i2 = d * R + R - 2
+                    i1 = d * R + R - 1
+                    diag[b, q, i2, i2] += ws2 * a * a
+                    diag[b, q + 1, i1, i1] += ws2 * bb * bb
+                    diag[b, q + 2, i2, i2] += ws2 * a * a
+                    sub[b, q, i1, i2] += ws2 * a * bb
+                    sub[b, q + 1, i2, i1] -= ws2 * a * bb
+                    sub2[b, q, i2, i2] = -ws2 * a * a
+
+
+@njit(cache=True, inline="always")
+def _block_grad(lam, x, b, t_row, t_col, i, j):
+    """-(lam[t_row,i] . x[t_col,j] + x[t_row,i] . lam[t_col,j]) summed over the P columns."""
+    P = lam.shape[3]
+    acc = 0.0
+    for p in range(P):
+        acc += lam[b, t_row, i, p] * x[b, t_col, j, p] + x[b, t_row, i, p] * lam[b, t_col, j, p]
+    return -acc
+
+
+@njit(cache=True, parallel=True)
+def assemble_blocks_backward(
+    lam, x, coef, steps, n_steps, n_dims, g0, g1, g2, weights, central, grad_coef, grad_steps,
+):
+    """Chain rule through :func:`assemble_blocks` for dl/dM = the section-5 block gradients.
+
+    ``lam``, ``x`` (N, >=T, m, P): M^{-1} g and the solution. Writes dl/dcoef (N, Tc, E, m) and
+    dl/dsteps (N, Th) (summed over steps when the input had a size-1 step axis). The blocks'
+    gradients are dl/dM_t = -sym(lam_t x_t^T), dl/dM_{t+1,t} = -(lam_{t+1} x_t^T + x_{t+1} lam_t^T),
+    and the same form for M_{t+2,t}; each entry is formed on the fly from lam and x.
+    """
+    N, Tc, E, m = coef.shape
+    Th = steps.shape[1]
+    T, D = n_steps, n_dims
+    R = m // D
+    weq2, ws2 = weights[0], weights[2]
+    for b in prange(N):
+        gd = np.empty((m, m), dtype=coef.dtype)
+        pw = np.empty(R, dtype=coef.dtype)
+        dpw = np.empty(R, dtype=coef.dtype)
+        for tc in range(Tc):
+            for e in range(E):
+                for i in range(m):
+                    grad_coef[b, tc, e, i] = 0.0
+        for th in range(Th):
+            grad_steps[b, th] = 0.0
+        for t in range(T):
+            tc = t if Tc > 1 else 0
+            # dl/dM_t (symmetric): -(lam x^T + x lam^T)/2
+            for i in range(m):
+                for j in range(m):
+                    gd[i, j] = 0.5 * _block_grad(lam, x, b, t, t, i, j)
+            # M_t contains w_eq^2 C^T C  ->  dl/dC = 2 w_eq^2 C gd
+            for e in range(E):
+                for j in range(m):
+                    acc = 0.0
+                    for i in range(m):
+                        acc += coef[b, tc, e, i] * gd[i, j]
+                    grad_coef[b, tc, e, j] += 2.0 * weq2 * acc
+            if t < T - 1:
+                # interval t: outer(e, e) * (G0 -> M_t, G1 -> M_{t+1}, G2 -> M_{t+1,t}), e_k = h^k
+                hv = steps[b, t if Th > 1 else 0]
+                p = 1.0
+                for k in range(R):
+                    pw[k] = p
+                    dpw[k] = k * (p / hv) if k > 0 else 0.0
+                    p *= hv
+                gh = 0.0
+                for d in range(D):
+                    o = d * R
+                    for i in range(R):
+                        for j in range(R):
+                            g_next = 0.5 * _block_grad(lam, x, b, t + 1, t + 1, o + i, o + j)
+                            g_sub = _block_grad(lam, x, b, t + 1, t, o + i, o + j)
+                            w = gd[o + i, o + j] * g0[i, j] + g_next * g1[i, j] + g_sub * g2[i, j]
+                            gh += w * (dpw[i] * pw[j] + pw[i] * dpw[j])
+                grad_steps[b, t if Th > 1 else 0] += ws2 * gh
+        if central:
+            for q in range(T - 2):
+                s = steps[b, q if Th > 1 else 0] + steps[b, q + 1 if Th > 1 else 0]
+                a = s ** (R - 3)
+                bb = s ** (R - 2)
+                da = (R - 3) * s ** (R - 4) if R != 3 else 0.0
+                dbb = (R - 2) * s ** (R - 3) if R != 2 else 0.0
+                g_aa = 0.0
+                g_bb = 0.0
+                g_ab = 0.0
+                for d in range(D):
+                    i2 = d * R + R - 2
+                    i1 = d * R + R - 1
+                    g_aa += 0.5 * _block_grad(lam, x, b, q, q, i2, i2)
+                    g_aa += 0.5 * _block_grad(lam, x, b, q + 2, q + 2, i2, i2)
+                    g_aa -= _block_grad(lam, x, b, q + 2, q, i2, i2)
+                    g_bb += 0.5 * _block_grad(lam, x, b, q + 1, q + 1, i1, i1)
+                    g_ab += _block_grad(lam, x, b, q + 1, q, i1, i2)
+                    g_ab -= _block_grad(lam, x, b, q + 2, q + 1, i2, i1)
+                ds = ws2 * (2.0 * a * da * g_aa + 2.0 * bb * dbb * g_bb + (da * bb + a * dbb) * g_ab)
+                grad_steps[b, q if Th > 1 else 0] += ds
+                grad_steps[b, q + 1 if Th > 1 else 0] += ds

@@ -157,16 +157,12 @@ def _solve_numba(factor: BlockTridiagonalFactor, rhs: torch.Tensor) -> torch.Ten
 
     N, T, n, P = rhs.shape
     out = torch.empty(N, T, n, P, dtype=rhs.dtype)
-    threads = torch.get_num_threads()
-    # enough (system, column-chunk) jobs to keep every thread busy when N is small
-    n_chunks = max(1, min(P, -(-2 * threads // N)))
     _with_threads(
         numba_kernels.solve_sequential,
         _as_numpy(factor.lmul),
         _as_numpy(factor.dchol),
         _as_numpy(rhs.to(factor.dchol.dtype)),
         out.numpy(),
-        n_chunks,
     )
     return out
 

@@ -21,6 +21,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+# floating-point licences for the hot loops: contraction and reassociation (vectorised sums),
+# but no "no-NaN" assumptions, so the pivot checks stay meaningful
+_FAST = {"contract", "reassoc", "nsz", "arcp"}
+
 
 @njit(cache=True, inline="always")
 def _cholesky_lower(a, out):
@@ -47,7 +51,7 @@ def _cholesky_lower(a, out):
     return True
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=_FAST)
 def factor_sequential(diag, sub, lmul, dchol, failed_at):
     """Block LDL^T of a block-tridiagonal SPD matrix, one system per parallel iteration.
 
@@ -92,57 +96,51 @@ def factor_sequential(diag, sub, lmul, dchol, failed_at):
                         lmul[b, t, i, j] = s / dchol[b, t, j, j]
 
 
-@njit(cache=True, parallel=True)
-def solve_sequential(lmul, dchol, rhs, out, n_chunks):
+@njit(cache=True, parallel=True, fastmath=_FAST)
+def solve_sequential(lmul, dchol, rhs, out):
     """Solve M x = rhs with the factors of :func:`factor_sequential`; x is written to ``out``.
 
     z_t = r_t - L_t z_{t-1};  y_t = D_t^{-1} z_t;  x_t = y_t - L_{t+1}^T x_{t+1}.
-    The parallel loop runs over (system, chunk of right-hand-side columns) pairs.
+    One parallel job per (system, right-hand-side column); each runs the recurrence on a local
+    copy of its column.
     """
     N, T, n, P = rhs.shape
-    chunk = (P + n_chunks - 1) // n_chunks
-    for job in prange(N * n_chunks):
-        b = job // n_chunks
-        p0 = (job % n_chunks) * chunk
-        p1 = min(P, p0 + chunk)
-        if p0 >= p1:
-            continue
-        # forward substitution
+    for job in prange(N * P):
+        b = job // P
+        p = job % P
+        col = np.empty((T, n), dtype=out.dtype)
         for t in range(T):
             for i in range(n):
-                for p in range(p0, p1):
-                    out[b, t, i, p] = rhs[b, t, i, p]
-            if t > 0:
-                for i in range(n):
-                    for k in range(n):
-                        lik = lmul[b, t - 1, i, k]
-                        for p in range(p0, p1):
-                            out[b, t, i, p] -= lik * out[b, t - 1, k, p]
+                col[t, i] = rhs[b, t, i, p]
+        # forward substitution
+        for t in range(1, T):
+            for i in range(n):
+                acc = col[t, i]
+                for k in range(n):
+                    acc -= lmul[b, t - 1, i, k] * col[t - 1, k]
+                col[t, i] = acc
         # diagonal solves with the Cholesky factors
         for t in range(T):
             for j in range(n):
+                acc = col[t, j]
                 for k in range(j):
-                    ljk = dchol[b, t, j, k]
-                    for p in range(p0, p1):
-                        out[b, t, j, p] -= ljk * out[b, t, k, p]
-                inv = 1.0 / dchol[b, t, j, j]
-                for p in range(p0, p1):
-                    out[b, t, j, p] *= inv
+                    acc -= dchol[b, t, j, k] * col[t, k]
+                col[t, j] = acc / dchol[b, t, j, j]
             for j in range(n - 1, -1, -1):
+                acc = col[t, j]
                 for k in range(j + 1, n):
-                    lkj = dchol[b, t, k, j]
-                    for p in range(p0, p1):
-                        out[b, t, j, p] -= lkj * out[b, t, k, p]
-                inv = 1.0 / dchol[b, t, j, j]
-                for p in range(p0, p1):
-                    out[b, t, j, p] *= inv
+                    acc -= dchol[b, t, k, j] * col[t, k]
+                col[t, j] = acc / dchol[b, t, j, j]
         # backward substitution
         for t in range(T - 2, -1, -1):
             for i in range(n):
+                acc = col[t, i]
                 for k in range(n):
-                    lki = lmul[b, t, k, i]
-                    for p in range(p0, p1):
-                        out[b, t, i, p] -= lki * out[b, t + 1, k, p]
+                    acc -= lmul[b, t, k, i] * col[t + 1, k]
+                col[t, i] = acc
+        for t in range(T):
+            for i in range(n):
+                out[b, t, i, p] = col[t, i]
 
 
 # ------------------------------------------------------------------ fused block assembly
@@ -157,7 +155,7 @@ def solve_sequential(lmul, dchol, rhs, out, n_chunks):
 # - ``weights`` (3,): squared weights (w_eq^2, w_in^2, w_s^2).
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=_FAST)
 def assemble_blocks(
     coef, steps, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights, central,
     diag, sub, sub2,
@@ -229,7 +227,7 @@ def _block_grad(lam, x, b, t_row, t_col, i, j):
     return -acc
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath=_FAST)
 def assemble_blocks_backward(
     lam, x, coef, steps, n_steps, n_dims, g0, g1, g2, weights, central, grad_coef, grad_steps,
 ):

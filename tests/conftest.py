@@ -1,0 +1,60 @@
+"""Shared test helpers: random well-conditioned ODE problems (SOLVER_SPEC section 7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def random_problem(
+    batch=(3,),
+    T=7,
+    E=1,
+    D=1,
+    R=3,
+    S=1,
+    K=1,
+    *,
+    c_batch=None,
+    b_batch=None,
+    u_batch=None,
+    h_batch=None,
+    c_time=None,
+    b_time=None,
+    u_time=None,
+    h_time=None,
+    dtype=torch.float64,
+    seed=0,
+):
+    """Random inputs with steps in 0.05..0.15 and a dominant unit leading coefficient.
+
+    ``*_batch`` override an input's batch shape (for broadcasting cases); ``*_time`` override the
+    size of its step axis (1 for a shared value).
+    Returns (coefficients, rhs_equation, init_vars, steps).
+    """
+    g = torch.Generator().manual_seed(seed)
+    cb = tuple(batch if c_batch is None else c_batch)
+    bb = tuple(batch if b_batch is None else b_batch)
+    ub = tuple(batch if u_batch is None else u_batch)
+    hb = tuple(batch if h_batch is None else h_batch)
+    ct = T if c_time is None else c_time
+    bt = T if b_time is None else b_time
+    ut = S if u_time is None else u_time
+    ht = T - 1 if h_time is None else h_time
+    c = 0.1 * torch.randn(*cb, ct, E, D, R, generator=g, dtype=torch.float64)
+    for e in range(E):
+        c[..., e, e % D, R - 1] += 1.0
+    b = torch.randn(*bb, bt, E, generator=g, dtype=torch.float64)
+    u0 = torch.randn(*ub, ut, D, K, generator=g, dtype=torch.float64)
+    h = 0.05 + 0.1 * torch.rand(*hb, ht, generator=g, dtype=torch.float64)
+    return tuple(x.to(dtype) for x in (c, b, u0, h))
+
+
+@pytest.fixture
+def make_problem():
+    return random_problem
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))

@@ -19,21 +19,42 @@ from smnn.solver.banded import (
     resolve_backend,
 )
 from smnn.solver.blocks import build_lhs_blocks, build_rhs
+from smnn.solver.cyclic import CyclicReductionFactor, factorize_cyclic
 from smnn.solver.inputs import OdeProblem, check_finite, check_weight, prepare_problem
 from smnn.solver.layout import BatchFolding, pair_rhs, pair_steps, unpair_solution
 
 __all__ = ["ode_forward", "factorize", "OdeFactorization", "METHODS"]
 
-METHODS = ("auto", "sequential")
+METHODS = ("auto", "sequential", "cyclic")
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-def _check_options(method: str, dtype: torch.dtype) -> str:
+def _check_options(method: str, dtype: torch.dtype) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"inputs must be float32 or float64, got {dtype}")
-    return "sequential"
+
+
+def choose_method(method: str, backend: str, n_systems: int, n_steps: int) -> str:
+    """Resolve ``method='auto'``.
+
+    The rule comes from the benchmark (README, "Performance"): with the compiled CPU kernels
+    the sequential sweep is the fastest at every measured shape; without them (CUDA, or the
+    torch backend) its T dependent steps each cost a few kernel launches, and cyclic reduction
+    (ceil(log2 T) levels) wins once there are more than a handful of steps.
+    """
+    if method != "auto":
+        return method
+    if backend == "numba":
+        return "sequential"
+    return "cyclic" if n_steps > 8 else "sequential"
+
+
+def _factor(diag: torch.Tensor, sub: torch.Tensor, method: str, backend: str):
+    if method == "cyclic":
+        return factorize_cyclic(diag, sub)
+    return factorize_block_tridiagonal(diag, sub, backend)
 
 
 @dataclass
@@ -45,7 +66,7 @@ class _LeftHandSide:
     inputs the blocks were assembled from.
     """
 
-    factor: BlockTridiagonalFactor
+    factor: BlockTridiagonalFactor | CyclicReductionFactor
     central: bool
     lhs_batch_shape: torch.Size
     diag: torch.Tensor | None = None  # (N, T', n, n)
@@ -103,7 +124,8 @@ def _factorize_lhs(
         diag, sub, sub2 = assembly.blocks(coef, steps)
         if central:
             diag, sub = pair_steps(diag, sub, sub2)
-        factor = factorize_block_tridiagonal(diag, sub.contiguous(), backend)
+        method = choose_method(method, backend, folding.n_systems, diag.shape[1])
+        factor = _factor(diag, sub.contiguous(), method, backend)
         lhs = _LeftHandSide(
             factor, central, problem.lhs_batch_shape, coef=coef, steps=steps, assembly=assembly
         )
@@ -115,8 +137,9 @@ def _factorize_lhs(
             diag, sub = pair_steps(diag, sub, blocks.sub2)
         diag_c = folding.fold_lhs(diag)
         sub_c = folding.fold_lhs(sub)
+        method = choose_method(method, backend, folding.n_systems, diag_c.shape[1])
         with torch.no_grad():
-            factor = factorize_block_tridiagonal(diag_c.detach(), sub_c.detach(), backend)
+            factor = _factor(diag_c.detach(), sub_c.detach(), method, backend)
         lhs = _LeftHandSide(factor, central, problem.lhs_batch_shape, diag=diag_c, sub=sub_c)
     if check_pivots:
         raise_if_failed(factor, tuple(problem.lhs_batch_shape))
@@ -178,7 +201,8 @@ def ode_forward(
             numbers or 0-dim tensors; tensors receive gradients).
         enable_central_smoothness: add the central rows on the two top orders and drop the top
             order's Taylor rows (block pentadiagonal normal matrix).
-        method: 'auto' or 'sequential' (block LDL^T, T dependent steps).
+        method: 'sequential' (block LDL^T, T dependent steps), 'cyclic' (block cyclic
+            reduction, ceil(log2 T) dependent levels) or 'auto' (see :func:`choose_method`).
         backend: 'auto' (compiled numba kernels on CPU, batched torch ops elsewhere), 'numba'
             or 'torch'.
         check_inputs: validate values (finite, steps > 0); shapes are always checked.

@@ -28,6 +28,10 @@ def random_problem(
 ):
     """Random inputs with steps in 0.05..0.15 and a dominant unit leading coefficient.
 
+    Each equation e is an ODE of order K in state e % D: unit coefficient on order min(K, R-1)
+    plus 0.1 * N(0, 1) on every term, so the K initial orders make the problem well posed
+    (leading order K with only K-1 initial orders would leave a near null space).
+
     ``*_batch`` override an input's batch shape (for broadcasting cases); ``*_time`` override the
     size of its step axis (1 for a shared value).
     Returns (coefficients, rhs_equation, init_vars, steps).
@@ -43,7 +47,7 @@ def random_problem(
     ht = T - 1 if h_time is None else h_time
     c = 0.1 * torch.randn(*cb, ct, E, D, R, generator=g, dtype=torch.float64)
     for e in range(E):
-        c[..., e, e % D, R - 1] += 1.0
+        c[..., e, e % D, min(K, R - 1)] += 1.0
     b = torch.randn(*bb, bt, E, generator=g, dtype=torch.float64)
     u0 = torch.randn(*ub, ut, D, K, generator=g, dtype=torch.float64)
     h = 0.05 + 0.1 * torch.rand(*hb, ht, generator=g, dtype=torch.float64)

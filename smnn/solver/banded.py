@@ -59,12 +59,14 @@ class BlockTridiagonalFactor:
         dchol: ``(N, T, n, n)``, lower Cholesky factor of each pivot block D_t.
         failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot, 0 where none.
         backend: 'numba' or 'torch'.
+        rdiag: ``(N, T, n)`` reciprocals of the Cholesky diagonals (numba backend only).
     """
 
     lmul: torch.Tensor
     dchol: torch.Tensor
     failed_at: torch.Tensor
     backend: str
+    rdiag: torch.Tensor | None = None  # (N, T, n): 1 / diagonal of dchol (numba backend)
 
     @property
     def n_systems(self) -> int:
@@ -140,6 +142,7 @@ def _factor_numba(diag: torch.Tensor, sub: torch.Tensor) -> BlockTridiagonalFact
     N, T, n, _ = diag.shape
     lmul = torch.empty(N, T - 1, n, n, dtype=diag.dtype)
     dchol = torch.empty(N, T, n, n, dtype=diag.dtype)
+    rdiag = torch.empty(N, T, n, dtype=diag.dtype)
     failed_at = torch.zeros(N, dtype=torch.int64)
     _with_threads(
         numba_kernels.factor_sequential,
@@ -147,9 +150,10 @@ def _factor_numba(diag: torch.Tensor, sub: torch.Tensor) -> BlockTridiagonalFact
         _as_numpy(sub),
         lmul.numpy(),
         dchol.numpy(),
+        rdiag.numpy(),
         failed_at.numpy(),
     )
-    return BlockTridiagonalFactor(lmul, dchol, failed_at, "numba")
+    return BlockTridiagonalFactor(lmul, dchol, failed_at, "numba", rdiag)
 
 
 def _solve_numba(factor: BlockTridiagonalFactor, rhs: torch.Tensor) -> torch.Tensor:
@@ -161,6 +165,7 @@ def _solve_numba(factor: BlockTridiagonalFactor, rhs: torch.Tensor) -> torch.Ten
         numba_kernels.solve_sequential,
         _as_numpy(factor.lmul),
         _as_numpy(factor.dchol),
+        _as_numpy(factor.rdiag),
         _as_numpy(rhs.to(factor.dchol.dtype)),
         out.numpy(),
     )

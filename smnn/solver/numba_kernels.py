@@ -27,8 +27,9 @@ _FAST = {"contract", "reassoc", "nsz", "arcp"}
 
 
 @njit(cache=True, inline="always")
-def _cholesky_lower(a, out):
-    """Lower Cholesky factor of the symmetric (n, n) ``a`` (lower triangle read) into ``out``.
+def _cholesky_lower(a, out, rdiag):
+    """Lower Cholesky factor of the symmetric (n, n) ``a`` (lower triangle read) into ``out``,
+    reciprocals of its diagonal into ``rdiag``.
 
     Returns False when a pivot is not positive (or not finite).
     """
@@ -40,28 +41,32 @@ def _cholesky_lower(a, out):
         if not (s > 0.0) or not np.isfinite(s):
             return False
         d = np.sqrt(s)
+        r = 1.0 / d
         out[j, j] = d
+        rdiag[j] = r
         for i in range(j + 1, n):
             s2 = a[i, j]
             for k in range(j):
                 s2 -= out[i, k] * out[j, k]
-            out[i, j] = s2 / d
+            out[i, j] = s2 * r
         for i in range(j):
             out[i, j] = 0.0
     return True
 
 
 @njit(cache=True, parallel=True, fastmath=_FAST)
-def factor_sequential(diag, sub, lmul, dchol, failed_at):
+def factor_sequential(diag, sub, lmul, dchol, rdiag, failed_at):
     """Block LDL^T of a block-tridiagonal SPD matrix, one system per parallel iteration.
 
-    D_0 = M_0; L_t = M_{t,t-1} D_{t-1}^{-1}; D_t = M_t - L_t M_{t,t-1}^T. ``failed_at[b]`` is set
-    to 1 + the step of the first non-positive pivot (0 if none); the factors of a failed system
-    are filled with NaN from that step on.
+    D_0 = M_0; L_t = M_{t,t-1} D_{t-1}^{-1}; D_t = M_t - L_t M_{t,t-1}^T. Writes the multipliers
+    ``lmul``, the Cholesky factors of D_t (``dchol``) and the reciprocals of their diagonals
+    (``rdiag`` (N, T, n)). ``failed_at[b]`` is set to 1 + the step of the first non-positive pivot
+    (0 if none); the factors of a failed system are NaN from that step on.
     """
     N, T, n, _ = diag.shape
     for b in prange(N):
         work = np.empty((n, n), dtype=diag.dtype)
+        row = np.empty(n, dtype=diag.dtype)
         failed_at[b] = 0
         for t in range(T):
             for i in range(n):
@@ -74,11 +79,14 @@ def factor_sequential(diag, sub, lmul, dchol, failed_at):
                         for k in range(n):
                             acc += lmul[b, t - 1, i, k] * sub[b, t - 1, j, k]
                         work[i, j] -= acc
-            if not _cholesky_lower(work, dchol[b, t]):
+            lc = dchol[b, t]
+            rd = rdiag[b, t]
+            if not _cholesky_lower(work, lc, rd):
                 failed_at[b] = t + 1
                 for tt in range(t, T):
                     dchol[b, tt, :, :] = np.nan
-                for tt in range(max(t, 0), T - 1):
+                    rdiag[b, tt, :] = np.nan
+                for tt in range(t, T - 1):
                     lmul[b, tt, :, :] = np.nan
                 break
             if t < T - 1:
@@ -87,17 +95,19 @@ def factor_sequential(diag, sub, lmul, dchol, failed_at):
                     for j in range(n):
                         s = sub[b, t, i, j]
                         for k in range(j):
-                            s -= dchol[b, t, j, k] * lmul[b, t, i, k]
-                        lmul[b, t, i, j] = s / dchol[b, t, j, j]
+                            s -= lc[j, k] * row[k]
+                        row[j] = s * rd[j]
                     for j in range(n - 1, -1, -1):
-                        s = lmul[b, t, i, j]
+                        s = row[j]
                         for k in range(j + 1, n):
-                            s -= dchol[b, t, k, j] * lmul[b, t, i, k]
-                        lmul[b, t, i, j] = s / dchol[b, t, j, j]
+                            s -= lc[k, j] * row[k]
+                        row[j] = s * rd[j]
+                    for j in range(n):
+                        lmul[b, t, i, j] = row[j]
 
 
 @njit(cache=True, parallel=True, fastmath=_FAST)
-def solve_sequential(lmul, dchol, rhs, out):
+def solve_sequential(lmul, dchol, rdiag, rhs, out):
     """Solve M x = rhs with the factors of :func:`factor_sequential`; x is written to ``out``.
 
     z_t = r_t - L_t z_{t-1};  y_t = D_t^{-1} z_t;  x_t = y_t - L_{t+1}^T x_{t+1}.
@@ -125,12 +135,12 @@ def solve_sequential(lmul, dchol, rhs, out):
                 acc = col[t, j]
                 for k in range(j):
                     acc -= dchol[b, t, j, k] * col[t, k]
-                col[t, j] = acc / dchol[b, t, j, j]
+                col[t, j] = acc * rdiag[b, t, j]
             for j in range(n - 1, -1, -1):
                 acc = col[t, j]
                 for k in range(j + 1, n):
                     acc -= dchol[b, t, k, j] * col[t, k]
-                col[t, j] = acc / dchol[b, t, j, j]
+                col[t, j] = acc * rdiag[b, t, j]
         # backward substitution
         for t in range(T - 2, -1, -1):
             for i in range(n):

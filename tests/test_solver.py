@@ -70,12 +70,17 @@ def _solve_kwargs(kwargs: dict, problem_kwargs: dict) -> dict:
 
 
 # every engine: (backend for block assembly, factorization method)
-ENGINES = [("numba", "sequential"), ("torch", "sequential"), ("numba", "cyclic"), ("torch", "cyclic")]
+ENGINES = [
+    ("numba", "sequential"),
+    ("torch", "sequential"),
+    ("numba", "cyclic"),
+    ("torch", "cyclic"),
+]
 ENGINE_IDS = [f"{b}-{m}" for b, m in ENGINES]
 CASE_BY_NAME = {c[0]: c for c in CASES}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(name: str):
     """Inputs, dense-reference values and input gradients of one case (computed once)."""
     _, pk, fk = CASE_BY_NAME[name]
@@ -141,7 +146,9 @@ def test_engines_agree(central):
     c, b, u0, h = random_problem(batch=(4, 2), T=37, E=2, D=2, R=3, S=2, K=2, seed=11)
     base = ode_forward(c, b, u0, h, enable_central_smoothness=central)
     for backend, method in ENGINES:
-        u = ode_forward(c, b, u0, h, enable_central_smoothness=central, backend=backend, method=method)
+        u = ode_forward(
+            c, b, u0, h, enable_central_smoothness=central, backend=backend, method=method
+        )
         assert rel_err(u, base) < 1e-10, (backend, method)
 
 
@@ -221,3 +228,36 @@ def test_cuda_matches_cpu():
     u_cpu = ode_forward(*p)
     u_gpu = ode_forward(*(x.cuda() for x in p))
     assert rel_err(u_gpu.cpu(), u_cpu) < 1e-10
+
+
+def test_cuda_graphs_refuse_cpu_tensors():
+    from smnn.solver.cuda_graphs import CudaGraphPool
+
+    pool = CudaGraphPool()
+    p = random_problem(batch=(2,), T=6)
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="cuda_graphs needs CUDA tensors"):
+            ode_forward(*p, cuda_graphs=pool, backend=backend)
+    with pytest.raises(ValueError, match="max_entries"):
+        CudaGraphPool(max_entries=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_graphs_two_calls_before_backward():
+    """Replaying a captured graph must not overwrite an earlier call's saved factor/solution."""
+    from smnn.solver.cuda_graphs import CudaGraphPool
+
+    pool = CudaGraphPool()
+    p1 = [x.cuda().requires_grad_() for x in random_problem(batch=(2,), T=30, seed=1)]
+    p2 = [x.cuda().requires_grad_() for x in random_problem(batch=(2,), T=30, seed=2)]
+    u1 = ode_forward(*p1, method="sequential", cuda_graphs=pool)
+    u2 = ode_forward(*p2, method="sequential", cuda_graphs=pool)  # same shapes: same graphs
+    g1 = torch.autograd.grad(u1.square().sum(), p1)
+    g2 = torch.autograd.grad(u2.square().sum(), p2)
+    for p, u, g in ((p1, u1, g1), (p2, u2, g2)):
+        q = [x.detach().requires_grad_() for x in p]
+        ref = ode_forward(*q, method="sequential", backend="torch")
+        assert rel_err(u, ref) < 1e-10
+        for a, b in zip(g, torch.autograd.grad(ref.square().sum(), q), strict=True):
+            assert rel_err(a, b) < 1e-10
+    assert len(pool) >= 2

@@ -46,7 +46,12 @@ BAD_INPUTS = [
     ("zero step", _with(3, torch.full((2, 5), 0.0, dtype=F64)), {}, "steps"),
     ("negative step", _with(3, torch.full((2, 5), -0.1, dtype=F64)), {}, "steps"),
     ("nan step", _with(3, torch.full((2, 5), math.nan, dtype=F64)), {}, "steps"),
-    ("inf coefficient", _with(0, torch.full((2, 6, 1, 1, 3), math.inf, dtype=F64)), {}, "coefficients"),
+    (
+        "inf coefficient",
+        _with(0, torch.full((2, 6, 1, 1, 3), math.inf, dtype=F64)),
+        {},
+        "coefficients",
+    ),
     ("nan rhs", _with(1, torch.full((2, 6, 1), math.nan, dtype=F64)), {}, "rhs_equation"),
     ("nan init", _with(2, torch.full((2, 1, 1, 1), math.nan, dtype=F64)), {}, "init_vars"),
     ("int dtype", _with(3, torch.ones(2, 5, dtype=torch.int64)), {}, "steps"),
@@ -60,9 +65,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "name,args,kwargs,needle", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
-)
+@pytest.mark.parametrize("name,args,kwargs,needle", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_raises_value_error_naming_it(name, args, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         ode_forward(*args, **kwargs)

@@ -98,7 +98,9 @@ def test_cyclic_factor_is_reusable_for_new_right_hand_sides(T):
     diag, sub = _spd_tridiagonal(3, T, 3, seed=T)
     factor = factorize_cyclic(diag, sub)
     for seed in range(2):
-        rhs = torch.randn(3, T, 3, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        rhs = torch.randn(
+            3, T, 3, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
         x = factor.solve(rhs)
         # residual M x - rhs through the block structure
         res = diag @ x

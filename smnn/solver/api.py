@@ -19,6 +19,7 @@ from smnn.solver.banded import (
     resolve_backend,
 )
 from smnn.solver.blocks import build_lhs_blocks, build_rhs
+from smnn.solver.cuda_graphs import CudaGraphPool
 from smnn.solver.cyclic import CyclicReductionFactor, factorize_cyclic
 from smnn.solver.inputs import OdeProblem, check_finite, check_weight, prepare_problem
 from smnn.solver.layout import BatchFolding, pair_rhs, pair_steps, unpair_solution
@@ -36,7 +37,9 @@ def _check_options(method: str, dtype: torch.dtype) -> None:
         raise ValueError(f"inputs must be float32 or float64, got {dtype}")
 
 
-def choose_method(method: str, backend: str, n_systems: int, n_steps: int) -> str:
+def choose_method(
+    method: str, backend: str, n_systems: int, n_steps: int, cuda_graphs=None
+) -> str:
     """Resolve ``method='auto'``.
 
     The rule comes from the benchmark (README, "Performance"): with the compiled CPU kernels
@@ -46,12 +49,20 @@ def choose_method(method: str, backend: str, n_systems: int, n_steps: int) -> st
     """
     if method != "auto":
         return method
-    if backend == "numba":
+    if backend == "numba" or cuda_graphs is not None:
         return "sequential"
     return "cyclic" if n_steps > 8 else "sequential"
 
 
-def _factor(diag: torch.Tensor, sub: torch.Tensor, method: str, backend: str):
+def _factor(diag: torch.Tensor, sub: torch.Tensor, method: str, backend: str, cuda_graphs=None):
+    if cuda_graphs is not None:
+        cuda_graphs.check_device(diag)
+        if method != "sequential" or backend != "torch":
+            raise ValueError(
+                "cuda_graphs captures the sequential torch path only; use method='sequential' "
+                f"(or 'auto') with CUDA tensors, got method={method!r}, backend={backend!r}"
+            )
+        return cuda_graphs.factorize(diag, sub)
     if method == "cyclic":
         return factorize_cyclic(diag, sub)
     return factorize_block_tridiagonal(diag, sub, backend)
@@ -95,6 +106,7 @@ def _factorize_lhs(
     method: str,
     backend: str,
     check_pivots: bool,
+    cuda_graphs=None,
 ) -> _LeftHandSide:
     _check_options(method, problem.coefficients.dtype)
     if central and problem.n_orders < 2:
@@ -124,8 +136,8 @@ def _factorize_lhs(
         diag, sub, sub2 = assembly.blocks(coef, steps)
         if central:
             diag, sub = pair_steps(diag, sub, sub2)
-        method = choose_method(method, backend, folding.n_systems, diag.shape[1])
-        factor = _factor(diag, sub.contiguous(), method, backend)
+        method = choose_method(method, backend, folding.n_systems, diag.shape[1], cuda_graphs)
+        factor = _factor(diag, sub.contiguous(), method, backend, cuda_graphs)
         lhs = _LeftHandSide(
             factor, central, problem.lhs_batch_shape, coef=coef, steps=steps, assembly=assembly
         )
@@ -137,9 +149,9 @@ def _factorize_lhs(
             diag, sub = pair_steps(diag, sub, blocks.sub2)
         diag_c = folding.fold_lhs(diag)
         sub_c = folding.fold_lhs(sub)
-        method = choose_method(method, backend, folding.n_systems, diag_c.shape[1])
+        method = choose_method(method, backend, folding.n_systems, diag_c.shape[1], cuda_graphs)
         with torch.no_grad():
-            factor = _factor(diag_c.detach(), sub_c.detach(), method, backend)
+            factor = _factor(diag_c.detach(), sub_c.detach(), method, backend, cuda_graphs)
         lhs = _LeftHandSide(factor, central, problem.lhs_batch_shape, diag=diag_c, sub=sub_c)
     if check_pivots:
         raise_if_failed(factor, tuple(problem.lhs_batch_shape))
@@ -186,6 +198,7 @@ def ode_forward(
     backend: str = "auto",
     check_inputs: bool = True,
     check_pivots: bool = True,
+    cuda_graphs: CudaGraphPool | None = None,
 ) -> torch.Tensor:
     """Least-squares solution of a batch of linear ODEs (SOLVER_SPEC sections 1-5).
 
@@ -208,6 +221,9 @@ def ode_forward(
         check_inputs: validate values (finite, steps > 0); shapes are always checked.
         check_pivots: raise :class:`~smnn.solver.banded.NonPositivePivotError` naming the batch
             entries whose normal matrix is not positive definite; off: those come back NaN.
+        cuda_graphs: a caller-owned :class:`~smnn.solver.cuda_graphs.CudaGraphPool`: replay
+            the sequential torch path from captured CUDA graphs (small batches on a GPU; CUDA
+            tensors only).
 
     Returns:
         u: ``(*batch, T, D, R)``, u[t,d,k] ~ k-th derivative of state d at step t, where
@@ -221,7 +237,13 @@ def ode_forward(
     )
     weights = _check_weights(weight_equation, weight_init_var, weight_smooth)
     lhs = _factorize_lhs(
-        problem, weights, bool(enable_central_smoothness), method, backend, check_pivots
+        problem,
+        weights,
+        bool(enable_central_smoothness),
+        method,
+        backend,
+        check_pivots,
+        cuda_graphs,
     )
     rhs = build_rhs(
         problem,

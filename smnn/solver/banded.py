@@ -1,4 +1,4 @@
-"""Factorize and solve symmetric positive definite block-tridiagonal systems (SOLVER_SPEC section 4).
+"""Factorize and solve SPD block-tridiagonal systems (SOLVER_SPEC section 4).
 
 Canonical layout, shared by every method:
 
@@ -67,6 +67,7 @@ class BlockTridiagonalFactor:
     failed_at: torch.Tensor
     backend: str
     rdiag: torch.Tensor | None = None  # (N, T, n): 1 / diagonal of dchol (numba backend)
+    graphs: object | None = None  # a CudaGraphPool that replays the substitutions
 
     @property
     def n_systems(self) -> int:
@@ -93,6 +94,8 @@ class BlockTridiagonalFactor:
             )
         if self.backend == "numba":
             return _solve_numba(self, rhs)
+        if self.graphs is not None:
+            return self.graphs.solve(self, rhs)
         return _solve_torch(self, rhs)
 
 
@@ -208,12 +211,12 @@ def _factor_torch(diag: torch.Tensor, sub: torch.Tensor) -> BlockTridiagonalFact
         lt = torch.cholesky_solve(m_next.transpose(-1, -2), chol).transpose(-1, -2)
         lmul[:, t] = lt
         pivot = diag[:, t + 1] - lt @ m_next.transpose(-1, -2)
-    # make failures visible as NaN from the failing step on, like the numba kernel
-    if bool((failed_at > 0).any()):
-        steps = torch.arange(T, device=diag.device)
-        dead = (failed_at[:, None] > 0) & (steps[None, :] >= failed_at[:, None] - 1)
-        dchol = dchol.masked_fill(dead[:, :, None, None], float("nan"))
-        lmul = lmul.masked_fill(dead[:, :-1, None, None], float("nan"))
+    # make failures visible as NaN from the failing step on, like the numba kernel (no host
+    # synchronisation here, so the loop can be captured in a CUDA graph)
+    steps = torch.arange(T, device=diag.device)
+    dead = (failed_at[:, None] > 0) & (steps[None, :] >= failed_at[:, None] - 1)
+    dchol = dchol.masked_fill(dead[:, :, None, None], float("nan"))
+    lmul = lmul.masked_fill(dead[:, :-1, None, None], float("nan"))
     return BlockTridiagonalFactor(lmul, dchol, failed_at, "torch")
 
 

@@ -313,6 +313,8 @@ def assemble_blocks_backward(
                     g_bb += 0.5 * _block_grad(lam, x, b, q + 1, q + 1, i1, i1)
                     g_ab += _block_grad(lam, x, b, q + 1, q, i1, i2)
                     g_ab -= _block_grad(lam, x, b, q + 2, q + 1, i2, i1)
-                ds = ws2 * (2.0 * a * da * g_aa + 2.0 * bb * dbb * g_bb + (da * bb + a * dbb) * g_ab)
+                ds = ws2 * (
+                    2.0 * a * da * g_aa + 2.0 * bb * dbb * g_bb + (da * bb + a * dbb) * g_ab
+                )
                 grad_steps[b, q if Th > 1 else 0] += ds
                 grad_steps[b, q + 1 if Th > 1 else 0] += ds

@@ -1,7 +1,7 @@
 """The ``smnn`` command line: one subcommand per pipeline stage.
 
 Each subcommand lives in its own module that defines ``add_parser(subparsers)``; the parser it
-adds sets ``func`` to a callable taking the parsed ``argparse.Namespace`` and returning an exit code.
+adds sets ``func`` to a callable taking the parsed ``argparse.Namespace``, returning an exit code.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ import sys
 
 # module path of every subcommand, in the order `smnn --help` lists them
 COMMAND_MODULES: list[str] = [
+    "smnn.standalone",
+    "smnn.benchmark",
+    "smnn.commands.tracking",
+    "smnn.commands.generate_lorenz",
+    "smnn.commands.experiment",
 ]
 
 

@@ -22,10 +22,15 @@ as in S-MNN.
 
 - :func:`mnn_dense`: builds C^T C densely (vectorised, no loop over steps) and solves it by a
   dense Cholesky factorization; the backward pass reuses the factor (one more pair of triangular
-  solves) and autograd carries the result through the assembly of C^T C.
-- :func:`mnn_cg`: conjugate gradient on C^T C applied matrix-free in O(T) per product, batched
-  over all systems with per-system convergence; gradients by implicit differentiation (a second
-  CG solve in the backward pass).
+  solves), reads the gradient of each band of C^T C off the result, and autograd carries it back
+  through the construction of the bands.
+- :func:`mnn_cg`: conjugate gradient with C^T C applied in O(T) per product from its banded
+  structure (never the dense matrix), batched over all systems with per-system convergence;
+  gradients by implicit differentiation (a second CG solve in the backward pass).
+
+Both solvers build the same structured C^T C (:class:`_BandedGram`: the bands of m x m blocks,
+m = D*R, of the u-part plus the dense eps row) with vectorised tensor ops from the inputs; the
+dense solver copies it into a dense matrix, CG only multiplies with it.
 """
 
 from __future__ import annotations
@@ -49,218 +54,212 @@ class MNNConvergenceWarning(UserWarning):
     """Conjugate gradient stopped at ``max_iter`` before reaching ``tol`` for some systems."""
 
 
-# ----------------------------------------------------------------------------- the operator C
+# ----------------------------------------------------------------------------- C^T C, banded
 
 
 @dataclass
-class _MnnOperator:
-    """The rows of C in structured form (no dense matrix), differentiable w.r.t. the inputs.
+class _BandedGram:
+    """The MNN normal matrix G = C^T C in structured form, differentiable w.r.t. the inputs.
 
-    Every smoothness coefficient already includes w_s and every equation coefficient w_eq.
-    Batch shapes: ``*bc`` is the coefficient batch shape, ``*bh`` the step batch shape.
+    Ordering z = [eps, u], u[t] = u[t, :, :] flattened over (d, k) (block size m = D*R). The
+    u-part of G is block banded (each row touches at most three neighbouring steps); eps couples
+    to everything:
 
     Attributes:
-        coef: ``(*bc, T, E, D, R)``, w_eq * c (equation rows).
-        w_in: 0-dim, initial-row weight.  w_s: 0-dim, smoothness weight (eps coefficient).
-        fwd_full: ``(*bh, T-1, R-1, R)``, forward row k, coefficient of u[t, d, o].
-        fwd_diag: ``(*bh, T-1, R-1)``, forward row k, coefficient of u[t+1, d, k].
-        bwd_full: ``(*bh, T-1, R-1, R)``, backward row k, coefficient of u[t+1, d, o].
-        bwd_diag: ``(*bh, T-1, R-1)``, backward row k, coefficient of u[t, d, k].
-        cen_side: ``(*bh, T-2)``, w_s s^(R-3) for the central row at step t+1 (s = h_t + h_{t+1});
-            coefficient -cen_side on u[t, d, R-2] and +cen_side on u[t+2, d, R-2].
-        cen_mid: ``(*bh, T-2)``, w_s s^(R-2); coefficient -cen_mid on u[t+1, d, R-1].
-        n_steps, n_init_steps, n_dims, n_orders, n_init_orders: T, S, D, R, K.
+        diag: ``(*lhs_batch, T, m, m)``, G[u_t, u_t].
+        sub: ``(*lhs_batch, T-1, m, m)``, G[u_{t+1}, u_t].
+        sub2: ``(*lhs_batch, T-2, m, m)``, G[u_{t+2}, u_t] (central rows only).
+        coupling: ``(*lhs_batch, T, m)``, G[eps, u_t] (= G[u_t, eps]).
+        corner: 0-dim, G[eps, eps] = w_s^2 * (number of Taylor and central rows).
     """
 
-    coef: torch.Tensor
-    w_in: torch.Tensor
-    w_s: torch.Tensor
-    fwd_full: torch.Tensor
-    fwd_diag: torch.Tensor
-    bwd_full: torch.Tensor
-    bwd_diag: torch.Tensor
-    cen_side: torch.Tensor
-    cen_mid: torch.Tensor
-    n_steps: int
-    n_init_steps: int
-    n_dims: int
-    n_orders: int
-    n_init_orders: int
+    diag: torch.Tensor
+    sub: torch.Tensor
+    sub2: torch.Tensor
+    coupling: torch.Tensor
+    corner: torch.Tensor
 
     @property
-    def n_unknowns(self) -> int:
-        """1 + T*D*R (eps first)."""
-        return 1 + self.n_steps * self.n_dims * self.n_orders
+    def n_steps(self) -> int:
+        return self.diag.shape[-3]
 
     @property
-    def n_smooth_rows(self) -> int:
-        """Number of rows carrying eps: 2 (T-1) D (R-1) Taylor rows plus (T-2) D central rows."""
-        T, D, R = self.n_steps, self.n_dims, self.n_orders
-        return 2 * (T - 1) * D * (R - 1) + max(T - 2, 0) * D
+    def block_size(self) -> int:
+        return self.diag.shape[-1]
 
-    def detach(self) -> _MnnOperator:
-        """The same operator cut from the autograd graph."""
-        out = {}
-        for name, value in self.__dict__.items():
-            out[name] = value.detach() if isinstance(value, torch.Tensor) else value
-        return _MnnOperator(**out)
-
-    def apply(self, eps: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Row values C z for z = [eps, u].
-
-        Args:
-            eps: ``(*batch,)``.  u: ``(*batch, T, D, R)``.
-
-        Returns:
-            (y_eq ``(*batch, T, E)``, y_in ``(*batch, S, D, K)``, y_fwd ``(*batch, T-1, D, R-1)``,
-            y_bwd ``(*batch, T-1, D, R-1)``, y_cen ``(*batch, T-2, D)``).
-        """
-        S, R, K = self.n_init_steps, self.n_orders, self.n_init_orders
-        y_eq = (self.coef * u.unsqueeze(-3)).sum((-1, -2))
-        y_in = self.w_in * u[..., :S, :, :K]
-        ew = (self.w_s * eps)[..., None, None, None]
-        y_fwd = (
-            ew
-            + (self.fwd_full.unsqueeze(-3) * u[..., :-1, :, None, :]).sum(-1)
-            + self.fwd_diag.unsqueeze(-2) * u[..., 1:, :, : R - 1]
+    def detach(self) -> _BandedGram:
+        """The same matrix cut from the autograd graph."""
+        return _BandedGram(
+            *(x.detach() for x in (self.diag, self.sub, self.sub2, self.coupling, self.corner))
         )
-        y_bwd = (
-            ew
-            + (self.bwd_full.unsqueeze(-3) * u[..., 1:, :, None, :]).sum(-1)
-            + self.bwd_diag.unsqueeze(-2) * u[..., :-1, :, : R - 1]
-        )
-        side = self.cen_side.unsqueeze(-1)
-        y_cen = (
-            (self.w_s * eps)[..., None, None]
-            - side * u[..., :-2, :, R - 2]
-            + side * u[..., 2:, :, R - 2]
-            - self.cen_mid.unsqueeze(-1) * u[..., 1:-1, :, R - 1]
-        )
-        return y_eq, y_in, y_fwd, y_bwd, y_cen
 
-    def apply_transpose(
-        self,
-        y_eq: torch.Tensor,
-        y_in: torch.Tensor,
-        y_fwd: torch.Tensor,
-        y_bwd: torch.Tensor,
-        y_cen: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """C^T y for row values shaped like the output of :meth:`apply`.
+    def requires_grad(self) -> bool:
+        return any(
+            x.requires_grad for x in (self.diag, self.sub, self.sub2, self.coupling, self.corner)
+        )
 
-        Returns:
-            (eps part ``(*batch,)``, u part ``(*batch, T, D, R)``).
-        """
-        T, S, R, K = self.n_steps, self.n_init_steps, self.n_orders, self.n_init_orders
-        eps_out = self.w_s * (
-            y_fwd.sum((-1, -2, -3)) + y_bwd.sum((-1, -2, -3)) + y_cen.sum((-1, -2))
-        )
-        u_out = (self.coef * y_eq[..., None, None]).sum(-3)
-        u_out = u_out + F.pad(self.w_in * y_in, (0, R - K, 0, 0, 0, T - S))
-        # Taylor rows: parts on step t (first T-1 steps) and on step t+1 (last T-1 steps)
-        on_t = (self.fwd_full.unsqueeze(-3) * y_fwd.unsqueeze(-1)).sum(-2) + F.pad(
-            self.bwd_diag.unsqueeze(-2) * y_bwd, (0, 1)
-        )
-        on_next = (self.bwd_full.unsqueeze(-3) * y_bwd.unsqueeze(-1)).sum(-2) + F.pad(
-            self.fwd_diag.unsqueeze(-2) * y_fwd, (0, 1)
-        )
-        u_out = u_out + F.pad(on_t, (0, 0, 0, 0, 0, 1)) + F.pad(on_next, (0, 0, 0, 0, 1, 0))
-        # central rows: orders R-2 (steps t-1 and t+1) and R-1 (step t), t = 1..T-2
-        side_y = self.cen_side.unsqueeze(-1) * y_cen
-        order_lo = F.pad(-side_y, (0, 0, 0, 2)) + F.pad(side_y, (0, 0, 2, 0))
-        order_hi = F.pad(-self.cen_mid.unsqueeze(-1) * y_cen, (0, 0, 1, 1))
-        u_out = u_out + F.pad(torch.stack([order_lo, order_hi], dim=-1), (R - 2, 0))
-        return eps_out, u_out
-
-    def gram_apply(self, z: torch.Tensor) -> torch.Tensor:
-        """(C^T C) z in O(T): ``(*batch, 1 + T*D*R)`` -> same shape."""
-        T, D, R = self.n_steps, self.n_dims, self.n_orders
+    def apply(self, z: torch.Tensor) -> torch.Tensor:
+        """G z in O(T m^2) per system, never forming G: ``(*batch, 1 + T*m)`` -> same shape."""
+        T, m = self.n_steps, self.block_size
         eps = z[..., 0]
-        u = z[..., 1:].reshape(*z.shape[:-1], T, D, R)
-        eps_out, u_out = self.apply_transpose(*self.apply(eps, u))
-        return torch.cat([eps_out.unsqueeze(-1), u_out.flatten(-3)], dim=-1)
+        u = z[..., 1:].unflatten(-1, (T, m))  # (*batch, T, m)
 
-    def dense_gram(self) -> torch.Tensor:
-        """The dense normal matrix C^T C ``(*lhs_batch, 1 + T*D*R, 1 + T*D*R)``, vectorised.
+        # many tiny matrix-vector products; einsum is far faster here than mul + sum
+        def times(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # blocks @ x
+            return torch.einsum("...ij,...j->...i", blocks, x)
 
-        The u-part is block banded: each group of rows only touches a window of steps, so its
-        Gram matrix is a small local matrix per window (one step for equation rows, two for the
-        Taylor rows of one interval, three for a central row). The local Gram matrices and the
-        eps couplings (row sums times w_s) are scattered into the dense matrix with index tensors
-        (accumulating overlaps); autograd flows through the scatter to the local pieces.
-        """
-        T, S, D, R, K = (
-            self.n_steps,
-            self.n_init_steps,
-            self.n_dims,
-            self.n_orders,
-            self.n_init_orders,
-        )
-        m = D * R
-        n = self.n_unknowns
-        dtype, device = self.coef.dtype, self.coef.device
-        lhs_batch = torch.broadcast_shapes(self.coef.shape[:-4], self.fwd_full.shape[:-3])
-        N = math.prod(lhs_batch)
+        def times_t(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # blocks^T @ x
+            return torch.einsum("...ji,...j->...i", blocks, x)
 
-        def ar(k: int) -> torch.Tensor:
-            return torch.arange(k, device=device)
-
-        rows: list[torch.Tensor] = []
-        cols: list[torch.Tensor] = []
-        vals: list[torch.Tensor] = []
-
-        def add(r_idx: torch.Tensor, c_idx: torch.Tensor, v: torch.Tensor) -> None:
-            """Queue G[r_idx, c_idx] += v; v ``(*batch_v, *P)`` broadcasts to (*lhs_batch, *P),
-            with P the broadcast shape of the index tensors."""
-            r_idx, c_idx = torch.broadcast_tensors(r_idx, c_idx)
-            v = v.expand(*lhs_batch, *r_idx.shape).reshape(N, -1)
-            rows.append(r_idx.reshape(-1))
-            cols.append(c_idx.reshape(-1))
-            vals.append(v.T)
-
-        # equation rows: C_t^T C_t on the diagonal block of step t
-        ct = self.coef.reshape(*self.coef.shape[:-2], m)  # (*bc, T, E, m)
-        pos = 1 + ar(T)[:, None] * m + ar(m)  # (T, m)
-        add(pos[:, :, None], pos[:, None, :], ct.mT @ ct)
-
-        # initial rows: w_in^2 on the diagonal at (t < S, d, k < K)
-        pos = 1 + (ar(S)[:, None, None] * D + ar(D)[:, None]) * R + ar(K)  # (S, D, K)
-        w_in2 = (self.w_in**2).expand(S, D, K)
-        add(pos, pos, w_in2)
-
-        # Taylor rows of interval t: local rows over (u[t, d, :], u[t+1, d, :]), same for all d
-        fwd = torch.cat([self.fwd_full, F.pad(torch.diag_embed(self.fwd_diag), (0, 1))], -1)
-        bwd = torch.cat([F.pad(torch.diag_embed(self.bwd_diag), (0, 1)), self.bwd_full], -1)
-        local = torch.cat([fwd, bwd], -2)  # (*bh, T-1, 2R-2, 2R)
-        i = ar(2 * R)
-        pos = 1 + ((ar(T - 1)[:, None, None] + i // R) * D + ar(D)[:, None]) * R + i % R
-        # pos: (T-1, D, 2R)
-        add(pos[..., :, None], pos[..., None, :], (local.mT @ local).unsqueeze(-3))
-        coupling = (self.w_s * local.sum(-2)).unsqueeze(-2)  # (*bh, T-1, 1, 2R)
-        add(torch.zeros_like(pos), pos, coupling)
-        add(pos, torch.zeros_like(pos), coupling)
-
-        # central rows at step t+1 over u[t, d, R-2], u[t+1, d, R-1], u[t+2, d, R-2]
+        # y is a fresh tensor, so the in-place band updates are safe under autograd
+        y = times(self.diag, u) + self.coupling * eps[..., None, None]  # (*batch, T, m)
+        y[..., 1:, :] += times(self.sub, u[..., :-1, :])
+        y[..., :-1, :] += times_t(self.sub, u[..., 1:, :])
         if T > 2:
-            v = torch.stack([-self.cen_side, -self.cen_mid, self.cen_side], -1)  # (*bh, T-2)
-            step = ar(T - 2)[:, None, None] + ar(3)  # (T-2, 1)
-            order = torch.tensor([R - 2, R - 1, R - 2], device=device)
-            pos = 1 + (step * D + ar(D)[:, None]) * R + order  # (T-2, D)
-            outer = (v.unsqueeze(-1) * v.unsqueeze(-2)).unsqueeze(-3)  # (*bh, T-2, 1, 3)
-            add(pos[..., :, None], pos[..., None, :], outer)
-            coupling = (self.w_s * v).unsqueeze(-2)  # (*bh, T-2, 1)
-            add(torch.zeros_like(pos), pos, coupling)
-            add(pos, torch.zeros_like(pos), coupling)
+            y[..., 2:, :] += times(self.sub2, u[..., :-2, :])
+            y[..., :-2, :] += times_t(self.sub2, u[..., 2:, :])
+        eps_out = torch.einsum("...ti,...ti->...", self.coupling, u) + self.corner * eps
+        return torch.cat([eps_out.unsqueeze(-1), y.flatten(-2)], dim=-1)
 
-        # eps-eps: one w_s^2 per smoothness row
-        zero = torch.zeros(1, dtype=torch.long, device=device)
-        add(zero, zero, (self.w_s**2 * self.n_smooth_rows).reshape(1))
+    def dense(self) -> torch.Tensor:
+        """The dense G ``(*lhs_batch, 1 + T*m, 1 + T*m)``.
 
-        gram = torch.zeros(n, n, N, dtype=dtype, device=device)
-        gram = gram.index_put(
-            (torch.cat(rows), torch.cat(cols)), torch.cat(vals, dim=0), accumulate=True
+        The blocks are copied into (block-)diagonal views of a zeros matrix: one strided copy per
+        band, no loop over steps. Autograd carries gradients of G back to the blocks.
+        """
+        T, m = self.n_steps, self.block_size
+        batch = torch.broadcast_shapes(self.diag.shape[:-3], self.coupling.shape[:-2])
+        n = 1 + T * m
+        gram = self.diag.new_zeros(*batch, n, n)
+        # view of the u-part as (*batch, T, m, T, m); diagonal(offset, -4, -2) is the band of
+        # blocks G[u_{t-offset}, u_t] for offset <= 0, laid out as (*batch, m, m, T - |offset|)
+        gu = gram[..., 1:, 1:].unflatten(-1, (T, m)).unflatten(-3, (T, m))
+        bands = [(0, self.diag), (-1, self.sub), (1, self.sub.mT)]
+        if T > 2:
+            bands += [(-2, self.sub2), (2, self.sub2.mT)]
+        for offset, blocks in bands:
+            target = torch.diagonal(gu, offset=offset, dim1=-4, dim2=-2)
+            target.copy_(blocks.movedim(-3, -1).expand(target.shape))
+        flat_coupling = self.coupling.flatten(-2).expand(*batch, n - 1)
+        gram[..., 0, 1:] = flat_coupling
+        gram[..., 1:, 0] = flat_coupling
+        gram[..., 0, 0] = self.corner
+        return gram
+
+
+def _kron_states(blocks: torch.Tensor, n_dims: int) -> torch.Tensor:
+    """Same R x R block for every state: ``(..., R, R)`` -> block diagonal ``(..., D*R, D*R)``."""
+    if n_dims == 1:
+        return blocks
+    R = blocks.shape[-1]
+    eye = torch.eye(n_dims, dtype=blocks.dtype, device=blocks.device)
+    out = blocks[..., None, :, None, :] * eye[:, None, :, None]  # (..., D, R, D, R)
+    return out.reshape(*blocks.shape[:-2], n_dims * R, n_dims * R)
+
+
+def _pad_steps(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Zero-pad the step axis (dim -3) of ``(..., steps, a, b)``."""
+    return F.pad(x, (0, 0, 0, 0, before, after))
+
+
+def _mnn_gram(problem: OdeProblem, w_eq, w_in, w_s) -> _BandedGram:
+    """G = C^T C from the rows of SOLVER_SPEC section 6 (weights already 0-dim tensors).
+
+    Each group of rows touches a window of steps, so its Gram matrix is a small local matrix
+    added to the bands: equation rows (one step), initial rows (one step, diagonal), the 2(R-1)
+    Taylor rows of one interval and state (two steps, R x R blocks, the same for every state),
+    one central row per step and state (three steps). Every Taylor and central row also carries
+    w_s * eps, which gives the eps coupling (w_s times the row's u-coefficients) and the corner.
+    """
+    T, S = problem.n_steps, problem.n_init_var_steps
+    E, D, R, K = problem.n_equations, problem.n_dims, problem.n_orders, problem.n_init_orders
+    m = D * R
+    c, h = problem.coefficients, problem.steps
+    dtype, device = c.dtype, c.device
+
+    # equation rows: w_eq^2 C_t^T C_t
+    ct = (w_eq * c).expand(*c.shape[:-4], T, E, D, R).reshape(*c.shape[:-4], T, E, m)
+    diag = ct.mT @ ct  # (*bc, T, m, m)
+    # initial rows: w_in^2 on the diagonal entries (t < S, d, k < K)
+    mask = torch.zeros(T, D, R, dtype=dtype)
+    mask[:S, :, :K] = 1.0
+    diag = diag + torch.diag_embed(w_in**2 * mask.to(device).reshape(T, m))
+
+    # Taylor rows of interval t over (u[t, d, :], u[t+1, d, :]); row k for k = 0..R-2:
+    # forward  w_s * (eps + sum_{o>=k} h^o/(o-k)! u[t,d,o] - h^k u[t+1,d,k])
+    # backward w_s * (eps + sum_{o>=k} (-h)^o/(o-k)! u[t+1,d,o] - (-h)^k u[t,d,k])
+    h = h.expand(*h.shape[:-1], T - 1)
+    powers = h.unsqueeze(-1) ** torch.arange(R, dtype=dtype, device=device)  # (*bh, T-1, R)
+    signed = powers * torch.tensor([(-1.0) ** o for o in range(R)], dtype=dtype, device=device)
+    taylor = torch.zeros(R - 1, R, dtype=dtype)  # 1/(o-k)! for o >= k
+    for k in range(R - 1):
+        for o in range(k, R):
+            taylor[k, o] = 1.0 / math.factorial(o - k)
+    taylor = taylor.to(device)
+    shift = torch.eye(R - 1, R, dtype=dtype, device=device)  # picks order k of row k
+    fwd = torch.cat([taylor * powers.unsqueeze(-2), -shift * powers.unsqueeze(-2)], -1)
+    bwd = torch.cat([-shift * signed.unsqueeze(-2), taylor * signed.unsqueeze(-2)], -1)
+    local = w_s * torch.cat([fwd, bwd], -2)  # (*bh, T-1, 2R-2, 2R)
+    local_gram = local.mT @ local  # (*bh, T-1, 2R, 2R)
+    smooth_diag = _pad_steps(local_gram[..., :R, :R], 0, 1) + _pad_steps(
+        local_gram[..., R:, R:], 1, 0
+    )  # (*bh, T, R, R)
+    smooth_sub = local_gram[..., R:, :R]  # (*bh, T-1, R, R): rows u[t+1], columns u[t]
+    row_sums = w_s * local.sum(-2)  # (*bh, T-1, 2R): eps coupling of the interval's rows
+    coupling = F.pad(row_sums[..., :R], (0, 0, 0, 1)) + F.pad(row_sums[..., R:], (0, 0, 1, 0))
+
+    # central rows, one per step t+1 (t = 0..T-3) and state, s = h_t + h_{t+1}:
+    # w_s * (eps - s^(R-3) u[t,d,R-2] - s^(R-2) u[t+1,d,R-1] + s^(R-3) u[t+2,d,R-2])
+    lhs_batch = torch.broadcast_shapes(c.shape[:-4], h.shape[:-1])
+    if T > 2:
+        s = h[..., :-1] + h[..., 1:]  # (*bh, T-2)
+        va = -w_s * s ** (R - 3)  # on u[t, d, R-2]
+        vb = -w_s * s ** (R - 2)  # on u[t+1, d, R-1]
+        vc = w_s * s ** (R - 3)  # on u[t+2, d, R-2]
+
+        def unit(i: int, j: int) -> torch.Tensor:
+            e = torch.zeros(R, R, dtype=dtype, device=device)
+            e[i, j] = 1.0
+            return e
+
+        def at(x: torch.Tensor, i: int, j: int) -> torch.Tensor:  # (*bh, n) -> (*bh, n, R, R)
+            return x[..., None, None] * unit(i, j)
+
+        lo, hi = R - 2, R - 1
+        smooth_diag = (
+            smooth_diag
+            + _pad_steps(at(va * va, lo, lo), 0, 2)
+            + _pad_steps(at(vb * vb, hi, hi), 1, 1)
+            + _pad_steps(at(vc * vc, lo, lo), 2, 0)
         )
-        return gram.permute(2, 0, 1).reshape(*lhs_batch, n, n)
+        smooth_sub = (
+            smooth_sub
+            + _pad_steps(at(vb * va, hi, lo), 0, 1)
+            + _pad_steps(at(vc * vb, lo, hi), 1, 0)
+        )
+        sub2 = _kron_states(at(vc * va, lo, lo), D)
+        order_lo = torch.zeros(R, dtype=dtype, device=device)
+        order_lo[lo] = 1.0
+        order_hi = torch.zeros(R, dtype=dtype, device=device)
+        order_hi[hi] = 1.0
+        coupling = (
+            coupling
+            + F.pad((w_s * va)[..., None] * order_lo, (0, 0, 0, 2))
+            + F.pad((w_s * vb)[..., None] * order_hi, (0, 0, 1, 1))
+            + F.pad((w_s * vc)[..., None] * order_lo, (0, 0, 2, 0))
+        )
+    else:
+        sub2 = torch.zeros(*lhs_batch, 0, m, m, dtype=dtype, device=device)
+
+    n_smooth = 2 * (T - 1) * D * (R - 1) + max(T - 2, 0) * D
+    coupling = coupling.unsqueeze(-2).expand(*coupling.shape[:-1], D, R).flatten(-2)
+    return _BandedGram(
+        diag=diag + _kron_states(smooth_diag, D),
+        sub=_kron_states(smooth_sub, D),
+        sub2=sub2,
+        coupling=coupling,
+        corner=w_s**2 * n_smooth,
+    )
 
 
 # ----------------------------------------------------------------------------- setup
@@ -296,11 +295,11 @@ def _setup(
     gamma: Weight,
     alpha: Weight,
     check_inputs: bool,
-) -> tuple[OdeProblem, _MnnOperator, torch.Tensor]:
-    """Validate, build the structured operator and the right-hand side C^T r + gamma alpha e_0.
+) -> tuple[OdeProblem, _BandedGram, torch.Tensor]:
+    """Validate, build the banded C^T C and the right-hand side C^T r + gamma alpha e_0.
 
     Returns:
-        (problem, operator, rhs ``(*batch, 1 + T*D*R)``).
+        (problem, gram, rhs ``(*batch, 1 + T*D*R)``).
     """
     problem = prepare_problem(
         coefficients,
@@ -323,44 +322,19 @@ def _setup(
             f"the MNN baselines need n_orders R >= 2 (coefficients has R={R}): the Taylor rows "
             "cover orders 0..R-2 and the central rows orders R-2 and R-1"
         )
-    c, b, u0, h = problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
+    c = problem.coefficients
     w_eq, w_in, w_s = (_as_scalar(w, c) for w in weights)
-
-    coef = w_eq * c.expand(*c.shape[:-4], T, E, D, R)
-    h = h.expand(*h.shape[:-1], T - 1)
-    powers = h.unsqueeze(-1) ** torch.arange(R, dtype=c.dtype, device=c.device)  # (*bh, T-1, R)
-    signs = torch.tensor([(-1.0) ** o for o in range(R)], dtype=c.dtype, device=c.device)
-    taylor = torch.zeros(R - 1, R, dtype=c.dtype, device=c.device)  # 1/(o-k)! for o >= k
-    for k in range(R - 1):
-        for o in range(k, R):
-            taylor[k, o] = 1.0 / math.factorial(o - k)
-    s = h[..., :-1] + h[..., 1:]  # (*bh, T-2): s for the central row at step t+1
-    op = _MnnOperator(
-        coef=coef,
-        w_in=w_in,
-        w_s=w_s,
-        fwd_full=w_s * taylor * powers.unsqueeze(-2),
-        fwd_diag=-w_s * powers[..., : R - 1],
-        bwd_full=w_s * taylor * (signs * powers).unsqueeze(-2),
-        bwd_diag=-w_s * (signs * powers)[..., : R - 1],
-        cen_side=w_s * s ** (R - 3),
-        cen_mid=w_s * s ** (R - 2),
-        n_steps=T,
-        n_init_steps=S,
-        n_dims=D,
-        n_orders=R,
-        n_init_orders=K,
-    )
+    gram = _mnn_gram(problem, w_eq, w_in, w_s)
 
     # C^T r: only equation rows (w_eq b) and initial rows (w_in u0) have a right-hand side
     batch = tuple(problem.batch_shape)
-    b = b.expand(*b.shape[:-2], T, E)
-    u0 = u0.expand(*u0.shape[:-3], S, D, K)
-    u_rhs = (coef * (w_eq * b)[..., None, None]).sum(-3)
+    b = problem.rhs_equation.expand(*problem.rhs_equation.shape[:-2], T, E)
+    u0 = problem.init_vars.expand(*problem.init_vars.shape[:-3], S, D, K)
+    u_rhs = (w_eq**2 * c * b[..., None, None]).sum(-3)  # (*, T, D, R); c's T may be 1
     u_rhs = u_rhs + F.pad(w_in**2 * u0, (0, R - K, 0, 0, 0, T - S))
     u_rhs = u_rhs.expand(*batch, T, D, R).flatten(-3)
     eps_rhs = (_as_scalar(gamma, c) * _as_scalar(alpha, c)).expand(*batch, 1)
-    return problem, op, torch.cat([eps_rhs, u_rhs], dim=-1)
+    return problem, gram, torch.cat([eps_rhs, u_rhs], dim=-1)
 
 
 def _split(z: torch.Tensor, problem: OdeProblem, return_eps: bool):
@@ -372,20 +346,28 @@ def _split(z: torch.Tensor, problem: OdeProblem, return_eps: bool):
 
 
 class _DenseCholeskySolve(torch.autograd.Function):
-    """z = G^{-1} rhs by a dense Cholesky factorization, with an O(n^2) backward.
+    """z = G^{-1} rhs with G = C^T C assembled densely from its bands; dense Cholesky solve.
 
-    Forward: G = L L^T (``torch.linalg.cholesky_ex``), z = ``cholesky_solve(rhs, L)``.
-    Backward (G symmetric): lambda = G^{-1} g with the stored factor, then dl/drhs = lambda and
-    dl/dG = -lambda z^T (entries of G taken as independent; the symmetric construction of G sends
-    both positions back to the same inputs). This gives the same gradients as autograd through
-    the factorization, without its O(n^3) backward.
+    Forward: G dense (:meth:`_BandedGram.dense`), G = L L^T (``torch.linalg.cholesky_ex``),
+    z = ``cholesky_solve(rhs, L)``. O(n^3) time and O(n^2) memory per system, n = 1 + T*D*R.
 
-    Shapes: gram ``(*lhs_batch, n, n)``, rhs ``(*batch, n)`` (lhs_batch broadcasts to batch).
+    Backward, reusing L: lambda = G^{-1} g (G is symmetric), dl/drhs = lambda and
+    dl/dG = -lambda z^T. Only the entries that the bands fill are needed, so the gradient of each
+    band is read off lambda and z directly (a block X placed at rows a, columns b and, as X^T, at
+    rows b, columns a gets -(lambda_a z_b^T + z_a lambda_b^T)); nothing of size n^2 is formed and
+    there is no O(n^3) work. Gradients are exact for the symmetric perturbations that the inputs
+    cause (the Cholesky factorization reads one triangle of G; the antisymmetric part of
+    -lambda z^T contracts to zero against symmetric changes).
+
+    Inputs: the fields of :class:`_BandedGram` (diag, sub, sub2, coupling, corner) at the lhs
+    batch shape and rhs ``(*batch, n)``.
     """
 
     @staticmethod
-    def forward(ctx, gram, rhs):
+    def forward(ctx, diag, sub, sub2, coupling, corner, rhs):
+        gram = _BandedGram(diag, sub, sub2, coupling, corner).dense()
         factor, info = torch.linalg.cholesky_ex(gram)
+        del gram
         failed = info != 0
         if bool(failed.any()):
             entries = [tuple(int(i) for i in idx) for idx in torch.nonzero(failed)[:10].tolist()]
@@ -396,7 +378,7 @@ class _DenseCholeskySolve(torch.autograd.Function):
             )
         z = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
         ctx.save_for_backward(factor, z)
-        ctx.gram_shape = gram.shape
+        ctx.shapes = [x.shape for x in (diag, sub, sub2, coupling, corner)]
         return z
 
     @staticmethod
@@ -404,10 +386,30 @@ class _DenseCholeskySolve(torch.autograd.Function):
     def backward(ctx, grad_z):
         factor, z = ctx.saved_tensors
         lam = torch.cholesky_solve(grad_z.unsqueeze(-1), factor).squeeze(-1)
-        grad_gram = None
-        if ctx.needs_input_grad[0]:
-            grad_gram = (-lam.unsqueeze(-1) * z.unsqueeze(-2)).sum_to_size(ctx.gram_shape)
-        return grad_gram, lam
+        T, m = ctx.shapes[0][-3], ctx.shapes[0][-1]
+        l0, lu = lam[..., 0], lam[..., 1:].unflatten(-1, (T, m))  # (*batch,), (*batch, T, m)
+        z0, zu = z[..., 0], z[..., 1:].unflatten(-1, (T, m))
+
+        def outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("...ti,...tj->...tij", a, b)
+
+        def band(k: int) -> torch.Tensor:  # block X at G[u_{t+k}, u_t] and X^T at G[u_t, u_{t+k}]
+            return -(
+                outer(lu[..., k:, :], zu[..., :-k, :]) + outer(zu[..., k:, :], lu[..., :-k, :])
+            )
+
+        grads = [
+            -outer(lu, zu),
+            band(1),
+            band(2) if T > 2 else None,
+            -(l0[..., None, None] * zu + z0[..., None, None] * lu),
+            -(l0 * z0),
+        ]
+        grads = [
+            None if g is None or not need else g.sum_to_size(shape)
+            for g, need, shape in zip(grads, ctx.needs_input_grad[:5], ctx.shapes, strict=True)
+        ]
+        return (*grads, lam)
 
 
 def mnn_dense(
@@ -453,7 +455,7 @@ def mnn_dense(
         ValueError: bad inputs, naming the argument.
         NonPositivePivotError: C^T C is not numerically positive definite for some batch entries.
     """
-    problem, op, rhs = _setup(
+    problem, gram, rhs = _setup(
         coefficients,
         rhs_equation,
         init_vars,
@@ -465,11 +467,16 @@ def mnn_dense(
         alpha,
         check_inputs,
     )
-    z = _DenseCholeskySolve.apply(op.dense_gram(), rhs)
+    z = _DenseCholeskySolve.apply(gram.diag, gram.sub, gram.sub2, gram.coupling, gram.corner, rhs)
     return _split(z, problem, return_eps)
 
 
 # ----------------------------------------------------------------------------- CG
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched inner product over the last axis: ``(*batch, n)`` x2 -> ``(*batch,)``."""
+    return torch.einsum("...i,...i->...", a, b)
 
 
 def _conjugate_gradient(
@@ -489,10 +496,11 @@ def _conjugate_gradient(
         (``(*batch,)``, ||r_k|| / ||rhs|| of the CG recurrence, 0 for a zero right-hand side),
         ``converged`` (bool ``(*batch,)``).
     """
+    rhs = rhs.contiguous()  # e.g. an expanded upstream gradient: keep the loop on dense memory
     x = torch.zeros_like(rhs)
     r = rhs.clone()
     p = r.clone()
-    rs = (r * r).sum(-1)
+    rs = _dot(r, r)
     rhs_norm = rs.sqrt()
     threshold = tol * rhs_norm
     active = rs.sqrt() > threshold
@@ -501,11 +509,11 @@ def _conjugate_gradient(
         if not bool(active.any()):
             break
         gp = gram_apply(p)
-        p_gp = (p * gp).sum(-1)
+        p_gp = _dot(p, gp)
         step = torch.where(active, rs / torch.where(active, p_gp, torch.ones_like(p_gp)), 0.0)
         x = x + step.unsqueeze(-1) * p
         r = r - step.unsqueeze(-1) * gp
-        rs_new = (r * r).sum(-1)
+        rs_new = _dot(r, r)
         ratio = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), 0.0)
         p = r + ratio.unsqueeze(-1) * p
         rs = torch.where(active, rs_new, rs)
@@ -541,8 +549,8 @@ class _ImplicitCGSolve(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, residual, z_star, op, max_iter, tol):  # noqa: D401 - autograd signature
-        ctx.op = op
+    def forward(ctx, residual, z_star, gram, max_iter, tol):
+        ctx.gram = gram
         ctx.max_iter = max_iter
         ctx.tol = tol
         return z_star.clone()
@@ -550,7 +558,7 @@ class _ImplicitCGSolve(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_z):
-        lam, info = _conjugate_gradient(ctx.op.gram_apply, grad_z, ctx.max_iter, ctx.tol)
+        lam, info = _conjugate_gradient(ctx.gram.apply, grad_z, ctx.max_iter, ctx.tol)
         _warn_if_not_converged(info, ctx.max_iter, ctx.tol, "backward")
         return lam, None, None, None, None
 
@@ -575,9 +583,10 @@ def mnn_cg(
 ):
     """The original MNN "sparse" solver: conjugate gradient on C^T C z = C^T r + gamma alpha e_0.
 
-    C^T C is never formed: each CG iteration applies C and then C^T through structured tensor
-    ops, O(batch * T * D * R^2) work and memory. All systems iterate together from z_0 = 0; each
-    stops once ||r_k|| <= tol * ||rhs|| (r_k the CG residual), at most ``max_iter`` iterations.
+    The dense C^T C is never formed: each CG iteration multiplies with its bands of m x m blocks
+    (m = D*R) and its eps row, O(batch * T * m^2) work and memory. All systems iterate together
+    from z_0 = 0; each stops once ||r_k|| <= tol * ||rhs|| (r_k the CG residual), at most
+    ``max_iter`` iterations.
     If some systems do not converge, a :class:`MNNConvergenceWarning` says how many and the
     worst relative residual (their last iterate is returned). Gradients come from implicit
     differentiation: the backward pass solves (C^T C) lambda = dl/dz by CG with the same
@@ -585,7 +594,8 @@ def mnn_cg(
 
     Args: as :func:`mnn_dense`, plus
         max_iter: positive int, iteration cap (forward and backward).
-        tol: positive relative tolerance.
+        tol: positive relative tolerance (the default 1e-12 suits float64; in float32 use
+            about 1e-6, otherwise no system can converge and every call warns).
         return_info: also return a dict with per-system ``iterations`` (int64 ``(*batch,)``),
             ``relative_residual`` (``(*batch,)``) and ``converged`` (bool ``(*batch,)``) of the
             forward solve.
@@ -602,7 +612,7 @@ def mnn_cg(
         raise ValueError(f"tol must be a positive number, got {tol!r}") from None
     if not (math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be finite and > 0, got {tol!r}")
-    problem, op, rhs = _setup(
+    problem, gram, rhs = _setup(
         coefficients,
         rhs_equation,
         init_vars,
@@ -614,22 +624,18 @@ def mnn_cg(
         alpha,
         check_inputs,
     )
-    op_const = op.detach()
+    gram_const = gram.detach()
     with torch.no_grad():
-        z_star, info = _conjugate_gradient(op_const.gram_apply, rhs.detach(), max_iter, tol)
+        z_star, info = _conjugate_gradient(gram_const.apply, rhs.detach(), max_iter, tol)
     _warn_if_not_converged(info, max_iter, tol, "forward")
 
-    if torch.is_grad_enabled() and (rhs.requires_grad or _op_requires_grad(op)):
+    if torch.is_grad_enabled() and (rhs.requires_grad or gram.requires_grad()):
         # residual-shaped input Q(theta) = C^T r + gamma alpha e_0 - (C^T C) z*, value ~0
-        residual = rhs - op.gram_apply(z_star)
-        z = _ImplicitCGSolve.apply(residual, z_star, op_const, max_iter, tol)
+        residual = rhs - gram.apply(z_star)
+        z = _ImplicitCGSolve.apply(residual, z_star, gram_const, max_iter, tol)
     else:
         z = z_star
     out = _split(z, problem, return_eps)
     if not return_info:
         return out
     return (*out, info) if return_eps else (out, info)
-
-
-def _op_requires_grad(op: _MnnOperator) -> bool:
-    return any(isinstance(v, torch.Tensor) and v.requires_grad for v in op.__dict__.values())

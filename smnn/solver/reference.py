@@ -202,8 +202,8 @@ def dense_reference(
     Q, Rf = torch.linalg.qr(A, mode="reduced")
     y = Q.mT @ beta.unsqueeze(-1)
     u = torch.linalg.solve_triangular(Rf, y, upper=True).squeeze(-1)
-    T = A.shape[-1] // (coefficients.shape[-2] * coefficients.shape[-1])
-    return u.reshape(*u.shape[:-1], T, coefficients.shape[-2], coefficients.shape[-1])
+    D, R = coefficients.shape[-2], coefficients.shape[-1]
+    return u.unflatten(-1, (A.shape[-1] // (D * R), D, R))
 
 
 def build_mnn_dense_system(

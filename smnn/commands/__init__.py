@@ -1,0 +1,1 @@
+"""CLI subcommands of ``smnn`` (one module per command family; see :mod:`smnn.cli`)."""

@@ -1,0 +1,58 @@
+"""Helpers shared by the job commands: config loading, logging, threads, clean error exits."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from smnn.config import Config, ConfigError, load_config
+from smnn.zarr_io import StoreError
+
+__all__ = ["setup_logging", "job_config", "apply_threads", "clean_errors", "USER_ERRORS"]
+
+# errors caused by the input (config, missing files): reported in one line, exit code 2
+USER_ERRORS = (ConfigError, StoreError, FileNotFoundError)
+
+
+def setup_logging() -> None:
+    """INFO-level logging to stderr (the rule's log file), once per process."""
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def job_config(path: str | Path) -> Config:
+    """Load ``--config`` and check the global keys every job reads."""
+    config = load_config(path)
+    config.get_int("seed", min_value=0)
+    config.get_int("threads", min_value=1)
+    config.get_str("device", choices=("auto", "cpu", "cuda"))
+    return config
+
+
+def apply_threads(config: Config) -> int:
+    """Set torch's intra-op threads from ``threads``; returns the number."""
+    n = config.get_int("threads", min_value=1)
+    torch.set_num_threads(n)
+    return n
+
+
+def clean_errors(fn: Callable[..., int]) -> Callable[..., int]:
+    """Report :data:`USER_ERRORS` as ``error: ...`` on stderr with exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return wrapper

@@ -1,0 +1,561 @@
+"""The training loop every experiment shares: seeds, checkpoints, resume, preemption, timing.
+
+An experiment supplies a :class:`TrainingTask` (model, optimiser, one training step); the
+:class:`Trainer` runs epochs over shuffled sample indices and, after every epoch, writes a
+checkpoint atomically (temporary file + ``os.replace``) holding the model, optimiser, scheduler,
+the RNG states (torch, CUDA, numpy, python, the data-order generator), the epoch, the per-epoch
+history and the MLflow run id. Restarted with the same checkpoint directory and the same
+configuration it continues from the last checkpoint; on CPU with fixed seeds the result equals
+that of an uninterrupted run.
+
+SIGTERM (SLURM preemption or time limit, Snakemake cancelling) and SIGINT are caught: the current
+step finishes, a mid-epoch checkpoint is written (with the epoch's data order and position, so
+nothing is repeated or skipped), and :class:`TrainingInterrupted` is raised; the command exits
+with ``128 + signal`` (143 for SIGTERM) so the scheduler can requeue the job.
+
+Timing and memory: every step (forward, backward, optimiser update) is timed, with CUDA
+synchronisation on GPUs. Peak memory of a step (above the level before it) comes from
+:func:`smnn.memory.measure_peak_memory`; on CPU that resets the kernel's resident-set high-water
+mark and collects garbage first, so it is measured on the first step of each epoch only; on CUDA on
+every step. Before the loop, the objects that exist then (imported modules, the model, MLflow's
+client) are moved to the garbage collector's permanent generation (``gc.freeze``), so the
+collection before each measurement takes microseconds instead of a second.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from smnn.memory import measure_peak_memory
+
+__all__ = [
+    "TrainingTask",
+    "TrainerSettings",
+    "Trainer",
+    "TrainingResult",
+    "TrainingInterrupted",
+    "seed_everything",
+    "resolve_device",
+    "atomic_torch_save",
+    "atomic_write_json",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+RUN_FILE = "run.json"
+FORMAT_VERSION = 1
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingTask(Protocol):
+    """What an experiment gives the :class:`Trainer`.
+
+    Attributes:
+        model: the module being trained (its ``state_dict`` is checkpointed, buffers included).
+        n_epochs: total number of epochs of the schedule.
+        n_samples: number of training samples; batches are index tensors into ``range(n_samples)``.
+        batch_size: samples per step (the last batch of an epoch may be smaller).
+    """
+
+    model: torch.nn.Module
+    n_epochs: int
+    n_samples: int
+    batch_size: int
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, Any | None]:
+        """The optimiser and an optional scheduler (stepped once per epoch; a
+        ``ReduceLROnPlateau`` gets the epoch's mean training loss)."""
+        ...
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before epoch ``epoch`` (0-based) starts; not again when a run resumes in the
+        middle of that epoch (its effect is in the checkpointed model state)."""
+        ...
+
+    def training_step(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss (scalar tensor to minimise) of the batch ``indices`` ``(batch,)``, and named
+        components of it as floats (e.g. ``{"loss_solution": ...}``)."""
+        ...
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Extra metrics after an epoch (e.g. the number of active terms)."""
+        ...
+
+
+@dataclass
+class TrainerSettings:
+    """How to run a task.
+
+    Attributes:
+        checkpoint_dir: where ``last.pt`` and ``run.json`` live (not a declared workflow output).
+        seed: seed of the data-order generator.
+        device: where the model lives.
+        identity: what must match for a checkpoint to be resumed (experiment, solver, config
+            hash ...); a checkpoint with another identity is discarded.
+        max_epochs: cap on the number of epochs (tests), or None for the task's schedule.
+        progress: show a tqdm progress bar (refreshing rarely when stderr is not a terminal).
+        keep_step_losses: how many per-step losses to keep from the start of training (for
+            loss-curve figures over optimisation steps).
+    """
+
+    checkpoint_dir: Path
+    seed: int
+    device: torch.device
+    identity: dict[str, Any] = field(default_factory=dict)
+    max_epochs: int | None = None
+    progress: bool = True
+    keep_step_losses: int = 1000
+
+
+@dataclass
+class TrainingResult:
+    """The outcome of :meth:`Trainer.fit`.
+
+    Attributes:
+        history: one record per epoch (``epoch``, ``train_loss``, components, ``lr``,
+            ``epoch_time_s``, ``step_time_ms``, ``step_peak_memory_mib``, task metrics).
+        final_metrics: summary numbers (final loss, mean step time, peak memory, wall time).
+        step_losses: the training loss of each of the first ``keep_step_losses`` steps.
+        resumed_from_epoch: epochs completed before this process started (0 for a fresh run).
+    """
+
+    history: list[dict[str, float]]
+    final_metrics: dict[str, float]
+    step_losses: list[float]
+    resumed_from_epoch: int
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, signum: int, epoch: int, step_in_epoch: int):
+        super().__init__(
+            f"stopped by signal {signal.Signals(signum).name} in epoch {epoch} after "
+            f"{step_in_epoch} step(s); checkpoint saved"
+        )
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators (call before building the model)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same directory, fsync, rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(data: Any, path: str | Path) -> None:
+    """Write JSON to ``path`` atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def _catch_signals() -> Iterator[list[int]]:
+    """Record SIGTERM/SIGINT instead of dying; yields the list the signal numbers go into."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in HANDLED_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _max_rss_mib() -> float:
+    """The process's peak resident set so far (ru_maxrss is in KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+@dataclass
+class _EpochProgress:
+    """Running sums over the steps of the current epoch (checkpointed mid-epoch)."""
+
+    loss_sum: float = 0.0
+    components: dict[str, float] = field(default_factory=dict)
+    n_samples: int = 0
+    step_time_sum: float = 0.0
+    n_steps: int = 0
+    peak_memory: int = 0
+    wall_time: float = 0.0
+
+    def add(self, loss: float, components: Mapping[str, float], n: int, seconds: float) -> None:
+        self.loss_sum += loss * n
+        for k, v in components.items():
+            self.components[k] = self.components.get(k, 0.0) + float(v) * n
+        self.n_samples += n
+        self.step_time_sum += seconds
+        self.n_steps += 1
+
+
+class Trainer:
+    """Runs a :class:`TrainingTask` with checkpoints, resume and signal handling.
+
+    Typical use (see :mod:`smnn.commands.experiment`)::
+
+        trainer = Trainer(task, settings)
+        run_id = trainer.restore()          # None for a fresh start
+        ... create or resume the MLflow run, then trainer.attach_run(run_id) ...
+        result = trainer.fit(on_epoch_end=log_to_mlflow)
+        trainer.mark_finished()
+    """
+
+    def __init__(self, task: TrainingTask, settings: TrainerSettings):
+        self.task = task
+        self.settings = settings
+        self.device = settings.device
+        self.optimizer, self.scheduler = task.configure_optimizers()
+        self.n_epochs = task.n_epochs
+        if settings.max_epochs is not None:
+            self.n_epochs = min(self.n_epochs, settings.max_epochs)
+        self.data_generator = torch.Generator().manual_seed(settings.seed)
+        self.epoch = 0  # completed epochs
+        self.step_in_epoch = 0  # completed steps of the current (unfinished) epoch
+        self.epoch_generator_state: torch.Tensor | None = None
+        self.progress = _EpochProgress()
+        self.history: list[dict[str, float]] = []
+        self.step_losses: list[float] = []
+        self.global_step = 0
+        self.run_id: str | None = None
+        self.resumed_from_epoch = 0
+        self.restored = False
+
+    # ------------------------------------------------------------------ checkpoint files
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.settings.checkpoint_dir / CHECKPOINT_NAME
+
+    @property
+    def run_file(self) -> Path:
+        return self.settings.checkpoint_dir / RUN_FILE
+
+    def _read_run_file(self) -> dict[str, Any] | None:
+        try:
+            with open(self.run_file) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def _identity(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.settings.identity, default=str))
+
+    def restore(self) -> str | None:
+        """Load the last checkpoint when it belongs to this job and the job did not finish.
+
+        A checkpoint directory of another configuration, or of a job that finished (a forced
+        rerun), is cleared so the run starts afresh.
+
+        Returns:
+            The MLflow run id to continue, or None for a fresh run.
+        """
+        ckdir = self.settings.checkpoint_dir
+        run_info = self._read_run_file()
+        if run_info is None:
+            if ckdir.exists():
+                shutil.rmtree(ckdir)
+            return None
+        if run_info.get("identity") != self._identity() or run_info.get("status") == "finished":
+            why = "finished" if run_info.get("status") == "finished" else "another configuration"
+            log.info("discarding checkpoints in %s (%s)", ckdir, why)
+            shutil.rmtree(ckdir)
+            return None
+        self.run_id = run_info.get("run_id")
+        if self.checkpoint_path.exists():
+            self._load_checkpoint()
+        return self.run_id
+
+    def attach_run(self, run_id: str | None) -> None:
+        """Record the MLflow run id (in ``run.json`` right away, and in every checkpoint)."""
+        self.run_id = run_id
+        atomic_write_json(
+            {"run_id": run_id, "identity": self._identity(), "status": "running"}, self.run_file
+        )
+
+    def mark_finished(self) -> None:
+        """Mark the job done: a later start with this directory begins a fresh run."""
+        atomic_write_json(
+            {"run_id": self.run_id, "identity": self._identity(), "status": "finished"},
+            self.run_file,
+        )
+
+    def _save_checkpoint(self) -> None:
+        state = {
+            "format_version": FORMAT_VERSION,
+            "identity": self._identity(),
+            "run_id": self.run_id,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "epoch_generator_state": self.epoch_generator_state,
+            "progress": vars(self.progress),
+            "history": self.history,
+            "step_losses": self.step_losses,
+            "global_step": self.global_step,
+            "model": self.task.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "data_generator": self.data_generator.get_state(),
+        }
+        atomic_torch_save(state, self.checkpoint_path)
+
+    def _load_checkpoint(self) -> None:
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if state.get("format_version") != FORMAT_VERSION:
+            raise RuntimeError(
+                f"{self.checkpoint_path} has format {state.get('format_version')}, expected "
+                f"{FORMAT_VERSION}; delete {self.settings.checkpoint_dir} to start afresh"
+            )
+        self.task.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        self.data_generator.set_state(state["data_generator"])
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.epoch_generator_state = state["epoch_generator_state"]
+        self.progress = _EpochProgress(**state["progress"])
+        self.history = list(state["history"])
+        self.step_losses = list(state["step_losses"])
+        self.global_step = state["global_step"]
+        self.run_id = state["run_id"] or self.run_id
+        self.resumed_from_epoch = self.epoch
+        self.restored = True
+        log.info(
+            "resumed from %s: %d epoch(s) done, %d step(s) into the next",
+            self.checkpoint_path,
+            self.epoch,
+            self.step_in_epoch,
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _step(self, indices: torch.Tensor) -> tuple[float, dict[str, float], float]:
+        """One optimisation step; returns (loss, components, seconds)."""
+        self._sync()
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, components = self.task.training_step(indices)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at epoch {self.epoch}, step "
+                f"{self.step_in_epoch}"
+            )
+        loss.backward()
+        self.optimizer.step()
+        self._sync()
+        return float(loss.detach()), components, time.perf_counter() - start
+
+    def _epoch_order(self) -> torch.Tensor:
+        """The epoch's sample order; the generator state at the epoch start is kept so a
+        mid-epoch resume regenerates the same order."""
+        if self.epoch_generator_state is None:
+            self.epoch_generator_state = self.data_generator.get_state()
+        else:
+            self.data_generator.set_state(self.epoch_generator_state)
+        return torch.randperm(self.task.n_samples, generator=self.data_generator)
+
+    def _finish_epoch(self) -> dict[str, float]:
+        p = self.progress
+        n = max(p.n_samples, 1)
+        record: dict[str, float] = {
+            "epoch": float(self.epoch),
+            "train_loss": p.loss_sum / n,
+            **{k: v / n for k, v in p.components.items()},
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "epoch_time_s": p.wall_time,
+            "step_time_ms": 1000.0 * p.step_time_sum / max(p.n_steps, 1),
+            "step_peak_memory_mib": p.peak_memory / 2**20,
+        }
+        record.update({k: float(v) for k, v in self.task.epoch_metrics().items()})
+        if self.scheduler is not None:
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                self.scheduler.step(record["train_loss"])
+            else:
+                self.scheduler.step()
+        return record
+
+    def fit(
+        self, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+    ) -> TrainingResult:
+        """Train until the schedule (or ``max_epochs``) is done.
+
+        Args:
+            on_epoch_end: called with (epoch, record) after each epoch's checkpoint is written
+                (e.g. to log to MLflow).
+
+        Raises:
+            TrainingInterrupted: after SIGTERM/SIGINT, once the checkpoint is saved.
+        """
+        task = self.task
+        measure_every_step = self.device.type == "cuda"
+        is_tty = sys.stderr.isatty()
+        bar = tqdm(
+            total=self.n_epochs,
+            initial=min(self.epoch, self.n_epochs),
+            desc="train",
+            unit="epoch",
+            disable=not self.settings.progress,
+            mininterval=0.5 if is_tty else 30.0,
+            dynamic_ncols=is_tty,
+        )
+        gc.collect()
+        gc.freeze()
+        try:
+            with _catch_signals() as received:
+                while self.epoch < self.n_epochs:
+                    if self.step_in_epoch == 0 and self.epoch_generator_state is None:
+                        task.on_epoch_start(self.epoch)
+                    order = self._epoch_order()
+                    batches = order.split(task.batch_size)
+                    epoch_start = time.perf_counter() - self.progress.wall_time
+                    for b in range(self.step_in_epoch, len(batches)):
+                        if received:
+                            self.progress.wall_time = time.perf_counter() - epoch_start
+                            self._save_checkpoint()
+                            raise TrainingInterrupted(received[0], self.epoch, self.step_in_epoch)
+                        idx = batches[b]
+                        if measure_every_step or b == 0:
+                            out, peak = measure_peak_memory(self._step, idx, device=self.device)
+                            self.progress.peak_memory = max(self.progress.peak_memory, peak)
+                        else:
+                            out = self._step(idx)
+                        loss, components, seconds = out
+                        self.progress.add(loss, components, len(idx), seconds)
+                        if len(self.step_losses) < self.settings.keep_step_losses:
+                            self.step_losses.append(loss)
+                        self.step_in_epoch = b + 1
+                        self.global_step += 1
+                    self.progress.wall_time = time.perf_counter() - epoch_start
+                    record = self._finish_epoch()
+                    self.history.append(record)
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    self.epoch_generator_state = None
+                    self.progress = _EpochProgress()
+                    self._save_checkpoint()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['train_loss']:.4g}", refresh=False)
+                    if on_epoch_end is not None:
+                        on_epoch_end(int(record["epoch"]), record)
+                    if received:
+                        raise TrainingInterrupted(received[0], self.epoch, 0)
+        finally:
+            bar.close()
+            gc.unfreeze()
+        return TrainingResult(
+            self.history, self._final_metrics(), self.step_losses, self.resumed_from_epoch
+        )
+
+    def _final_metrics(self) -> dict[str, float]:
+        if not self.history:
+            return {"epochs": 0.0}
+        last = self.history[-1]
+        steps = [r["step_time_ms"] for r in self.history]
+        return {
+            "epochs": float(len(self.history)),
+            "final_train_loss": last["train_loss"],
+            "mean_step_time_ms": float(np.mean(steps)),
+            "median_step_time_ms": float(np.median(steps)),
+            "step_peak_memory_mib": max(r["step_peak_memory_mib"] for r in self.history),
+            "train_time_s": float(sum(r["epoch_time_s"] for r in self.history)),
+            "process_max_rss_mib": _max_rss_mib(),
+            **{
+                f"final_{k}": v
+                for k, v in last.items()
+                if k.startswith("loss_") or k.startswith("n_")
+            },
+        }

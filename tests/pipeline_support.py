@@ -1,0 +1,225 @@
+"""Helpers for the workflow tests: a scratch working directory, running the real `snakemake`
+command in it, and the checks that a finished tiny pipeline must pass (local or SLURM)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
+SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm"
+SLURM_CI_PROFILE = REPO / "tests" / "profiles" / "slurm-ci"
+
+# what the workflow needs in its working directory (the repo's data/ and results/ stay untouched)
+WORKFLOW_FILES = (
+    "Snakefile", "workflow", "config", "environment.yml", "environment.post-deploy.sh"
+)
+
+# the two dominant terms of each Lorenz equation: (equation, term) -> sign of the true coefficient
+LORENZ_DOMINANT_SIGNS = {
+    ("x", "x"): -1,
+    ("x", "y"): +1,
+    ("y", "x"): +1,
+    ("y", "x z"): -1,
+    ("z", "z"): -1,
+    ("z", "x y"): +1,
+}
+
+
+def make_workdir(path: Path) -> Path:
+    """A directory that runs the repo's workflow: symlinks to the Snakefile, workflow/, config/."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        (path / name).symlink_to(REPO / name)
+    return path
+
+
+def tiny_config() -> dict:
+    with open(TINY_CONFIG) as f:
+        return yaml.safe_load(f)
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def snakemake_env() -> dict[str, str]:
+    """This interpreter's bin/ first on PATH (so jobs find `smnn`), no outside MLflow server."""
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("SNAKEMAKE_PROFILE", None)
+    return env
+
+
+def snakemake_command() -> list[str]:
+    exe = Path(sys.executable).parent / "snakemake"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("snakemake")
+    assert found, "the snakemake command is not installed"
+    return [found]
+
+
+@dataclass
+class Run:
+    proc: subprocess.CompletedProcess
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+
+def run_snakemake(workdir: Path, args: list[str], timeout: float = 1800) -> Run:
+    """Run `snakemake ARGS` in `workdir` (no profile of the user's home applies)."""
+    start = time.monotonic()
+    proc = subprocess.run(
+        [*snakemake_command(), *args],
+        cwd=workdir,
+        env=snakemake_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return Run(proc, time.monotonic() - start)
+
+
+def failure_report(workdir: Path, run: Run) -> str:
+    """Snakemake's output and the tail of every job log, for an assertion message."""
+    parts = [f"exit code {run.proc.returncode}", run.output[-6000:]]
+    for log in sorted((workdir / "results" / "logs").rglob("*.log")):
+        parts.append(f"--- {log.relative_to(workdir)}\n" + log.read_text()[-3000:])
+    for log in sorted((workdir / ".snakemake" / "slurm_logs").rglob("*.log")):
+        parts.append(f"--- {log.relative_to(workdir)}\n" + log.read_text()[-3000:])
+    return "\n".join(parts)
+
+
+def expected_outputs(config: dict) -> list[str]:
+    """Files (relative to the working directory) that the pipeline must produce for `config`."""
+    files = [
+        "results/config/effective.yaml",
+        "results/mlflow.db",
+        "results/standalone/metrics.json",
+        "results/standalone/errors.csv",
+        "results/standalone/errors.md",
+        "results/standalone/solutions.png",
+        "results/benchmark/bench.csv",
+        "results/benchmark/bench.md",
+        "results/benchmark/scaling_T.png",
+        "results/benchmark/scaling_batch.png",
+        "data/lorenz.zarr/zarr.json",
+        "results/logs/standalone.log",
+        "results/logs/benchmark.log",
+        "results/logs/lorenz/generate.log",
+    ]
+    for solver in config["lorenz"]["solvers"]:
+        files += [
+            f"results/lorenz/{solver}/model.pt",
+            f"results/lorenz/{solver}/train_metrics.json",
+            f"results/lorenz/{solver}/eval/metrics.json",
+            f"results/logs/lorenz/train_{solver}.log",
+            f"results/logs/lorenz/evaluate_{solver}.log",
+        ]
+    return files
+
+
+def _finite_numbers(obj, where="") -> list[tuple[str, float]]:
+    """Every number inside a JSON value, with its path."""
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _finite_numbers(v, f"{where}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _finite_numbers(v, f"{where}[{i}]")
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        out.append((where, float(obj)))
+    return out
+
+
+def check_pipeline_outputs(workdir: Path, config: dict) -> dict:
+    """Assert what a finished tiny pipeline must show; returns the Lorenz eval metrics by solver."""
+    missing = [f for f in expected_outputs(config) if not (workdir / f).is_file()]
+    assert not missing, f"missing outputs: {missing}"
+    empty = [f for f in expected_outputs(config) if (workdir / f).stat().st_size == 0]
+    assert not empty, f"empty outputs: {empty}"
+
+    # the jobs ran with exactly the validated config of this run
+    with open(workdir / "results/config/effective.yaml") as f:
+        assert yaml.safe_load(f) == config
+
+    # plots are real PNG files
+    pngs = [
+        workdir / "results/standalone/solutions.png",
+        workdir / "results/benchmark/scaling_T.png",
+    ]
+    for solver in config["lorenz"]["solvers"]:
+        plots = sorted((workdir / f"results/lorenz/{solver}/eval/plots").glob("*.png"))
+        assert plots, f"no evaluation plots for {solver}"
+        pngs += plots
+    for png in pngs:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+
+    # standalone: every error finite, S-MNN accurate on y (observed 1e-6..3e-4 in the paper)
+    standalone = json.loads((workdir / "results/standalone/metrics.json").read_text())
+    bad = [(k, v) for k, v in _finite_numbers(standalone) if not math.isfinite(v)]
+    assert not bad, f"non-finite standalone metrics: {bad[:5]}"
+    smnn_cases = [c for c in standalone["cases"] if c["solver"] == "smnn"]
+    assert len(smnn_cases) >= 6
+    for case in smnn_cases:
+        y_err = case["vs_closed_form"]["y"]["max"]
+        assert y_err < 1e-2, f"S-MNN error on y too large for {case['equation']}: {y_err}"
+
+    # benchmark: the table has measured S-MNN cases with positive finite times
+    import pandas as pd
+
+    bench = pd.read_csv(workdir / "results/benchmark/bench.csv")
+    ok = bench[bench["status"] == "ok"]
+    assert len(ok) > 0, "no benchmark case was measured"
+    assert (ok["median_ms"] > 0).all() and ok["median_ms"].map(math.isfinite).all()
+    assert "smnn" in set(ok["method"])
+
+    # lorenz: finite metrics, the sign pattern of every true term recovered
+    evals = {}
+    for solver in config["lorenz"]["solvers"]:
+        train = json.loads((workdir / f"results/lorenz/{solver}/train_metrics.json").read_text())
+        bad = [(k, v) for k, v in _finite_numbers(train) if not math.isfinite(v)]
+        assert not bad, f"non-finite training metrics for {solver}: {bad[:5]}"
+        ev = json.loads((workdir / f"results/lorenz/{solver}/eval/metrics.json").read_text())
+        assert ev["solver"] == solver
+        bad = [(k, v) for k, v in _finite_numbers(ev["metrics"]) if not math.isfinite(v)]
+        assert not bad, f"non-finite evaluation metrics for {solver}: {bad[:5]}"
+        check_lorenz_signs(ev)
+        evals[solver] = ev
+    return evals
+
+
+def check_lorenz_signs(ev: dict) -> None:
+    """The dominant terms of every Lorenz equation are recovered with their true sign."""
+    terms = ev["terms"]
+    coef = ev["coefficients"]  # (n_terms, 3): column j = the equation of variable j
+    variables = ["x", "y", "z"]
+    problems = []
+    for (eq, term), sign in LORENZ_DOMINANT_SIGNS.items():
+        got = coef[terms.index(term)][variables.index(eq)]
+        if not got * sign > 0:
+            problems.append(f"d{eq}/dt term {term!r}: {got:.4g}, true sign {sign:+d}")
+    truth = ev["true_coefficients"]
+    for (eq, term), sign in LORENZ_DOMINANT_SIGNS.items():
+        assert truth[terms.index(term)][variables.index(eq)] * sign > 0, "truth table mismatch"
+    assert not problems, "Lorenz sign pattern not recovered:\n  " + "\n  ".join(problems) + (
+        f"\nrecovered: {ev.get('equations')}"
+    )

@@ -18,9 +18,10 @@ Measurement:
   timed steps; the CSV holds the median and the minimum in ms. ``torch.cuda.synchronize`` closes
   the timed region on CUDA. ``--threads`` sets ``torch.set_num_threads`` (the compiled S-MNN
   kernels follow torch's thread count).
-- Peak memory: :func:`smnn.memory.measure_peak_memory` around each timed step (the memory
-  bookkeeping is outside the timed region); the CSV holds the largest peak over the repeats,
-  in MB (10^6 bytes), above the memory in use before the step (inputs excluded).
+- Peak memory: :func:`smnn.memory.measure_peak_memory` around one more step after the timed
+  ones (it returns freed memory to the operating system before the step, which would slow a
+  timed step down); the CSV holds that peak in MB (10^6 bytes), above the memory in use before
+  the step (inputs excluded).
 - MNN dense is run only where its dense matrix fits: ``B * (1 + T*D*R)^2 * itemsize * 3`` must be
   at most ``--max-dense-bytes`` (default a quarter of the physical memory).
 - Time budget: once a case of a method and dtype takes longer than ``--time-budget`` seconds per
@@ -329,22 +330,16 @@ def _measure(
     inputs = make_inputs(shape, dtype, device)
     if warmup:
         _timed_step(method, inputs, device)
-    separate_memory_run = device.type == "cpu" and cpu_peak_method() != "rss"
-    times, peaks, converged = [], [], []
+    times, converged = [], []
     for _ in range(repeats):
-        if separate_memory_run:  # the profiler slows the step down: time it on its own
-            seconds, info = _timed_step(method, inputs, device)
-        else:
-            (seconds, info), peak = measure_peak_memory(
-                _timed_step, method, inputs, device, device=device
-            )
-            peaks.append(peak)
+        seconds, info = _timed_step(method, inputs, device)
         times.append(seconds)
         if "converged" in info:
             converged.append(info["converged"] and info["backward_converged"])
-    if separate_memory_run:
-        _, peak = measure_peak_memory(_timed_step, method, inputs, device, device=device)
-        peaks.append(peak)
+    # memory in one more step of its own: the measurement hands freed memory back to the
+    # operating system first (gc, malloc_trim), which would slow a timed step down
+    _, peak = measure_peak_memory(_timed_step, method, inputs, device, device=device)
+    peaks = [peak]
     row = {
         "median_ms": 1e3 * statistics.median(times),
         "min_ms": 1e3 * min(times),
@@ -489,11 +484,14 @@ def run_benchmark(
 
     table = pd.DataFrame([rows[k] for k in sorted(rows)], columns=COLUMNS)  # grid order
     table.to_csv(out / "bench.csv", index=False)
-    (out / "bench.md").write_text(markdown_report(table, quick=quick))
+    floors = floor_table(table, dev, quick)
+    if floors is not None:
+        floors.to_csv(out / "floors.csv", index=False)
+    (out / "bench.md").write_text(markdown_report(table, quick=quick, floors=floors))
     _plot_sweep(table, "T_sweep", "T", out / "scaling_T.png")
     _plot_sweep(table, "batch_sweep", "B", out / "scaling_batch.png")
     if uri:
-        _log_mlflow(uri, out, table, {
+        _log_mlflow(uri, out, table, floors, {
             "methods": ",".join(methods), "dtypes": ",".join(dtypes), "quick": quick,
             "repeats": repeats, "threads": torch.get_num_threads(), "device": str(dev),
             "max_dense_bytes": max_dense, "time_budget_s": budget,
@@ -559,11 +557,70 @@ def _cell(row) -> str:
     return f"{row['median_ms']:.4g} ms, {row['peak_mb']:.4g} MB"
 
 
-def markdown_report(table, quick: bool = False) -> str:
+def floor_table(table, device: torch.device, quick: bool):
+    """Per named shape and dtype measured with an S-MNN method: the floor of
+    :mod:`smnn.roofline` on this machine, the best S-MNN time and their ratio (None when no
+    such row exists or the device is not a CPU: the rates are measured on the CPU)."""
+    import pandas as pd
+
+    from smnn.roofline import floor_ms, measure_machine_rates, solver_step_cost
+
+    ours = table[
+        (table["group"] == "named")
+        & (table["status"] == "ok")
+        & table["method"].astype(str).str.startswith("smnn")
+    ]
+    if ours.empty or device.type != "cpu":
+        return None
+    rows = []
+    for dtype_name, part in ours.groupby("dtype", sort=False):
+        dtype = DTYPES[dtype_name]
+        if quick:
+            rates = measure_machine_rates(dtype, stream_mb=64, matmul_n=512, repeats=3)
+        else:
+            rates = measure_machine_rates(dtype)
+        for case, rs in part.groupby("case", sort=False):
+            best = rs.loc[rs["median_ms"].idxmin()]
+            cost = solver_step_cost(
+                int(best["B"]), int(best["T"]), int(best["D"]), int(best["R"]), dtype.itemsize
+            )
+            floor = floor_ms(cost, rates)
+            rows.append({
+                "case": case, "dtype": dtype_name, "B": int(best["B"]), "T": int(best["T"]),
+                "D": int(best["D"]), "R": int(best["R"]), "mb_moved": cost.bytes / MB,
+                "mflop": cost.flops / 1e6, "bandwidth_gb_s": rates.bandwidth / 1e9,
+                "gflops": rates.flop_rate / 1e9, "floor_ms": floor,
+                "best_method": best["method"], "best_ms": float(best["median_ms"]),
+                "ratio": float(best["median_ms"]) / floor,
+            })
+    return pd.DataFrame(rows)
+
+
+def _floor_lines(floors) -> list[str]:
+    lines = [
+        "", "## Floors (smnn.roofline)", "",
+        "Unavoidable data movement and arithmetic of one forward+backward step over the "
+        "machine's measured streaming bandwidth and matrix-multiply rate; the floor is the "
+        "larger of the two times, the ratio is the best S-MNN method's median over it.", "",
+        "| case | dtype | MB moved | MFLOP | GB/s | GFLOP/s | floor ms | best method | best ms "
+        "| best / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in floors.iterrows():
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['mb_moved']:.4g} | {r['mflop']:.4g} | "
+            f"{r['bandwidth_gb_s']:.3g} | {r['gflops']:.3g} | {r['floor_ms']:.3g} | "
+            f"{r['best_method']} | {r['best_ms']:.4g} | {r['ratio']:.1f}x |"
+        )
+    return lines
+
+
+def markdown_report(table, quick: bool = False, floors=None) -> str:
     """bench.md: one table per shape group, rows = shapes, columns = method/dtype (ms, MB).
 
-    The named-shape table also gives the authors' float64 timings and the speedup of ``smnn``
-    float64 over them, for shapes run at their full size.
+    The named-shape table also gives the authors' float64 timings and the speedup of the best
+    S-MNN method in float64 over them, for shapes run at their full size; ``floors`` (from
+    :func:`floor_table`) adds the floors section.
     """
     lines = ["# Solver benchmark: forward + backward", ""]
     lines.append("Median wall time over the repeats and peak memory above the inputs "
@@ -587,7 +644,7 @@ def markdown_report(table, quick: bool = False) -> str:
             ]
         header = ["case", "B", "T", "D", "R", *(f"{m} {d}" for m, d in columns)]
         if group == "named":
-            header += ["authors' float64 ms", "speedup (smnn float64)"]
+            header += ["authors' float64 ms", "speedup (best S-MNN float64)"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for case in dict.fromkeys(part["case"]):
@@ -605,6 +662,8 @@ def markdown_report(table, quick: bool = False) -> str:
             lines += ["", "Notes:"]
             for _, r in notes.iterrows():
                 lines.append(f"- {r['method']} {r['dtype']} {r['case']}: {r['note']}")
+    if floors is not None and not floors.empty:
+        lines += _floor_lines(floors)
     return "\n".join(lines) + "\n"
 
 
@@ -614,10 +673,15 @@ def _reference_cells(case: str, rows, first) -> list[str]:
         return ["", ""]
     if int(first["B"]) != int(first["full_B"]):
         return [f"{ref:,.0f}", "n/a (batch scaled)"]
-    ours = rows[(rows["method"] == "smnn") & (rows["dtype"] == "float64")]
-    if ours.empty or ours.iloc[0]["status"] != "ok":
+    ours = rows[
+        rows["method"].astype(str).str.startswith("smnn")
+        & (rows["dtype"] == "float64")
+        & (rows["status"] == "ok")
+    ]
+    if ours.empty:
         return [f"{ref:,.0f}", ""]
-    return [f"{ref:,.0f}", f"{ref / ours.iloc[0]['median_ms']:.1f}x"]
+    best = ours.loc[ours["median_ms"].idxmin()]
+    return [f"{ref:,.0f}", f"{ref / best['median_ms']:.1f}x ({best['method']})"]
 
 
 def _plot_sweep(table, group: str, axis: str, path: Path) -> None:
@@ -670,7 +734,7 @@ def _tracking_target(uri: str):
     return TrackingTarget(uri, None, "cli")
 
 
-def _log_mlflow(uri: str, out: Path, table, params: dict) -> str:
+def _log_mlflow(uri: str, out: Path, table, floors, params: dict) -> str:
     """One run in experiment ``benchmark``; returns its run id."""
     from smnn.tracking import RunTracker
 
@@ -684,8 +748,19 @@ def _log_mlflow(uri: str, out: Path, table, params: dict) -> str:
             metrics[f"time_ms.{key}"] = r["median_ms"]
             metrics[f"min_time_ms.{key}"] = r["min_ms"]
             metrics[f"peak_mb.{key}"] = r["peak_mb"]
+        if floors is not None:
+            for _, r in floors.iterrows():
+                metrics[f"floor_ms.{r['dtype']}.{r['case']}"] = r["floor_ms"]
+                if r["best_ms"] == r["best_ms"]:  # not NaN
+                    metrics[f"floor_ratio.{r['dtype']}.{r['case']}"] = r["ratio"]
+            for dtype, rates in floors.groupby("dtype").first().iterrows():
+                metrics[f"machine.bandwidth_gb_s.{dtype}"] = rates["bandwidth_gb_s"]
+                metrics[f"machine.gflops.{dtype}"] = rates["gflops"]
         tracker.log_metrics(metrics)
-        for name in ("bench.csv", "bench.md", "scaling_T.png", "scaling_batch.png"):
+        names = ["bench.csv", "bench.md", "scaling_T.png", "scaling_batch.png"]
+        if floors is not None:
+            names.append("floors.csv")
+        for name in names:
             tracker.log_artifact(out / name)
     except Exception:
         tracker.finish("FAILED")

@@ -158,6 +158,22 @@ def test_quick_grid_is_scaled_and_recorded():
     assert len(grid) < len(default_grid(quick=False))
 
 
+def test_floors_cover_every_named_case_and_dtype(tiny_run):
+    out, table = tiny_run
+    floors = pd.read_csv(out / "floors.csv")
+    assert sorted(zip(floors["case"], floors["dtype"], strict=True)) == [
+        ("tiny", "float32"), ("tiny", "float64")
+    ]
+    for _, r in floors.iterrows():
+        ours = table[(table["case"] == r["case"]) & (table["dtype"] == r["dtype"])
+                     & table["method"].str.startswith("smnn")]
+        assert r["best_ms"] == pytest.approx(ours["median_ms"].min())
+        assert r["floor_ms"] > 0 and r["ratio"] == pytest.approx(r["best_ms"] / r["floor_ms"])
+        # a measured step can never beat the floor by much (rates are best-of, the counts minimal)
+        assert r["ratio"] > 0.5
+    assert "## Floors" in (out / "bench.md").read_text()
+
+
 def test_markdown_speedup_uses_the_measured_time():
     rows = []
     for case, B, full_B in (("lorenz", 1536, 1536), ("sst", 10, 12960)):

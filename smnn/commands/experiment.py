@@ -174,14 +174,20 @@ class _MetricSync:
             self.next_step = len(step_losses)
 
 
-@clean_errors
-def run_train(args: argparse.Namespace) -> int:
+def _start_job(args: argparse.Namespace):
+    """What every train/evaluate job does first: logging, the config, the experiment module
+    (checked against the solver), the thread count and the device."""
     setup_logging()
     config = job_config(args.config)
     module = _experiment_module(args.experiment)
     _check_solver(module, args.experiment, args.solver)
     apply_threads(config)
-    device = _device(config)
+    return config, module, _device(config)
+
+
+@clean_errors
+def run_train(args: argparse.Namespace) -> int:
+    config, module, device = _start_job(args)
     seed = config.get_int("seed", min_value=0)
     out = Path(args.out)
     seed_everything(seed)
@@ -277,12 +283,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 @clean_errors
 def run_evaluate(args: argparse.Namespace) -> int:
-    setup_logging()
-    config = job_config(args.config)
-    module = _experiment_module(args.experiment)
-    _check_solver(module, args.experiment, args.solver)
-    apply_threads(config)
-    device = _device(config)
+    config, module, device = _start_job(args)
     seed_everything(config.get_int("seed", min_value=0))
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"model file {args.model} does not exist (train first)")

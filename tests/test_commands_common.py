@@ -1,0 +1,68 @@
+"""smnn.commands.common: the preamble every job command shares (real files, real torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from smnn.commands.common import apply_threads, clean_errors, job_config
+from smnn.config import ConfigError
+
+TINY = Path(__file__).parent / "configs" / "tiny.yaml"
+
+
+def _write(tmp_path: Path, **changes) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    data.update(changes)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_job_config_loads_a_complete_config(tmp_path):
+    config = job_config(_write(tmp_path))
+    assert config.get_int("seed") == 0
+    assert config.get_str("device") == "cpu"
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [({"seed": -1}, "seed"), ({"threads": 0}, "threads"), ({"device": "tpu"}, "device")],
+)
+def test_job_config_names_a_bad_global_key(tmp_path, changes, key):
+    with pytest.raises(ConfigError, match=rf"config.yaml: {key} "):
+        job_config(_write(tmp_path, **changes))
+
+
+def test_job_config_names_a_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        job_config(tmp_path / "nowhere.yaml")
+
+
+def test_apply_threads_sets_torch_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        assert apply_threads(job_config(_write(tmp_path, threads=1))) == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_clean_errors_turns_input_errors_into_exit_code_2(capsys):
+    @clean_errors
+    def job(exc):
+        if exc is not None:
+            raise exc
+        return 0
+
+    assert job(None) == 0
+    assert job(ConfigError("run.yaml: seed is missing")) == 2
+    assert "error: run.yaml: seed is missing" in capsys.readouterr().err
+    assert job(FileNotFoundError("model.pt does not exist")) == 2
+    assert "error: model.pt does not exist" in capsys.readouterr().err
+    # a bug is not an input error: it keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        job(ZeroDivisionError("bug"))

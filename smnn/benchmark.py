@@ -46,9 +46,12 @@ at their full size, so quick runs give none.
 
 Outputs in ``--out``: ``bench.csv`` (tidy: one row per method x dtype x case), ``bench.md``,
 ``scaling_T.png`` and ``scaling_batch.png`` (log-log time and memory, one line per
-method/dtype). With ``--mlflow-uri`` (or ``MLFLOW_TRACKING_URI`` set) one MLflow run in the
-experiment ``benchmark``: the options as params, each measured row as metrics
-``time_ms.<method>.<dtype>.<case>``, ``min_time_ms...``, ``peak_mb...`` and the files as
+method/dtype) and, on CPU when a named shape was measured with an S-MNN method, ``floors.csv``
+(the lower bounds of :mod:`smnn.roofline`, also a section of ``bench.md``). With
+``--mlflow-uri`` (or ``MLFLOW_TRACKING_URI`` set) one MLflow run in the experiment
+``benchmark``: the options as params, each measured row as metrics
+``time_ms.<method>.<dtype>.<case>``, ``min_time_ms...``, ``peak_mb...``, the floors as
+``floor_ms.<dtype>.<case>`` and ``floor_ratio...`` with the machine's rates, and the files as
 artifacts.
 
 Adding a method is one entry in :data:`METHODS`.

@@ -21,7 +21,14 @@ from smnn.solver.banded import (
 from smnn.solver.blocks import build_lhs_blocks, build_rhs
 from smnn.solver.cuda_graphs import CudaGraphPool
 from smnn.solver.cyclic import CyclicReductionFactor, factorize_cyclic
-from smnn.solver.inputs import OdeProblem, check_finite, check_weight, prepare_problem
+from smnn.solver.fused import fused_ode_forward, fused_path_applies
+from smnn.solver.inputs import (
+    OdeProblem,
+    check_finite,
+    check_values_of,
+    check_weight,
+    prepare_problem,
+)
 from smnn.solver.layout import BatchFolding, pair_rhs, pair_steps, unpair_solution
 
 __all__ = ["ode_forward", "factorize", "OdeFactorization", "METHODS"]
@@ -233,13 +240,23 @@ def ode_forward(
     factorization (one extra pair of substitutions, O(T) memory).
     """
     problem = prepare_problem(
-        coefficients, rhs_equation, init_vars, steps, n_steps, n_init_var_steps, check_inputs
+        coefficients, rhs_equation, init_vars, steps, n_steps, n_init_var_steps, False
     )
     weights = _check_weights(weight_equation, weight_init_var, weight_smooth)
+    central = bool(enable_central_smoothness)
+    device = problem.coefficients.device
+    _check_options(method, problem.coefficients.dtype)
+    plain = _plain_weights(weights)
+    if fused_path_applies(
+        device, resolve_backend(backend, device), method, central, plain, cuda_graphs
+    ):
+        return fused_ode_forward(problem, plain, check_inputs, check_pivots)
+    if check_inputs:
+        check_values_of(coefficients, rhs_equation, init_vars, steps)
     lhs = _factorize_lhs(
         problem,
         weights,
-        bool(enable_central_smoothness),
+        central,
         method,
         backend,
         check_pivots,

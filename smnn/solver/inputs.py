@@ -23,6 +23,7 @@ __all__ = [
     "prepare_problem",
     "check_weight",
     "check_finite",
+    "check_values_of",
     "broadcast_batch",
 ]
 
@@ -108,6 +109,26 @@ def check_finite(name: str, x: torch.Tensor) -> None:
     if bool(bad.any()):
         n_bad = int(bad.sum())
         raise ValueError(f"{name} contains {n_bad} non-finite value(s) (NaN or inf)")
+
+
+def check_values_of(
+    coefficients: torch.Tensor,
+    rhs_equation: torch.Tensor,
+    init_vars: torch.Tensor,
+    steps: torch.Tensor,
+) -> None:
+    """Raise a ValueError naming the input that holds NaN/inf, or steps that are not > 0."""
+    check_finite("coefficients", coefficients)
+    check_finite("rhs_equation", rhs_equation)
+    check_finite("init_vars", init_vars)
+    hd = steps.detach()
+    if not bool(torch.isfinite(hd).all()):
+        raise ValueError("steps contains non-finite value(s) (NaN or inf)")
+    if not bool((hd > 0).all()):
+        raise ValueError(
+            f"steps must be > 0 everywhere; found {int((hd <= 0).sum())} step(s) <= 0 "
+            f"(min {float(hd.min()):.3g})"
+        )
 
 
 def prepare_problem(
@@ -219,17 +240,7 @@ def prepare_problem(
     lhs_batch_shape = torch.broadcast_shapes(c.shape[:-4], h.shape[:-1])
 
     if check_values:
-        check_finite("coefficients", c)
-        check_finite("rhs_equation", b)
-        check_finite("init_vars", u0)
-        hd = h.detach()
-        if not bool(torch.isfinite(hd).all()):
-            raise ValueError("steps contains non-finite value(s) (NaN or inf)")
-        if not bool((hd > 0).all()):
-            raise ValueError(
-                f"steps must be > 0 everywhere; found {int((hd <= 0).sum())} step(s) <= 0 "
-                f"(min {float(hd.min()):.3g})"
-            )
+        check_values_of(c, b, u0, h)
 
     return OdeProblem(
         coefficients=c,

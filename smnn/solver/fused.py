@@ -1,0 +1,251 @@
+"""The fused CPU path of :func:`smnn.solver.ode_forward` (default options, numba backend).
+
+When the inputs are CPU tensors, the weights are plain numbers and central smoothness is off,
+``ode_forward`` (method ``'auto'`` or ``'sequential'``) runs the whole solve in two compiled
+kernels (:mod:`smnn.solver.lane_kernels`): one forward kernel that assembles the normal equations,
+factorizes and solves, and one backward kernel that returns the gradients of all four inputs. This
+module holds the torch side: folding the inputs into the kernels' layout, the autograd function,
+and the stored factorization.
+
+Input values are checked inside the forward kernel while it reads them (non-finite values, steps
+<= 0); when it finds one, :func:`fused_ode_forward` runs the usual checks of
+:func:`smnn.solver.inputs.check_values_of` on the caller's tensors, so the error message is the
+same as on every other path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numba
+import torch
+
+from smnn.solver import hugepages, lane_kernels
+from smnn.solver.banded import _with_threads, raise_if_failed
+from smnn.solver.blocks import taylor_gram_matrices
+from smnn.solver.inputs import OdeProblem, check_values_of
+from smnn.solver.layout import BatchFolding
+
+__all__ = ["LaneFactor", "fused_ode_forward", "fused_path_applies"]
+
+
+def fused_path_applies(
+    device: torch.device, backend: str, method: str, central: bool, plain_weights, cuda_graphs
+) -> bool:
+    """Whether :func:`fused_ode_forward` serves this call (see the module docstring)."""
+    return (
+        device.type == "cpu"
+        and backend == "numba"
+        and method in ("auto", "sequential")
+        and not central
+        and plain_weights is not None
+        and cuda_graphs is None
+    )
+
+
+def _n_workers(n_groups: int) -> int:
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n_groups))
+
+
+@dataclass
+class LaneFactor:
+    """Block Cholesky factors of N systems in the lane layout of :mod:`lane_kernels`.
+
+    Attributes:
+        chol: ``(G, T, m, m, W)``; rdiag: ``(G, T, m, W)``; ycoup: ``(G, T-1, m, m, W)``.
+        n_systems: N.  failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot, 0
+        where none (same meaning as :class:`~smnn.solver.banded.BlockTridiagonalFactor`).
+    """
+
+    chol: torch.Tensor
+    rdiag: torch.Tensor
+    ycoup: torch.Tensor
+    n_systems: int
+    failed_at: torch.Tensor = field(default=None)
+
+    @property
+    def n_steps(self) -> int:
+        return self.chol.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.chol.shape[2]
+
+    def failed(self) -> torch.Tensor:
+        """``(N,)`` bool: systems whose factorization met a non-positive pivot."""
+        return self.failed_at > 0
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """Solve M x = rhs for ``rhs`` ``(N, T, m, P)``; returns ``(N, T, m, P)``."""
+        N, T, m = self.n_systems, self.n_steps, self.block_size
+        if rhs.dim() != 4 or tuple(rhs.shape[:3]) != (N, T, m):
+            raise ValueError(
+                f"rhs must have shape (N={N}, T={T}, m={m}, P), got {tuple(rhs.shape)}"
+            )
+        rhs = rhs.detach().to(self.chol.dtype).contiguous()
+        out = hugepages.empty(tuple(rhs.shape), rhs.dtype)
+        with lane_kernels.slp_vectorization():
+            _with_threads(
+                lane_kernels.solve,
+                self.chol.numpy(),
+                self.rdiag.numpy(),
+                self.ycoup.numpy(),
+                rhs.numpy(),
+                out.numpy(),
+                _n_workers(self.chol.shape[0]),
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """What the kernels need besides the tensors."""
+
+    n_steps: int
+    n_dims: int
+    n_orders: int
+    n_init_steps: int
+    n_init_orders: int
+    weights: tuple[float, float, float]  # w_eq, w_in, w_s
+
+    def constants(self, dtype: torch.dtype):
+        """Taylor Gram matrices g0, g1, g2 (R, R) and the squared weights (3,), as numpy."""
+        R = self.n_orders
+        g0, g1, g2 = (g.numpy() for g in taylor_gram_matrices(R, R, dtype, torch.device("cpu")))
+        w2 = torch.tensor([w * w for w in self.weights], dtype=dtype).numpy()
+        return g0, g1, g2, w2
+
+
+@dataclass
+class _Outcome:
+    """What the forward pass reports besides u: the factor and whether an input was bad."""
+
+    factor: LaneFactor | None = None
+    bad_input: bool = False
+
+
+class _FusedLaneSolve(torch.autograd.Function):
+    """u = M(c, h)^{-1} r(c, b, u0) in one forward and one backward kernel.
+
+    forward(coef (N, Tc, E, m), steps (N, Th), rhs_eq (N, Tb, E, P), init (N, Su, D*K, P),
+    sizes, outcome) -> x (N, T, m, P). Saved for backward: the inputs, x and the factor
+    (O(T) memory; the backward pass does no second factorization).
+    """
+
+    @staticmethod
+    def forward(ctx, coef, steps, rhs_eq, init, sizes: _Sizes, outcome: _Outcome):
+        coef = coef.detach().contiguous()
+        steps = steps.detach().contiguous()
+        rhs_eq = rhs_eq.detach().contiguous()
+        init = init.detach().contiguous()
+        N, _, _, m = coef.shape
+        T, P, W = sizes.n_steps, rhs_eq.shape[-1], lane_kernels.LANES
+        G = -(-N // W)
+        dtype = coef.dtype
+        factor = LaneFactor(
+            chol=hugepages.empty((G, T, m, m, W), dtype),
+            rdiag=hugepages.empty((G, T, m, W), dtype),
+            ycoup=hugepages.empty((G, T - 1, m, m, W), dtype),
+            n_systems=N,
+        )
+        x = hugepages.empty((N, T, m, P), dtype)
+        bad_input = torch.zeros(G, dtype=torch.int64)
+        g0, g1, g2, w2 = sizes.constants(dtype)
+        with lane_kernels.slp_vectorization():
+            _with_threads(
+                lane_kernels.forward,
+                coef.numpy(),
+                steps.numpy(),
+                rhs_eq.numpy(),
+                init.numpy(),
+                T,
+                sizes.n_dims,
+                sizes.n_init_steps,
+                sizes.n_init_orders,
+                g0,
+                g1,
+                g2,
+                w2,
+                factor.chol.numpy(),
+                factor.rdiag.numpy(),
+                factor.ycoup.numpy(),
+                x.numpy(),
+                bad_input.numpy(),
+                _n_workers(G),
+            )
+        factor.failed_at = torch.empty(N, dtype=torch.int64)
+        lane_kernels.first_failed_step(factor.rdiag.numpy(), N, factor.failed_at.numpy())
+        outcome.factor = factor
+        outcome.bad_input = bool(bad_input.any())
+        ctx.sizes = sizes
+        ctx.factor = factor
+        ctx.save_for_backward(coef, steps, rhs_eq, init, x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        coef, steps, rhs_eq, init, x = ctx.saved_tensors
+        sizes, factor = ctx.sizes, ctx.factor
+        grad_x = grad_x.detach().to(coef.dtype).contiguous()
+        grads = [hugepages.empty(tuple(t.shape), t.dtype) for t in (coef, steps, rhs_eq, init)]
+        g0, g1, g2, w2 = sizes.constants(coef.dtype)
+        with lane_kernels.slp_vectorization():
+            _with_threads(
+                lane_kernels.backward,
+                grad_x.numpy(),
+                x.numpy(),
+                coef.numpy(),
+                steps.numpy(),
+                rhs_eq.numpy(),
+                sizes.n_dims,
+                sizes.n_init_steps,
+                sizes.n_init_orders,
+                g0,
+                g1,
+                g2,
+                w2,
+                factor.chol.numpy(),
+                factor.rdiag.numpy(),
+                factor.ycoup.numpy(),
+                *(g.numpy() for g in grads),
+                _n_workers(factor.chol.shape[0]),
+            )
+        needed = ctx.needs_input_grad[:4]
+        return (*(g if need else None for g, need in zip(grads, needed, strict=True)), None, None)
+
+
+def fused_ode_forward(
+    problem: OdeProblem,
+    weights: tuple[float, float, float],
+    check_values: bool,
+    check_pivots: bool,
+) -> torch.Tensor:
+    """u ``(*batch, T, D, R)`` for a problem validated with ``check_values=False``.
+
+    Args:
+        problem: shapes checked by :func:`~smnn.solver.inputs.prepare_problem`.
+        weights: (w_eq, w_in, w_s) as python floats.
+        check_values: raise the usual ValueError for non-finite inputs or steps <= 0.
+        check_pivots: raise :class:`~smnn.solver.banded.NonPositivePivotError` for systems whose
+            normal matrix is not positive definite.
+    """
+    T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
+    S, K, E = problem.n_init_var_steps, problem.n_init_orders, problem.n_equations
+    batch, lhs_batch = tuple(problem.batch_shape), tuple(problem.lhs_batch_shape)
+    folding = BatchFolding(batch, lhs_batch)
+    N = folding.n_systems
+    c, h = problem.coefficients, problem.steps
+    coef = c.expand(*lhs_batch, *c.shape[-4:]).reshape(N, c.shape[-4], E, D * R)
+    steps = h.expand(*lhs_batch, h.shape[-1]).reshape(N, h.shape[-1])
+    b, u0 = problem.rhs_equation, problem.init_vars
+    rhs_eq = folding.fold_rhs(b.expand(*batch, *b.shape[-2:]))
+    u0 = u0.expand(*batch, *u0.shape[-3:]).reshape(*batch, u0.shape[-3], D * K)
+    init = folding.fold_rhs(u0)
+    sizes = _Sizes(T, D, R, S, K, weights)
+    outcome = _Outcome()
+    x = _FusedLaneSolve.apply(coef, steps, rhs_eq, init, sizes, outcome)
+    if check_values and outcome.bad_input:
+        check_values_of(problem.coefficients, problem.rhs_equation, problem.init_vars, h)
+    if check_pivots:
+        raise_if_failed(outcome.factor, lhs_batch)
+    return folding.unfold(x).reshape(*batch, T, D, R)

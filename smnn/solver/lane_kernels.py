@@ -1,0 +1,590 @@
+"""Fused CPU kernels for the default (non-central) S-MNN solve, vectorised across systems.
+
+The forward kernel does, for a group of ``LANES`` systems at a time and every step t in order:
+assemble M_t and M_{t+1,t} from the coefficients and steps (SOLVER_SPEC section 3), build the
+right-hand side r_t, factorize (block Cholesky, below) and forward-substitute; then it
+back-substitutes and writes u. The backward kernel solves lambda = M^{-1} g with the stored factors
+and applies the chain rule of section 5 through the assembly to the coefficients, steps,
+right-hand sides and initial values. Neither the blocks of M, nor r, nor their gradients are ever
+stored: the only (N, T, ...) arrays are the factors, u and the gradients.
+
+Why lanes: the blocks are tiny (m = D*R = 2..15), so one system's recurrence is a chain of short
+scalar loops that cannot use the vector units. Every operation of the recurrence is the same for
+all systems, so each is done for ``LANES`` systems side by side, on arrays whose last axis is the
+lane. The lane operations are the small helpers below (``_fma`` etc.), written as one tuple
+assignment over the 8 lanes so that all loads come before all stores; LLVM's SLP vectoriser then
+turns each into vector instructions. Numba compiles with the SLP vectoriser off by default, so the
+callers compile these kernels inside :func:`slp_vectorization` (see :mod:`smnn.solver.fused`).
+A group's working set (its factors and right-hand sides) stays in cache from assembly to
+substitution.
+
+The factorization is the block LDL^T of SOLVER_SPEC section 4 in Cholesky form: with D_t = L_t L_t^T
+(L_t lower triangular) and Y_t = L_t^{-1} M_{t+1,t}^T,
+
+    D_0 = M_0,   D_{t+1} = M_{t+1} - Y_t^T Y_t      (= M_{t+1} - M_{t+1,t} D_t^{-1} M_{t+1,t}^T)
+    forward:  w_t = L_t^{-1} (r_t - Y_{t-1}^T w_{t-1})
+    backward: x_t = L_t^{-T} (w_t - Y_t x_{t+1}).
+
+The pivots D_t are those of the LDL^T recurrence, so pivot failures are the same. A non-positive
+(or non-finite) pivot becomes NaN, which propagates to every later factor of that system;
+:func:`first_failed_step` reads the failing step back.
+
+Layouts (C-contiguous, float32 or float64; G = ceil(N / LANES) groups, W = LANES):
+
+- inputs: ``coef`` (N, Tc, E, m), ``steps`` (N, Th), ``rhs_eq`` (N, Tb, E, P),
+  ``init`` (N, Su, D*K, P), with Tc, Tb in {1, T}, Th in {1, T-1}, Su in {1, S}; a size-1 axis is
+  shared by all steps.
+- factors: ``chol`` (G, T, m, m, W) (lower triangle), ``rdiag`` (G, T, m, W) (reciprocal diagonal
+  of ``chol``), ``ycoup`` (G, T-1, m, m, W) (Y_t).
+- ``out``, ``x``, ``grad_out`` (N, T, m, P).
+- constants: ``g0``, ``g1``, ``g2`` (R, R) from :func:`smnn.solver.blocks.taylor_gram_matrices`,
+  ``weights`` (3,) = (w_eq^2, w_in^2, w_s^2).
+
+Lanes past the last system of the final group repeat that system; their results are not written.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from smnn.solver.numba_kernels import _FAST
+
+LANES = 8  # the helpers below spell out exactly 8 lanes
+
+
+@contextmanager
+def slp_vectorization():
+    """Compile numba kernels with LLVM's SLP vectoriser on (numba's default is off).
+
+    Numba reads ``numba.config.SLP_VECTORIZE`` when it builds a function's optimisation passes,
+    i.e. at compilation (the first call of a signature, or a cache miss); calls of already
+    compiled kernels are unaffected. The previous value is restored on exit.
+    """
+    previous = numba.config.SLP_VECTORIZE
+    numba.config.SLP_VECTORIZE = 1
+    try:
+        yield
+    finally:
+        numba.config.SLP_VECTORIZE = previous
+
+
+# ------------------------------------------------------------------ lane helpers (8 lanes)
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _fill(dst, v):
+    """dst = v."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = v, v, v, v, v, v, v, v
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _copy(dst, a):
+    """dst = a."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+        a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    )
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _fma(dst, a, b):
+    """dst += a * b."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+        dst[0] + a[0] * b[0], dst[1] + a[1] * b[1], dst[2] + a[2] * b[2], dst[3] + a[3] * b[3],
+        dst[4] + a[4] * b[4], dst[5] + a[5] * b[5], dst[6] + a[6] * b[6], dst[7] + a[7] * b[7],
+    )
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _fms(dst, a, b):
+    """dst -= a * b."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+        dst[0] - a[0] * b[0], dst[1] - a[1] * b[1], dst[2] - a[2] * b[2], dst[3] - a[3] * b[3],
+        dst[4] - a[4] * b[4], dst[5] - a[5] * b[5], dst[6] - a[6] * b[6], dst[7] - a[7] * b[7],
+    )
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _scale(dst, s):
+    """dst *= s (s a scalar)."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+        dst[0] * s, dst[1] * s, dst[2] * s, dst[3] * s,
+        dst[4] * s, dst[5] * s, dst[6] * s, dst[7] * s,
+    )
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _add_scalar(dst, s):
+    """dst += s (s a scalar)."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+        dst[0] + s, dst[1] + s, dst[2] + s, dst[3] + s,
+        dst[4] + s, dst[5] + s, dst[6] + s, dst[7] + s,
+    )
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _axpy(dst, s, a):
+    """dst += s * a (s a scalar)."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+        dst[0] + s * a[0], dst[1] + s * a[1], dst[2] + s * a[2], dst[3] + s * a[3],
+        dst[4] + s * a[4], dst[5] + s * a[5], dst[6] + s * a[6], dst[7] + s * a[7],
+    )
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _subtract_from(dst, a):
+    """dst = a - dst."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+        a[0] - dst[0], a[1] - dst[1], a[2] - dst[2], a[3] - dst[3],
+        a[4] - dst[4], a[5] - dst[5], a[6] - dst[6], a[7] - dst[7],
+    )
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _fma3(dst, s, a, b):
+    """dst += s * a * b (s a scalar)."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+        dst[0] + s * a[0] * b[0], dst[1] + s * a[1] * b[1], dst[2] + s * a[2] * b[2],
+        dst[3] + s * a[3] * b[3], dst[4] + s * a[4] * b[4], dst[5] + s * a[5] * b[5],
+        dst[6] + s * a[6] * b[6], dst[7] + s * a[7] * b[7],
+    )
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _mul(dst, a):
+    """dst *= a."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+        dst[0] * a[0], dst[1] * a[1], dst[2] * a[2], dst[3] * a[3],
+        dst[4] * a[4], dst[5] * a[5], dst[6] * a[6], dst[7] * a[7],
+    )
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _scaled_product(dst, s, a, b):
+    """dst = s * a * b (s a scalar)."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+        s * a[0] * b[0], s * a[1] * b[1], s * a[2] * b[2], s * a[3] * b[3],
+        s * a[4] * b[4], s * a[5] * b[5], s * a[6] * b[6], s * a[7] * b[7],
+    )
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _scaled_product_minus(dst, s, a, b, c, d):
+    """dst += s * (a * b - c * d) (s a scalar)."""
+    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+        dst[0] + s * (a[0] * b[0] - c[0] * d[0]), dst[1] + s * (a[1] * b[1] - c[1] * d[1]),
+        dst[2] + s * (a[2] * b[2] - c[2] * d[2]), dst[3] + s * (a[3] * b[3] - c[3] * d[3]),
+        dst[4] + s * (a[4] * b[4] - c[4] * d[4]), dst[5] + s * (a[5] * b[5] - c[5] * d[5]),
+        dst[6] + s * (a[6] * b[6] - c[6] * d[6]), dst[7] + s * (a[7] * b[7] - c[7] * d[7]),
+    )
+
+
+@njit(cache=True, inline="always")
+def _sqrt_pivot(x):
+    """sqrt(x) for a positive finite pivot, NaN otherwise (the failure marker)."""
+    return np.sqrt(x) if (x > 0.0 and x < np.inf) else np.nan
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _pivot(diag_out, rdiag_out, s):
+    """diag_out = sqrt(s) (NaN where s is not a positive finite pivot), rdiag_out = 1/diag_out."""
+    d0, d1, d2, d3 = _sqrt_pivot(s[0]), _sqrt_pivot(s[1]), _sqrt_pivot(s[2]), _sqrt_pivot(s[3])
+    d4, d5, d6, d7 = _sqrt_pivot(s[4]), _sqrt_pivot(s[5]), _sqrt_pivot(s[6]), _sqrt_pivot(s[7])
+    diag_out[0], diag_out[1], diag_out[2], diag_out[3] = d0, d1, d2, d3
+    diag_out[4], diag_out[5], diag_out[6], diag_out[7] = d4, d5, d6, d7
+    rdiag_out[0], rdiag_out[1], rdiag_out[2], rdiag_out[3] = 1.0 / d0, 1.0 / d1, 1.0 / d2, 1.0 / d3
+    rdiag_out[4], rdiag_out[5], rdiag_out[6], rdiag_out[7] = 1.0 / d4, 1.0 / d5, 1.0 / d6, 1.0 / d7
+
+
+@njit(cache=True, inline="always")
+def _group_range(worker, n_workers, n_groups):
+    """Groups [lo, hi) handled by one worker (a contiguous, near-equal share)."""
+    lo = (worker * n_groups) // n_workers
+    hi = ((worker + 1) * n_groups) // n_workers
+    return lo, hi
+
+
+# ------------------------------------------------------------------ substitutions
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _forward_substitute_step(lc, rd, y_prev, wsol, t, p):
+    """w_t = L_t^{-1} (w_t - Y_{t-1}^T w_{t-1}) for column p (``y_prev`` unused when t = 0)."""
+    m = lc.shape[0]
+    if t > 0:
+        for i in range(m):
+            for k in range(m):
+                _fms(wsol[t, i, p], y_prev[k, i], wsol[t - 1, k, p])
+    for i in range(m):
+        for k in range(i):
+            _fms(wsol[t, i, p], lc[i, k], wsol[t, k, p])
+        _mul(wsol[t, i, p], rd[i])
+
+
+@njit(cache=True, inline="always", fastmath=_FAST)
+def _back_substitute(chol, rdiag, ycoup, wsol):
+    """In place: ``wsol`` (T, m, P, W) holds w_t on entry and x_t on exit."""
+    T, m, P, _ = wsol.shape
+    for t in range(T - 1, -1, -1):
+        lc = chol[t]
+        rd = rdiag[t]
+        for p in range(P):
+            if t < T - 1:
+                y = ycoup[t]
+                for i in range(m):
+                    for k in range(m):
+                        _fms(wsol[t, i, p], y[i, k], wsol[t + 1, k, p])
+            for i in range(m - 1, -1, -1):
+                for k in range(i + 1, m):
+                    _fms(wsol[t, i, p], lc[k, i], wsol[t, k, p])
+                _mul(wsol[t, i, p], rd[i])
+
+
+@njit(cache=True, inline="always")
+def _load_columns(src, b0, nl, dst):
+    """dst (T, m, P, W) = src[b0 + l] (N, T, m, P) for each lane l (the last system repeated)."""
+    T, m, P, _ = dst.shape
+    for l in range(LANES):
+        bl = b0 + min(l, nl - 1)
+        for t in range(T):
+            for i in range(m):
+                for p in range(P):
+                    dst[t, i, p, l] = src[bl, t, i, p]
+
+
+@njit(cache=True, inline="always")
+def _store_columns(src, b0, nl, dst):
+    """dst[b0 + l] (N, T, m, P) = src (T, m, P, W) for the real lanes l < nl."""
+    T, m, P, _ = src.shape
+    for l in range(nl):
+        for t in range(T):
+            for i in range(m):
+                for p in range(P):
+                    dst[b0 + l, t, i, p] = src[t, i, p, l]
+
+
+@njit(cache=True, parallel=True, fastmath=_FAST)
+def solve(chol, rdiag, ycoup, rhs, out, n_workers):
+    """x = M^{-1} rhs with the stored factors: ``rhs``, ``out`` (N, T, m, P); ``n_workers``
+    parallel jobs (at most the number of groups)."""
+    N, T, m, P = rhs.shape
+    G = chol.shape[0]
+    for worker in prange(n_workers):
+        wsol = np.empty((T, m, P, LANES), dtype=chol.dtype)
+        lo, hi = _group_range(worker, n_workers, G)
+        for g in range(lo, hi):
+            b0 = g * LANES
+            nl = min(LANES, N - b0)
+            _load_columns(rhs, b0, nl, wsol)
+            for t in range(T):
+                for p in range(P):
+                    _forward_substitute_step(
+                        chol[g, t], rdiag[g, t], ycoup[g, max(t - 1, 0)], wsol, t, p
+                    )
+            _back_substitute(chol[g], rdiag[g], ycoup[g], wsol)
+            _store_columns(wsol, b0, nl, out)
+
+
+# ------------------------------------------------------------------ forward
+
+
+@njit(cache=True, parallel=True, fastmath=_FAST)
+def forward(
+    coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
+    chol, rdiag, ycoup, out, bad_input, n_workers,
+):
+    """Assemble, factorize and solve (module docstring). Writes the factors, ``out`` (N, T, m, P)
+    and ``bad_input[g] = 1`` when group g met a non-finite input or a step <= 0. ``n_workers``
+    parallel jobs (at most the number of groups)."""
+    N, Tc, E, m = coef.shape
+    Th = steps.shape[1]
+    Tb, P = rhs_eq.shape[1], rhs_eq.shape[3]
+    Su = init.shape[1]
+    T, D, S, K = n_steps, n_dims, n_init_steps, n_init_orders
+    R = m // D
+    weq2, win2, ws2 = weights[0], weights[1], weights[2]
+    G = chol.shape[0]
+    dt = chol.dtype
+    for worker in prange(n_workers):
+        cl = np.empty((E, m, LANES), dtype=dt)
+        work = np.empty((m, m, LANES), dtype=dt)
+        pw_prev = np.empty((R, LANES), dtype=dt)
+        pw_cur = np.empty((R, LANES), dtype=dt)
+        acc = np.empty(LANES, dtype=dt)
+        bv = np.empty((E, P, LANES), dtype=dt)
+        u0 = np.empty((D * K, P, LANES), dtype=dt)
+        wsol = np.empty((T, m, P, LANES), dtype=dt)
+        lo, hi = _group_range(worker, n_workers, G)
+        for g in range(lo, hi):
+            b0 = g * LANES
+            nl = min(LANES, N - b0)
+            bad = False
+            for t in range(T):
+                # ---- inputs of step t into lanes; powers h_t^k of interval t
+                tc = t if Tc > 1 else 0
+                tb = t if Tb > 1 else 0
+                for l in range(LANES):
+                    bl = b0 + min(l, nl - 1)
+                    for e in range(E):
+                        for i in range(m):
+                            v = coef[bl, tc, e, i]
+                            bad |= not np.isfinite(v)
+                            cl[e, i, l] = v
+                        for p in range(P):
+                            v = rhs_eq[bl, tb, e, p]
+                            bad |= not np.isfinite(v)
+                            bv[e, p, l] = v
+                    if t < S:
+                        su = t if Su > 1 else 0
+                        for i in range(D * K):
+                            for p in range(P):
+                                v = init[bl, su, i, p]
+                                bad |= not np.isfinite(v)
+                                u0[i, p, l] = v
+                    if t < T - 1:
+                        hv = steps[bl, t if Th > 1 else 0]
+                        bad |= not (hv > 0.0 and hv < np.inf)
+                        pw_cur[0, l] = 1.0
+                        for k in range(1, R):
+                            pw_cur[k, l] = pw_cur[k - 1, l] * hv
+                # ---- M_t (lower triangle): equation rows, initial rows, Taylor rows of t-1, t
+                for i in range(m):
+                    for j in range(i + 1):
+                        wij = work[i, j]
+                        _fill(wij, 0.0)
+                        for e in range(E):
+                            _fma(wij, cl[e, i], cl[e, j])
+                        _scale(wij, weq2)
+                if t < S:
+                    for d in range(D):
+                        for k in range(K):
+                            _add_scalar(work[d * R + k, d * R + k], win2)
+                for d in range(D):
+                    o = d * R
+                    for i in range(R):
+                        for j in range(i + 1):
+                            if t < T - 1:
+                                _fma3(work[o + i, o + j], ws2 * g0[i, j], pw_cur[i], pw_cur[j])
+                            if t > 0:
+                                _fma3(work[o + i, o + j], ws2 * g1[i, j], pw_prev[i], pw_prev[j])
+                # ---- Schur complement D_t = M_t - Y_{t-1}^T Y_{t-1}
+                if t > 0:
+                    y = ycoup[g, t - 1]
+                    for i in range(m):
+                        for j in range(i + 1):
+                            for k in range(m):
+                                _fms(work[i, j], y[k, i], y[k, j])
+                # ---- Cholesky D_t = L L^T
+                lc = chol[g, t]
+                rd = rdiag[g, t]
+                for j in range(m):
+                    _copy(acc, work[j, j])
+                    for k in range(j):
+                        _fms(acc, lc[j, k], lc[j, k])
+                    _pivot(lc[j, j], rd[j], acc)
+                    for i in range(j + 1, m):
+                        lij = lc[i, j]
+                        _copy(lij, work[i, j])
+                        for k in range(j):
+                            _fms(lij, lc[i, k], lc[j, k])
+                        _mul(lij, rd[j])
+                # ---- right-hand side r_t, forward substitution
+                for p in range(P):
+                    for i in range(m):
+                        wi = wsol[t, i, p]
+                        _fill(wi, 0.0)
+                        for e in range(E):
+                            _fma(wi, cl[e, i], bv[e, p])
+                        _scale(wi, weq2)
+                    if t < S:
+                        for d in range(D):
+                            for k in range(K):
+                                _axpy(wsol[t, d * R + k, p], win2, u0[d * K + k, p])
+                    _forward_substitute_step(lc, rd, ycoup[g, max(t - 1, 0)], wsol, t, p)
+                # ---- coupling Y_t = L_t^{-1} M_{t+1,t}^T; row j of M_{t+1,t} lives in state j//R
+                if t < T - 1:
+                    y = ycoup[g, t]
+                    for j in range(m):
+                        o = (j // R) * R
+                        a = j - o
+                        for i in range(o):
+                            _fill(y[i, j], 0.0)
+                        for i in range(o, m):
+                            yij = y[i, j]
+                            if i < o + R:
+                                _scaled_product(yij, ws2 * g2[a, i - o], pw_cur[a], pw_cur[i - o])
+                            else:
+                                _fill(yij, 0.0)
+                            for k in range(o, i):
+                                _fms(yij, lc[i, k], y[k, j])
+                            _mul(yij, rd[i])
+                    for k in range(R):
+                        _copy(pw_prev[k], pw_cur[k])
+            _back_substitute(chol[g], rdiag[g], ycoup[g], wsol)
+            _store_columns(wsol, b0, nl, out)
+            if bad:
+                bad_input[g] = 1
+
+
+# ------------------------------------------------------------------ backward
+
+
+@njit(cache=True, parallel=True, fastmath=_FAST)
+def backward(
+    grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
+    chol, rdiag, ycoup, grad_coef, grad_steps, grad_rhs_eq, grad_init, n_workers,
+):
+    """Gradients of all four inputs from g = ``grad_out`` and the solution ``x`` (N, T, m, P).
+
+    lambda = M^{-1} g with the stored factors, then (SOLVER_SPEC section 5)
+    dl/dM_t = -sym(lambda_t x_t^T), dl/dM_{t+1,t} = -(lambda_{t+1} x_t^T + x_{t+1} lambda_t^T),
+    dl/dr = lambda, carried through the assembly (summed over the P columns):
+
+    - r_t = w_eq^2 C_t^T b_t + w_in^2 u0_t, M_t gets w_eq^2 C_t^T C_t:
+      dl/dC_t[e, j] = w_eq^2 sum_p ((b_t[e] - C_t[e].x_t) lambda_t[j] - (C_t[e].lambda_t) x_t[j]),
+      dl/db_t[e] = w_eq^2 C_t[e] . lambda_t,  dl/du0_t = w_in^2 lambda_t (orders k < K);
+    - interval t adds w_s^2 e_i e_j (G0 to M_t, G1 to M_{t+1}, G2 to M_{t+1,t}), e_k = h_t^k.
+
+    Writes ``grad_coef`` (N, Tc, E, m), ``grad_steps`` (N, Th), ``grad_rhs_eq`` (N, Tb, E, P) and
+    ``grad_init`` (N, Su, D*K, P); a size-1 step axis receives the sum over steps.
+    """
+    N, T, m, P = x.shape
+    Tc, E = coef.shape[1], coef.shape[2]
+    Th, Tb, Su = steps.shape[1], rhs_eq.shape[1], grad_init.shape[1]
+    D, S, K = n_dims, n_init_steps, n_init_orders
+    R = m // D
+    weq2, win2, ws2 = weights[0], weights[1], weights[2]
+    G = chol.shape[0]
+    dt = chol.dtype
+    for worker in prange(n_workers):
+        lam = np.empty((T, m, P, LANES), dtype=dt)
+        xs = np.empty((T, m, P, LANES), dtype=dt)
+        cl = np.empty((E, m, LANES), dtype=dt)
+        bv = np.empty((E, P, LANES), dtype=dt)
+        gc = np.empty((Tc, E, m, LANES), dtype=dt)
+        gs = np.empty((Th, LANES), dtype=dt)
+        gb = np.empty((Tb, E, P, LANES), dtype=dt)
+        gi = np.empty((Su, D * K, P, LANES), dtype=dt)
+        pw = np.empty((R, LANES), dtype=dt)
+        dpw = np.empty((R, LANES), dtype=dt)
+        alpha = np.empty(LANES, dtype=dt)
+        beta = np.empty(LANES, dtype=dt)
+        q = np.empty(LANES, dtype=dt)
+        sv = np.empty(LANES, dtype=dt)
+        gh = np.empty(LANES, dtype=dt)
+        lo, hi = _group_range(worker, n_workers, G)
+        for g in range(lo, hi):
+            b0 = g * LANES
+            nl = min(LANES, N - b0)
+            # ---- lambda = M^{-1} g
+            _load_columns(grad_out, b0, nl, lam)
+            for t in range(T):
+                for p in range(P):
+                    _forward_substitute_step(
+                        chol[g, t], rdiag[g, t], ycoup[g, max(t - 1, 0)], lam, t, p
+                    )
+            _back_substitute(chol[g], rdiag[g], ycoup[g], lam)
+            _load_columns(x, b0, nl, xs)
+            gc[:] = 0.0
+            gs[:] = 0.0
+            gb[:] = 0.0
+            gi[:] = 0.0
+            for t in range(T):
+                tc = t if Tc > 1 else 0
+                tb = t if Tb > 1 else 0
+                for l in range(LANES):
+                    bl = b0 + min(l, nl - 1)
+                    for e in range(E):
+                        for i in range(m):
+                            cl[e, i, l] = coef[bl, tc, e, i]
+                        for p in range(P):
+                            bv[e, p, l] = rhs_eq[bl, tb, e, p]
+                # ---- equation rows: coefficients and right-hand sides
+                for e in range(E):
+                    for p in range(P):
+                        _fill(beta, 0.0)
+                        _fill(alpha, 0.0)
+                        for i in range(m):
+                            _fma(beta, cl[e, i], lam[t, i, p])
+                            _fma(alpha, cl[e, i], xs[t, i, p])
+                        _subtract_from(alpha, bv[e, p])  # the equation residual b - C x
+                        _axpy(gb[tb, e, p], weq2, beta)
+                        for j in range(m):
+                            _scaled_product_minus(
+                                gc[tc, e, j], weq2, alpha, lam[t, j, p], beta, xs[t, j, p]
+                            )
+                # ---- initial-value rows
+                if t < S:
+                    su = t if Su > 1 else 0
+                    for d in range(D):
+                        for k in range(K):
+                            for p in range(P):
+                                _axpy(gi[su, d * K + k, p], win2, lam[t, d * R + k, p])
+                # ---- Taylor rows of interval t: d(e_i e_j)/dh = dpw_i pw_j + pw_i dpw_j
+                if t < T - 1:
+                    th = t if Th > 1 else 0
+                    for l in range(LANES):
+                        hv = steps[b0 + min(l, nl - 1), th]
+                        pw[0, l] = 1.0
+                        dpw[0, l] = 0.0
+                        for k in range(1, R):
+                            dpw[k, l] = k * pw[k - 1, l]
+                            pw[k, l] = pw[k - 1, l] * hv
+                    _fill(gh, 0.0)
+                    for d in range(D):
+                        o = d * R
+                        for i in range(R):
+                            a = o + i
+                            for j in range(R):
+                                b = o + j
+                                _fill(sv, 0.0)
+                                c0, c1, c2 = 0.5 * g0[i, j], 0.5 * g1[i, j], g2[i, j]
+                                for p in range(P):
+                                    _fma3(sv, c0, lam[t, a, p], xs[t, b, p])
+                                    _fma3(sv, c0, xs[t, a, p], lam[t, b, p])
+                                    _fma3(sv, c1, lam[t + 1, a, p], xs[t + 1, b, p])
+                                    _fma3(sv, c1, xs[t + 1, a, p], lam[t + 1, b, p])
+                                    _fma3(sv, c2, lam[t + 1, a, p], xs[t, b, p])
+                                    _fma3(sv, c2, xs[t + 1, a, p], lam[t, b, p])
+                                _fill(q, 0.0)
+                                _fma(q, dpw[i], pw[j])
+                                _fma(q, pw[i], dpw[j])
+                                _fms(gh, q, sv)
+                    _axpy(gs[th], ws2, gh)
+            # ---- write the real lanes
+            for l in range(nl):
+                bl = b0 + l
+                for tc in range(Tc):
+                    for e in range(E):
+                        for j in range(m):
+                            grad_coef[bl, tc, e, j] = gc[tc, e, j, l]
+                for th in range(Th):
+                    grad_steps[bl, th] = gs[th, l]
+                for tb in range(Tb):
+                    for e in range(E):
+                        for p in range(P):
+                            grad_rhs_eq[bl, tb, e, p] = gb[tb, e, p, l]
+                for su in range(Su):
+                    for i in range(D * K):
+                        for p in range(P):
+                            grad_init[bl, su, i, p] = gi[su, i, p, l]
+
+
+@njit(cache=True)
+def first_failed_step(rdiag, n_systems, failed_at):
+    """``failed_at[b]`` = 1 + the first step whose pivot is NaN (non-positive), 0 if none."""
+    G, T, m, _ = rdiag.shape
+    for b in range(n_systems):
+        g, l = b // LANES, b % LANES
+        failed_at[b] = 0
+        for t in range(T):
+            hit = False
+            for i in range(m):
+                if np.isnan(rdiag[g, t, i, l]):
+                    hit = True
+            if hit:
+                failed_at[b] = t + 1
+                break

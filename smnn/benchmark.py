@@ -146,7 +146,7 @@ METHODS: dict[str, Method] = {
         Method("mnn_cg", _mnn_cg, description="original MNN, conjugate gradient"),
     )
 }
-DEFAULT_METHODS = ("smnn", "mnn_dense", "mnn_cg")
+DEFAULT_METHODS = ("smnn", "smnn_cyclic", "mnn_dense", "mnn_cg")
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,9 +50,10 @@ def choose_method(
     """Resolve ``method='auto'``.
 
     The rule comes from the benchmark (README, "Performance"): with the compiled CPU kernels
-    the sequential sweep is the fastest at every measured shape; without them (CUDA, or the
-    torch backend) its T dependent steps each cost a few kernel launches, and cyclic reduction
-    (ceil(log2 T) levels) wins once there are more than a handful of steps.
+    the sequential sweep (the fused kernels of :mod:`smnn.solver.fused` when central smoothness
+    is off) is the fastest at every measured shape; without them (CUDA, or the torch backend)
+    its T dependent steps each cost a few kernel launches, and cyclic reduction (ceil(log2 T)
+    levels) wins once there are more than a handful of steps.
     """
     if method != "auto":
         return method
@@ -224,7 +225,10 @@ def ode_forward(
         method: 'sequential' (block LDL^T, T dependent steps), 'cyclic' (block cyclic
             reduction, ceil(log2 T) dependent levels) or 'auto' (see :func:`choose_method`).
         backend: 'auto' (compiled numba kernels on CPU, batched torch ops elsewhere), 'numba'
-            or 'torch'.
+            or 'torch'. On CPU with numba, the sequential method, plain-number weights and no
+            central smoothness (the defaults), the whole solve runs in two fused kernels
+            (:mod:`smnn.solver.fused`: assembly, factorization and substitution in one pass,
+            vectorised across systems; all gradients in a second pass).
         check_inputs: validate values (finite, steps > 0); shapes are always checked.
         check_pivots: raise :class:`~smnn.solver.banded.NonPositivePivotError` naming the batch
             entries whose normal matrix is not positive definite; off: those come back NaN.

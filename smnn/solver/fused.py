@@ -52,7 +52,7 @@ class LaneFactor:
     """Block Cholesky factors of N systems in the lane layout of :mod:`lane_kernels`.
 
     Attributes:
-        chol: ``(G, T, m, m, W)``; rdiag: ``(G, T, m, W)``; ycoup: ``(G, T-1, m, m, W)``.
+        chol: ``(G, T, m(m-1)/2, W)``; rdiag: ``(G, T, m, W)``; ycoup: ``(G, T-1, m, m, W)``.
         n_systems: N.  failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot, 0
         where none (same meaning as :class:`~smnn.solver.banded.BlockTridiagonalFactor`).
     """
@@ -69,7 +69,7 @@ class LaneFactor:
 
     @property
     def block_size(self) -> int:
-        return self.chol.shape[2]
+        return self.rdiag.shape[2]
 
     def failed(self) -> torch.Tensor:
         """``(N,)`` bool: systems whose factorization met a non-positive pivot."""
@@ -143,14 +143,15 @@ class _FusedLaneSolve(torch.autograd.Function):
         G = -(-N // W)
         dtype = coef.dtype
         factor = LaneFactor(
-            chol=hugepages.empty((G, T, m, m, W), dtype),
+            chol=hugepages.empty((G, T, m * (m - 1) // 2, W), dtype),
             rdiag=hugepages.empty((G, T, m, W), dtype),
             ycoup=hugepages.empty((G, T - 1, m, m, W), dtype),
             n_systems=N,
         )
         x = hugepages.empty((N, T, m, P), dtype)
+        factor.failed_at = torch.empty(N, dtype=torch.int64)
         bad_input = torch.zeros(G, dtype=torch.int64)
-        g0, g1, g2, w2 = sizes.constants(dtype)
+        constants = sizes.constants(dtype)
         with lane_kernels.slp_vectorization():
             _with_threads(
                 lane_kernels.forward,
@@ -162,22 +163,19 @@ class _FusedLaneSolve(torch.autograd.Function):
                 sizes.n_dims,
                 sizes.n_init_steps,
                 sizes.n_init_orders,
-                g0,
-                g1,
-                g2,
-                w2,
+                *constants,
                 factor.chol.numpy(),
                 factor.rdiag.numpy(),
                 factor.ycoup.numpy(),
                 x.numpy(),
+                factor.failed_at.numpy(),
                 bad_input.numpy(),
                 _n_workers(G),
             )
-        factor.failed_at = torch.empty(N, dtype=torch.int64)
-        lane_kernels.first_failed_step(factor.rdiag.numpy(), N, factor.failed_at.numpy())
         outcome.factor = factor
         outcome.bad_input = bool(bad_input.any())
         ctx.sizes = sizes
+        ctx.constants = constants
         ctx.factor = factor
         ctx.save_for_backward(coef, steps, rhs_eq, init, x)
         return x
@@ -188,7 +186,6 @@ class _FusedLaneSolve(torch.autograd.Function):
         sizes, factor = ctx.sizes, ctx.factor
         grad_x = grad_x.detach().to(coef.dtype).contiguous()
         grads = [hugepages.empty(tuple(t.shape), t.dtype) for t in (coef, steps, rhs_eq, init)]
-        g0, g1, g2, w2 = sizes.constants(coef.dtype)
         with lane_kernels.slp_vectorization():
             _with_threads(
                 lane_kernels.backward,
@@ -200,10 +197,7 @@ class _FusedLaneSolve(torch.autograd.Function):
                 sizes.n_dims,
                 sizes.n_init_steps,
                 sizes.n_init_orders,
-                g0,
-                g1,
-                g2,
-                w2,
+                *ctx.constants,
                 factor.chol.numpy(),
                 factor.rdiag.numpy(),
                 factor.ycoup.numpy(),

@@ -1,11 +1,14 @@
 """Large CPU work arrays backed by transparent huge pages.
 
-The fused solver allocates its factors and outputs afresh on every call (tens of MB at the
-benchmark shapes). Memory that large comes straight from the operating system, zero-filled one
-4 KiB page fault at a time, and on a virtual machine every fault is expensive: writing a fresh
-34 MB array took 11.8 ms here, of which the arithmetic of the solver needs a fraction. Asking the
-kernel for 2 MiB pages (``madvise(MADV_HUGEPAGE)``, honoured when
-``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or ``madvise``) cuts that to 2.9 ms.
+The fused solver allocates its factors and outputs afresh on every call. glibc's malloc serves
+blocks of up to 32 MiB (the cap of its dynamic mmap threshold) from the heap, where memory freed
+by the previous call is reused; larger blocks always come straight from the operating system,
+zero-filled one 4 KiB page fault at a time, and on a virtual machine every fault is expensive:
+writing a fresh 34 MB array took 11.8 ms here. Asking the kernel for 2 MiB pages
+(``madvise(MADV_HUGEPAGE)``, honoured when ``/sys/kernel/mm/transparent_hugepage/enabled`` is
+``always`` or ``madvise``) cut that to 2.9 ms. Below 32 MiB huge pages only lose (the heap's
+recycled memory needs no faults at all: the Lorenz benchmark step took 17.7 ms with huge pages
+from 4 MiB on and 8.9 ms with the heap).
 
 :func:`empty` returns an ordinary torch tensor in either case; where huge pages are unavailable
 (other operating systems, small arrays) it is plain :func:`torch.empty`. The tensor keeps its
@@ -21,7 +24,7 @@ import torch
 
 __all__ = ["empty", "HUGE_PAGE_MIN_BYTES"]
 
-HUGE_PAGE_MIN_BYTES = 32 * 2**20  # below this, the ordinary allocator is as fast
+HUGE_PAGE_MIN_BYTES = 32 * 2**20  # glibc's largest mmap threshold: smaller blocks are recycled
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -34,8 +34,9 @@ Layouts (C-contiguous, float32 or float64; G = ceil(N / LANES) groups, W = LANES
 - inputs: ``coef`` (N, Tc, E, m), ``steps`` (N, Th), ``rhs_eq`` (N, Tb, E, P),
   ``init`` (N, Su, D*K, P), with Tc, Tb in {1, T}, Th in {1, T-1}, Su in {1, S}; a size-1 axis is
   shared by all steps.
-- factors: ``chol`` (G, T, m, m, W) (lower triangle), ``rdiag`` (G, T, m, W) (reciprocal diagonal
-  of ``chol``), ``ycoup`` (G, T-1, m, m, W) (Y_t).
+- factors: ``chol`` (G, T, m(m-1)/2, W): the strictly lower triangle of L_t, packed by rows
+  (entry (i, k), k < i, at i(i-1)/2 + k); ``rdiag`` (G, T, m, W): the reciprocals of the diagonal of
+  L_t (the diagonal itself is never needed); ``ycoup`` (G, T-1, m, m, W): Y_t.
 - ``out``, ``x``, ``grad_out`` (N, T, m, P).
 - constants: ``g0``, ``g1``, ``g2`` (R, R) from :func:`smnn.solver.blocks.taylor_gram_matrices`,
   ``weights`` (3,) = (w_eq^2, w_in^2, w_s^2).
@@ -75,13 +76,13 @@ def slp_vectorization():
 # ------------------------------------------------------------------ lane helpers (8 lanes)
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _fill(dst, v):
     """dst = v."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = v, v, v, v, v, v, v, v
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _copy(dst, a):
     """dst = a."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -89,7 +90,7 @@ def _copy(dst, a):
     )
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _fma(dst, a, b):
     """dst += a * b."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -98,7 +99,7 @@ def _fma(dst, a, b):
     )
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _fms(dst, a, b):
     """dst -= a * b."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -107,7 +108,7 @@ def _fms(dst, a, b):
     )
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _scale(dst, s):
     """dst *= s (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -116,7 +117,7 @@ def _scale(dst, s):
     )
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _add_scalar(dst, s):
     """dst += s (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -125,7 +126,7 @@ def _add_scalar(dst, s):
     )
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _axpy(dst, s, a):
     """dst += s * a (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -134,7 +135,7 @@ def _axpy(dst, s, a):
     )
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _subtract_from(dst, a):
     """dst = a - dst."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -143,7 +144,7 @@ def _subtract_from(dst, a):
     )
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _fma3(dst, s, a, b):
     """dst += s * a * b (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -153,7 +154,7 @@ def _fma3(dst, s, a, b):
     )
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _mul(dst, a):
     """dst *= a."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -162,7 +163,7 @@ def _mul(dst, a):
     )
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _scaled_product(dst, s, a, b):
     """dst = s * a * b (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -171,7 +172,7 @@ def _scaled_product(dst, s, a, b):
     )
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _scaled_product_minus(dst, s, a, b, c, d):
     """dst += s * (a * b - c * d) (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -182,24 +183,28 @@ def _scaled_product_minus(dst, s, a, b, c, d):
     )
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _sqrt_pivot(x):
     """sqrt(x) for a positive finite pivot, NaN otherwise (the failure marker)."""
     return np.sqrt(x) if (x > 0.0 and x < np.inf) else np.nan
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
-def _pivot(diag_out, rdiag_out, s):
-    """diag_out = sqrt(s) (NaN where s is not a positive finite pivot), rdiag_out = 1/diag_out."""
+@njit(cache=True, fastmath=_FAST)
+def _reciprocal_sqrt_pivot(dst, s):
+    """dst = 1 / sqrt(s), NaN where s is not a positive finite pivot."""
     d0, d1, d2, d3 = _sqrt_pivot(s[0]), _sqrt_pivot(s[1]), _sqrt_pivot(s[2]), _sqrt_pivot(s[3])
     d4, d5, d6, d7 = _sqrt_pivot(s[4]), _sqrt_pivot(s[5]), _sqrt_pivot(s[6]), _sqrt_pivot(s[7])
-    diag_out[0], diag_out[1], diag_out[2], diag_out[3] = d0, d1, d2, d3
-    diag_out[4], diag_out[5], diag_out[6], diag_out[7] = d4, d5, d6, d7
-    rdiag_out[0], rdiag_out[1], rdiag_out[2], rdiag_out[3] = 1.0 / d0, 1.0 / d1, 1.0 / d2, 1.0 / d3
-    rdiag_out[4], rdiag_out[5], rdiag_out[6], rdiag_out[7] = 1.0 / d4, 1.0 / d5, 1.0 / d6, 1.0 / d7
+    dst[0], dst[1], dst[2], dst[3] = 1.0 / d0, 1.0 / d1, 1.0 / d2, 1.0 / d3
+    dst[4], dst[5], dst[6], dst[7] = 1.0 / d4, 1.0 / d5, 1.0 / d6, 1.0 / d7
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
+def _tri(i, k):
+    """Position of entry (i, k), k < i, of a strictly lower triangle packed by rows."""
+    return (i * (i - 1)) // 2 + k
+
+
+@njit(cache=True)
 def _group_range(worker, n_workers, n_groups):
     """Groups [lo, hi) handled by one worker (a contiguous, near-equal share)."""
     lo = (worker * n_groups) // n_workers
@@ -210,21 +215,21 @@ def _group_range(worker, n_workers, n_groups):
 # ------------------------------------------------------------------ substitutions
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _forward_substitute_step(lc, rd, y_prev, wsol, t, p):
     """w_t = L_t^{-1} (w_t - Y_{t-1}^T w_{t-1}) for column p (``y_prev`` unused when t = 0)."""
-    m = lc.shape[0]
+    m = rd.shape[0]
     if t > 0:
         for i in range(m):
             for k in range(m):
                 _fms(wsol[t, i, p], y_prev[k, i], wsol[t - 1, k, p])
     for i in range(m):
         for k in range(i):
-            _fms(wsol[t, i, p], lc[i, k], wsol[t, k, p])
+            _fms(wsol[t, i, p], lc[_tri(i, k)], wsol[t, k, p])
         _mul(wsol[t, i, p], rd[i])
 
 
-@njit(cache=True, inline="always", fastmath=_FAST)
+@njit(cache=True, fastmath=_FAST)
 def _back_substitute(chol, rdiag, ycoup, wsol):
     """In place: ``wsol`` (T, m, P, W) holds w_t on entry and x_t on exit."""
     T, m, P, _ = wsol.shape
@@ -239,11 +244,11 @@ def _back_substitute(chol, rdiag, ycoup, wsol):
                         _fms(wsol[t, i, p], y[i, k], wsol[t + 1, k, p])
             for i in range(m - 1, -1, -1):
                 for k in range(i + 1, m):
-                    _fms(wsol[t, i, p], lc[k, i], wsol[t, k, p])
+                    _fms(wsol[t, i, p], lc[_tri(k, i)], wsol[t, k, p])
                 _mul(wsol[t, i, p], rd[i])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _load_columns(src, b0, nl, dst):
     """dst (T, m, P, W) = src[b0 + l] (N, T, m, P) for each lane l (the last system repeated)."""
     T, m, P, _ = dst.shape
@@ -255,7 +260,7 @@ def _load_columns(src, b0, nl, dst):
                     dst[t, i, p, l] = src[bl, t, i, p]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _store_columns(src, b0, nl, dst):
     """dst[b0 + l] (N, T, m, P) = src (T, m, P, W) for the real lanes l < nl."""
     T, m, P, _ = src.shape
@@ -288,17 +293,37 @@ def solve(chol, rdiag, ycoup, rhs, out, n_workers):
             _store_columns(wsol, b0, nl, out)
 
 
+@njit(cache=True)
+def _first_failed_steps(rdiag, b0, nl, failed_at):
+    """``failed_at[b0 + l]`` = 1 + the first step whose pivot is NaN in lane l of one group's
+    ``rdiag`` (T, m, W), 0 if none (a failed pivot is NaN from that step on)."""
+    T, m, _ = rdiag.shape
+    for l in range(nl):
+        failed_at[b0 + l] = 0
+        for t in range(T):
+            hit = False
+            for i in range(m):
+                if np.isnan(rdiag[t, i, l]):
+                    hit = True
+            if hit:
+                failed_at[b0 + l] = t + 1
+                break
+
+
 # ------------------------------------------------------------------ forward
 
 
 @njit(cache=True, parallel=True, fastmath=_FAST)
 def forward(
     coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
-    chol, rdiag, ycoup, out, bad_input, n_workers,
+    chol, rdiag, ycoup, out, failed_at, bad_input, n_workers,
 ):
-    """Assemble, factorize and solve (module docstring). Writes the factors, ``out`` (N, T, m, P)
-    and ``bad_input[g] = 1`` when group g met a non-finite input or a step <= 0. ``n_workers``
-    parallel jobs (at most the number of groups)."""
+    """Assemble, factorize and solve (module docstring).
+
+    Writes the factors, ``out`` (N, T, m, P), ``failed_at`` (N,) (1 + the first step with a
+    non-positive pivot, 0 if none) and ``bad_input[g] = 1`` when group g met a non-finite input or
+    a step <= 0. ``n_workers`` parallel jobs (at most the number of groups).
+    """
     N, Tc, E, m = coef.shape
     Th = steps.shape[1]
     Tb, P = rhs_eq.shape[1], rhs_eq.shape[3]
@@ -383,13 +408,13 @@ def forward(
                 for j in range(m):
                     _copy(acc, work[j, j])
                     for k in range(j):
-                        _fms(acc, lc[j, k], lc[j, k])
-                    _pivot(lc[j, j], rd[j], acc)
+                        _fms(acc, lc[_tri(j, k)], lc[_tri(j, k)])
+                    _reciprocal_sqrt_pivot(rd[j], acc)
                     for i in range(j + 1, m):
-                        lij = lc[i, j]
+                        lij = lc[_tri(i, j)]
                         _copy(lij, work[i, j])
                         for k in range(j):
-                            _fms(lij, lc[i, k], lc[j, k])
+                            _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
                         _mul(lij, rd[j])
                 # ---- right-hand side r_t, forward substitution
                 for p in range(P):
@@ -419,12 +444,13 @@ def forward(
                             else:
                                 _fill(yij, 0.0)
                             for k in range(o, i):
-                                _fms(yij, lc[i, k], y[k, j])
+                                _fms(yij, lc[_tri(i, k)], y[k, j])
                             _mul(yij, rd[i])
                     for k in range(R):
                         _copy(pw_prev[k], pw_cur[k])
             _back_substitute(chol[g], rdiag[g], ycoup[g], wsol)
             _store_columns(wsol, b0, nl, out)
+            _first_failed_steps(rdiag[g], b0, nl, failed_at)
             if bad:
                 bad_input[g] = 1
 
@@ -540,13 +566,13 @@ def backward(
                             a = o + i
                             for j in range(R):
                                 b = o + j
+                                # G0, G1 and d(e_i e_j)/dh are symmetric in (i, j), so the
+                                # two halves of -sym(lambda x^T) contribute equally to the sum
                                 _fill(sv, 0.0)
-                                c0, c1, c2 = 0.5 * g0[i, j], 0.5 * g1[i, j], g2[i, j]
+                                c0, c1, c2 = g0[i, j], g1[i, j], g2[i, j]
                                 for p in range(P):
                                     _fma3(sv, c0, lam[t, a, p], xs[t, b, p])
-                                    _fma3(sv, c0, xs[t, a, p], lam[t, b, p])
                                     _fma3(sv, c1, lam[t + 1, a, p], xs[t + 1, b, p])
-                                    _fma3(sv, c1, xs[t + 1, a, p], lam[t + 1, b, p])
                                     _fma3(sv, c2, lam[t + 1, a, p], xs[t, b, p])
                                     _fma3(sv, c2, xs[t + 1, a, p], lam[t, b, p])
                                 _fill(q, 0.0)
@@ -571,20 +597,3 @@ def backward(
                     for i in range(D * K):
                         for p in range(P):
                             grad_init[bl, su, i, p] = gi[su, i, p, l]
-
-
-@njit(cache=True)
-def first_failed_step(rdiag, n_systems, failed_at):
-    """``failed_at[b]`` = 1 + the first step whose pivot is NaN (non-positive), 0 if none."""
-    G, T, m, _ = rdiag.shape
-    for b in range(n_systems):
-        g, l = b // LANES, b % LANES
-        failed_at[b] = 0
-        for t in range(T):
-            hit = False
-            for i in range(m):
-                if np.isnan(rdiag[g, t, i, l]):
-                    hit = True
-            if hit:
-                failed_at[b] = t + 1
-                break

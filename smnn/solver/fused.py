@@ -7,6 +7,8 @@ factorizes and solves, and one backward kernel that returns the gradients of all
 module holds the torch side: folding the inputs into the kernels' layout, the autograd function,
 and the stored factorization.
 
+The backward pass is not itself differentiable (no double backward; torch says so if asked).
+
 Input values are checked inside the forward kernel while it reads them (non-finite values, steps
 <= 0); when it finds one, :func:`fused_ode_forward` runs the usual checks of
 :func:`smnn.solver.inputs.check_values_of` on the caller's tensors, so the error message is the
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numba
 import torch
+from torch.autograd.function import once_differentiable
 
 from smnn.solver import hugepages, lane_kernels
 from smnn.solver.banded import _with_threads, raise_if_failed
@@ -52,14 +55,17 @@ class LaneFactor:
     """Block Cholesky factors of N systems in the lane layout of :mod:`lane_kernels`.
 
     Attributes:
-        chol: ``(G, T, m(m-1)/2, W)``; rdiag: ``(G, T, m, W)``; ycoup: ``(G, T-1, m, m, W)``.
+        chol: ``(G, T, m(m-1)/2, W)``; rdiag: ``(G, T, m, W)``.
+        steps: ``(N, Th)``, the step sizes of the factorized matrix (its coupling blocks are
+        rebuilt from them in every solve).  constants: g0, g1, g2, squared weights (numpy).
         n_systems: N.  failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot, 0
         where none (same meaning as :class:`~smnn.solver.banded.BlockTridiagonalFactor`).
     """
 
     chol: torch.Tensor
     rdiag: torch.Tensor
-    ycoup: torch.Tensor
+    steps: torch.Tensor
+    constants: tuple
     n_systems: int
     failed_at: torch.Tensor = field(default=None)
 
@@ -89,7 +95,9 @@ class LaneFactor:
                 lane_kernels.solve,
                 self.chol.numpy(),
                 self.rdiag.numpy(),
-                self.ycoup.numpy(),
+                self.steps.numpy(),
+                self.constants[2],
+                self.constants[3],
                 rhs.numpy(),
                 out.numpy(),
                 _n_workers(self.chol.shape[0]),
@@ -142,16 +150,17 @@ class _FusedLaneSolve(torch.autograd.Function):
         T, P, W = sizes.n_steps, rhs_eq.shape[-1], lane_kernels.LANES
         G = -(-N // W)
         dtype = coef.dtype
+        constants = sizes.constants(dtype)
         factor = LaneFactor(
             chol=hugepages.empty((G, T, m * (m - 1) // 2, W), dtype),
             rdiag=hugepages.empty((G, T, m, W), dtype),
-            ycoup=hugepages.empty((G, T - 1, m, m, W), dtype),
+            steps=steps,
+            constants=constants,
             n_systems=N,
+            failed_at=torch.empty(N, dtype=torch.int64),
         )
         x = hugepages.empty((N, T, m, P), dtype)
-        factor.failed_at = torch.empty(N, dtype=torch.int64)
         bad_input = torch.zeros(G, dtype=torch.int64)
-        constants = sizes.constants(dtype)
         with lane_kernels.slp_vectorization():
             _with_threads(
                 lane_kernels.forward,
@@ -166,7 +175,6 @@ class _FusedLaneSolve(torch.autograd.Function):
                 *constants,
                 factor.chol.numpy(),
                 factor.rdiag.numpy(),
-                factor.ycoup.numpy(),
                 x.numpy(),
                 factor.failed_at.numpy(),
                 bad_input.numpy(),
@@ -175,12 +183,12 @@ class _FusedLaneSolve(torch.autograd.Function):
         outcome.factor = factor
         outcome.bad_input = bool(bad_input.any())
         ctx.sizes = sizes
-        ctx.constants = constants
         ctx.factor = factor
         ctx.save_for_backward(coef, steps, rhs_eq, init, x)
         return x
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_x):
         coef, steps, rhs_eq, init, x = ctx.saved_tensors
         sizes, factor = ctx.sizes, ctx.factor
@@ -197,10 +205,9 @@ class _FusedLaneSolve(torch.autograd.Function):
                 sizes.n_dims,
                 sizes.n_init_steps,
                 sizes.n_init_orders,
-                *ctx.constants,
+                *factor.constants,
                 factor.chol.numpy(),
                 factor.rdiag.numpy(),
-                factor.ycoup.numpy(),
                 *(g.numpy() for g in grads),
                 _n_workers(factor.chol.shape[0]),
             )

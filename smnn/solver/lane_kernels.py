@@ -18,16 +18,18 @@ callers compile these kernels inside :func:`slp_vectorization` (see :mod:`smnn.s
 A group's working set (its factors and right-hand sides) stays in cache from assembly to
 substitution.
 
-The factorization is the block LDL^T of SOLVER_SPEC section 4 in Cholesky form: with D_t = L_t L_t^T
-(L_t lower triangular) and Y_t = L_t^{-1} M_{t+1,t}^T,
+The factorization is the block LDL^T of SOLVER_SPEC section 4, with each pivot block D_t kept as
+its Cholesky factor D_t = L_t L_t^T. With Y_t = L_t^{-1} M_{t+1,t}^T,
 
     D_0 = M_0,   D_{t+1} = M_{t+1} - Y_t^T Y_t      (= M_{t+1} - M_{t+1,t} D_t^{-1} M_{t+1,t}^T)
-    forward:  w_t = L_t^{-1} (r_t - Y_{t-1}^T w_{t-1})
-    backward: x_t = L_t^{-T} (w_t - Y_t x_{t+1}).
+    forward:  z_t = r_t - M_{t,t-1} y_{t-1},   y_t = D_t^{-1} z_t
+    backward: x_{T-1} = y_{T-1},   x_t = D_t^{-1} (z_t - M_{t+1,t}^T x_{t+1}).
 
-The pivots D_t are those of the LDL^T recurrence, so pivot failures are the same. A non-positive
-(or non-finite) pivot becomes NaN, which propagates to every later factor of that system;
-:func:`first_failed_step` reads the failing step back.
+Only L_t is stored: Y_t lives for one step of the factorization, and the substitutions apply the
+coupling block M_{t+1,t} (w_s^2 h^i h^j G2[i, j] per state) straight from the step sizes, so a
+solve reads 2.5x fewer bytes per step (m = 3) than with stored multipliers. The pivots are those of
+the LDL^T recurrence, so pivot failures are the same. A non-positive (or non-finite) pivot becomes
+NaN, which propagates to every later factor of that system; the kernel reads the failing step back.
 
 Layouts (C-contiguous, float32 or float64; G = ceil(N / LANES) groups, W = LANES):
 
@@ -36,7 +38,7 @@ Layouts (C-contiguous, float32 or float64; G = ceil(N / LANES) groups, W = LANES
   shared by all steps.
 - factors: ``chol`` (G, T, m(m-1)/2, W): the strictly lower triangle of L_t, packed by rows
   (entry (i, k), k < i, at i(i-1)/2 + k); ``rdiag`` (G, T, m, W): the reciprocals of the diagonal of
-  L_t (the diagonal itself is never needed); ``ycoup`` (G, T-1, m, m, W): Y_t.
+  L_t (the diagonal itself is never needed). A solve also needs the ``steps`` they were made from.
 - ``out``, ``x``, ``grad_out`` (N, T, m, P).
 - constants: ``g0``, ``g1``, ``g2`` (R, R) from :func:`smnn.solver.blocks.taylor_gram_matrices`,
   ``weights`` (3,) = (w_eq^2, w_in^2, w_s^2).
@@ -46,6 +48,7 @@ Lanes past the last system of the final group repeat that system; their results 
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 
 import numba
@@ -57,20 +60,27 @@ from smnn.solver.numba_kernels import _FAST
 LANES = 8  # the helpers below spell out exactly 8 lanes
 
 
+# Serialises kernel calls from several Python threads: the setting below is process-wide, and
+# numba's default (workqueue) threading layer cannot run two parallel kernels at once anyway.
+_KERNEL_LOCK = threading.Lock()
+
+
 @contextmanager
 def slp_vectorization():
-    """Compile numba kernels with LLVM's SLP vectoriser on (numba's default is off).
+    """Run (and, on first use, compile) these kernels with LLVM's SLP vectoriser on.
 
-    Numba reads ``numba.config.SLP_VECTORIZE`` when it builds a function's optimisation passes,
-    i.e. at compilation (the first call of a signature, or a cache miss); calls of already
-    compiled kernels are unaffected. The previous value is restored on exit.
+    Numba's default is off. It reads ``numba.config.SLP_VECTORIZE`` when it builds a function's
+    optimisation passes, i.e. at compilation (the first call of a signature, or a cache miss);
+    calls of already compiled kernels are unaffected. The previous value is restored on exit, and
+    the block holds a lock so that another thread cannot restore it while a kernel compiles.
     """
-    previous = numba.config.SLP_VECTORIZE
-    numba.config.SLP_VECTORIZE = 1
-    try:
-        yield
-    finally:
-        numba.config.SLP_VECTORIZE = previous
+    with _KERNEL_LOCK:
+        previous = numba.config.SLP_VECTORIZE
+        numba.config.SLP_VECTORIZE = 1
+        try:
+            yield
+        finally:
+            numba.config.SLP_VECTORIZE = previous
 
 
 # ------------------------------------------------------------------ lane helpers (8 lanes)
@@ -216,36 +226,90 @@ def _group_range(worker, n_workers, n_groups):
 
 
 @njit(cache=True, fastmath=_FAST)
-def _forward_substitute_step(lc, rd, y_prev, wsol, t, p):
-    """w_t = L_t^{-1} (w_t - Y_{t-1}^T w_{t-1}) for column p (``y_prev`` unused when t = 0)."""
+def _pivot_solve(lc, rd, v):
+    """In place: v (m, W) = D_t^{-1} v = L_t^{-T} L_t^{-1} v (``lc`` packed, ``rd`` reciprocals)."""
     m = rd.shape[0]
-    if t > 0:
-        for i in range(m):
-            for k in range(m):
-                _fms(wsol[t, i, p], y_prev[k, i], wsol[t - 1, k, p])
     for i in range(m):
         for k in range(i):
-            _fms(wsol[t, i, p], lc[_tri(i, k)], wsol[t, k, p])
-        _mul(wsol[t, i, p], rd[i])
+            _fms(v[i], lc[_tri(i, k)], v[k])
+        _mul(v[i], rd[i])
+    for i in range(m - 1, -1, -1):
+        for k in range(i + 1, m):
+            _fms(v[i], lc[_tri(k, i)], v[k])
+        _mul(v[i], rd[i])
+
+
+@njit(cache=True)
+def _load_powers(steps, b0, nl, th, pw):
+    """pw (R, W): pw[k, l] = h^k for the step size h of interval ``th`` of system b0 + l."""
+    R = pw.shape[0]
+    for l in range(LANES):
+        hv = steps[b0 + min(l, nl - 1), th]
+        pw[0, l] = 1.0
+        for k in range(1, R):
+            pw[k, l] = pw[k - 1, l] * hv
 
 
 @njit(cache=True, fastmath=_FAST)
-def _back_substitute(chol, rdiag, ycoup, wsol):
-    """In place: ``wsol`` (T, m, P, W) holds w_t on entry and x_t on exit."""
+def _subtract_coupling(dst, v, pw, g2, ws2, transpose, tmp):
+    """dst (m, W) -= M_{t+1,t} v, or M_{t+1,t}^T v when ``transpose``, for the interval whose
+    powers are ``pw`` (R, W): per state, M_{t+1,t}[i, j] = w_s^2 h^i h^j G2[i, j]. ``tmp``: (R, W).
+    """
+    R = pw.shape[0]
+    D = dst.shape[0] // R
+    for d in range(D):
+        o = d * R
+        for j in range(R):
+            _copy(tmp[j], pw[j])
+            _mul(tmp[j], v[o + j])
+        for i in range(R):
+            for j in range(R):
+                c = -ws2 * (g2[j, i] if transpose else g2[i, j])
+                _fma3(dst[o + i], c, pw[i], tmp[j])
+
+
+@njit(cache=True, fastmath=_FAST)
+def _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp):
+    """One step of the forward sweep for every column p: z_t = r_t - M_{t,t-1} y_{t-1} in
+    ``wsol[t]`` (T, m, P, W), then y_prev (m, P, W) = D_t^{-1} z_t. ``pw_prev``: powers of
+    interval t-1 (unused when t = 0)."""
+    m, P = wsol.shape[1], wsol.shape[2]
+    for p in range(P):
+        zt = wsol[t, :, p]
+        if t > 0:
+            _subtract_coupling(zt, y_prev[:, p], pw_prev, g2, ws2, False, tmp)
+        for i in range(m):
+            _copy(y_prev[i, p], zt[i])
+        _pivot_solve(lc, rd, y_prev[:, p])
+
+
+@njit(cache=True, fastmath=_FAST)
+def _back_sweep(chol, rdiag, steps, b0, nl, g2, ws2, wsol, pw, tmp):
+    """In place: ``wsol`` (T, m, P, W) holds z_t on entry and x_t on exit, where
+    x_{T-1} = D_{T-1}^{-1} z_{T-1} and x_t = D_t^{-1} (z_t - M_{t+1,t}^T x_{t+1})."""
     T, m, P, _ = wsol.shape
+    Th = steps.shape[1]
     for t in range(T - 1, -1, -1):
-        lc = chol[t]
-        rd = rdiag[t]
+        if t < T - 1:
+            _load_powers(steps, b0, nl, t if Th > 1 else 0, pw)
         for p in range(P):
+            xt = wsol[t, :, p]
             if t < T - 1:
-                y = ycoup[t]
-                for i in range(m):
-                    for k in range(m):
-                        _fms(wsol[t, i, p], y[i, k], wsol[t + 1, k, p])
-            for i in range(m - 1, -1, -1):
-                for k in range(i + 1, m):
-                    _fms(wsol[t, i, p], lc[_tri(k, i)], wsol[t, k, p])
-                _mul(wsol[t, i, p], rd[i])
+                _subtract_coupling(xt, wsol[t + 1, :, p], pw, g2, ws2, True, tmp)
+            _pivot_solve(chol[t], rdiag[t], xt)
+
+
+@njit(cache=True, fastmath=_FAST)
+def _solve_group(chol, rdiag, steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp):
+    """In place: ``wsol`` (T, m, P, W) holds the right-hand sides on entry, M^{-1} of them on exit
+    (one group's factors ``chol`` (T, m(m-1)/2, W), ``rdiag`` (T, m, W))."""
+    T = wsol.shape[0]
+    Th = steps.shape[1]
+    for t in range(T):
+        _forward_sweep_step(chol[t], rdiag[t], wsol, t, y_prev, pw_prev, g2, ws2, tmp)
+        if t < T - 1:
+            _load_powers(steps, b0, nl, t if Th > 1 else 0, pw_prev)
+    _back_sweep(chol, rdiag, steps, b0, nl, g2, ws2, wsol, pw, tmp)
 
 
 @njit(cache=True)
@@ -272,24 +336,26 @@ def _store_columns(src, b0, nl, dst):
 
 
 @njit(cache=True, parallel=True, fastmath=_FAST)
-def solve(chol, rdiag, ycoup, rhs, out, n_workers):
-    """x = M^{-1} rhs with the stored factors: ``rhs``, ``out`` (N, T, m, P); ``n_workers``
-    parallel jobs (at most the number of groups)."""
+def solve(chol, rdiag, steps, g2, weights, rhs, out, n_workers):
+    """x = M^{-1} rhs with the stored factors and the steps they were made from: ``rhs``,
+    ``out`` (N, T, m, P); ``n_workers`` parallel jobs (at most the number of groups)."""
     N, T, m, P = rhs.shape
+    R = g2.shape[0]
+    ws2 = weights[2]
     G = chol.shape[0]
+    dt = chol.dtype
     for worker in prange(n_workers):
-        wsol = np.empty((T, m, P, LANES), dtype=chol.dtype)
+        wsol = np.empty((T, m, P, LANES), dtype=dt)
+        y_prev = np.empty((m, P, LANES), dtype=dt)
+        pw_prev = np.empty((R, LANES), dtype=dt)
+        pw = np.empty((R, LANES), dtype=dt)
+        tmp = np.empty((R, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
         for g in range(lo, hi):
             b0 = g * LANES
             nl = min(LANES, N - b0)
             _load_columns(rhs, b0, nl, wsol)
-            for t in range(T):
-                for p in range(P):
-                    _forward_substitute_step(
-                        chol[g, t], rdiag[g, t], ycoup[g, max(t - 1, 0)], wsol, t, p
-                    )
-            _back_substitute(chol[g], rdiag[g], ycoup[g], wsol)
+            _solve_group(chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp)
             _store_columns(wsol, b0, nl, out)
 
 
@@ -316,7 +382,7 @@ def _first_failed_steps(rdiag, b0, nl, failed_at):
 @njit(cache=True, parallel=True, fastmath=_FAST)
 def forward(
     coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
-    chol, rdiag, ycoup, out, failed_at, bad_input, n_workers,
+    chol, rdiag, out, failed_at, bad_input, n_workers,
 ):
     """Assemble, factorize and solve (module docstring).
 
@@ -342,6 +408,10 @@ def forward(
         bv = np.empty((E, P, LANES), dtype=dt)
         u0 = np.empty((D * K, P, LANES), dtype=dt)
         wsol = np.empty((T, m, P, LANES), dtype=dt)
+        y_cpl = np.empty((m, m, LANES), dtype=dt)
+        y_prev = np.empty((m, P, LANES), dtype=dt)
+        pw = np.empty((R, LANES), dtype=dt)
+        tmp = np.empty((R, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
         for g in range(lo, hi):
             b0 = g * LANES
@@ -397,7 +467,7 @@ def forward(
                                 _fma3(work[o + i, o + j], ws2 * g1[i, j], pw_prev[i], pw_prev[j])
                 # ---- Schur complement D_t = M_t - Y_{t-1}^T Y_{t-1}
                 if t > 0:
-                    y = ycoup[g, t - 1]
+                    y = y_cpl
                     for i in range(m):
                         for j in range(i + 1):
                             for k in range(m):
@@ -416,7 +486,7 @@ def forward(
                         for k in range(j):
                             _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
                         _mul(lij, rd[j])
-                # ---- right-hand side r_t, forward substitution
+                # ---- right-hand side r_t, forward sweep (z_t and y_t = D_t^{-1} z_t)
                 for p in range(P):
                     for i in range(m):
                         wi = wsol[t, i, p]
@@ -428,10 +498,11 @@ def forward(
                         for d in range(D):
                             for k in range(K):
                                 _axpy(wsol[t, d * R + k, p], win2, u0[d * K + k, p])
-                    _forward_substitute_step(lc, rd, ycoup[g, max(t - 1, 0)], wsol, t, p)
-                # ---- coupling Y_t = L_t^{-1} M_{t+1,t}^T; row j of M_{t+1,t} lives in state j//R
+                _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp)
+                # ---- Y_t = L_t^{-1} M_{t+1,t}^T for the next Schur complement (row j of
+                # M_{t+1,t} lives in state j // R)
                 if t < T - 1:
-                    y = ycoup[g, t]
+                    y = y_cpl
                     for j in range(m):
                         o = (j // R) * R
                         a = j - o
@@ -448,7 +519,7 @@ def forward(
                             _mul(yij, rd[i])
                     for k in range(R):
                         _copy(pw_prev[k], pw_cur[k])
-            _back_substitute(chol[g], rdiag[g], ycoup[g], wsol)
+            _back_sweep(chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, pw, tmp)
             _store_columns(wsol, b0, nl, out)
             _first_failed_steps(rdiag[g], b0, nl, failed_at)
             if bad:
@@ -461,7 +532,7 @@ def forward(
 @njit(cache=True, parallel=True, fastmath=_FAST)
 def backward(
     grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
-    chol, rdiag, ycoup, grad_coef, grad_steps, grad_rhs_eq, grad_init, n_workers,
+    chol, rdiag, grad_coef, grad_steps, grad_rhs_eq, grad_init, n_workers,
 ):
     """Gradients of all four inputs from g = ``grad_out`` and the solution ``x`` (N, T, m, P).
 
@@ -501,18 +572,16 @@ def backward(
         q = np.empty(LANES, dtype=dt)
         sv = np.empty(LANES, dtype=dt)
         gh = np.empty(LANES, dtype=dt)
+        y_prev = np.empty((m, P, LANES), dtype=dt)
+        pw_prev = np.empty((R, LANES), dtype=dt)
+        tmp = np.empty((R, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
         for g in range(lo, hi):
             b0 = g * LANES
             nl = min(LANES, N - b0)
             # ---- lambda = M^{-1} g
             _load_columns(grad_out, b0, nl, lam)
-            for t in range(T):
-                for p in range(P):
-                    _forward_substitute_step(
-                        chol[g, t], rdiag[g, t], ycoup[g, max(t - 1, 0)], lam, t, p
-                    )
-            _back_substitute(chol[g], rdiag[g], ycoup[g], lam)
+            _solve_group(chol[g], rdiag[g], steps, b0, nl, g2, ws2, lam, y_prev, pw_prev, pw, tmp)
             _load_columns(x, b0, nl, xs)
             gc[:] = 0.0
             gs[:] = 0.0

@@ -271,37 +271,37 @@ def _subtract_coupling(dst, v, pw, g2, ws2, transpose, tmp):
 @njit(cache=True, fastmath=_FAST)
 def _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp):
     """One step of the forward sweep for every column p: z_t = r_t - M_{t,t-1} y_{t-1} in
-    ``wsol[t]`` (T, m, P, W), then y_prev (m, P, W) = D_t^{-1} z_t. ``pw_prev``: powers of
+    ``wsol[t]`` (T, P, m, W), then y_prev (P, m, W) = D_t^{-1} z_t. ``pw_prev``: powers of
     interval t-1 (unused when t = 0)."""
-    m, P = wsol.shape[1], wsol.shape[2]
+    P, m = wsol.shape[1], wsol.shape[2]
     for p in range(P):
-        zt = wsol[t, :, p]
+        zt = wsol[t, p]
         if t > 0:
-            _subtract_coupling(zt, y_prev[:, p], pw_prev, g2, ws2, False, tmp)
+            _subtract_coupling(zt, y_prev[p], pw_prev, g2, ws2, False, tmp)
         for i in range(m):
-            _copy(y_prev[i, p], zt[i])
-        _pivot_solve(lc, rd, y_prev[:, p])
+            _copy(y_prev[p, i], zt[i])
+        _pivot_solve(lc, rd, y_prev[p])
 
 
 @njit(cache=True, fastmath=_FAST)
 def _back_sweep(chol, rdiag, steps, b0, nl, g2, ws2, wsol, pw, tmp):
-    """In place: ``wsol`` (T, m, P, W) holds z_t on entry and x_t on exit, where
+    """In place: ``wsol`` (T, P, m, W) holds z_t on entry and x_t on exit, where
     x_{T-1} = D_{T-1}^{-1} z_{T-1} and x_t = D_t^{-1} (z_t - M_{t+1,t}^T x_{t+1})."""
-    T, m, P, _ = wsol.shape
+    T, P, m, _ = wsol.shape
     Th = steps.shape[1]
     for t in range(T - 1, -1, -1):
         if t < T - 1:
             _load_powers(steps, b0, nl, t if Th > 1 else 0, pw)
         for p in range(P):
-            xt = wsol[t, :, p]
+            xt = wsol[t, p]
             if t < T - 1:
-                _subtract_coupling(xt, wsol[t + 1, :, p], pw, g2, ws2, True, tmp)
+                _subtract_coupling(xt, wsol[t + 1, p], pw, g2, ws2, True, tmp)
             _pivot_solve(chol[t], rdiag[t], xt)
 
 
 @njit(cache=True, fastmath=_FAST)
 def _solve_group(chol, rdiag, steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp):
-    """In place: ``wsol`` (T, m, P, W) holds the right-hand sides on entry, M^{-1} of them on exit
+    """In place: ``wsol`` (T, P, m, W) holds the right-hand sides on entry, M^{-1} of them on exit
     (one group's factors ``chol`` (T, m(m-1)/2, W), ``rdiag`` (T, m, W))."""
     T = wsol.shape[0]
     Th = steps.shape[1]
@@ -314,25 +314,25 @@ def _solve_group(chol, rdiag, steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw,
 
 @njit(cache=True)
 def _load_columns(src, b0, nl, dst):
-    """dst (T, m, P, W) = src[b0 + l] (N, T, m, P) for each lane l (the last system repeated)."""
-    T, m, P, _ = dst.shape
+    """dst (T, P, m, W) = src[b0 + l] (N, T, m, P) for each lane l (the last system repeated)."""
+    T, P, m, _ = dst.shape
     for l in range(LANES):
         bl = b0 + min(l, nl - 1)
         for t in range(T):
             for i in range(m):
                 for p in range(P):
-                    dst[t, i, p, l] = src[bl, t, i, p]
+                    dst[t, p, i, l] = src[bl, t, i, p]
 
 
 @njit(cache=True)
 def _store_columns(src, b0, nl, dst):
-    """dst[b0 + l] (N, T, m, P) = src (T, m, P, W) for the real lanes l < nl."""
-    T, m, P, _ = src.shape
+    """dst[b0 + l] (N, T, m, P) = src (T, P, m, W) for the real lanes l < nl."""
+    T, P, m, _ = src.shape
     for l in range(nl):
         for t in range(T):
             for i in range(m):
                 for p in range(P):
-                    dst[b0 + l, t, i, p] = src[t, i, p, l]
+                    dst[b0 + l, t, i, p] = src[t, p, i, l]
 
 
 @njit(cache=True, parallel=True, fastmath=_FAST)
@@ -345,8 +345,8 @@ def solve(chol, rdiag, steps, g2, weights, rhs, out, n_workers):
     G = chol.shape[0]
     dt = chol.dtype
     for worker in prange(n_workers):
-        wsol = np.empty((T, m, P, LANES), dtype=dt)
-        y_prev = np.empty((m, P, LANES), dtype=dt)
+        wsol = np.empty((T, P, m, LANES), dtype=dt)
+        y_prev = np.empty((P, m, LANES), dtype=dt)
         pw_prev = np.empty((R, LANES), dtype=dt)
         pw = np.empty((R, LANES), dtype=dt)
         tmp = np.empty((R, LANES), dtype=dt)
@@ -407,9 +407,9 @@ def forward(
         acc = np.empty(LANES, dtype=dt)
         bv = np.empty((E, P, LANES), dtype=dt)
         u0 = np.empty((D * K, P, LANES), dtype=dt)
-        wsol = np.empty((T, m, P, LANES), dtype=dt)
+        wsol = np.empty((T, P, m, LANES), dtype=dt)
         y_cpl = np.empty((m, m, LANES), dtype=dt)
-        y_prev = np.empty((m, P, LANES), dtype=dt)
+        y_prev = np.empty((P, m, LANES), dtype=dt)
         pw = np.empty((R, LANES), dtype=dt)
         tmp = np.empty((R, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
@@ -489,7 +489,7 @@ def forward(
                 # ---- right-hand side r_t, forward sweep (z_t and y_t = D_t^{-1} z_t)
                 for p in range(P):
                     for i in range(m):
-                        wi = wsol[t, i, p]
+                        wi = wsol[t, p, i]
                         _fill(wi, 0.0)
                         for e in range(E):
                             _fma(wi, cl[e, i], bv[e, p])
@@ -497,7 +497,7 @@ def forward(
                     if t < S:
                         for d in range(D):
                             for k in range(K):
-                                _axpy(wsol[t, d * R + k, p], win2, u0[d * K + k, p])
+                                _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
                 _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp)
                 # ---- Y_t = L_t^{-1} M_{t+1,t}^T for the next Schur complement (row j of
                 # M_{t+1,t} lives in state j // R)
@@ -557,8 +557,8 @@ def backward(
     G = chol.shape[0]
     dt = chol.dtype
     for worker in prange(n_workers):
-        lam = np.empty((T, m, P, LANES), dtype=dt)
-        xs = np.empty((T, m, P, LANES), dtype=dt)
+        lam = np.empty((T, P, m, LANES), dtype=dt)
+        xs = np.empty((T, P, m, LANES), dtype=dt)
         cl = np.empty((E, m, LANES), dtype=dt)
         bv = np.empty((E, P, LANES), dtype=dt)
         gc = np.empty((Tc, E, m, LANES), dtype=dt)
@@ -572,7 +572,7 @@ def backward(
         q = np.empty(LANES, dtype=dt)
         sv = np.empty(LANES, dtype=dt)
         gh = np.empty(LANES, dtype=dt)
-        y_prev = np.empty((m, P, LANES), dtype=dt)
+        y_prev = np.empty((P, m, LANES), dtype=dt)
         pw_prev = np.empty((R, LANES), dtype=dt)
         tmp = np.empty((R, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
@@ -603,13 +603,13 @@ def backward(
                         _fill(beta, 0.0)
                         _fill(alpha, 0.0)
                         for i in range(m):
-                            _fma(beta, cl[e, i], lam[t, i, p])
-                            _fma(alpha, cl[e, i], xs[t, i, p])
+                            _fma(beta, cl[e, i], lam[t, p, i])
+                            _fma(alpha, cl[e, i], xs[t, p, i])
                         _subtract_from(alpha, bv[e, p])  # the equation residual b - C x
                         _axpy(gb[tb, e, p], weq2, beta)
                         for j in range(m):
                             _scaled_product_minus(
-                                gc[tc, e, j], weq2, alpha, lam[t, j, p], beta, xs[t, j, p]
+                                gc[tc, e, j], weq2, alpha, lam[t, p, j], beta, xs[t, p, j]
                             )
                 # ---- initial-value rows
                 if t < S:
@@ -617,7 +617,7 @@ def backward(
                     for d in range(D):
                         for k in range(K):
                             for p in range(P):
-                                _axpy(gi[su, d * K + k, p], win2, lam[t, d * R + k, p])
+                                _axpy(gi[su, d * K + k, p], win2, lam[t, p, d * R + k])
                 # ---- Taylor rows of interval t: d(e_i e_j)/dh = dpw_i pw_j + pw_i dpw_j
                 if t < T - 1:
                     th = t if Th > 1 else 0
@@ -640,10 +640,10 @@ def backward(
                                 _fill(sv, 0.0)
                                 c0, c1, c2 = g0[i, j], g1[i, j], g2[i, j]
                                 for p in range(P):
-                                    _fma3(sv, c0, lam[t, a, p], xs[t, b, p])
-                                    _fma3(sv, c1, lam[t + 1, a, p], xs[t + 1, b, p])
-                                    _fma3(sv, c2, lam[t + 1, a, p], xs[t, b, p])
-                                    _fma3(sv, c2, xs[t + 1, a, p], lam[t, b, p])
+                                    _fma3(sv, c0, lam[t, p, a], xs[t, p, b])
+                                    _fma3(sv, c1, lam[t + 1, p, a], xs[t + 1, p, b])
+                                    _fma3(sv, c2, lam[t + 1, p, a], xs[t, p, b])
+                                    _fma3(sv, c2, xs[t + 1, p, a], lam[t, p, b])
                                 _fill(q, 0.0)
                                 _fma(q, dpw[i], pw[j])
                                 _fma(q, pw[i], dpw[j])

@@ -17,7 +17,7 @@ same as on every other path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numba
 import torch
@@ -46,8 +46,13 @@ def fused_path_applies(
     )
 
 
-def _n_workers(n_groups: int) -> int:
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n_groups))
+def _run_kernel(kernel, n_groups: int, *args) -> None:
+    """Call a :mod:`lane_kernels` kernel with SLP vectorisation on (it may compile), on as many
+    threads as torch uses, and with its last argument, the number of parallel jobs, appended
+    (at most ``n_groups``)."""
+    n_workers = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n_groups))
+    with lane_kernels.slp_vectorization():
+        _with_threads(kernel, *args, n_workers)
 
 
 @dataclass
@@ -67,7 +72,7 @@ class LaneFactor:
     steps: torch.Tensor
     constants: tuple
     n_systems: int
-    failed_at: torch.Tensor = field(default=None)
+    failed_at: torch.Tensor
 
     @property
     def n_steps(self) -> int:
@@ -90,18 +95,17 @@ class LaneFactor:
             )
         rhs = rhs.detach().to(self.chol.dtype).contiguous()
         out = hugepages.empty(tuple(rhs.shape), rhs.dtype)
-        with lane_kernels.slp_vectorization():
-            _with_threads(
-                lane_kernels.solve,
-                self.chol.numpy(),
-                self.rdiag.numpy(),
-                self.steps.numpy(),
-                self.constants[2],
-                self.constants[3],
-                rhs.numpy(),
-                out.numpy(),
-                _n_workers(self.chol.shape[0]),
-            )
+        _run_kernel(
+            lane_kernels.solve,
+            self.chol.shape[0],
+            self.chol.numpy(),
+            self.rdiag.numpy(),
+            self.steps.numpy(),
+            self.constants[2],
+            self.constants[3],
+            rhs.numpy(),
+            out.numpy(),
+        )
         return out
 
 
@@ -161,25 +165,24 @@ class _FusedLaneSolve(torch.autograd.Function):
         )
         x = hugepages.empty((N, T, m, P), dtype)
         bad_input = torch.zeros(G, dtype=torch.int64)
-        with lane_kernels.slp_vectorization():
-            _with_threads(
-                lane_kernels.forward,
-                coef.numpy(),
-                steps.numpy(),
-                rhs_eq.numpy(),
-                init.numpy(),
-                T,
-                sizes.n_dims,
-                sizes.n_init_steps,
-                sizes.n_init_orders,
-                *constants,
-                factor.chol.numpy(),
-                factor.rdiag.numpy(),
-                x.numpy(),
-                factor.failed_at.numpy(),
-                bad_input.numpy(),
-                _n_workers(G),
-            )
+        _run_kernel(
+            lane_kernels.forward,
+            G,
+            coef.numpy(),
+            steps.numpy(),
+            rhs_eq.numpy(),
+            init.numpy(),
+            T,
+            sizes.n_dims,
+            sizes.n_init_steps,
+            sizes.n_init_orders,
+            *constants,
+            factor.chol.numpy(),
+            factor.rdiag.numpy(),
+            x.numpy(),
+            factor.failed_at.numpy(),
+            bad_input.numpy(),
+        )
         outcome.factor = factor
         outcome.bad_input = bool(bad_input.any())
         ctx.sizes = sizes
@@ -194,23 +197,22 @@ class _FusedLaneSolve(torch.autograd.Function):
         sizes, factor = ctx.sizes, ctx.factor
         grad_x = grad_x.detach().to(coef.dtype).contiguous()
         grads = [hugepages.empty(tuple(t.shape), t.dtype) for t in (coef, steps, rhs_eq, init)]
-        with lane_kernels.slp_vectorization():
-            _with_threads(
-                lane_kernels.backward,
-                grad_x.numpy(),
-                x.numpy(),
-                coef.numpy(),
-                steps.numpy(),
-                rhs_eq.numpy(),
-                sizes.n_dims,
-                sizes.n_init_steps,
-                sizes.n_init_orders,
-                *factor.constants,
-                factor.chol.numpy(),
-                factor.rdiag.numpy(),
-                *(g.numpy() for g in grads),
-                _n_workers(factor.chol.shape[0]),
-            )
+        _run_kernel(
+            lane_kernels.backward,
+            factor.chol.shape[0],
+            grad_x.numpy(),
+            x.numpy(),
+            coef.numpy(),
+            steps.numpy(),
+            rhs_eq.numpy(),
+            sizes.n_dims,
+            sizes.n_init_steps,
+            sizes.n_init_orders,
+            *factor.constants,
+            factor.chol.numpy(),
+            factor.rdiag.numpy(),
+            *(g.numpy() for g in grads),
+        )
         needed = ctx.needs_input_grad[:4]
         return (*(g if need else None for g, need in zip(grads, needed, strict=True)), None, None)
 

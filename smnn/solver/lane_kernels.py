@@ -313,6 +313,18 @@ def _solve_group(chol, rdiag, steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw,
 
 
 @njit(cache=True)
+def _solve_scratch(like, P, m, R):
+    """Per-worker scratch of :func:`_solve_group`: y_prev (P, m, W), pw_prev, pw, tmp (R, W),
+    of ``like``'s dtype."""
+    dt = like.dtype
+    y_prev = np.empty((P, m, LANES), dtype=dt)
+    pw_prev = np.empty((R, LANES), dtype=dt)
+    pw = np.empty((R, LANES), dtype=dt)
+    tmp = np.empty((R, LANES), dtype=dt)
+    return y_prev, pw_prev, pw, tmp
+
+
+@njit(cache=True)
 def _load_columns(src, b0, nl, dst):
     """dst (T, P, m, W) = src[b0 + l] (N, T, m, P) for each lane l (the last system repeated)."""
     T, P, m, _ = dst.shape
@@ -346,10 +358,7 @@ def solve(chol, rdiag, steps, g2, weights, rhs, out, n_workers):
     dt = chol.dtype
     for worker in prange(n_workers):
         wsol = np.empty((T, P, m, LANES), dtype=dt)
-        y_prev = np.empty((P, m, LANES), dtype=dt)
-        pw_prev = np.empty((R, LANES), dtype=dt)
-        pw = np.empty((R, LANES), dtype=dt)
-        tmp = np.empty((R, LANES), dtype=dt)
+        y_prev, pw_prev, pw, tmp = _solve_scratch(wsol, P, m, R)
         lo, hi = _group_range(worker, n_workers, G)
         for g in range(lo, hi):
             b0 = g * LANES
@@ -402,16 +411,13 @@ def forward(
     for worker in prange(n_workers):
         cl = np.empty((E, m, LANES), dtype=dt)
         work = np.empty((m, m, LANES), dtype=dt)
-        pw_prev = np.empty((R, LANES), dtype=dt)
+        y_prev, pw_prev, pw, tmp = _solve_scratch(work, P, m, R)
         pw_cur = np.empty((R, LANES), dtype=dt)
         acc = np.empty(LANES, dtype=dt)
         bv = np.empty((E, P, LANES), dtype=dt)
         u0 = np.empty((D * K, P, LANES), dtype=dt)
         wsol = np.empty((T, P, m, LANES), dtype=dt)
         y_cpl = np.empty((m, m, LANES), dtype=dt)
-        y_prev = np.empty((P, m, LANES), dtype=dt)
-        pw = np.empty((R, LANES), dtype=dt)
-        tmp = np.empty((R, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
         for g in range(lo, hi):
             b0 = g * LANES
@@ -565,16 +571,13 @@ def backward(
         gs = np.empty((Th, LANES), dtype=dt)
         gb = np.empty((Tb, E, P, LANES), dtype=dt)
         gi = np.empty((Su, D * K, P, LANES), dtype=dt)
-        pw = np.empty((R, LANES), dtype=dt)
+        y_prev, pw_prev, pw, tmp = _solve_scratch(lam, P, m, R)
         dpw = np.empty((R, LANES), dtype=dt)
         alpha = np.empty(LANES, dtype=dt)
         beta = np.empty(LANES, dtype=dt)
         q = np.empty(LANES, dtype=dt)
         sv = np.empty(LANES, dtype=dt)
         gh = np.empty(LANES, dtype=dt)
-        y_prev = np.empty((P, m, LANES), dtype=dt)
-        pw_prev = np.empty((R, LANES), dtype=dt)
-        tmp = np.empty((R, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
         for g in range(lo, hi):
             b0 = g * LANES

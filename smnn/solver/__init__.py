@@ -9,20 +9,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from smnn.solver.api import METHODS, OdeFactorization, factorize, ode_forward
 from smnn.solver.banded import NonPositivePivotError
 from smnn.solver.inputs import OdeProblem, prepare_problem
 from smnn.solver.mnn import MNNConvergenceWarning, mnn_cg, mnn_dense
 from smnn.solver.reference import build_dense_system, dense_reference
+from smnn.solver.registry import SOLVERS, SolverInfo, get_solver, solver_info, solver_names
 
-SOLVER_NAMES = ("smnn", "mnn_dense", "mnn_cg")
+SOLVER_NAMES = solver_names()
 
 __all__ = [
     "METHODS",
     "MNNConvergenceWarning",
     "SOLVER_NAMES",
+    "SOLVERS",
+    "SolverInfo",
     "NonPositivePivotError",
     "OdeFactorization",
     "OdeProblem",
@@ -34,23 +35,6 @@ __all__ = [
     "mnn_dense",
     "ode_forward",
     "prepare_problem",
+    "solver_info",
+    "solver_names",
 ]
-
-
-def get_solver(name: str) -> Callable:
-    """The solver function for ``name`` in :data:`SOLVER_NAMES`.
-
-    All three take ``(coefficients, rhs_equation, init_vars, steps, n_steps=None,
-    n_init_var_steps=None, ...)`` and return u ``(..., T, D, R)``.
-    """
-    if name == "smnn":
-        return ode_forward
-    if name == "mnn_dense":
-        from smnn.solver.mnn import mnn_dense
-
-        return mnn_dense
-    if name == "mnn_cg":
-        from smnn.solver.mnn import mnn_cg
-
-        return mnn_cg
-    raise ValueError(f"unknown solver {name!r}; choose one of {SOLVER_NAMES}")

@@ -1,0 +1,110 @@
+"""Writing result files safely, in one place: atomic writes (temporary file + rename) and JSON.
+
+A file written here is either the complete new content or what was there before, never a
+half-written file that looks whole: the content goes to a temporary file in the same directory,
+is flushed to disk and renamed over the target (``os.replace`` is atomic on POSIX file systems).
+The temporary file is removed again when writing fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "fsync_dir",
+    "json_safe",
+    "read_json",
+]
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory entry to disk (so a rename survives a crash); best effort."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    Returns the path written. The parent directory is created when missing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays as python numbers and lists, tuples as lists,
+    and non-finite floats as None (JSON has no NaN or infinity)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def atomic_write_json(data: Any, path: str | Path, indent: int = 2) -> Path:
+    """Write ``data`` as JSON (keys sorted, numpy values converted by :func:`json_safe`) to
+    ``path`` atomically."""
+    text = json.dumps(json_safe(data), indent=indent, sort_keys=True, allow_nan=False) + "\n"
+    return atomic_write_text(text, path)
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Parse a JSON file, with an error naming the file when it is missing or not JSON."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except ValueError as exc:
+        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` atomically."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)

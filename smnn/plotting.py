@@ -1,0 +1,38 @@
+"""Figures for the pipeline's PNG outputs, made without pyplot.
+
+Every figure is a :class:`matplotlib.figure.Figure` created directly (not through ``pyplot``), so
+making one never selects or switches the caller's matplotlib backend, opens no window and keeps no
+global figure registry: plotting from inside a notebook or a GUI program leaves it as it was.
+:func:`save_figure` writes the PNG atomically (a killed job never leaves half an image).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from smnn.io import atomic_write
+
+__all__ = ["new_figure", "save_figure", "QUICK_NOTE"]
+
+QUICK_NOTE = "quick mode: few repeats, indicative only"
+
+
+def new_figure(
+    nrows: int = 1, ncols: int = 1, *, size: tuple[float, float] = (6.4, 4.8), **subplot_kw: Any
+) -> tuple[Figure, Any]:
+    """A figure of ``size`` inches with an ``nrows x ncols`` grid of axes.
+
+    Returns ``(figure, axes)``: one ``Axes`` for a 1 x 1 grid, else a numpy array of them (as
+    ``plt.subplots`` returns). Extra keywords go to ``Figure.subplots`` (e.g. ``squeeze``).
+    """
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(nrows, ncols, **subplot_kw)
+    return fig, axes
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically; returns the path."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), binary=True)

@@ -58,6 +58,7 @@ __all__ = [
     "retry_on_lock",
     "RunTracker",
     "git_commit",
+    "job_tags",
 ]
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,42 @@ def git_commit(path: str | Path | None = None) -> str | None:
         return None
     commit = out.stdout.strip()
     return commit or None
+
+
+def job_tags(
+    job: str,
+    rule: str | None,
+    config_file: str | Path | None = None,
+    wildcards: Mapping[str, str] | None = None,
+    **extra: str | None,
+) -> dict[str, str]:
+    """The MLflow tags every job's run carries (None values dropped).
+
+    Args:
+        job: what the job does (``train``, ``evaluate``, ``benchmark``, ``standalone`` ...).
+        rule: the workflow rule that ran it (``--rule``), or None for a command run by hand
+            (tagged ``<job>`` then).
+        config_file: the config file the job read.
+        wildcards: the rule's wildcards (tagged as JSON, and each one as its own tag).
+        extra: more tags (e.g. ``device``, ``config_hash``).
+    """
+    from smnn import __version__
+
+    commit = git_commit()
+    tags: dict[str, str | None] = {
+        "smnn.job": job,
+        "smnn.rule": rule or job,
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "smnn.version": __version__,
+        "config_file": None if config_file is None else str(Path(config_file).resolve()),
+    }
+    if wildcards:
+        tags["smnn.wildcards"] = json.dumps(dict(wildcards), sort_keys=True)
+        tags.update(wildcards)
+    tags.update(extra)
+    return {k: str(v) for k, v in tags.items() if v is not None}
 
 
 class RunTracker:

@@ -5,8 +5,12 @@ Store layout (``data/lorenz.zarr``, Zarr format 3):
 - ``clean`` (time, component) float64: the integrated trajectory;
 - ``observed`` (time, component) float64: ``clean`` plus Gaussian noise of standard deviation
   ``noise * std(clean, per component)`` (identical to ``clean`` when ``noise == 0``);
-- coordinates ``time`` (n_points,) = ``dt * arange(n_points)``, ``component`` = x, y, z;
+- coordinates ``time`` (n_points,) = ``dt * arange(n_points)``, ``component`` = x, y, z (stored
+  as variable-length strings);
 - attributes: the generator parameters, seed, integrator settings, package version.
+
+Every chunk carries a ``crc32c`` checksum (:mod:`smnn.data.store`); a damaged store is reported as
+a :class:`~smnn.data.store.StoreError` telling the user to rerun ``generate_lorenz``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import xarray as xr
 from scipy.integrate import solve_ivp
 
 from smnn.config import Config, ConfigError
-from smnn.zarr_io import StoreError, open_dataset, write_dataset_atomic
+from smnn.data.store import StoreError, open_dataset, write_dataset_atomic
 
 __all__ = [
     "LorenzParams",
@@ -31,6 +35,7 @@ __all__ = [
     "window_starts",
     "make_windows",
     "COMPONENTS",
+    "REMEDY",
 ]
 
 COMPONENTS = ("x", "y", "z")
@@ -38,6 +43,11 @@ COMPONENTS = ("x", "y", "z")
 RTOL = 1e-10
 ATOL = 1e-10
 METHOD = "DOP853"
+# what a damaged, missing or outdated store's error tells the user to do
+REMEDY = (
+    "rerun the stage that writes it, e.g. `snakemake --forcerun generate_lorenz` "
+    "(or `smnn generate-lorenz --config ... --out ...`)"
+)
 
 
 @dataclass(frozen=True)
@@ -132,13 +142,18 @@ def load_lorenz(path: str | Path, params: LorenzParams | None = None) -> xr.Data
 
     When ``params`` is given, the store's generator attributes must match them: a store made
     with other settings is an error naming the differing keys (regenerate it).
+
+    Raises:
+        StoreError: naming the store, the variable and :data:`REMEDY` when the store is missing,
+            damaged (a chunk fails its checksum or decompression) or made with other settings.
     """
-    ds = open_dataset(path, required_vars=("clean", "observed")).load()
+    ds = open_dataset(path, required_vars=("clean", "observed"), remedy=REMEDY, load=True)
     if ds["observed"].shape[-1] != 3 or ds["observed"].dims != ("time", "component"):
         raise StoreError(
             f"{path}: 'observed' must have dims (time, component=3), got "
-            f"{ds['observed'].dims} {ds['observed'].shape}"
-        )
+            f"{ds['observed'].dims} {ds['observed'].shape}; {REMEDY}",
+            path, "observed", REMEDY,
+        )  # fmt: skip
     if params is not None:
         diffs = []
         for key, want in asdict(params).items():
@@ -149,8 +164,9 @@ def load_lorenz(path: str | Path, params: LorenzParams | None = None) -> xr.Data
         if diffs:
             raise StoreError(
                 f"{path} was generated with other lorenz.data settings ({'; '.join(diffs)}); "
-                "regenerate it"
-            )
+                f"{REMEDY}",
+                path, None, REMEDY,
+            )  # fmt: skip
     return ds
 
 

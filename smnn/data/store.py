@@ -186,7 +186,8 @@ class _PipelineStore(LocalStore):
 def _damaged(path: Path, variable: str | None, exc: BaseException, remedy: str) -> StoreError:
     what = f"variable {variable!r} of Zarr store {path}" if variable else f"Zarr store {path}"
     return StoreError(
-        f"{what} cannot be read: the store is damaged or unreadable ({type(exc).__name__}: {exc}); {remedy}",
+        f"{what} cannot be read: the store is damaged or unreadable "
+        f"({type(exc).__name__}: {exc}); {remedy}",
         path, variable, remedy,
     )  # fmt: skip
 

@@ -4,9 +4,10 @@
 #   snakemake --profile slurm --configfile config/paper.yaml   published settings on a cluster
 #
 # This file only loads and validates the config, includes the rule files and names the targets.
-# Every rule calls one `smnn` subcommand; see README.md and config/README.md.
+# Every rule calls one `smnn` subcommand; see README.md and config/README.md. The experiments
+# (their data rules, config sections and targets) come from the registry smnn.experiments.base.
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("8.20")
 
@@ -18,8 +19,7 @@ include: "workflow/rules/common.smk"
 
 
 # Stops the run before any job, naming every wrong, unknown or missing key.
-check_config(config)
-validate(config, "workflow/schemas/config.schema.yaml")
+validate_workflow_config(config)
 
 
 report: "workflow/report/workflow.rst"
@@ -27,11 +27,19 @@ report: "workflow/report/workflow.rst"
 
 wildcard_constraints:
     solver="|".join(SOLVERS),
+    experiment="|".join(EXPERIMENTS),
 
 
 include: "workflow/rules/standalone.smk"
 include: "workflow/rules/benchmark.smk"
-include: "workflow/rules/lorenz.smk"
+
+
+for _rule_file in experiment_rule_files():
+
+    include: _rule_file
+
+
+include: "workflow/rules/experiment.smk"
 
 
 localrules:
@@ -42,3 +50,7 @@ rule all:
     default_target: True
     input:
         all_targets(),
+
+
+onsuccess:
+    print_summary()

@@ -10,7 +10,7 @@ Where runs go (first match wins):
 
 Artifacts go to ``mlflow.artifact_location`` when set, else to ``<paths.results>/mlartifacts``
 for a SQLite store, else wherever the server puts them (``--artifacts-destination``). Each paper
-experiment has its own MLflow experiment (:data:`EXPERIMENTS`) with artifact location
+experiment has its own MLflow experiment (:func:`mlflow_experiments`) with artifact location
 ``<artifact root>/<experiment>``.
 
 SQLite and parallel jobs. Several jobs may write to the same SQLite file at once. What can go
@@ -51,7 +51,8 @@ from typing import Any, TypeVar
 from smnn.config import Config, flatten_config
 
 __all__ = [
-    "EXPERIMENTS",
+    "TOOL_EXPERIMENTS",
+    "mlflow_experiments",
     "TrackingTarget",
     "resolve_tracking",
     "init_tracking_store",
@@ -63,7 +64,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EXPERIMENTS: tuple[str, ...] = ("lorenz", "sst", "kdv", "benchmark", "standalone")
+# MLflow experiments of the jobs that are not paper experiments
+TOOL_EXPERIMENTS: tuple[str, ...] = ("benchmark", "standalone")
 ENV_VAR = "MLFLOW_TRACKING_URI"
 SQLITE_CONNECT_TIMEOUT_S = 60
 _LOCK_MESSAGES = ("database is locked", "database table is locked", "sqlite_busy")
@@ -163,18 +165,35 @@ def retry_on_lock(
 
 @contextmanager
 def _store_lock(target: TrackingTarget) -> Iterator[None]:
-    """Exclusive inter-process lock next to a SQLite database (no-op for servers)."""
+    """Exclusive inter-process lock next to a SQLite database (no-op for servers).
+
+    The lock file is removed again when the lock is released, so no ``.init-lock`` file is left
+    beside the store. A process that locked a file which was removed meanwhile (it waited on the
+    old file while the holder deleted it) notices that the path no longer names its file and
+    tries again, so two processes never hold the lock at once.
+    """
     db = target.sqlite_path
     if db is None:
         yield
         return
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.parent / f".{db.name}.init-lock", "w") as handle:
+    path = db.parent / f".{db.name}.init-lock"
+    while True:
+        handle = open(path, "a")
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def _client(target: TrackingTarget):
@@ -202,14 +221,26 @@ def _get_or_create_experiment(client, target: TrackingTarget, name: str) -> str:
         return exp.experiment_id
 
 
+def mlflow_experiments() -> tuple[str, ...]:
+    """The MLflow experiments of the pipeline: one per registered experiment
+    (:mod:`smnn.experiments.base`), then ``benchmark`` and ``standalone``."""
+    from smnn.experiments.base import experiments
+
+    names = [e.mlflow_experiment for e in experiments().values()]
+    return tuple(dict.fromkeys([*names, *TOOL_EXPERIMENTS]))
+
+
 def init_tracking_store(
-    target: TrackingTarget, experiments: tuple[str, ...] = EXPERIMENTS
+    target: TrackingTarget, experiments: tuple[str, ...] | None = None
 ) -> dict[str, str]:
-    """Create the store (schema) and one MLflow experiment per name; idempotent.
+    """Create the store (schema) and one MLflow experiment per name (default:
+    :func:`mlflow_experiments`); idempotent.
 
     Returns:
         ``{experiment name: experiment id}``.
     """
+    if experiments is None:
+        experiments = mlflow_experiments()
     with _store_lock(target):
         client = retry_on_lock(_client, target)  # a SQLite store runs its migrations here
         return {name: _get_or_create_experiment(client, target, name) for name in experiments}

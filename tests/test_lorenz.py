@@ -27,7 +27,7 @@ from smnn.experiments.lorenz import (
     simulate,
     true_coefficients,
 )
-from smnn.library import PolynomialLibrary
+from smnn.experiments.library import PolynomialLibrary
 from smnn.zarr_io import StoreError, open_dataset, write_dataset_atomic
 
 # ------------------------------------------------------------------ data store

@@ -19,9 +19,9 @@ from pipeline_helpers import run_smnn, smnn_command, smnn_env, train_args, write
 
 from smnn.config import Config, load_config
 from smnn.tracking import (
-    EXPERIMENTS,
     RunTracker,
     init_tracking_store,
+    mlflow_experiments,
     resolve_tracking,
     retry_on_lock,
 )
@@ -69,8 +69,11 @@ def test_init_store_is_idempotent_and_creates_every_experiment(tmp_path):
     target = resolve_tracking(_config(results=str(tmp_path)), {})
     first = init_tracking_store(target)
     second = init_tracking_store(target)
-    assert set(first) == set(EXPERIMENTS) and first == second
+    assert set(first) == set(mlflow_experiments()) and first == second
+    # one MLflow experiment per registered experiment, none ahead of its code
+    assert set(first) == {"lorenz", "benchmark", "standalone"}
     assert (tmp_path / "mlflow.db").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no lock left
     tracker = RunTracker.start(target, "standalone", "probe", {"k": "v"})
     tracker.log_params({"a": 1, "b": "x"})
     tracker.log_params({"a": 1})  # re-logging the same value is fine (resumed runs)

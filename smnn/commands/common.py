@@ -29,11 +29,12 @@ def setup_logging() -> None:
 
 
 def job_config(path: str | Path) -> Config:
-    """Load ``--config`` and check the global keys every job reads."""
+    """Load ``--config`` and validate the whole file (:func:`smnn.config_validation.
+    validate_config`: the messages of the workflow's own check, naming every bad key)."""
+    from smnn.config_validation import validate_config
+
     config = load_config(path)
-    config.get_int("seed", min_value=0)
-    config.get_int("threads", min_value=1)
-    config.get_str("device", choices=("auto", "cpu", "cuda"))
+    validate_config(config.data, source=f"configuration {path}")
     return config
 
 

@@ -1,12 +1,9 @@
 """``smnn train`` and ``smnn evaluate``: one experiment's training and evaluation jobs.
 
-An experiment is a module (see :data:`EXPERIMENT_MODULES`) that provides
-
-- ``MLFLOW_EXPERIMENT`` (str) and ``SOLVERS`` (tuple of solver names it supports);
-- ``build_task(config, solver, data_path, device) -> TrainingTask`` (:mod:`smnn.training`);
-- ``model_payload(task) -> dict`` (what ``model.pt`` holds; it must include ``state_dict``);
-- ``evaluate(config, solver, data_path, model_path, out_dir, device)
-  -> (metrics, document, plot files)`` writing ``metrics.json`` and ``plots/*.png``.
+Both work for every registered experiment (:mod:`smnn.experiments.base`): the experiment builds
+its training task, says what ``model.pt`` holds and evaluates; everything else here (seeds, the
+shared training loop with checkpoints and resume, MLflow runs, the output files) is the same for
+all of them.
 
 Train outputs (in ``--out``, written at the end, atomically): ``model.pt`` and
 ``train_metrics.json``. Resumable state lives in ``--out/checkpoints`` (not a workflow output,
@@ -17,63 +14,69 @@ since Snakemake deletes the outputs of failed jobs). Exit codes: 0 done, 2 bad i
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from smnn.commands.common import apply_threads, clean_errors, job_config, setup_logging
 from smnn.config import Config, ConfigError, config_hash
-from smnn.tracking import RunTracker, git_commit, resolve_tracking
+from smnn.experiments.base import Experiment, experiments, get_experiment
+from smnn.io import atomic_torch_save, atomic_write_json
+from smnn.solver.registry import solver_names
+from smnn.tracking import RunTracker, job_tags, resolve_tracking
 from smnn.training import (
     Trainer,
     TrainerSettings,
     TrainingInterrupted,
-    atomic_torch_save,
-    atomic_write_json,
     resolve_device,
     seed_everything,
 )
 
-__all__ = ["EXPERIMENT_MODULES", "add_parser", "run_train", "run_evaluate", "job_tags"]
+__all__ = ["add_parser", "run_train", "run_evaluate", "experiment_hash"]
 
 log = logging.getLogger(__name__)
 
-# experiment name -> module implementing it (SST and KdV add themselves here)
-EXPERIMENT_MODULES: dict[str, str] = {
-    "lorenz": "smnn.experiments.lorenz",
-}
-ALL_SOLVERS = ("smnn", "mnn_dense", "mnn_cg")
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    names = sorted(experiments())
     for name, helptext in (
         ("train", "train one experiment with one solver (resumable, tracked in MLflow)"),
-        ("evaluate", "evaluate a trained model: metrics.json and plots"),
+        ("evaluate", "evaluate a trained model: metrics.json and plots, tracked in MLflow"),
     ):
         p = subparsers.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("--experiment", required=True, choices=sorted(EXPERIMENT_MODULES))
-        p.add_argument("--solver", required=True, choices=ALL_SOLVERS)
-        p.add_argument("--config", required=True, help="the pipeline's YAML config file")
-        p.add_argument("--data", required=True, help="the experiment's Zarr store")
-        p.add_argument("--out", required=True, help="output directory")
         p.add_argument(
-            "--rule", default=None, help="workflow rule name (an MLflow tag; default: command)"
-        )
+            "--experiment", required=True, choices=names,
+            help="the experiment (its config section and MLflow experiment)",
+        )  # fmt: skip
+        p.add_argument(
+            "--solver", required=True, choices=solver_names(),
+            help="the solver of the model's MNN layer",
+        )  # fmt: skip
+        p.add_argument(
+            "--config", required=True,
+            help="a complete YAML config, e.g. config/config.yaml or the workflow's "
+            "results/config/effective.yaml",
+        )  # fmt: skip
+        p.add_argument("--data", required=True, help="the experiment's Zarr store")
+        p.add_argument(
+            "--out", required=True,
+            help="output directory (train: model.pt, train_metrics.json, checkpoints/; "
+            "evaluate: metrics.json, plots/)",
+        )  # fmt: skip
+        p.add_argument(
+            "--rule", default=None,
+            help="the workflow rule running this job (an MLflow tag; default: the command)",
+        )  # fmt: skip
         if name == "train":
             p.add_argument(
-                "--max-epochs",
-                type=_positive_int,
-                default=None,
+                "--max-epochs", type=_positive_int, default=None,
                 help="stop after this many epochs in total (for tests); default: the schedule",
-            )
+            )  # fmt: skip
             p.set_defaults(func=run_train)
         else:
-            p.add_argument("--model", required=True, help="model.pt written by train")
+            p.add_argument("--model", required=True, help="model.pt written by `smnn train`")
             p.set_defaults(func=run_evaluate)
 
 
@@ -92,48 +95,20 @@ def _device(config: Config):
         raise ConfigError(f"{config.source}: device: {exc}") from exc
 
 
-def _experiment_module(name: str) -> ModuleType:
-    return importlib.import_module(EXPERIMENT_MODULES[name])
-
-
-def _check_solver(module: ModuleType, experiment: str, solver: str) -> None:
-    if solver not in module.SOLVERS:
-        raise ConfigError(
-            f"experiment {experiment} supports solvers {module.SOLVERS}, not {solver!r}"
-        )
-
-
 def experiment_hash(config: Config, experiment: str) -> str:
     """Hash of what determines a job's result: the seed and the experiment's section."""
     return config_hash({"seed": config.raw("seed"), experiment: config.section(experiment)})
 
 
-def job_tags(
-    config: Config, args: argparse.Namespace, job: str, device: str
-) -> dict[str, str | None]:
-    """MLflow tags of a train/evaluate run."""
-    commit = git_commit()
-    wildcards = {"experiment": args.experiment, "solver": args.solver}
-    return {
-        "smnn.job": job,
-        "smnn.rule": args.rule or f"{job}_{args.experiment}",
-        "smnn.wildcards": json.dumps(wildcards, sort_keys=True),
-        "experiment": args.experiment,
-        "solver": args.solver,
-        "device": device,
-        "config_hash": experiment_hash(config, args.experiment),
-        "config_file": str(Path(args.config).resolve()),
-        "git_commit": commit,
-        "mlflow.source.git.commit": commit,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "smnn.version": _version(),
-    }
-
-
-def _version() -> str:
-    from smnn import __version__
-
-    return __version__
+def _tags(config: Config, args: argparse.Namespace, job: str, device: str) -> dict[str, str]:
+    return job_tags(
+        job,
+        args.rule or f"{job}_{args.experiment}",
+        args.config,
+        {"experiment": args.experiment, "solver": args.solver},
+        device=device,
+        config_hash=experiment_hash(config, args.experiment),
+    )
 
 
 def _open_run(target, experiment: str, run_name: str, run_id: str | None, tags) -> RunTracker:
@@ -145,7 +120,6 @@ def _open_run(target, experiment: str, run_name: str, run_id: str | None, tags) 
             return tracker
         except Exception as exc:  # the store was reset or points elsewhere
             log.warning("cannot continue MLflow run %s (%s); starting a new run", run_id, exc)
-    tags = {k: v for k, v in tags.items() if v is not None}
     tracker = RunTracker.start(target, experiment, run_name, tags)
     log.info("MLflow run %s in experiment %s", tracker.run_id, experiment)
     return tracker
@@ -174,24 +148,30 @@ class _MetricSync:
             self.next_step = len(step_losses)
 
 
-def _start_job(args: argparse.Namespace):
-    """What every train/evaluate job does first: logging, the config, the experiment module
-    (checked against the solver), the thread count and the device."""
+def _start_job(args: argparse.Namespace) -> tuple[Config, Experiment, Any]:
+    """What every train/evaluate job does first: logging, the config, the experiment (checked
+    against the solver), the thread count and the device."""
     setup_logging()
     config = job_config(args.config)
-    module = _experiment_module(args.experiment)
-    _check_solver(module, args.experiment, args.solver)
+    experiment = get_experiment(args.experiment)
+    if args.solver not in experiment.solvers:
+        raise ConfigError(
+            f"experiment {args.experiment} supports solvers {', '.join(experiment.solvers)}, "
+            f"not {args.solver!r}"
+        )
     apply_threads(config)
-    return config, module, _device(config)
+    device = _device(config)
+    log.info("%s", experiment.summary(config))
+    return config, experiment, device
 
 
 @clean_errors
 def run_train(args: argparse.Namespace) -> int:
-    config, module, device = _start_job(args)
+    config, experiment, device = _start_job(args)
     seed = config.get_int("seed", min_value=0)
     out = Path(args.out)
     seed_everything(seed)
-    task = module.build_task(config, args.solver, args.data, device)
+    task = experiment.build_task(config, args.solver, Path(args.data), device)
     out.mkdir(parents=True, exist_ok=True)
     identity = {
         "experiment": args.experiment,
@@ -209,14 +189,14 @@ def run_train(args: argparse.Namespace) -> int:
     trainer = Trainer(task, settings)
     previous_run = trainer.restore()
     target = resolve_tracking(config)
-    tags = job_tags(config, args, "train", device.type)
+    tags = _tags(config, args, "train", device.type)
     tracker = _open_run(
-        target, module.MLFLOW_EXPERIMENT, f"{args.experiment}-{args.solver}-train", previous_run,
-        tags,
+        target, experiment.mlflow_experiment, f"{args.experiment}-{args.solver}-train",
+        previous_run, tags,
     )  # fmt: skip
     trainer.attach_run(tracker.run_id)
     tracker.log_config(config.data)
-    tracker.set_tags({k: v for k, v in tags.items() if v is not None})
+    tracker.set_tags(tags)
     sync = _MetricSync(tracker)
     if trainer.restored:
         tracker.set_tags({"resumed_from_epoch": trainer.resumed_from_epoch})
@@ -241,7 +221,7 @@ def run_train(args: argparse.Namespace) -> int:
         tracker.finish("FAILED")
         raise
 
-    payload: dict[str, Any] = module.model_payload(task)
+    payload: dict[str, Any] = experiment.model_payload(task)
     payload.update(
         {
             "experiment": args.experiment,
@@ -251,7 +231,7 @@ def run_train(args: argparse.Namespace) -> int:
             "history": result.history,
             "step_losses": result.step_losses,
             "final_metrics": result.final_metrics,
-            "smnn_version": _version(),
+            "smnn_version": tags.get("smnn.version"),
         }
     )
     atomic_torch_save(payload, out / "model.pt")
@@ -271,7 +251,7 @@ def run_train(args: argparse.Namespace) -> int:
     tracker.log_artifact(out / "train_metrics.json")
     tracker.log_pytorch_model(task.model, name="model")  # last: it ends the run FINISHED
     trainer.mark_finished()
-    for line in payload.get("equations", []):
+    for line in payload.get("summary", []):
         print(line)
     print(
         f"done: final loss {result.final_metrics.get('final_train_loss', float('nan')):.6g}, "
@@ -283,30 +263,33 @@ def run_train(args: argparse.Namespace) -> int:
 
 @clean_errors
 def run_evaluate(args: argparse.Namespace) -> int:
-    config, module, device = _start_job(args)
+    config, experiment, device = _start_job(args)
     seed_everything(config.get_int("seed", min_value=0))
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"model file {args.model} does not exist (train first)")
     target = resolve_tracking(config)
-    tags = job_tags(config, args, "evaluate", device.type)
+    tags = _tags(config, args, "evaluate", device.type)
     tracker = _open_run(
-        target, module.MLFLOW_EXPERIMENT, f"{args.experiment}-{args.solver}-evaluate", None, tags
-    )
+        target, experiment.mlflow_experiment, f"{args.experiment}-{args.solver}-evaluate", None,
+        tags,
+    )  # fmt: skip
     tracker.log_config(config.data)
+    out = Path(args.out)
     try:
-        metrics, document, files = module.evaluate(
-            config, args.solver, args.data, args.model, args.out, device
+        result = experiment.evaluate(
+            config, args.solver, Path(args.data), Path(args.model), out, device
         )
-        tracker.set_tags({"train_run_id": document.get("train_run_id")})
-        tracker.log_metrics(metrics)
-        tracker.log_artifact(Path(args.out) / "metrics.json")
-        for f in files:
+        tracker.set_tags(result.tags)
+        tracker.log_metrics(result.metrics)
+        tracker.log_artifact(out / "metrics.json")
+        for f in result.plots:
             tracker.log_artifact(f, "plots")
     except BaseException:
         tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
-    for line in document.get("equations", []):
+    for line in result.summary:
         print(line)
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(result.metrics, indent=2, sort_keys=True))
+    print(f"wrote {out / 'metrics.json'} and {len(result.plots)} plot(s) in {out / 'plots'}")
     return 0

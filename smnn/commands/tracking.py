@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from smnn.commands.common import clean_errors, job_config, setup_logging
-from smnn.tracking import EXPERIMENTS, init_tracking_store, resolve_tracking
+from smnn.tracking import init_tracking_store, mlflow_experiments, resolve_tracking
 
 __all__ = ["add_parser", "run"]
 
@@ -13,11 +13,11 @@ __all__ = ["add_parser", "run"]
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tracking-init",
-        help="create the MLflow tracking store and one experiment per paper experiment",
+        help="create the MLflow tracking store and one experiment per registered experiment",
         description=(
             "Create the MLflow store (the SQLite schema for the default local store) and the "
-            f"experiments {', '.join(EXPERIMENTS)}. Idempotent; the workflow runs it in onstart "
-            "so parallel jobs never race on the schema."
+            f"experiments {', '.join(mlflow_experiments())}. Idempotent; the workflow runs it "
+            "in onstart so parallel jobs never race on the schema."
         ),
     )
     p.add_argument("--config", required=True, help="the pipeline's YAML config file")

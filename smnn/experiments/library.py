@@ -1,4 +1,13 @@
-"""A library of candidate terms for equation discovery: all monomials up to a degree.
+"""Libraries of candidate terms for equation discovery, in the manner of PySINDy.
+
+A :class:`CandidateLibrary` is a set of named functions Theta_i of the state variables; a
+coefficient matrix ``xi`` ``(n_terms, n_vars)`` over it defines the system
+``d var_j / dt = sum_i Theta_i(state) xi[i, j]``. A library only has to say what its terms are
+called (:attr:`~CandidateLibrary.names`) and how to evaluate them
+(:meth:`~CandidateLibrary.evaluate`); the rest (the right-hand side, building a coefficient
+matrix from named terms, printing equations) is the same for every term set and lives in the base
+class. :class:`PolynomialLibrary` (all monomials up to a degree) is the one the Lorenz experiment
+uses; other term sets (trigonometric, a user's own) subclass :class:`CandidateLibrary`.
 
 ``PolynomialLibrary(("x", "y", "z"), degree=2)`` holds the 10 terms
 ``1, x, y, z, x^2, x y, x z, y^2, y z, z^2`` (the Lorenz experiment's library). A coefficient
@@ -8,68 +17,45 @@ matrix ``xi`` ``(n_terms, n_vars)`` defines ``d var_j / dt = sum_i Theta_i(state
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from itertools import combinations_with_replacement
 
 import numpy as np
 import torch
 
-__all__ = ["PolynomialLibrary"]
+__all__ = ["CandidateLibrary", "PolynomialLibrary"]
 
 ArrayLike = np.ndarray | torch.Tensor
 
 
-class PolynomialLibrary:
-    """All monomials of ``variables`` of total degree 0 (optional) to ``degree``.
+class CandidateLibrary(ABC):
+    """A set of named candidate terms Theta_i(state) over the variables :attr:`variables`.
 
-    Terms are ordered by degree, then lexicographically by variable position.
-
-    Args:
-        variables: names of the state variables (e.g. ``("x", "y", "z")``).
-        degree: highest total degree (>= 1).
-        include_constant: include the constant term ``1`` first.
+    Subclasses set :attr:`variables` and :attr:`names` and implement :meth:`evaluate`.
     """
 
-    def __init__(self, variables: Sequence[str], degree: int = 2, include_constant: bool = True):
-        variables = tuple(variables)
-        if not variables or any(not isinstance(v, str) or not v for v in variables):
-            raise ValueError(f"variables must be non-empty names, got {variables!r}")
-        if len(set(variables)) != len(variables):
-            raise ValueError(f"variables must be distinct, got {variables!r}")
-        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
-            raise ValueError(f"degree must be an integer >= 1, got {degree!r}")
-        self.variables = variables
-        self.degree = degree
-        self.include_constant = include_constant
-        powers: list[tuple[int, ...]] = [()] if include_constant else []
-        for d in range(1, degree + 1):
-            powers.extend(combinations_with_replacement(range(len(variables)), d))
-        # each term is the tuple of variable indices multiplied together (repeats = powers)
-        self.term_factors: tuple[tuple[int, ...], ...] = tuple(powers)
-        self.names: tuple[str, ...] = tuple(self._term_name(f) for f in self.term_factors)
+    variables: tuple[str, ...]
+    names: tuple[str, ...]
 
-    def __repr__(self) -> str:
-        return (
-            f"PolynomialLibrary(variables={self.variables!r}, degree={self.degree}, "
-            f"include_constant={self.include_constant})"
-        )
+    @abstractmethod
+    def evaluate(self, state: ArrayLike) -> ArrayLike:
+        """Theta(state): ``(..., n_vars)`` -> ``(..., n_terms)``, numpy or torch alike."""
 
     @property
     def n_terms(self) -> int:
-        return len(self.term_factors)
+        return len(self.names)
 
     @property
     def n_vars(self) -> int:
         return len(self.variables)
 
-    def _term_name(self, factors: tuple[int, ...]) -> str:
-        if not factors:
-            return "1"
-        parts = []
-        for i in sorted(set(factors)):
-            count = factors.count(i)
-            parts.append(self.variables[i] if count == 1 else f"{self.variables[i]}^{count}")
-        return " ".join(parts)
+    def _check_state(self, state: ArrayLike) -> None:
+        if state.shape[-1] != self.n_vars:
+            raise ValueError(
+                f"state must have {self.n_vars} variables {self.variables} in its last axis, "
+                f"got shape {tuple(state.shape)}"
+            )
 
     def term_index(self, name: str) -> int:
         """Index of the term called ``name`` (as in :attr:`names`, e.g. ``"x z"``)."""
@@ -79,26 +65,6 @@ class PolynomialLibrary:
             raise KeyError(
                 f"no term {name!r} in the library; terms are {list(self.names)}"
             ) from None
-
-    def evaluate(self, state: ArrayLike) -> ArrayLike:
-        """Theta(state): ``(..., n_vars)`` -> ``(..., n_terms)``, numpy or torch alike."""
-        if state.shape[-1] != self.n_vars:
-            raise ValueError(
-                f"state must have {self.n_vars} variables {self.variables} in its last axis, "
-                f"got shape {tuple(state.shape)}"
-            )
-        columns = []
-        for factors in self.term_factors:
-            if not factors:
-                columns.append(state[..., 0] * 0 + 1)
-                continue
-            col = state[..., factors[0]]
-            for i in factors[1:]:
-                col = col * state[..., i]
-            columns.append(col)
-        if isinstance(state, torch.Tensor):
-            return torch.stack(columns, dim=-1)
-        return np.stack(columns, axis=-1)
 
     def rhs(self, state: ArrayLike, xi: ArrayLike) -> ArrayLike:
         """d state/dt = Theta(state) xi: ``(..., n_vars)``, xi ``(n_terms, n_vars)``."""
@@ -149,3 +115,64 @@ class PolynomialLibrary:
                     text += f" - {term}" if c < 0 else f" + {term}"
             lines.append(f"d{var}/dt = {text or '0'}")
         return lines
+
+
+class PolynomialLibrary(CandidateLibrary):
+    """All monomials of ``variables`` of total degree 0 (optional) to ``degree``.
+
+    Terms are ordered by degree, then lexicographically by variable position.
+
+    Args:
+        variables: names of the state variables (e.g. ``("x", "y", "z")``).
+        degree: highest total degree (>= 1).
+        include_constant: include the constant term ``1`` first.
+    """
+
+    def __init__(self, variables: Sequence[str], degree: int = 2, include_constant: bool = True):
+        variables = tuple(variables)
+        if not variables or any(not isinstance(v, str) or not v for v in variables):
+            raise ValueError(f"variables must be non-empty names, got {variables!r}")
+        if len(set(variables)) != len(variables):
+            raise ValueError(f"variables must be distinct, got {variables!r}")
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
+            raise ValueError(f"degree must be an integer >= 1, got {degree!r}")
+        self.variables = variables
+        self.degree = degree
+        self.include_constant = include_constant
+        powers: list[tuple[int, ...]] = [()] if include_constant else []
+        for d in range(1, degree + 1):
+            powers.extend(combinations_with_replacement(range(len(variables)), d))
+        # each term is the tuple of variable indices multiplied together (repeats = powers)
+        self.term_factors: tuple[tuple[int, ...], ...] = tuple(powers)
+        self.names: tuple[str, ...] = tuple(self._term_name(f) for f in self.term_factors)
+
+    def __repr__(self) -> str:
+        return (
+            f"PolynomialLibrary(variables={self.variables!r}, degree={self.degree}, "
+            f"include_constant={self.include_constant})"
+        )
+
+    def _term_name(self, factors: tuple[int, ...]) -> str:
+        if not factors:
+            return "1"
+        parts = []
+        for i in sorted(set(factors)):
+            count = factors.count(i)
+            parts.append(self.variables[i] if count == 1 else f"{self.variables[i]}^{count}")
+        return " ".join(parts)
+
+    def evaluate(self, state: ArrayLike) -> ArrayLike:
+        """Theta(state): ``(..., n_vars)`` -> ``(..., n_terms)``, numpy or torch alike."""
+        self._check_state(state)
+        columns = []
+        for factors in self.term_factors:
+            if not factors:
+                columns.append(state[..., 0] * 0 + 1)
+                continue
+            col = state[..., factors[0]]
+            for i in factors[1:]:
+                col = col * state[..., i]
+            columns.append(col)
+        if isinstance(state, torch.Tensor):
+            return torch.stack(columns, dim=-1)
+        return np.stack(columns, axis=-1)

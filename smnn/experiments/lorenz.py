@@ -1,63 +1,76 @@
-"""Lorenz: discovering the governing equations from a trajectory (EXPERIMENTS.md section 2).
+"""Lorenz: discovering the governing equations from a trajectory (docs/experiments.md section 2).
 
 Model. A window ``x`` of ``W`` consecutive observed states ``(W, 3)`` goes through a denoiser MLP
 (``3W -> hidden -> hidden -> 3W``, ReLU; used as a residual, ``x_hat = x + mlp(x)``, so training
 starts from the identity). A coefficient generator maps one learnable latent vector through an
 MLP (``latent -> hidden -> hidden -> 30``) to the coefficients ``xi`` ``(10, 3)`` of the
-degree-2 polynomial library (:class:`smnn.library.PolynomialLibrary`), times a 0/1 mask. Each
-state ``d`` of each window is its own first-order linear ODE ``u' = Theta(x_hat) xi[:, d]`` with
-``R = 3`` orders, coefficients ``(0, 1, 0)``, step ``dt`` and initial value ``x_hat`` at the
-first step; the solver returns ``u`` ``(W, 3)``. Loss: ``MSE(u, x) + MSE(x_hat, x)``.
+degree-2 polynomial library (:class:`smnn.experiments.library.PolynomialLibrary`), times a 0/1
+mask. Each state ``d`` of each window is its own first-order linear ODE
+``u' = Theta(x_hat) xi[:, d]`` with ``R = 3`` orders, coefficients ``(0, 1, 0)``, step ``dt``
+and initial value ``x_hat`` at the first step; the solver returns ``u``
+``(W, 3)``. Loss: ``MSE(u, x) + MSE(x_hat, x)``.
 
 Schedule. ``cycles`` optimise-and-threshold cycles of ``epochs_per_cycle`` epochs (Adam); at the
 start of every cycle after the first, terms with ``|xi| <= threshold`` are masked to zero for
 good.
 
-Solvers. ``smnn``: the left-hand side (coefficients and step) never changes, so it is factorized
-once (:func:`smnn.factorize`) and every step only substitutes. ``mnn_dense`` / ``mnn_cg``: the
-original MNN's solvers, called on every step (they cannot reuse a factorization).
+Solvers. The solve is the shared :class:`~smnn.experiments.mnn_layer.MnnLayer` with a frozen
+left-hand side (coefficients and step never change): ``smnn`` factorizes it once
+(:func:`smnn.factorize`) and every step only substitutes; ``mnn_dense`` / ``mnn_cg``, the original
+MNN's solvers, solve from scratch on every step (they cannot reuse a factorization).
 
-Evaluation. The recovered ``xi`` against the truth (``-sigma, sigma`` in dx; ``rho, -1, -1`` for
-x, y, xz in dy; ``-beta, 1`` for z, xy in dz): errors, terms wrongly kept or dropped, sign errors;
-the recovered equations simulated with scipy from the data's initial state against the true
-trajectory; plots.
+Evaluation (:mod:`smnn.experiments.lorenz_evaluation`, figures in
+:mod:`smnn.experiments.lorenz_figures`). The recovered ``xi`` against the truth (``-sigma, sigma``
+in dx; ``rho, -1, -1`` for x, y, xz in dy; ``-beta, 1`` for z, xy in dz): errors, terms wrongly
+kept or dropped, sign errors; the recovered equations simulated with scipy from the data's initial
+state against the true trajectory; plots.
+
+The experiment object the generic commands and rules use is :data:`EXPERIMENT`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from smnn.config import Config
 from smnn.data.lorenz import LorenzParams, load_lorenz, make_windows, window_starts
-from smnn.library import PolynomialLibrary
+from smnn.experiments.base import Evaluation
+from smnn.experiments.library import PolynomialLibrary
+from smnn.experiments.lorenz_evaluation import (
+    coefficient_metrics,
+    simulate,
+    simulation_metrics,
+)
+from smnn.experiments.lorenz_figures import (
+    plot_coefficients,
+    plot_losses,
+    plot_time_series,
+    plot_trajectories,
+)
+from smnn.experiments.mnn_layer import MnnLayer
+from smnn.io import atomic_write_json
 
 __all__ = [
-    "MLFLOW_EXPERIMENT",
-    "SOLVERS",
+    "EXPERIMENT",
+    "LorenzExperiment",
     "LorenzSettings",
     "lorenz_library",
     "true_coefficients",
     "LorenzModel",
     "WindowOde",
     "LorenzTask",
-    "build_task",
-    "model_payload",
     "load_model",
     "coefficient_metrics",
     "simulate",
-    "evaluate",
 ]
 
-MLFLOW_EXPERIMENT = "lorenz"
-SOLVERS = ("smnn", "mnn_dense", "mnn_cg")
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 N_ORDERS = 3  # R: orders u, u', u'' of every state
 STEP_LOSS_POINTS = 1000  # per-step losses kept for the loss-curve figure (paper Figure 3)
@@ -172,8 +185,8 @@ class WindowOde:
     """Solve ``u' = rhs`` for every (window, state) with a fixed step; ``R = 3``, ``E = D = 1``.
 
     Args:
-        solver: ``"smnn"`` (factorize once, substitute per call), ``"mnn_dense"`` or
-            ``"mnn_cg"`` (solve from scratch per call).
+        solver: a solver name (:mod:`smnn.solver.registry`); its left-hand side is frozen once
+            (:meth:`MnnLayer.freeze_lhs`: ``smnn`` factorizes it, the MNN solvers solve anew).
         n_steps: T, points per window.
         dt: the step.
         dtype, device: of the coefficients and step (and of the right-hand sides passed in).
@@ -182,26 +195,19 @@ class WindowOde:
     def __init__(
         self, solver: str, n_steps: int, dt: float, dtype: torch.dtype, device: torch.device
     ):
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        self.solver, self.n_steps = solver, n_steps
+        self.n_steps = n_steps
         # c[t, e, d, k]: one equation 0 * u + 1 * u' + 0 * u'' = rhs, shared by all steps
-        self.coefficients = torch.tensor([0.0, 1.0, 0.0], dtype=dtype, device=device).view(
+        coefficients = torch.tensor([0.0, 1.0, 0.0], dtype=dtype, device=device).view(
             1, 1, 1, N_ORDERS
         )
-        self.steps = torch.full((1,), dt, dtype=dtype, device=device)
-        if solver == "smnn":
-            import smnn
+        steps = torch.full((1,), dt, dtype=dtype, device=device)
+        self.layer = MnnLayer(solver).freeze_lhs(
+            coefficients, steps, n_steps=n_steps, n_init_orders=1
+        )
 
-            self._factorization = smnn.factorize(
-                self.coefficients, self.steps, n_init_orders=1, n_steps=n_steps
-            )
-            self._solve_fn = None
-        else:
-            from smnn.solver import get_solver
-
-            self._factorization = None
-            self._solve_fn = get_solver(solver)
+    @property
+    def solver(self) -> str:
+        return self.layer.solver
 
     def __call__(self, rhs: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
         """``rhs`` ``(B, T, n_vars)``, ``initial`` ``(B, n_vars)`` -> ``u`` ``(B, T, n_vars)``."""
@@ -213,10 +219,7 @@ class WindowOde:
             )
         b = rhs.transpose(1, 2).unsqueeze(-1)  # (B, V, T, E=1)
         u0 = initial.reshape(B, V, 1, 1, 1)  # (B, V, S=1, D=1, K=1)
-        if self._factorization is not None:
-            u = self._factorization.solve(b, u0)
-        else:
-            u = self._solve_fn(self.coefficients, b, u0, self.steps, n_steps=self.n_steps)
+        u = self.layer(b, u0)
         return u[..., 0, 0].transpose(1, 2)  # order 0 of state 0: (B, T, V)
 
 
@@ -269,7 +272,7 @@ class LorenzTask:
         return {"n_active_terms": float(self.model.mask.sum())}
 
 
-def build_task(
+def _build_task(
     config: Config, solver: str, data_path: str | Path, device: torch.device
 ) -> LorenzTask:
     """The training task: windows of the observed trajectory in ``data_path``."""
@@ -281,7 +284,7 @@ def build_task(
     return LorenzTask(settings, windows, solver, device)
 
 
-def model_payload(task: LorenzTask) -> dict[str, Any]:
+def _model_payload(task: LorenzTask) -> dict[str, Any]:
     """What ``model.pt`` holds besides the training history (see the train command)."""
     xi = task.model.coefficients().detach().cpu().double()
     return {
@@ -314,200 +317,14 @@ def load_model(path: str | Path) -> tuple[LorenzModel, dict[str, Any]]:
     return model, payload
 
 
-# ------------------------------------------------------------------ evaluation
-
-
-def coefficient_metrics(
-    xi: np.ndarray, truth: np.ndarray, library: PolynomialLibrary
-) -> dict[str, float]:
-    """Recovered ``xi`` vs ``truth`` (both ``(n_terms, n_vars)``).
-
-    Returns errors, the counts of wrongly kept (true 0, recovered != 0), wrongly dropped (true
-    != 0, recovered 0) and sign-flipped terms, and every true term's recovered value as
-    ``coef_d{var}_{term}`` (e.g. ``coef_dy_xz``).
-    """
-    true_on = truth != 0
-    on = xi != 0
-    metrics = {
-        "coef_max_abs_error": float(np.abs(xi - truth).max()),
-        "coef_rel_error": float(np.linalg.norm(xi - truth) / np.linalg.norm(truth)),
-        "coef_max_rel_error_true_terms": float(
-            (np.abs(xi - truth)[true_on] / np.abs(truth[true_on])).max()
-        ),
-        "n_wrongly_kept": float(np.sum(on & ~true_on)),
-        "n_wrongly_dropped": float(np.sum(~on & true_on)),
-        "n_sign_errors": float(np.sum(true_on & (np.sign(xi) != np.sign(truth)))),
-        "n_active_terms": float(on.sum()),
-    }
-    metrics["sign_pattern_recovered"] = float(
-        metrics["n_wrongly_kept"] == 0 and metrics["n_sign_errors"] == 0
-    )
-    for i, j in zip(*np.nonzero(true_on), strict=True):
-        name = library.names[i].replace(" ", "")
-        metrics[f"coef_d{library.variables[j]}_{name}"] = float(xi[i, j])
-    return metrics
-
-
-def simulate(
-    library: PolynomialLibrary,
-    xi: np.ndarray,
-    initial_state: np.ndarray,
-    n_points: int,
-    dt: float,
-    blow_up: float = 1e6,
-) -> np.ndarray:
-    """Integrate ``d state/dt = Theta(state) xi`` (scipy DOP853) on ``dt * arange(n_points)``.
-
-    Returns ``(n, n_vars)`` with ``n <= n_points``: shorter when the solution leaves
-    ``|state| < blow_up`` (the recovered equations diverge).
-    """
-    from scipy.integrate import solve_ivp
-
-    times = dt * np.arange(n_points)
-
-    def escaped(t: float, s: np.ndarray) -> float:
-        return blow_up - np.abs(s).max()
-
-    escaped.terminal = True
-    sol = solve_ivp(
-        lambda t, s: library.rhs(s, xi),
-        (0.0, float(times[-1])),
-        np.asarray(initial_state, dtype=float),
-        method="DOP853",
-        t_eval=times,
-        rtol=1e-10,
-        atol=1e-10,
-        events=escaped,
-    )
-    return sol.y.T.copy()
-
-
-def simulation_metrics(sim: np.ndarray, true: np.ndarray, dt: float) -> dict[str, float]:
-    """Error of a simulated trajectory ``(n, 3)`` against the true one ``(N, 3)``, N >= n.
-
-    ``simulation_valid_time``: the time until the error norm first exceeds 10% of the true
-    trajectory's RMS norm (chaos makes every error grow; this says for how long it stays small).
-    """
-    n = sim.shape[0]
-    err = np.linalg.norm(sim - true[:n], axis=-1)
-    scale = float(np.sqrt(np.mean(np.sum(true**2, axis=-1))))
-    bad = np.nonzero(err > 0.1 * scale)[0]
-    valid_steps = int(bad[0]) if bad.size else n
-    horizon = min(n, int(round(1.0 / dt)) + 1)
-    return {
-        "simulation_rmse": float(np.sqrt(np.mean(err**2))),
-        "simulation_rmse_first_time_unit": float(np.sqrt(np.mean(err[:horizon] ** 2))),
-        "simulation_valid_time": valid_steps * dt,
-        "simulation_diverged": float(n < true.shape[0]),
-    }
-
-
-def _plot_trajectories(true: np.ndarray, sim: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig = plt.figure(figsize=(11, 5))
-    for k, (data, title, color) in enumerate(
-        ((true, "true equations", "tab:blue"), (sim, "recovered equations", "tab:orange"))
-    ):
-        ax = fig.add_subplot(1, 2, k + 1, projection="3d")
-        ax.plot(data[:, 0], data[:, 1], data[:, 2], lw=0.6, color=color)
-        ax.set_xlabel("x")
-        ax.set_ylabel("y")
-        ax.set_zlabel("z")
-        ax.set_title(f"{title} ({data.shape[0]} points)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_time_series(true: np.ndarray, sim: np.ndarray, dt: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(3, 1, figsize=(10, 6), sharex=True)
-    t_true = dt * np.arange(true.shape[0])
-    t_sim = dt * np.arange(sim.shape[0])
-    for k, name in enumerate("xyz"):
-        axes[k].plot(t_true, true[:, k], lw=1.0, label="true")
-        axes[k].plot(t_sim, sim[:, k], lw=1.0, ls="--", label="recovered")
-        axes[k].set_ylabel(name)
-    axes[0].legend(loc="upper right")
-    axes[-1].set_xlabel("time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_losses(history: list[dict], step_losses: list[float], epc: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    epochs = [r["epoch"] for r in history]
-    for key, label in (
-        ("train_loss", "total"),
-        ("loss_solution", "MSE(u, x)"),
-        ("loss_denoise", "MSE(x_hat, x)"),
-    ):
-        if history and key in history[0]:
-            axes[0].semilogy(epochs, [r[key] for r in history], label=label)
-    for c in range(epc, len(history), epc):
-        axes[0].axvline(c - 0.5, color="grey", lw=0.5, ls=":")
-    axes[0].set_xlabel("epoch (dotted: thresholding)")
-    axes[0].set_ylabel("loss")
-    axes[0].legend()
-    axes[1].semilogy(np.arange(len(step_losses)), step_losses)
-    axes[1].set_xlabel("optimisation step")
-    axes[1].set_ylabel("training loss")
-    axes[1].set_title(f"first {len(step_losses)} steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_coefficients(
-    library: PolynomialLibrary, xi: np.ndarray, truth: np.ndarray, path: Path
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=False)
-    pos = np.arange(library.n_terms)
-    for j, var in enumerate(library.variables):
-        ax = axes[j]
-        ax.bar(pos - 0.2, truth[:, j], width=0.4, label="true")
-        ax.bar(pos + 0.2, xi[:, j], width=0.4, label="recovered")
-        ax.set_xticks(pos, library.names, rotation=60)
-        ax.axhline(0, color="black", lw=0.5)
-        ax.set_title(f"d{var}/dt")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def evaluate(
+def _evaluate(
     config: Config,
     solver: str,
     data_path: str | Path,
     model_path: str | Path,
     out_dir: str | Path,
-    device: torch.device,
-) -> tuple[dict[str, float], dict[str, Any], list[Path]]:
-    """Evaluate a trained model; writes ``metrics.json`` and ``plots/*.png`` into ``out_dir``.
-
-    Returns:
-        (numeric metrics, the whole metrics.json content, the plot files).
-    """
+) -> Evaluation:
+    """Evaluate a trained model; writes ``metrics.json`` and ``plots/*.png`` into ``out_dir``."""
     settings = LorenzSettings.from_config(config)
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
@@ -532,42 +349,101 @@ def evaluate(
         x_hat = model.denoise(windows.double())
     target = make_windows(clean, starts, settings.data.window)
     metrics["denoise_rmse_vs_clean"] = float(torch.sqrt(torch.mean((x_hat - target) ** 2)))
+    final_loss = payload.get("final_metrics", {}).get("final_train_loss")
+    if final_loss is not None:
+        metrics["train_final_loss"] = float(final_loss)
 
     files = [
-        plots / n for n in ("trajectories.png", "time_series.png", "loss.png", "coefficients.png")
-    ]
-    _plot_trajectories(clean[:n_sim], sim, files[0])
-    _plot_time_series(clean[:n_sim], sim, settings.data.dt, files[1])
-    _plot_losses(
-        payload.get("history", []), payload.get("step_losses", []), settings.epochs_per_cycle,
-        files[2],
-    )  # fmt: skip
-    _plot_coefficients(library, xi, truth, files[3])
-
+        plot_trajectories(clean[:n_sim], sim, plots / "trajectories.png", f"solver {solver}"),
+        plot_time_series(
+            clean[:n_sim], sim, settings.data.dt, plots / "time_series.png", f"solver {solver}"
+        ),
+        plot_losses(
+            payload.get("history", []), payload.get("step_losses", []),
+            settings.epochs_per_cycle, plots / "loss.png",
+        ),
+        plot_coefficients(library, xi, truth, plots / "coefficients.png"),
+    ]  # fmt: skip
+    equations = library.equations(xi)
     document = {
         "experiment": "lorenz",
         "solver": solver,
         "metrics": metrics,
-        "equations": library.equations(xi),
+        "equations": equations,
         "true_equations": library.equations(truth),
         "coefficients": xi.tolist(),
         "true_coefficients": truth.tolist(),
         "terms": list(library.names),
-        "train_run_id": payload.get("run_id"),
-        "train_metrics": payload.get("final_metrics", {}),
     }
-    with open(out_dir / "metrics.json", "w") as f:
-        json.dump(_json_safe(document), f, indent=2)
-        f.write("\n")
-    return metrics, document, files
+    atomic_write_json(document, out_dir / "metrics.json")
+    summary = [
+        "recovered equations:",
+        *(f"  {line}" for line in equations),
+        f"terms wrongly kept {metrics['n_wrongly_kept']:.0f}, wrongly dropped "
+        f"{metrics['n_wrongly_dropped']:.0f}, sign errors {metrics['n_sign_errors']:.0f}; "
+        f"simulation valid for {metrics['simulation_valid_time']:.2f} time units",
+    ]
+    tags = {"train_run_id": payload["run_id"]} if payload.get("run_id") else {}
+    return Evaluation(metrics, document, files, tags, summary)
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> None so the file is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
+class LorenzExperiment:
+    """The Lorenz experiment as the generic commands and rules see it
+    (:class:`smnn.experiments.base.Experiment`)."""
+
+    name = "lorenz"
+    title = "Lorenz"
+    mlflow_experiment = "lorenz"
+    solvers = ("smnn", "mnn_dense", "mnn_cg")
+    data_store = "lorenz.zarr"
+    data_rules = ("generate_lorenz",)
+    rule_file = Path("workflow", "rules", "lorenz.smk")
+    resources = {
+        "train": {"mem_mb": 8000, "runtime": 720},
+        "evaluate": {"mem_mb": 4000, "runtime": 60},
+    }
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        return yaml.safe_load(Path(__file__).with_name("lorenz.schema.yaml").read_text())
+
+    def config_problems(self, section: dict[str, Any]) -> list[str]:
+        data = section.get("data")
+        if isinstance(data, dict):
+            n, w = data.get("n_points"), data.get("window")
+            if isinstance(n, int) and isinstance(w, int) and w > n:
+                return [f"config key 'lorenz.data.window': {w} is larger than "
+                        f"lorenz.data.n_points ({n})"]  # fmt: skip
+        return []
+
+    def summary(self, config: Config) -> str:
+        s = LorenzSettings.from_config(config)
+        return (
+            f"Lorenz equation discovery: windows of {s.data.window} points (dt {s.data.dt}) of a "
+            f"{s.data.n_points}-point trajectory, {s.cycles} cycles x {s.epochs_per_cycle} "
+            f"epochs, batch {s.batch_size}, lr {s.lr}, {s.dtype}, threshold {s.threshold}"
+        )
+
+    def build_task(
+        self, config: Config, solver: str, data_path: Path, device: torch.device
+    ) -> LorenzTask:
+        return _build_task(config, solver, data_path, device)
+
+    def model_payload(self, task: LorenzTask) -> dict[str, Any]:
+        payload = _model_payload(task)
+        payload["summary"] = ["recovered equations:", *(f"  {e}" for e in payload["equations"])]
+        return payload
+
+    def evaluate(
+        self,
+        config: Config,
+        solver: str,
+        data_path: Path,
+        model_path: Path,
+        out_dir: Path,
+        device: torch.device,
+    ) -> Evaluation:
+        return _evaluate(config, solver, data_path, model_path, out_dir)
+
+
+EXPERIMENT = LorenzExperiment()

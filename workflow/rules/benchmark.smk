@@ -6,27 +6,23 @@ rule benchmark_solver:
     output:
         csv=results_path("benchmark", "bench.csv"),
         table=results_path("benchmark", "bench.md"),
+        floors=results_path("benchmark", "floors.csv"),
         plot_steps=report(
             results_path("benchmark", "scaling_T.png"),
             caption="../report/benchmark.rst",
-            category="5. Solver benchmark",
+            category="Solver benchmark",
             labels={"figure": "scaling against T"},
         ),
         plot_batch=report(
             results_path("benchmark", "scaling_batch.png"),
             caption="../report/benchmark.rst",
-            category="5. Solver benchmark",
+            category="Solver benchmark",
             labels={"figure": "scaling against batch size"},
         ),
     params:
+        config=effective_config_path(),
         out=lambda wildcards, output: os.path.dirname(output.csv),
-        quick="--quick" if config["benchmark"]["quick"] else "",
-        methods=",".join(config["benchmark"]["methods"]),
-        dtypes=",".join(config["benchmark"]["dtypes"]),
-        time_budget=config["benchmark"]["time_budget"],
-        device=config["device"],
-        tracking_uri=mlflow_tracking_uri(),
-        settings=settings("benchmark"),
+        settings=settings("seed", "device", "benchmark"),
     log:
         results_path("logs", "benchmark.log"),
     threads: config["threads"]
@@ -36,6 +32,5 @@ rule benchmark_solver:
     conda:
         "../../environment.yml"
     shell:
-        "smnn bench --out {params.out} {params.quick} --methods {params.methods}"
-        " --dtypes {params.dtypes} --time-budget {params.time_budget} --threads {threads}"
-        " --device {params.device} --mlflow-uri {params.tracking_uri:q} > {log} 2>&1"
+        "smnn bench --config {params.config} --out {params.out} --rule benchmark_solver"
+        " > {log} 2>&1"

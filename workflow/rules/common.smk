@@ -1,5 +1,6 @@
-# Helpers shared by the stage files: config checks, paths, targets, the effective config file and
-# the MLflow store initialisation. Rule files hold rules only; functions live here.
+# Helpers shared by the stage files: config validation, paths, targets, the effective config
+# file, the MLflow store initialisation and the closing summary. Rule files hold rules only;
+# functions live here (and their logic in the smnn package).
 
 import json
 import os
@@ -8,116 +9,30 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-SOLVERS = ["smnn", "mnn_dense", "mnn_cg"]
-SCHEMA = Path(workflow.basedir, "workflow", "schemas", "config.schema.yaml")
+from smnn.config import ConfigError
+from smnn.config_validation import validate_config
+from smnn.experiments.base import experiments
+from smnn.io import atomic_write_text
+from smnn.solver.registry import solver_names
+
+SOLVERS = list(solver_names())
+EXPERIMENTS = experiments()  # name -> smnn.experiments.base.Experiment
+# keys of an experiment section that do not change what training computes
+NOT_TRAINING_KEYS = ("enabled", "solvers", "evaluate")
 
 
-# ------------------------------------------------------------------ config checks
+# ------------------------------------------------------------------ config
 
 
-def _dotted(path):
-    """('lorenz', 'model', 'hidden') -> 'lorenz.model.hidden' (list indices as [i])."""
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "<top level>"
-
-
-def _expects_non_string(schema):
-    """Whether a (resolved) schema node accepts no strings at all."""
-    types = schema.get("type")
-    if types is None:
-        return False
-    types = [types] if isinstance(types, str) else types
-    return "string" not in types
-
-
-def _resolve(schema, root):
-    ref = schema.get("$ref") if isinstance(schema, dict) else None
-    if ref and ref.startswith("#/"):
-        node = root
-        for part in ref[2:].split("/"):
-            node = node[part]
-        return _resolve(node, root)
-    return schema
-
-
-def coerce_overrides(value, schema, overrides, root=None):
-    """Re-type strings that came from `--config key=VALUE` where the schema wants no string.
-
-    Snakemake parses nested values of `--config` overrides as plain strings
-    (`--config 'lorenz={train: {cycles: 1}}'` gives cycles '1'); such a string is read as YAML
-    again when the schema expects a number, boolean, null or list at that place. Only values given
-    on the command line (`overrides`, the same shape) are touched: a string in a config file stays
-    a string, and a wrong type there is reported.
-    """
-    root = schema if root is None else root
-    schema = _resolve(schema, root)
-    if isinstance(value, dict) and isinstance(overrides, dict):
-        props = schema.get("properties", {})
-        return {
-            k: coerce_overrides(v, props[k], overrides[k], root)
-            if k in props and k in overrides
-            else v
-            for k, v in value.items()
-        }
-    if isinstance(value, list) and isinstance(overrides, list) and schema.get("items"):
-        return [coerce_overrides(v, schema["items"], o, root) for v, o in zip(value, overrides)]
-    if isinstance(value, str) and value == overrides and _expects_non_string(schema):
-        try:
-            return yaml.safe_load(value)
-        except yaml.YAMLError:
-            return value
-    return value
-
-
-def config_problems(cfg, schema):
-    """Every schema violation of `cfg` as one line naming the dotted key."""
-    from jsonschema import Draft202012Validator
-
-    problems = []
-    for err in Draft202012Validator(schema).iter_errors(cfg):
-        key = _dotted(err.absolute_path)
-        prefix = "" if key == "<top level>" else f"{key}."
-        if err.validator == "additionalProperties":
-            allowed = sorted(err.schema.get("properties", {}))
-            for extra in sorted(set(err.instance) - set(allowed)):
-                problems.append(
-                    f"config key '{prefix}{extra}' is not allowed "
-                    f"(allowed here: {', '.join(allowed)})"
-                )
-        elif err.validator == "required":
-            for missing in err.validator_value:
-                if missing not in err.instance:
-                    problems.append(f"config key '{prefix}{missing}' is missing")
-        else:
-            problems.append(f"config key '{key}': {err.message}")
-    lorenz = cfg.get("lorenz") if isinstance(cfg, dict) else None
-    data = lorenz.get("data") if isinstance(lorenz, dict) else None
-    if isinstance(data, dict):
-        n, w = data.get("n_points"), data.get("window")
-        if isinstance(n, int) and isinstance(w, int) and w > n:
-            problems.append(
-                f"config key 'lorenz.data.window': {w} is larger than lorenz.data.n_points ({n})"
-            )
-    return sorted(set(problems))
-
-
-def check_config(cfg):
-    """Validate the merged config in place (with --config strings re-typed) or stop the run."""
-    with open(SCHEMA) as f:
-        schema = yaml.safe_load(f)
-    plain = json.loads(json.dumps(cfg))
-    overrides = json.loads(json.dumps(dict(workflow.config_settings.config), default=dict))
-    fixed = coerce_overrides(plain, schema, overrides)
-    problems = config_problems(fixed, schema)
-    if problems:
-        raise WorkflowError(
-            "Invalid configuration (see config/README.md and "
-            "workflow/schemas/config.schema.yaml):\n  " + "\n  ".join(problems)
-        )
+def validate_workflow_config(cfg):
+    """Validate the merged config in place (`--config` strings re-typed) or stop the run."""
+    overrides = dict(workflow.config_settings.config or {})
+    try:
+        checked = validate_config(cfg, overrides, source="configuration")
+    except ConfigError as exc:
+        raise WorkflowError(str(exc)) from None
     cfg.clear()
-    cfg.update(fixed)
+    cfg.update(checked)
 
 
 # ------------------------------------------------------------------ paths and settings
@@ -151,20 +66,36 @@ def settings(*keys):
     return json.dumps(picked, sort_keys=True, separators=(",", ":"))
 
 
-def mlflow_tracking_uri():
-    """The tracking URI for commands that take no --config (`smnn bench`).
+def train_settings(experiment):
+    """What a training job of `experiment` depends on: seed, device and its section without
+    the keys that only choose jobs or configure evaluation."""
+    section = {k: v for k, v in config[experiment].items() if k not in NOT_TRAINING_KEYS}
+    return json.dumps(
+        {"seed": config["seed"], "device": config["device"], experiment: section},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
 
-    Same precedence as smnn.tracking: mlflow.tracking_uri of the config, else the environment
-    variable MLFLOW_TRACKING_URI, else the SQLite store in the results directory.
-    """
-    uri = config["mlflow"]["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return "sqlite:///" + str(Path(results_path("mlflow.db")).resolve())
+
+def evaluate_settings(experiment):
+    return settings("seed", f"{experiment}.evaluate") if "evaluate" in config[experiment] else (
+        settings("seed")
+    )
 
 
-def lorenz_solvers():
-    return config["lorenz"]["solvers"]
+def experiment_store(experiment):
+    """The data store that training and evaluation of `experiment` read."""
+    return data_path(EXPERIMENTS[experiment].data_store)
+
+
+def experiment_resource(experiment, job, name):
+    return EXPERIMENTS[experiment].resources[job][name]
+
+
+def experiment_rule_files():
+    """The data-rule files of the registered experiments (relative to the Snakefile, or
+    absolute for experiments outside the package)."""
+    return [str(Path(workflow.basedir, exp.rule_file)) for exp in EXPERIMENTS.values()]
 
 
 # ------------------------------------------------------------------ targets
@@ -176,29 +107,31 @@ def standalone_targets():
 
 
 def benchmark_targets():
-    names = ["bench.csv", "bench.md", "scaling_T.png", "scaling_batch.png"]
+    names = ["bench.csv", "bench.md", "floors.csv", "scaling_T.png", "scaling_batch.png"]
     return [results_path("benchmark", n) for n in names]
 
 
-def lorenz_targets():
+def experiment_targets(experiment):
     return [
-        results_path("lorenz", solver, "eval", "metrics.json") for solver in lorenz_solvers()
+        results_path(experiment, solver, "eval", "metrics.json")
+        for solver in config[experiment]["solvers"]
     ]
 
 
 def all_targets():
-    """Everything the default target builds: each enabled stage of each experiment."""
+    """Everything the default target builds: each enabled stage and experiment."""
     targets = []
     if config["standalone"]["enabled"]:
         targets += standalone_targets()
     if config["benchmark"]["enabled"]:
         targets += benchmark_targets()
-    if config["lorenz"]["enabled"]:
-        targets += lorenz_targets()
+    for name in EXPERIMENTS:
+        if config[name]["enabled"]:
+            targets += experiment_targets(name)
     return targets
 
 
-# ------------------------------------------------------------------ start of a run
+# ------------------------------------------------------------------ start and end of a run
 
 
 def write_effective_config(cfg, path):
@@ -216,10 +149,42 @@ def write_effective_config(cfg, path):
     path = Path(path)
     if path.is_file() and path.read_text() == text:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(text, path)
+
+
+def print_summary():
+    """Where the results are, the recovered equations and how to look at the MLflow runs."""
+    lines = ["", "smnn: the pipeline finished. Results:"]
+    if config["standalone"]["enabled"]:
+        lines.append(f"  standalone check:  {results_path('standalone', 'errors.md')}")
+    if config["benchmark"]["enabled"]:
+        lines.append(f"  solver benchmark:  {results_path('benchmark', 'bench.md')}")
+    for name in EXPERIMENTS:
+        if not config[name]["enabled"]:
+            continue
+        for solver in config[name]["solvers"]:
+            path = Path(results_path(name, solver, "eval", "metrics.json"))
+            lines.append(f"  {name} ({solver}):  {path.parent}/ (metrics.json, plots/)")
+            try:
+                document = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            for equation in document.get("equations", []):
+                lines.append(f"      {equation}")
+    lines.append(
+        f"  HTML report:  snakemake --report {results_path('report.html')}"
+        " (then open it in a browser)"
+    )
+    uri = config["mlflow"]["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        lines.append(f"  MLflow runs:  {uri}")
+    else:
+        db = Path(results_path("mlflow.db")).resolve()
+        lines.append(
+            f"  MLflow runs:  mlflow ui --backend-store-uri sqlite:///{db}"
+            "  (then http://127.0.0.1:5000; see README, 'Comparing runs in MLflow')"
+        )
+    print("\n".join(lines))
 
 
 onstart:

@@ -7,18 +7,20 @@ rule standalone:
         table=report(
             results_path("standalone", "errors.csv"),
             caption="../report/standalone_table.rst",
-            category="1. Standalone ODEs",
+            category="Standalone ODEs",
             labels={"figure": "error table (CSV)"},
         ),
         markdown=results_path("standalone", "errors.md"),
         plot=report(
             results_path("standalone", "solutions.png"),
             caption="../report/standalone_plot.rst",
-            category="1. Standalone ODEs",
+            category="Standalone ODEs",
             labels={"figure": "solutions"},
         ),
     params:
+        config=effective_config_path(),
         out=lambda wildcards, output: os.path.dirname(output.metrics),
+        settings=settings("seed", "standalone"),
     log:
         results_path("logs", "standalone.log"),
     threads: 1
@@ -28,4 +30,5 @@ rule standalone:
     conda:
         "../../environment.yml"
     shell:
-        "smnn standalone --out {params.out} > {log} 2>&1"
+        "smnn standalone --config {params.config} --out {params.out} --rule standalone"
+        " > {log} 2>&1"

@@ -1,0 +1,59 @@
+# The generic stages of every experiment: train with one solver, evaluate the trained model.
+# {experiment} is a registered experiment (smnn.experiments.base), {solver} a solver name; the
+# experiment's own rule file writes the data store both read.
+
+
+rule train:
+    input:
+        data=lambda wildcards: experiment_store(wildcards.experiment),
+    output:
+        model=results_path("{experiment}", "{solver}", "model.pt"),
+        metrics=results_path("{experiment}", "{solver}", "train_metrics.json"),
+    params:
+        config=effective_config_path(),
+        out=lambda wildcards, output: os.path.dirname(output.model),
+        settings=lambda wildcards: train_settings(wildcards.experiment),
+    log:
+        results_path("logs", "{experiment}", "train_{solver}.log"),
+    threads: config["threads"]
+    resources:
+        mem_mb=lambda wildcards: experiment_resource(wildcards.experiment, "train", "mem_mb"),
+        runtime=lambda wildcards: experiment_resource(wildcards.experiment, "train", "runtime"),
+    conda:
+        "../../environment.yml"
+    shell:
+        "smnn train --experiment {wildcards.experiment} --solver {wildcards.solver}"
+        " --config {params.config} --data {input.data} --out {params.out} --rule train"
+        " > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        data=lambda wildcards: experiment_store(wildcards.experiment),
+        model=results_path("{experiment}", "{solver}", "model.pt"),
+    output:
+        metrics=results_path("{experiment}", "{solver}", "eval", "metrics.json"),
+        plots=report(
+            directory(results_path("{experiment}", "{solver}", "eval", "plots")),
+            patterns=["{name}.png"],
+            caption="../report/evaluate.rst",
+            category="Experiment {experiment}",
+            subcategory="solver {solver}",
+            labels={"experiment": "{experiment}", "solver": "{solver}", "figure": "{name}"},
+        ),
+    params:
+        config=effective_config_path(),
+        out=lambda wildcards, output: os.path.dirname(output.metrics),
+        settings=lambda wildcards: evaluate_settings(wildcards.experiment),
+    log:
+        results_path("logs", "{experiment}", "evaluate_{solver}.log"),
+    threads: config["threads"]
+    resources:
+        mem_mb=lambda wildcards: experiment_resource(wildcards.experiment, "evaluate", "mem_mb"),
+        runtime=lambda wildcards: experiment_resource(wildcards.experiment, "evaluate", "runtime"),
+    conda:
+        "../../environment.yml"
+    shell:
+        "smnn evaluate --experiment {wildcards.experiment} --solver {wildcards.solver}"
+        " --config {params.config} --data {input.data} --model {input.model} --out {params.out}"
+        " --rule evaluate > {log} 2>&1"

@@ -13,6 +13,23 @@ step finishes, a mid-epoch checkpoint is written (with the epoch's data order an
 nothing is repeated or skipped), and :class:`TrainingInterrupted` is raised; the command exits
 with ``128 + signal`` (143 for SIGTERM) so the scheduler can requeue the job.
 
+Checkpoint files (in ``checkpoint_dir``): ``last.pt`` (the newest), ``previous.pt`` (the one
+before it: a hard link to the old ``last.pt`` is renamed over ``previous.pt`` before the new
+``last.pt`` is renamed into place, so both always exist once two were written), ``run.json`` (the
+MLflow run id, the identity, running/finished) and ``train.lock``. When ``last.pt`` cannot be
+loaded (truncated, unreadable, another format or configuration) :meth:`Trainer.restore` warns,
+naming the file, moves it aside to ``last.pt.corrupt`` and resumes from ``previous.pt``; when
+neither loads it warns and starts afresh (a new MLflow run), so a requeued job never crash-loops.
+What happened is in :attr:`Trainer.recovery_notes` and :attr:`Trainer.recovered_from`.
+
+One process per checkpoint directory: :class:`CheckpointLock` holds an exclusive, non-blocking
+``fcntl.flock`` on ``train.lock`` (which records the holder's pid, host and command) from
+:meth:`Trainer.restore` (or :meth:`Trainer.acquire`) until :meth:`Trainer.mark_finished`,
+:meth:`Trainer.release`, the end of a ``with trainer:`` block, or the end of the process (the
+kernel drops the lock of a dead process, so a stale lock file never blocks). A second trainer on
+the same directory raises :class:`CheckpointLocked`, naming the holder's pid, before touching
+anything.
+
 Timing and memory: every step (forward, backward, optimiser update) is timed, with CUDA
 synchronisation on GPUs. Peak memory of a step (above the level before it) comes from
 :func:`smnn.memory.measure_peak_memory`; on CPU that resets the kernel's resident-set high-water
@@ -24,26 +41,31 @@ collection before each measurement takes microseconds instead of a second.
 
 from __future__ import annotations
 
+import copy
+import errno
+import fcntl
 import gc
 import json
 import logging
+import os
 import random
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from smnn.io import atomic_torch_save, atomic_write_json
+from smnn.io import atomic_torch_save, atomic_write_json, fsync_dir, read_json
 from smnn.memory import measure_peak_memory
 
 __all__ = [
@@ -52,6 +74,8 @@ __all__ = [
     "Trainer",
     "TrainingResult",
     "TrainingInterrupted",
+    "CheckpointLock",
+    "CheckpointLocked",
     "seed_everything",
     "resolve_device",
     "atomic_torch_save",
@@ -61,7 +85,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
+PREVIOUS_NAME = "previous.pt"
+CORRUPT_SUFFIX = ".corrupt"
 RUN_FILE = "run.json"
+LOCK_NAME = "train.lock"
 FORMAT_VERSION = 1
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -156,6 +183,129 @@ class TrainingInterrupted(Exception):
         self.exit_code = 128 + signum
 
 
+class CheckpointLocked(RuntimeError):
+    """Another live process (or another :class:`Trainer` of this one) holds the checkpoint
+    directory's lock.
+
+    Attributes:
+        directory: the checkpoint directory.
+        holder_pid: the holder's pid (None when its lock file could not be read).
+        holder_host: the holder's host name (None when unknown).
+    """
+
+    def __init__(self, directory: Path, holder: Mapping[str, Any] | None):
+        holder = dict(holder or {})
+        self.directory = Path(directory)
+        self.holder_pid: int | None = holder.get("pid")
+        self.holder_host: str | None = holder.get("host")
+        pid = "unknown" if self.holder_pid is None else self.holder_pid
+        who = f"pid {pid} on host {self.holder_host or 'unknown'}"
+        if holder.get("started"):
+            who += f", since {holder['started']}"
+        if self.holder_pid == os.getpid() and self.holder_host == socket.gethostname():
+            who += "; that is this process, through another Trainer"
+        super().__init__(
+            f"checkpoint directory {self.directory} is in use by another training process "
+            f"({who}); a second one would overwrite its checkpoints and its MLflow run. Stop it "
+            f"(kill {pid}) or wait for it to finish, then rerun."
+        )
+
+
+class CheckpointLock:
+    """An exclusive lock on a checkpoint directory: ``fcntl.flock`` on ``<directory>/train.lock``.
+
+    The lock file records the holder (pid, host, start time, command) while it is held. The lock
+    belongs to the open file, so the kernel releases it when the holding process ends, however it
+    ends; a lock file left behind by a dead process does not block. Usable as a context manager;
+    :meth:`acquire` and :meth:`release` are idempotent.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self._file: IO[bytes] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def holder(self) -> dict[str, Any] | None:
+        """What the lock file says about its holder (None when empty or unreadable)."""
+        try:
+            info = json.loads(self.path.read_text() or "null")
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def acquire(self) -> CheckpointLock:
+        """Take the lock without waiting.
+
+        Raises:
+            CheckpointLocked: another process (or another lock object of this process) holds it.
+        """
+        if self._file is not None:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        f = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise CheckpointLocked(self.directory, self._wait_for_holder()) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                f.close()
+                raise
+            log.warning(
+                "cannot lock %s (%s): this file system has no flock; make sure only one "
+                "training process uses %s", self.path, exc, self.directory,
+            )  # fmt: skip
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv)[:500],
+        }
+        f.seek(0)
+        f.truncate()
+        f.write((json.dumps(info) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+        self._file = f
+        return self
+
+    def _wait_for_holder(self, timeout: float = 1.0) -> dict[str, Any] | None:
+        """The holder's record; it writes it right after taking the lock, so wait a moment."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.holder()
+            if info is not None or time.monotonic() > deadline:
+                return info
+            time.sleep(0.02)
+
+    def release(self) -> None:
+        """Clear the holder record and drop the lock (the file stays: deleting a lock file
+        would let two processes lock two different files)."""
+        f, self._file = self._file, None
+        if f is None:
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+        except OSError:
+            pass
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            f.close()
+
+    def __enter__(self) -> CheckpointLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def seed_everything(seed: int) -> None:
     """Seed python's, numpy's and torch's global generators (call before building the model)."""
     random.seed(seed)
@@ -238,15 +388,29 @@ class _EpochProgress:
 
 
 class Trainer:
-    """Runs a :class:`TrainingTask` with checkpoints, resume and signal handling.
+    """Runs a :class:`TrainingTask` with checkpoints, resume, signal handling and a lock.
 
     Typical use (see :mod:`smnn.commands.experiment`)::
 
         trainer = Trainer(task, settings)
-        run_id = trainer.restore()          # None for a fresh start
-        ... create or resume the MLflow run, then trainer.attach_run(run_id) ...
-        result = trainer.fit(on_epoch_end=log_to_mlflow)
-        trainer.mark_finished()
+        with trainer:                       # the directory's lock (CheckpointLocked if taken)
+            run_id = trainer.restore()      # None for a fresh start
+            ... trainer.recovery_notes: say in the MLflow run what restore() had to do ...
+            ... create or resume the MLflow run, then trainer.attach_run(run_id) ...
+            result = trainer.fit(on_epoch_end=log_to_mlflow)
+            ... write the outputs ...
+            trainer.mark_finished()         # also releases the lock
+
+    Without ``with``, :meth:`restore` takes the lock itself and it is held until
+    :meth:`mark_finished`, :meth:`release` or the end of the process (also after
+    :class:`TrainingInterrupted` or another exception, until the process exits).
+
+    Attributes:
+        recovery_notes: what :meth:`restore` had to do about unusable files, one readable line
+            each (a damaged ``last.pt``, a fall back to ``previous.pt``, a fresh start because
+            no checkpoint loaded); empty when all was well. Each was also logged as a warning.
+        recovered_from: the path of the checkpoint resumed from when it was not ``last.pt``
+            (i.e. ``previous.pt`` after ``last.pt`` failed to load), else None.
     """
 
     def __init__(self, task: TrainingTask, settings: TrainerSettings):
@@ -258,6 +422,13 @@ class Trainer:
         if settings.max_epochs is not None:
             self.n_epochs = min(self.n_epochs, settings.max_epochs)
         self.data_generator = torch.Generator().manual_seed(settings.seed)
+        self.lock = CheckpointLock(settings.checkpoint_dir)
+        self.recovery_notes: list[str] = []
+        self.recovered_from: str | None = None
+        self._reset_progress()
+        self.run_id: str | None = None
+
+    def _reset_progress(self) -> None:
         self.epoch = 0  # completed epochs
         self.step_in_epoch = 0  # completed steps of the current (unfinished) epoch
         self.epoch_generator_state: torch.Tensor | None = None
@@ -265,9 +436,30 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.step_losses: list[float] = []
         self.global_step = 0
-        self.run_id: str | None = None
         self.resumed_from_epoch = 0
         self.restored = False
+
+    # ------------------------------------------------------------------ the directory's lock
+
+    def acquire(self) -> Trainer:
+        """Take the checkpoint directory's lock (idempotent).
+
+        Raises:
+            CheckpointLocked: another process holds it (its pid is in the message); nothing in
+                the directory has been touched.
+        """
+        self.lock.acquire()
+        return self
+
+    def release(self) -> None:
+        """Drop the checkpoint directory's lock (idempotent)."""
+        self.lock.release()
+
+    def __enter__(self) -> Trainer:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     # ------------------------------------------------------------------ checkpoint files
 
@@ -276,57 +468,138 @@ class Trainer:
         return self.settings.checkpoint_dir / CHECKPOINT_NAME
 
     @property
+    def previous_path(self) -> Path:
+        return self.settings.checkpoint_dir / PREVIOUS_NAME
+
+    @property
     def run_file(self) -> Path:
         return self.settings.checkpoint_dir / RUN_FILE
 
+    def _note(self, message: str) -> None:
+        log.warning("%s", message)
+        self.recovery_notes.append(message)
+
     def _read_run_file(self) -> dict[str, Any] | None:
-        try:
-            with open(self.run_file) as f:
-                return json.load(f)
-        except (OSError, ValueError):
+        """``run.json``, or None when missing; an unreadable one is noted."""
+        if not self.run_file.exists():
             return None
+        try:
+            info = read_json(self.run_file, "run file")
+            if not isinstance(info, dict):
+                raise ValueError(f"run file {self.run_file} holds no JSON object")
+        except (OSError, ValueError) as exc:
+            self._note(f"{exc}; discarding the checkpoints and starting afresh")
+            return None
+        return info
 
     def _identity(self) -> dict[str, Any]:
         return json.loads(json.dumps(self.settings.identity, default=str))
 
+    def _clear_directory(self) -> None:
+        """Remove everything in the checkpoint directory but the lock file."""
+        ckdir = self.settings.checkpoint_dir
+        if not ckdir.is_dir():
+            return
+        for entry in ckdir.iterdir():
+            if entry.name == LOCK_NAME:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+
     def restore(self) -> str | None:
-        """Load the last checkpoint when it belongs to this job and the job did not finish.
+        """Take the lock, then load the last checkpoint when it belongs to this job and the job
+        did not finish.
 
         A checkpoint directory of another configuration, or of a job that finished (a forced
-        rerun), is cleared so the run starts afresh.
+        rerun), is cleared so the run starts afresh. When ``last.pt`` cannot be loaded, the run
+        continues from ``previous.pt``; when neither loads, it starts afresh (see
+        :attr:`recovery_notes`).
 
         Returns:
             The MLflow run id to continue, or None for a fresh run.
+
+        Raises:
+            CheckpointLocked: another process trains in this directory.
         """
+        self.acquire()
+        self.recovery_notes = []
+        self.recovered_from = None
         ckdir = self.settings.checkpoint_dir
         run_info = self._read_run_file()
         if run_info is None:
-            if ckdir.exists():
-                shutil.rmtree(ckdir)
+            self._clear_directory()
             return None
         if run_info.get("identity") != self._identity() or run_info.get("status") == "finished":
             why = "finished" if run_info.get("status") == "finished" else "another configuration"
             log.info("discarding checkpoints in %s (%s)", ckdir, why)
-            shutil.rmtree(ckdir)
+            self._clear_directory()
             return None
         self.run_id = run_info.get("run_id")
-        if self.checkpoint_path.exists():
-            self._load_checkpoint()
-        return self.run_id
+        candidates = [p for p in (self.checkpoint_path, self.previous_path) if p.exists()]
+        if not candidates:
+            return self.run_id
+        initial = self._snapshot()
+        failed: list[Path] = []
+        for path in candidates:
+            try:
+                self._apply_checkpoint(self._read_checkpoint(path))
+            except Exception as exc:  # torch.load and the checks raise many types
+                self._apply_snapshot(initial)  # undo what a half-applied checkpoint changed
+                self.run_id = run_info.get("run_id")
+                self._note(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc})")
+                failed.append(path)
+                continue
+            self._resumed(path, failed)
+            return self.run_id
+        self._note(
+            f"no usable checkpoint in {ckdir} ({', '.join(p.name for p in failed)} failed): "
+            f"starting afresh in a new MLflow run"
+            + (f" (run {self.run_id} of the lost checkpoints is left as it is)" if self.run_id
+               else "")
+        )  # fmt: skip
+        self._clear_directory()
+        self.run_id = None
+        return None
+
+    def _resumed(self, path: Path, failed: list[Path]) -> None:
+        """Bookkeeping after ``path`` was loaded (``failed``: the checkpoints tried before)."""
+        if path != self.checkpoint_path:
+            self.recovered_from = str(path)
+            if self.checkpoint_path in failed:
+                corrupt = self.checkpoint_path.with_name(CHECKPOINT_NAME + CORRUPT_SUFFIX)
+                # aside, so the next save does not rotate a damaged file over previous.pt
+                os.replace(self.checkpoint_path, corrupt)
+                fsync_dir(self.settings.checkpoint_dir)
+                why = f"it is kept as {corrupt.name}"
+            else:
+                why = "it was missing"
+            self._note(
+                f"resumed from {path} ({self.epoch} epoch(s) done, {self.step_in_epoch} step(s) "
+                f"into the next) instead of {self.checkpoint_path.name}; {why}"
+            )
+        log.info(
+            "resumed from %s: %d epoch(s) done, %d step(s) into the next",
+            path, self.epoch, self.step_in_epoch,
+        )  # fmt: skip
 
     def attach_run(self, run_id: str | None) -> None:
         """Record the MLflow run id (in ``run.json`` right away, and in every checkpoint)."""
+        self.acquire()
         self.run_id = run_id
         atomic_write_json(
             {"run_id": run_id, "identity": self._identity(), "status": "running"}, self.run_file
         )
 
     def mark_finished(self) -> None:
-        """Mark the job done: a later start with this directory begins a fresh run."""
+        """Mark the job done (a later start with this directory begins a fresh run) and release
+        the directory's lock."""
         atomic_write_json(
             {"run_id": self.run_id, "identity": self._identity(), "status": "finished"},
             self.run_file,
         )
+        self.release()
 
     def _save_checkpoint(self) -> None:
         state = {
@@ -346,15 +619,57 @@ class Trainer:
             "rng": _rng_state(),
             "data_generator": self.data_generator.get_state(),
         }
+        self._rotate()
         atomic_torch_save(state, self.checkpoint_path)
 
-    def _load_checkpoint(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+    def _rotate(self) -> None:
+        """Make the current ``last.pt`` the ``previous.pt``, keeping ``last.pt`` in place (a hard
+        link renamed over ``previous.pt``), so a crash at any point leaves a loadable pair."""
+        last, previous = self.checkpoint_path, self.previous_path
+        if not last.exists():
+            return
+        link = previous.with_name(f".{PREVIOUS_NAME}.tmp-{os.getpid()}")
+        try:
+            link.unlink(missing_ok=True)
+            os.link(last, link)
+            os.replace(link, previous)
+        except OSError:  # a file system without hard links: plain rename (restore copes)
+            link.unlink(missing_ok=True)
+            os.replace(last, previous)
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Load ``path`` and check it is a checkpoint of this job (raises when not)."""
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a checkpoint")
         if state.get("format_version") != FORMAT_VERSION:
-            raise RuntimeError(
-                f"{self.checkpoint_path} has format {state.get('format_version')}, expected "
-                f"{FORMAT_VERSION}; delete {self.settings.checkpoint_dir} to start afresh"
-            )
+            raise ValueError(f"has format {state.get('format_version')}, expected {FORMAT_VERSION}")
+        if state.get("identity") != self._identity():
+            raise ValueError("belongs to another configuration")
+        return state
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The state a failed :meth:`_apply_checkpoint` must be undone to."""
+        return {
+            "model": copy.deepcopy(self.task.model.state_dict()),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "scheduler": None
+            if self.scheduler is None
+            else copy.deepcopy(self.scheduler.state_dict()),
+            "rng": _rng_state(),
+            "data_generator": self.data_generator.get_state(),
+        }
+
+    def _apply_snapshot(self, snap: Mapping[str, Any]) -> None:
+        self.task.model.load_state_dict(snap["model"])
+        self.optimizer.load_state_dict(snap["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(snap["scheduler"])
+        _set_rng_state(snap["rng"])
+        self.data_generator.set_state(snap["data_generator"])
+        self._reset_progress()
+
+    def _apply_checkpoint(self, state: Mapping[str, Any]) -> None:
         self.task.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -371,12 +686,6 @@ class Trainer:
         self.run_id = state["run_id"] or self.run_id
         self.resumed_from_epoch = self.epoch
         self.restored = True
-        log.info(
-            "resumed from %s: %d epoch(s) done, %d step(s) into the next",
-            self.checkpoint_path,
-            self.epoch,
-            self.step_in_epoch,
-        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -439,8 +748,12 @@ class Trainer:
                 (e.g. to log to MLflow).
 
         Raises:
-            TrainingInterrupted: after SIGTERM/SIGINT, once the checkpoint is saved.
+            TrainingInterrupted: after SIGTERM/SIGINT, once the checkpoint is saved (the lock
+                stays held until the process ends or :meth:`release` / ``with`` ends).
+            CheckpointLocked: when called without :meth:`restore` and another process holds
+                the directory.
         """
+        self.acquire()
         task = self.task
         measure_every_step = self.device.type == "cuda"
         is_tty = sys.stderr.isatty()

@@ -238,15 +238,17 @@ def test_sigterm_mid_epoch_resumes_exactly_in_process(tmp_path):
     assert reference.restore() is None
     reference.attach_run(None)
     ref = reference.fit()
+    reference.mark_finished()
 
     seed_everything(0)
     task = _RegressionTask(seed=1, stop_at_step=7)  # epoch 1 (5 steps per epoch), 2nd step
-    first = _trainer(task, tmp_path / "killed")
-    first.restore()
-    first.attach_run("run-123")
-    with pytest.raises(TrainingInterrupted) as info:
-        first.fit()
+    with _trainer(task, tmp_path / "killed") as first:  # the lock is released on the way out
+        first.restore()
+        first.attach_run("run-123")
+        with pytest.raises(TrainingInterrupted) as info:
+            first.fit()
     assert info.value.exit_code == 143
+    assert not first.lock.held
     state = torch.load(tmp_path / "killed" / "last.pt", weights_only=False)
     assert (state["epoch"], state["step_in_epoch"]) == (1, 2)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
@@ -277,8 +279,11 @@ def test_checkpoint_of_another_configuration_is_discarded(tmp_path):
     t.n_epochs = 1
     t.fit()
     assert (tmp_path / "last.pt").exists()
+    t.release()
 
     other = _trainer(_RegressionTask(seed=1), tmp_path)
     other.settings.identity = {"config_hash": "bbb"}
     assert other.restore() is None and not other.restored
     assert not (tmp_path / "last.pt").exists()
+    assert (tmp_path / "train.lock").exists() and other.lock.held  # cleared around the lock
+    other.release()

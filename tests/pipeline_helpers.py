@@ -11,7 +11,8 @@ from typing import Any
 
 import yaml
 
-# A complete config at toy scale: jobs finish in seconds on one core.
+# A complete config at toy scale (every key: `smnn` commands validate the whole file): jobs
+# finish in seconds on one core.
 TINY_CONFIG: dict[str, Any] = {
     "device": "cpu",
     "seed": 0,
@@ -19,7 +20,13 @@ TINY_CONFIG: dict[str, Any] = {
     "paths": {"data": "data", "results": "results"},
     "mlflow": {"tracking_uri": None, "artifact_location": None},
     "standalone": {"enabled": True},
-    "benchmark": {"enabled": True, "quick": True},
+    "benchmark": {
+        "enabled": True,
+        "quick": True,
+        "methods": ["smnn"],
+        "dtypes": ["float64"],
+        "time_budget": 10,
+    },
     "lorenz": {
         "enabled": True,
         "solvers": ["smnn"],

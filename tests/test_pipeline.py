@@ -59,7 +59,7 @@ def test_mlflow_has_one_run_per_job(pipeline):
         "seed": str(config["seed"]),
     }
     for solver in config["lorenz"]["solvers"]:
-        for rule in ("train_lorenz", "evaluate_lorenz"):
+        for rule in ("train", "evaluate"):
             mine = [r for r in runs if _tag(r, "rule") == rule and _tag(r, "solver") == solver]
             assert len(mine) == 1, (
                 f"{len(mine)} MLflow runs for {rule} / {solver}; tags seen: "
@@ -73,7 +73,7 @@ def test_mlflow_has_one_run_per_job(pipeline):
             assert all(math.isfinite(v) for v in run.data.metrics.values())
             artifacts = _artifact_paths(client, run.info.run_id)
             assert artifacts, f"{rule}: no artifacts"
-        train = [r for r in runs if _tag(r, "rule") == "train_lorenz"][0]
+        train = [r for r in runs if _tag(r, "rule") == "train"][0]
         history = client.get_metric_history(train.info.run_id, _loss_key(train))
         assert len(history) >= 2, "training logged no loss curve"
     assert len(runs) == 2 * len(config["lorenz"]["solvers"])
@@ -118,12 +118,12 @@ def test_rerun_is_a_no_op_and_config_changes_rerun_only_dependents(pipeline):
     )
     assert changed.proc.returncode == 0, changed.output
     jobs = _planned_jobs(changed.output)
-    assert jobs == {"evaluate_lorenz", "all"}, changed.output
+    assert jobs == {"evaluate", "all"}, changed.output
 
     # a new training setting reruns training and evaluation
     changed = run_snakemake(work, ["-n", *TINY, "--config", "lorenz={train: {lr: 0.002}}"])
     assert changed.proc.returncode == 0, changed.output
-    assert _planned_jobs(changed.output) == {"train_lorenz", "evaluate_lorenz", "all"}
+    assert _planned_jobs(changed.output) == {"train", "evaluate", "all"}
 
 
 def _planned_jobs(output: str) -> set[str]:

@@ -26,8 +26,8 @@ from pipeline_support import (
 
 pytestmark = pytest.mark.slow
 
-SUBMITTED_RULES = ("standalone", "benchmark_solver", "generate_lorenz", "train_lorenz",
-                   "evaluate_lorenz")
+SUBMITTED_RULES = ("standalone", "benchmark_solver", "generate_lorenz", "train",
+                   "evaluate")
 
 
 def _slurm_problem() -> str | None:

@@ -12,8 +12,8 @@ import sys
 
 # module path of every subcommand, in the order `smnn --help` lists them
 COMMAND_MODULES: list[str] = [
-    "smnn.standalone",
-    "smnn.benchmark",
+    "smnn.commands.standalone",
+    "smnn.commands.bench",
     "smnn.commands.tracking",
     "smnn.commands.generate_lorenz",
     "smnn.commands.experiment",

@@ -15,9 +15,10 @@ from matplotlib.figure import Figure
 
 from smnn.io import atomic_write
 
-__all__ = ["new_figure", "save_figure", "QUICK_NOTE"]
+__all__ = ["new_figure", "save_figure", "mark_quick", "QUICK_NOTE"]
 
 QUICK_NOTE = "quick mode: few repeats, indicative only"
+QUICK_NOTE_COLOR = "tab:red"
 
 
 def new_figure(
@@ -36,3 +37,15 @@ def new_figure(
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Write ``fig`` as PNG to ``path`` atomically; returns the path."""
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), binary=True)
+
+
+def mark_quick(fig: Figure, note: str = QUICK_NOTE) -> Figure:
+    """Stamp ``note`` (default :data:`QUICK_NOTE`) in the top-left corner of ``fig``, so a
+    figure from a quick run is never mistaken for a measurement at full size; returns ``fig``.
+
+    The stamp is a figure text (``fig.texts``), with the attribute ``smnn_quick = True`` on it.
+    """
+    text = fig.text(0.005, 0.995, note, ha="left", va="top", fontsize=8, color=QUICK_NOTE_COLOR,
+                    fontweight="bold")
+    text.smnn_quick = True
+    return fig

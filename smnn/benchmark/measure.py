@@ -1,0 +1,322 @@
+"""Measuring the grid: one forward+backward step, one case, the time budget, the whole grid.
+
+One step is one training-like call: ``u = solve(c, b, u0, h)``, ``(u ** 2).sum().backward()``
+into the coefficients, right-hand sides, initial values and steps (all four ``requires_grad``).
+
+One case (a method, a dtype, a shape), :func:`measure_case`:
+
+1. once per method, dtype, D and R: a step on a tiny shape (compiles the kernels);
+2. a warm-up step on the measured shape itself (first-call costs: allocations, page faults,
+   thread start-up, caches), not timed;
+3. ``repeats`` timed steps (at least 3 by default, also in quick mode); the row holds their
+   median and minimum in ms. ``torch.cuda.synchronize`` closes the timed region on CUDA;
+4. peak memory in one more step of its own (:func:`smnn.memory.measure_peak_memory`; it hands
+   freed memory back to the operating system first, which would slow a timed step down), in MB
+   (10^6 bytes) above the memory in use before the step (inputs excluded).
+
+For a peer (:mod:`smnn.benchmark.peer`) the warm-up step's output is also compared with the
+S-MNN solver's on the same inputs (``max_rel_diff_vs_smnn``: max |u_peer - u_smnn| / max
+|u_smnn|), so a peer fed the wrong layout shows up instead of giving a meaningless ratio.
+
+The grid, :func:`run_grid`: cases run in ascending order of unknowns ``B*T*D*R``. MNN dense runs
+only where its dense matrix fits (``B * (1 + T*D*R)^2 * itemsize * 3 <= max_dense_bytes``). Once
+a case of a method and dtype takes longer than the time budget per step, every later case of
+that method and dtype with as many unknowns or more is skipped (each method stops at its first
+size over the budget). A case that raises (e.g. a non-positive pivot in float32) is recorded as
+``failed`` with the error; the rest go on. MNN CG runs at most 200 iterations; ``converged`` is
+False when its forward or backward solve stopped before its tolerance (its warnings are
+recorded, not printed). Every case prints one progress line (flushed) when it is done.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from smnn.benchmark.catalog import (
+    DTYPES,
+    METHODS,
+    Method,
+    Shape,
+    dense_matrix_bytes,
+    dtype_name,
+    make_inputs,
+)
+from smnn.memory import cpu_peak_method, measure_peak_memory
+
+__all__ = [
+    "MB",
+    "COLUMNS",
+    "GridOptions",
+    "timed_step",
+    "measure_case",
+    "run_grid",
+    "resolve_device",
+    "default_max_dense_bytes",
+    "environment",
+    "progress_line",
+]
+
+MB = 1_000_000
+
+COLUMNS = [
+    "method", "family", "dtype", "case", "group", "B", "T", "D", "R", "median_ms", "min_ms",
+    "peak_mb", "status", "note", "converged", "repeats", "full_B", "device", "threads",
+    "max_rel_diff_vs_smnn",
+]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(
+    method: Method, inputs: tuple, device: torch.device, keep_output: bool = False
+) -> tuple[float, dict]:
+    """One forward+backward step; returns (seconds, solver info).
+
+    Convergence warnings (MNN CG) are recorded rather than shown: ``info["converged"]`` from
+    the forward solve, ``info["backward_converged"]`` False when the backward solve warned.
+    With ``keep_output`` the detached solution is in ``info["u"]``.
+    """
+    for x in inputs:
+        x.grad = None
+    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.perf_counter()
+        u, info = method.solve(*inputs)
+        (u**2).sum().backward()
+        _sync(device)
+        seconds = time.perf_counter() - start
+    info = dict(info)
+    for w in caught:
+        if type(w.message).__name__ == "MNNConvergenceWarning" and "backward" in str(w.message):
+            info["backward_converged"] = False
+        elif type(w.message).__name__ != "MNNConvergenceWarning":
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if "converged" in info:
+        info.setdefault("backward_converged", True)
+    for x in inputs:  # a non-finite gradient means the measurement is meaningless
+        if x.grad is None or not bool(torch.isfinite(x.grad).all()):
+            raise FloatingPointError("missing or non-finite gradient")
+    if keep_output:
+        info["u"] = u.detach()
+    return seconds, info
+
+
+def _diff_vs_smnn(u: torch.Tensor, inputs: tuple) -> float:
+    """max |u - u_smnn| / max |u_smnn| on the same inputs (S-MNN forward only)."""
+    with torch.no_grad():
+        ref, _ = METHODS["smnn"].solve(*(x.detach() for x in inputs))
+        scale = float(ref.abs().max()) or 1.0
+        return float((u.to(ref.dtype) - ref).abs().max()) / scale
+
+
+def measure_case(
+    method: Method,
+    shape: Shape,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeats: int,
+    seed: int = 0,
+) -> dict:
+    """Warm-up, ``repeats`` timed steps and a memory step on ``shape``; a partial row."""
+    inputs = make_inputs(shape, dtype, device, seed)
+    _, info = timed_step(method, inputs, device, keep_output=method.family == "peer")
+    diff = _diff_vs_smnn(info.pop("u"), inputs) if "u" in info else math.nan
+    times, converged = [], []
+    for _ in range(repeats):
+        seconds, info = timed_step(method, inputs, device)
+        times.append(seconds)
+        if "converged" in info:
+            converged.append(info["converged"] and info["backward_converged"])
+    _, peak = measure_peak_memory(timed_step, method, inputs, device, device=device)
+    row = {
+        "median_ms": 1e3 * statistics.median(times),
+        "min_ms": 1e3 * min(times),
+        "peak_mb": peak / MB,
+        "status": "ok",
+        "converged": all(converged) if converged else None,
+        "max_rel_diff_vs_smnn": diff,
+    }
+    if converged and not all(converged):
+        row["note"] = "CG did not converge in 200 iterations (forward or backward solve)"
+    return row
+
+
+def _compile_once(method: Method, shape: Shape, dtype: torch.dtype, device, seed: int) -> None:
+    """One step on a tiny shape with the same D and R (compiles the kernels)."""
+    tiny = Shape("warmup", "warmup", 2, 8, shape.D, shape.R)
+    try:
+        timed_step(method, make_inputs(tiny, dtype, device, seed), device)
+    except Exception:  # the measured case reports its own error, with its own shape
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridOptions:
+    """How the grid is run (validated by :func:`smnn.benchmark.run.run_benchmark`)."""
+
+    repeats: int
+    max_dense_bytes: int
+    time_budget_s: float
+    device: torch.device
+    seed: int = 0
+
+
+def _skip_reason(method: Method, shape: Shape, dtype, opts: GridOptions, over_budget) -> str:
+    if method.dense:
+        need = dense_matrix_bytes(shape, dtype)
+        if need > opts.max_dense_bytes:
+            return (f"skipped: dense matrix needs ~{need / 1e9:.3g} GB "
+                    f"> --max-dense-bytes {opts.max_dense_bytes / 1e9:.3g} GB")
+    unknowns, reason = over_budget.get((method.name, dtype_name(dtype)), (0, ""))
+    return reason if reason and shape.unknowns >= unknowns else ""
+
+
+def progress_line(row: dict, done: int, total: int, elapsed_s: float) -> str:
+    """``[bench 12/96 0:42] smnn float64 lorenz B=1536 T=50 D=1 R=3: 12.3 ms, 4.5 MB``."""
+    minutes, seconds = divmod(int(elapsed_s), 60)
+    head = (f"[bench {done}/{total} {minutes}:{seconds:02d}] {row['method']} {row['dtype']} "
+            f"{row['case']} B={row['B']} T={row['T']} D={row['D']} R={row['R']}")
+    if row["status"] != "ok":
+        return f"{head}: {row['status']} ({row['note']})"
+    text = (f"{head}: {row['median_ms']:.4g} ms (median of {row['repeats']}), "
+            f"{row['peak_mb']:.4g} MB")
+    if row["converged"] is False:
+        text += ", CG not converged"
+    if not math.isnan(row["max_rel_diff_vs_smnn"]):
+        text += f", max rel diff vs smnn {row['max_rel_diff_vs_smnn']:.1e}"
+    return text
+
+
+def _print(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_grid(
+    methods: Sequence[Method],
+    dtypes: Sequence[str],
+    shapes: Sequence[Shape],
+    opts: GridOptions,
+    progress: Callable[[str], None] | None = _print,
+) -> list[dict]:
+    """Measure every method x dtype x shape (module docstring); rows in grid order
+    (shapes as given, then dtypes, then methods)."""
+    rows: dict[tuple[int, int, int], dict] = {}  # (shape, dtype, method) index -> row
+    # (method, dtype) -> (unknowns of the smallest case over the time budget, skip reason)
+    over_budget: dict[tuple[str, str], tuple[int, str]] = {}
+    compiled: set[tuple[str, str, int, int]] = set()
+    total = len(shapes) * len(dtypes) * len(methods)
+    start = time.perf_counter()
+    # smallest cases first, so the time budget stops a method at its first slow size
+    run_order = sorted(range(len(shapes)), key=lambda i: shapes[i].unknowns)
+    for i_shape in run_order:
+        shape = shapes[i_shape]
+        for i_dtype, name_of_dtype in enumerate(dtypes):
+            dtype = DTYPES[name_of_dtype]
+            for i_method, method in enumerate(methods):
+                row = _empty_row(method, shape, name_of_dtype, opts)
+                reason = _skip_reason(method, shape, dtype, opts, over_budget)
+                if reason:
+                    row["note"] = reason
+                else:
+                    try:
+                        key = (method.name, name_of_dtype, shape.D, shape.R)
+                        if key not in compiled:
+                            _compile_once(method, shape, dtype, opts.device, opts.seed)
+                            compiled.add(key)
+                        row.update(measure_case(method, shape, dtype, opts.device,
+                                                opts.repeats, opts.seed))
+                    except Exception as exc:  # recorded, the benchmark goes on
+                        row["status"] = "failed"
+                        row["note"] = f"{type(exc).__name__}: {exc}"[:300]
+                    budget = opts.time_budget_s
+                    if row["status"] == "ok" and row["median_ms"] > 1e3 * budget:
+                        previous = over_budget.get((method.name, name_of_dtype))
+                        if previous is None or shape.unknowns < previous[0]:
+                            over_budget[(method.name, name_of_dtype)] = (
+                                shape.unknowns,
+                                f"skipped: {shape.case} ({shape.unknowns} unknowns) took "
+                                f"{row['median_ms'] / 1e3:.1f} s > time budget {budget:g} s",
+                            )
+                if shape.scaled:
+                    scale = f"quick: batch scaled from {shape.full_B}"
+                    row["note"] = f"{scale}; {row['note']}" if row["note"] else scale
+                rows[(i_shape, i_dtype, i_method)] = row
+                if progress is not None:
+                    progress(progress_line(row, len(rows), total, time.perf_counter() - start))
+    return [rows[k] for k in sorted(rows)]
+
+
+def _empty_row(method: Method, shape: Shape, dtype: str, opts: GridOptions) -> dict:
+    return {
+        "method": method.name, "family": method.family, "dtype": dtype, "case": shape.case,
+        "group": shape.group, "B": shape.B, "T": shape.T, "D": shape.D, "R": shape.R,
+        "median_ms": math.nan, "min_ms": math.nan, "peak_mb": math.nan, "status": "skipped",
+        "note": "", "converged": None, "repeats": opts.repeats, "full_B": shape.full_B,
+        "device": str(opts.device), "threads": torch.get_num_threads(),
+        "max_rel_diff_vs_smnn": math.nan,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Machine
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``, ``cpu`` or ``cuda[:n]`` -> a device (ValueError naming ``--device``)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device: {exc}") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or auto, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine")
+    return dev
+
+
+def _physical_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def default_max_dense_bytes() -> int:
+    """A quarter of the physical memory (8 GB when unknown)."""
+    return _physical_memory_bytes() // 4 or 8 * 10**9
+
+
+def environment() -> dict:
+    """Versions and settings that affect the timings (MLflow params)."""
+    env = {"torch": torch.__version__, "cpu_count": os.cpu_count(),
+           "cpu_peak_method": cpu_peak_method()}
+    try:
+        import numba
+
+        env["numba"] = numba.__version__
+        env["numba_threading_layer_config"] = numba.config.THREADING_LAYER
+    except ImportError:
+        env["numba"] = "missing"
+    env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "")
+    return env

@@ -1,0 +1,84 @@
+"""The benchmark's MLflow run: one run in the experiment ``benchmark`` per benchmark job.
+
+- tags: the caller's (:func:`smnn.tracking.job_tags`: git commit, rule, config file ...);
+- params: the effective settings as ``bench.<name>`` (``bench.methods``, ``bench.repeats``,
+  ``bench.device`` ...: after flags, config and defaults are combined), the machine's
+  environment as ``env.<name>``, and the whole config (flattened, ``benchmark.quick`` ...,
+  as every job logs it) when the job read one;
+- metrics, per measured row ``<method>.<dtype>.<case>``: ``time_ms``, ``min_time_ms``,
+  ``peak_mb``; for every method that is not S-MNN, ``time_ratio`` and ``memory_ratio`` (its
+  time and peak over those of the best S-MNN method of the case); the floors as
+  ``floor_ms.<dtype>.<case>`` and ``floor_ratio...``, and the machine's rates;
+- artifacts: the output files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from smnn.tracking import RunTracker, TrackingTarget
+
+__all__ = ["EXPERIMENT", "benchmark_metrics", "log_benchmark_run"]
+
+EXPERIMENT = "benchmark"
+
+
+def _finite(value) -> bool:
+    return value is not None and value == value and abs(value) != float("inf")
+
+
+def benchmark_metrics(table, floors) -> dict[str, float]:
+    """The metrics of the module docstring from the table and the floors."""
+    metrics: dict[str, float] = {}
+    for _, r in table[table["status"] == "ok"].iterrows():
+        key = f"{r['method']}.{r['dtype']}.{r['case']}"
+        metrics[f"time_ms.{key}"] = r["median_ms"]
+        metrics[f"min_time_ms.{key}"] = r["min_ms"]
+        metrics[f"peak_mb.{key}"] = r["peak_mb"]
+        if r["family"] != "smnn":
+            for name, column in (("time_ratio", "time_vs_best_smnn"),
+                                 ("memory_ratio", "memory_vs_best_smnn")):
+                if _finite(r[column]):
+                    metrics[f"{name}.{key}"] = r[column]
+        if _finite(r["max_rel_diff_vs_smnn"]):
+            metrics[f"max_rel_diff_vs_smnn.{key}"] = r["max_rel_diff_vs_smnn"]
+    if floors is not None and not floors.empty:
+        for _, r in floors.iterrows():
+            metrics[f"floor_ms.{r['dtype']}.{r['case']}"] = r["floor_ms"]
+            if _finite(r["ratio"]):
+                metrics[f"floor_ratio.{r['dtype']}.{r['case']}"] = r["ratio"]
+        for dtype, rates in floors.groupby("dtype").first().iterrows():
+            metrics[f"machine.bandwidth_gb_s.{dtype}"] = rates["bandwidth_gb_s"]
+            metrics[f"machine.gflops.{dtype}"] = rates["gflops"]
+    return metrics
+
+
+def log_benchmark_run(
+    target: TrackingTarget,
+    out: Path,
+    files: Sequence[str],
+    table,
+    floors,
+    params: Mapping[str, Any],
+    environment: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+    config_data: Mapping[str, Any] | None = None,
+    run_name: str = "bench",
+) -> str:
+    """One finished run in experiment ``benchmark``; returns its run id."""
+    tracker = RunTracker.start(target, EXPERIMENT, run_name, tags=dict(tags or {}))
+    try:
+        if config_data is not None:
+            tracker.log_config(config_data)
+        tracker.log_params({f"bench.{k}": v for k, v in params.items()})
+        tracker.log_params({f"env.{k}": v for k, v in (environment or {}).items()})
+        tracker.log_metrics(benchmark_metrics(table, floors))
+        for name in files:
+            tracker.log_artifact(out / name)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return tracker.run_id

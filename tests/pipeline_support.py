@@ -83,13 +83,16 @@ class Run:
         return self.proc.stdout + self.proc.stderr
 
 
-def run_snakemake(workdir: Path, args: list[str], timeout: float = 1800) -> Run:
-    """Run `snakemake ARGS` in `workdir` (no profile of the user's home applies)."""
+def run_snakemake(
+    workdir: Path, args: list[str], timeout: float = 1800, env: dict[str, str] | None = None
+) -> Run:
+    """Run `snakemake ARGS` in `workdir` (no profile of the user's home applies); `env` adds
+    environment variables."""
     start = time.monotonic()
     proc = subprocess.run(
         [*snakemake_command(), *args],
         cwd=workdir,
-        env=snakemake_env(),
+        env={**snakemake_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -204,10 +204,12 @@ class CheckpointLocked(RuntimeError):
             who += f", since {holder['started']}"
         if self.holder_pid == os.getpid() and self.holder_host == socket.gethostname():
             who += "; that is this process, through another Trainer"
+            what = "Release the other Trainer first."
+        else:
+            what = f"Stop it (kill {pid}) or wait for it to finish, then rerun."
         super().__init__(
             f"checkpoint directory {self.directory} is in use by another training process "
-            f"({who}); a second one would overwrite its checkpoints and its MLflow run. Stop it "
-            f"(kill {pid}) or wait for it to finish, then rerun."
+            f"({who}); a second one would overwrite its checkpoints and its MLflow run. {what}"
         )
 
 

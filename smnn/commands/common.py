@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 
 from smnn.config import Config, ConfigError, load_config
+from smnn.training import CheckpointLocked
 from smnn.zarr_io import StoreError
 
 __all__ = ["setup_logging", "job_config", "apply_threads", "clean_errors", "USER_ERRORS"]
 
-# errors caused by the input (config, missing files): reported in one line, exit code 2
-USER_ERRORS = (ConfigError, StoreError, FileNotFoundError)
+# errors caused by the input (config, missing or damaged files, a checkpoint directory in use by
+# another job): reported in one line, exit code 2
+USER_ERRORS = (ConfigError, StoreError, FileNotFoundError, CheckpointLocked)
 
 
 def setup_logging() -> None:

@@ -187,7 +187,14 @@ def run_train(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs,
     )
     trainer = Trainer(task, settings)
+    with trainer:  # holds the checkpoint directory's lock (CheckpointLocked if another job has it)
+        return _train(args, config, experiment, device, task, trainer, identity, out)
+
+
+def _train(args, config, experiment, device, task, trainer, identity, out) -> int:
     previous_run = trainer.restore()
+    for note in trainer.recovery_notes:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
     target = resolve_tracking(config)
     tags = _tags(config, args, "train", device.type)
     tracker = _open_run(
@@ -197,6 +204,13 @@ def run_train(args: argparse.Namespace) -> int:
     trainer.attach_run(tracker.run_id)
     tracker.log_config(config.data)
     tracker.set_tags(tags)
+    if trainer.recovery_notes:
+        tracker.set_tags(
+            {
+                "checkpoint_recovery": " | ".join(trainer.recovery_notes),
+                "recovered_from": trainer.recovered_from or "fresh start",
+            }
+        )
     sync = _MetricSync(tracker)
     if trainer.restored:
         tracker.set_tags({"resumed_from_epoch": trainer.resumed_from_epoch})

@@ -33,4 +33,4 @@ rule benchmark_solver:
         "../../environment.yml"
     shell:
         "smnn bench --config {params.config} --out {params.out} --rule benchmark_solver"
-        " > {log} 2>&1"
+        " 2>&1 | tee {log}"

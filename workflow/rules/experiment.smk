@@ -24,7 +24,7 @@ rule train:
     shell:
         "smnn train --experiment {wildcards.experiment} --solver {wildcards.solver}"
         " --config {params.config} --data {input.data} --out {params.out} --rule train"
-        " > {log} 2>&1"
+        " 2>&1 | tee {log}"
 
 
 rule evaluate:
@@ -56,4 +56,4 @@ rule evaluate:
     shell:
         "smnn evaluate --experiment {wildcards.experiment} --solver {wildcards.solver}"
         " --config {params.config} --data {input.data} --model {input.model} --out {params.out}"
-        " --rule evaluate > {log} 2>&1"
+        " --rule evaluate 2>&1 | tee {log}"

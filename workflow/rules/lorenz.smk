@@ -16,4 +16,4 @@ rule generate_lorenz:
     conda:
         "../../environment.yml"
     shell:
-        "smnn generate-lorenz --config {params.config} --out {output} > {log} 2>&1"
+        "smnn generate-lorenz --config {params.config} --out {output} 2>&1 | tee {log}"

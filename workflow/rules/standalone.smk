@@ -31,4 +31,4 @@ rule standalone:
         "../../environment.yml"
     shell:
         "smnn standalone --config {params.config} --out {params.out} --rule standalone"
-        " > {log} 2>&1"
+        " 2>&1 | tee {log}"

@@ -172,6 +172,45 @@ def test_killed_run_resumes_to_the_same_result(setup, sig):
     assert int(run.data.tags["resumed_from_epoch"]) >= 3
 
 
+def test_second_job_on_the_same_out_stops_and_a_truncated_checkpoint_is_survived(setup):
+    """A second ``smnn train`` on a busy --out fails at once naming the first one's pid; after
+    the first is killed with ``last.pt`` cut to half, the rerun resumes from ``previous.pt``."""
+    root, config, data, reference = setup
+    out = root / "results" / "lorenz" / "locked"
+    first = subprocess.Popen(
+        smnn_command(*train_args(config, data, out)),
+        env=smnn_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while _checkpoint_epoch(out) < 3:
+            assert first.poll() is None, f"training ended early: {first.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # alive (holding its lock) but not finishing meanwhile
+        second = run_smnn(*train_args(config, data, out))
+        assert second.returncode != 0, second.stdout
+        assert f"pid {first.pid}" in second.stderr and str(out / "checkpoints") in second.stderr
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.communicate(timeout=120)
+    run_id = json.loads((out / "checkpoints" / "run.json").read_text())["run_id"]
+    last = out / "checkpoints" / "last.pt"
+    saved = _checkpoint_epoch(out)
+    with open(last, "r+b") as f:
+        f.truncate(last.stat().st_size // 2)
+
+    proc = run_smnn(*train_args(config, data, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming after epoch {saved - 1}" in proc.stdout  # one epoch lower
+    assert f"checkpoint {last} cannot be loaded" in proc.stderr
+    resumed = json.loads((out / "train_metrics.json").read_text())
+    assert resumed["run_id"] == run_id
+    _assert_same_as_reference(reference, resumed)
+    _assert_run_complete(config, run_id)
+
+
 def test_finished_job_rerun_starts_a_new_run(setup):
     """A forced rerun of a finished job trains from scratch in a new MLflow run."""
     root, config, data, reference = setup

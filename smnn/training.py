@@ -133,7 +133,8 @@ class TrainerSettings:
     """How to run a task.
 
     Attributes:
-        checkpoint_dir: where ``last.pt`` and ``run.json`` live (not a declared workflow output).
+        checkpoint_dir: where ``last.pt``, ``previous.pt``, ``run.json`` and ``train.lock`` live
+            (not a declared workflow output).
         seed: seed of the data-order generator.
         device: where the model lives.
         identity: what must match for a checkpoint to be resumed (experiment, solver, config

@@ -1,4 +1,5 @@
-"""`smnn bench` on tiny grids: outputs, skipped dense rows, time budget, MLflow, bad arguments.
+"""`smnn bench` on tiny grids: outputs, skipped dense rows, time budget, warm-up and median, peers
+and their ratios, --config, MLflow, progress lines, the quick mark, bad arguments.
 
 Timings are never asserted against numbers (they depend on the machine), only that they exist,
 are finite and positive, and that the files agree with each other.
@@ -7,34 +8,68 @@ are finite and positive, and that the files agree with each other.
 from __future__ import annotations
 
 import math
+import re
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+import yaml
 from matplotlib.image import imread
 
 from smnn.benchmark import (
     DEFAULT_METHODS,
     METHODS,
     NAMED_SHAPES,
+    OUTPUT_FILES,
+    PEER_TARGET,
     QUICK_MAX_ELEMENTS,
-    REFERENCE_MS,
+    Method,
     Shape,
     batch_sweep,
     default_grid,
     dense_matrix_bytes,
     make_inputs,
+    make_table,
     markdown_report,
+    measure_case,
+    options_from_config,
+    parse_peer,
+    plan_benchmark,
     run_benchmark,
     t_sweep,
 )
+from smnn.benchmark.figures import scaling_figure
+from smnn.benchmark.measure import COLUMNS
 from smnn.cli import main
+from smnn.config import Config
+from smnn.plotting import QUICK_NOTE
 
 TINY = [
     Shape("tiny", "named", 3, 12, 2, 3),
     *t_sweep(exponents=[3, 4], B=2),
     *batch_sweep(exponents=[0, 1], T=8),
 ]
-OUTPUTS = ("bench.csv", "bench.md", "scaling_T.png", "scaling_batch.png")
+CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
+CPU64 = (torch.float64, torch.device("cpu"))
+
+PEER_SOURCE = '''\
+"""A peer for the tests: the dense reference under the published signature."""
+from smnn.solver import dense_reference
+
+CALLS = []
+
+
+def ode_forward(coefficients, rhs_equation, init_vars, steps, n_steps=None,
+                n_init_var_steps=None, is_step_dim_first=False):
+    CALLS.append(tuple(steps.shape))
+    return dense_reference(coefficients, rhs_equation, init_vars, steps)
+
+
+def transposed(coefficients, rhs_equation, init_vars, steps):
+    return dense_reference(coefficients, rhs_equation, init_vars, steps).transpose(-3, -4)
+'''
 
 
 @pytest.fixture(autouse=True)
@@ -43,22 +78,29 @@ def _no_ambient_tracking(monkeypatch):
 
 
 @pytest.fixture(scope="module")
+def peer_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("peer") / "smnn.py"  # the authors' file name, on purpose
+    path.write_text(PEER_SOURCE)
+    return path
+
+
+@pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    lines: list[str] = []
     table = run_benchmark(
-        out, DEFAULT_METHODS, ("float64", "float32"), TINY, repeats=2, progress=False
+        out, DEFAULT_METHODS, ("float64", "float32"), TINY, repeats=2, progress=lines.append
     )
-    return out, table
+    return out, table, lines
 
 
 def test_tiny_grid_outputs(tiny_run):
-    out, table = tiny_run
-    for name in OUTPUTS:
+    out, table, _ = tiny_run
+    for name in OUTPUT_FILES:
         assert (out / name).stat().st_size > 0
     csv = pd.read_csv(out / "bench.csv")
     assert len(csv) == len(TINY) * 2 * len(DEFAULT_METHODS)
-    for col in ("method", "dtype", "case", "B", "T", "D", "R", "median_ms", "min_ms",
-                "peak_mb", "status", "note"):
+    for col in (*COLUMNS, "best_smnn_method", "time_vs_best_smnn", "memory_vs_best_smnn"):
         assert col in csv.columns
     assert (csv["status"] == "ok").all(), csv[csv["status"] != "ok"][["method", "case", "note"]]
     assert (csv["median_ms"] > 0).all() and csv["median_ms"].map(math.isfinite).all()
@@ -72,6 +114,7 @@ def test_tiny_grid_outputs(tiny_run):
     cg = csv[csv["method"] == "mnn_cg"]
     assert cg["converged"].notna().all()
     assert csv[csv["method"] == "smnn"]["converged"].isna().all()
+    assert set(csv["family"]) == {"smnn", "baseline"}
     # csv and returned table agree
     pd.testing.assert_series_equal(
         csv["median_ms"].reset_index(drop=True), table["median_ms"].reset_index(drop=True)
@@ -80,9 +123,47 @@ def test_tiny_grid_outputs(tiny_run):
     for case in ("tiny", "T8", "T16", "B1", "B2"):
         assert f"| {case} |" in md
     assert "smnn float64" in md and "mnn_cg float32" in md
+    assert QUICK_NOTE not in md  # not a quick run
     for name in ("scaling_T.png", "scaling_batch.png"):
         image = imread(out / name)
         assert image.ndim == 3 and image.shape[1] > 600
+
+
+def test_ratios_against_the_best_smnn_method(tiny_run):
+    _, table, _ = tiny_run
+    for _, part in table.groupby(["case", "dtype"]):
+        ours = part[part["family"] == "smnn"]
+        best = ours.loc[ours["median_ms"].idxmin()]
+        assert (part["best_smnn_method"] == best["method"]).all()
+        for _, r in part.iterrows():
+            assert r["time_vs_best_smnn"] == pytest.approx(r["median_ms"] / best["median_ms"])
+            if best["peak_mb"] > 0:
+                assert r["memory_vs_best_smnn"] == pytest.approx(r["peak_mb"] / best["peak_mb"])
+        assert ours["time_vs_best_smnn"].min() == pytest.approx(1.0)
+
+
+def test_progress_line_per_case_and_a_summary(tiny_run):
+    out, table, lines = tiny_run
+    case_lines = [line for line in lines if line.startswith("[bench ") and "/" in line[:14]]
+    assert len(case_lines) == len(table)
+    for line in case_lines:
+        assert re.search(r": [\d.e+-]+ ms \(median of 2\), [\d.e+-]+ MB", line), line
+    for _, r in table.iterrows():
+        assert any(f"] {r['method']} {r['dtype']} {r['case']} B={r['B']}" in line
+                   for line in case_lines)
+    assert lines[0].startswith(f"[bench] {len(table)} cases")
+    assert "done in" in lines[-1] and str(out.resolve()) in lines[-1]
+    assert all(name in lines[-1] for name in OUTPUT_FILES)
+
+
+def test_cli_progress_is_flushed_to_stderr(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["bench", "--out", str(out), "--methods", "smnn", "--dtypes", "float64",
+                 "--groups", "T_sweep", "--quick", "--time-budget", "0", "--repeats", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "[bench 1/4 " in captured.err and "smnn float64 T64 B=8" in captured.err
+    assert "outputs in" in captured.err and "outputs in" in captured.out
+    assert "## Sweep over T" in captured.out
 
 
 def test_dense_rows_skipped_when_limit_is_tiny(tmp_path):
@@ -104,19 +185,13 @@ def test_dense_rows_skipped_when_limit_is_tiny(tmp_path):
 def test_dense_limit_is_the_documented_estimate(tmp_path):
     """A limit exactly at the estimate runs the case; one byte less skips it."""
     shape = TINY[1]
-    need = dense_matrix_bytes(shape, make_inputs(shape, *_cpu64())[0].dtype)
+    need = dense_matrix_bytes(shape, make_inputs(shape, *CPU64)[0].dtype)
     at = run_benchmark(tmp_path / "a", ("mnn_dense",), ("float64",), [shape], repeats=1,
                        max_dense_bytes=need, progress=False)
     below = run_benchmark(tmp_path / "b", ("mnn_dense",), ("float64",), [shape], repeats=1,
                           max_dense_bytes=need - 1, progress=False)
     assert at["status"].tolist() == ["ok"]
     assert below["status"].tolist() == ["skipped"]
-
-
-def _cpu64():
-    import torch
-
-    return torch.float64, torch.device("cpu")
 
 
 def test_time_budget_skips_larger_sweep_cases(tmp_path):
@@ -138,13 +213,34 @@ def test_cases_run_smallest_first_and_are_listed_in_grid_order(tmp_path):
 
 
 def test_inputs_require_grad_and_gradients_reach_them():
-    c, b, u0, h = make_inputs(Shape("x", "named", 2, 6, 2, 3), *_cpu64())
+    c, b, u0, h = make_inputs(Shape("x", "named", 2, 6, 2, 3), *CPU64)
     assert c.shape == (2, 6, 2, 2, 3) and b.shape == (2, 6, 2)
     assert u0.shape == (2, 1, 2, 1) and h.shape == (2, 5)
     u, _ = METHODS["smnn"].solve(c, b, u0, h)
     (u**2).sum().backward()
     for x in (c, b, u0, h):
         assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+
+def test_seed_changes_the_inputs_and_dtypes_share_them():
+    shape = Shape("x", "named", 2, 6, 1, 3)
+    a = make_inputs(shape, *CPU64, seed=0)
+    b = make_inputs(shape, *CPU64, seed=1)
+    again = make_inputs(shape, *CPU64, seed=0)
+    single = make_inputs(shape, torch.float32, torch.device("cpu"), seed=0)
+    assert not torch.equal(a[0], b[0])
+    assert all(torch.equal(x, y) for x, y in zip(a, again, strict=True))
+    assert torch.equal(single[1], a[1].float())
+
+
+def test_methods_come_from_the_solver_registry():
+    from smnn.solver.registry import SOLVERS
+
+    assert set(SOLVERS) <= set(METHODS)
+    assert {m for m, v in METHODS.items() if v.family == "smnn"} == {
+        "smnn", "smnn_sequential", "smnn_cyclic"}
+    for name, info in SOLVERS.items():
+        assert METHODS[name].dense == info.dense and METHODS[name].label == info.label
 
 
 def test_quick_grid_is_scaled_and_recorded():
@@ -158,15 +254,213 @@ def test_quick_grid_is_scaled_and_recorded():
     assert len(grid) < len(default_grid(quick=False))
 
 
+# --------------------------------------------------------------------------------------------
+# Warm-up, median, quick mode
+# --------------------------------------------------------------------------------------------
+
+
+def _slow_first_call_method(first_call_s: float) -> tuple[Method, list[float]]:
+    """A method whose first call is slow (a first-call cost) and whose later calls are fast."""
+    calls: list[float] = []
+
+    def solve(c, b, u0, h):
+        if not calls:
+            time.sleep(first_call_s)
+        calls.append(time.perf_counter())
+        return METHODS["smnn"].solve(c, b, u0, h)
+
+    return Method("slow_first", solve, family="smnn"), calls
+
+
+def test_warm_up_step_on_the_measured_shape_is_not_timed():
+    method, calls = _slow_first_call_method(0.5)
+    row = measure_case(method, Shape("x", "T_sweep", 2, 16, 1, 3), *CPU64, repeats=3)
+    assert len(calls) == 1 + 3 + 1  # warm-up, timed repeats, memory step
+    assert row["status"] == "ok" and row["median_ms"] < 400  # the 500 ms first call is not in
+
+
+def test_quick_mode_warms_up_and_takes_a_median_of_at_least_three(tmp_path):
+    assert plan_benchmark(("smnn",), ("float64",), quick=True).grid.repeats >= 3
+    assert plan_benchmark(("smnn",), ("float64",), quick=False).grid.repeats >= 3
+    method, calls = _slow_first_call_method(0.5)
+    table = run_benchmark(tmp_path, (), ("float64",), [Shape("x", "T_sweep", 2, 16, 1, 3)],
+                          quick=True, peers=[method], progress=False)
+    csv = pd.read_csv(tmp_path / "bench.csv")
+    assert (csv["repeats"] >= 3).all() and (csv["status"] == "ok").all()
+    assert table["median_ms"].iloc[0] < 400
+    # compile step on a tiny shape, warm-up on the measured one, 3 timed, 1 memory
+    assert len(calls) == 1 + 1 + 3 + 1
+    md = (tmp_path / "bench.md").read_text()
+    assert QUICK_NOTE in md
+
+
+def _texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.texts] + [fig.get_suptitle()]
+
+
+def test_quick_mode_is_marked_on_the_plots(tiny_run):
+    _, table, _ = tiny_run
+    quick = scaling_figure(table, "T_sweep", "T", quick=True)
+    assert any(QUICK_NOTE in text for text in _texts(quick))
+    assert any(getattr(t, "smnn_quick", False) for t in quick.texts)
+    full = scaling_figure(table, "T_sweep", "T", quick=False)
+    assert not any(QUICK_NOTE in text for text in _texts(full))
+    # one line per method and dtype on both panels
+    for ax in full.axes:
+        labels = {line.get_label() for line in ax.get_lines()}
+        assert labels == {f"{m} {d}" for m in DEFAULT_METHODS for d in ("float64", "float32")}
+
+
+# --------------------------------------------------------------------------------------------
+# Peers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, target, function, label",
+    [
+        ("/x/smnn.py:ode_forward", "/x/smnn.py", "ode_forward", "smnn.ode_forward"),
+        ("~/c/smnn.py:ode_forward=authors", "~/c/smnn.py", "ode_forward", "authors"),
+        ("torchode.solve:fn", "torchode.solve", "fn", "torchode.solve.fn"),
+        ("pkg.mod:fn=a-b_1.0", "pkg.mod", "fn", "a-b_1.0"),
+    ],
+)
+def test_parse_peer(text, target, function, label):
+    spec = parse_peer(text)
+    assert (spec.target, spec.function, spec.label) == (target, function, label)
+
+
+@pytest.mark.parametrize("text", ["smnn.py", "x.py:", "x.py:1fn", "x.py:f=smnn", "x.py:f=a b"])
+def test_parse_peer_refuses(text):
+    with pytest.raises(ValueError, match="--peer"):
+        parse_peer(text)
+
+
+@pytest.fixture(scope="module")
+def peer_run(tmp_path_factory, peer_file):
+    from mlflow import MlflowClient
+
+    from smnn.tracking import TrackingTarget
+
+    out = tmp_path_factory.mktemp("peer_out")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    shapes = [Shape("lorenz", "named", 2, 10, 1, 3), Shape("coupled", "named", 1, 8, 2, 3)]
+    table = run_benchmark(out, ("smnn", "smnn_cyclic"), ("float64",), shapes, repeats=3,
+                          peers=[f"{peer_file}:ode_forward=ref"], progress=False,
+                          tracking=TrackingTarget(uri, (out / "art").as_uri(), "test"))
+    return out, table, MlflowClient(tracking_uri=uri)
+
+
+def test_peer_runs_on_every_shape_with_the_same_inputs(peer_run, peer_file):
+    import sys
+
+    out, table, _ = peer_run
+    peer = table[table["method"] == "ref"]
+    assert len(peer) == 2 and (peer["status"] == "ok").all(), peer["note"].tolist()
+    assert (peer["family"] == "peer").all()
+    # the dense reference computes the same function: it agrees with S-MNN on the same inputs
+    assert (peer["max_rel_diff_vs_smnn"] < 1e-8).all()
+    assert table[table["family"] != "peer"]["max_rel_diff_vs_smnn"].isna().all()
+    # loaded under a private name: the test's smnn.py shadows nothing
+    assert sys.modules["smnn"].__file__ != str(peer_file)
+    module = sys.modules["_smnn_peer_ref"]
+    assert (2, 9) in module.CALLS and (1, 7) in module.CALLS  # batch-first steps (B, T-1)
+
+
+def test_peer_ratios_in_csv_markdown_and_mlflow(peer_run):
+    out, table, client = peer_run
+    csv = pd.read_csv(out / "bench.csv")
+    for case in ("lorenz", "coupled"):
+        rows = csv[csv["case"] == case]
+        ours = rows[rows["family"] == "smnn"]
+        best = ours.loc[ours["median_ms"].idxmin()]
+        peer = rows[rows["method"] == "ref"].iloc[0]
+        assert peer["best_smnn_method"] == best["method"]
+        assert peer["time_vs_best_smnn"] == pytest.approx(peer["median_ms"] / best["median_ms"])
+        if best["peak_mb"] > 0:
+            assert peer["memory_vs_best_smnn"] == pytest.approx(
+                peer["peak_mb"] / best["peak_mb"])
+    md = (out / "bench.md").read_text()
+    assert "## Side by side" in md
+    lorenz = next(line for line in md.splitlines() if line.startswith("| lorenz | float64 |"))
+    assert f"time {csv[(csv['case'] == 'lorenz') & (csv['method'] == 'ref')].iloc[0]['time_vs_best_smnn']:.3g}x" in lorenz  # noqa: E501
+    assert f"at least {PEER_TARGET:g}x faster than ref on every named shape, float64" in md
+    assert "not measured: kdv, sst, long_T16384, long_T65536" in md
+    exp = client.get_experiment_by_name("benchmark")
+    run = client.search_runs([exp.experiment_id])[0]
+    metrics = run.data.metrics
+    peer = table[(table["method"] == "ref") & (table["case"] == "lorenz")].iloc[0]
+    assert metrics["time_ratio.ref.float64.lorenz"] == pytest.approx(peer["time_vs_best_smnn"])
+    assert "time_ms.ref.float64.coupled" in metrics
+    assert run.data.params["bench.peers"].endswith(":ode_forward=ref")
+    assert run.data.params["bench.methods"] == "smnn,smnn_cyclic"
+
+
+def test_peer_target_verdict_in_markdown():
+    def row(method, family, case, ms, B=8, full_B=8):
+        return {"method": method, "family": family, "dtype": "float64", "case": case,
+                "group": "named", "B": B, "T": 50, "D": 1, "R": 3, "median_ms": ms,
+                "min_ms": ms, "peak_mb": 2.0, "status": "ok", "note": "", "converged": None,
+                "repeats": 3, "full_B": full_B, "device": "cpu", "threads": 2,
+                "max_rel_diff_vs_smnn": math.nan}
+
+    met = make_table([row("smnn", "smnn", "lorenz", 10.0), row("authors", "peer", "lorenz", 150.0),
+                      row("smnn", "smnn", "kdv", 1.0), row("authors", "peer", "kdv", 12.0)])
+    md = markdown_report(met)
+    assert "than authors on every named shape, float64: met (smallest: 12x on kdv)" in md
+    lorenz = next(line for line in md.splitlines() if line.startswith("| lorenz | float64 |"))
+    assert "time 15x, memory 1x" in lorenz
+    short = make_table([row("smnn", "smnn", "lorenz", 10.0), row("authors", "peer", "lorenz", 50.0,
+                        B=4, full_B=1536)])
+    md = markdown_report(short)
+    assert "NOT met (smallest: 5x on lorenz)" in md and "batch scaled" in md
+
+
+def test_peer_from_an_importable_module(tmp_path, monkeypatch):
+    (tmp_path / "my_peer_mod.py").write_text(PEER_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    table = run_benchmark(tmp_path / "o", ("smnn",), ("float64",), TINY[1:2], repeats=1,
+                          peers=["my_peer_mod:ode_forward"], progress=False)
+    peer = table[table["method"] == "my_peer_mod.ode_forward"]
+    assert peer["status"].tolist() == ["ok"] and peer["family"].tolist() == ["peer"]
+
+
+def test_peer_with_a_wrong_layout_fails_clearly(tmp_path, peer_file):
+    table = run_benchmark(tmp_path, ("smnn",), ("float64",), [Shape("x", "named", 2, 6, 2, 3)],
+                          repeats=1, peers=[f"{peer_file}:transposed=bad"], progress=False)
+    bad = table[table["method"] == "bad"].iloc[0]
+    assert bad["status"] == "failed" and "expected a tensor (2, 6, 2, 3)" in bad["note"]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("/nonexistent/peer.py:ode_forward", "does not exist"),
+     ("{file}:no_such_function", "no_such_function"),
+     ("no_such_module_xyz:f", "cannot import")],
+)
+def test_bad_peer_is_refused_before_any_work(tmp_path, capsys, peer_file, spec, message):
+    out = tmp_path / "o"
+    assert main(["bench", "--out", str(out), "--quick", "--peer",
+                 spec.format(file=peer_file)]) == 2
+    err = capsys.readouterr().err
+    assert "--peer" in err and message in err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Floors, MLflow, --config
+# --------------------------------------------------------------------------------------------
+
+
 def test_floors_cover_every_named_case_and_dtype(tiny_run):
-    out, table = tiny_run
+    out, table, _ = tiny_run
     floors = pd.read_csv(out / "floors.csv")
     assert sorted(zip(floors["case"], floors["dtype"], strict=True)) == [
         ("tiny", "float32"), ("tiny", "float64")
     ]
     for _, r in floors.iterrows():
         ours = table[(table["case"] == r["case"]) & (table["dtype"] == r["dtype"])
-                     & table["method"].str.startswith("smnn")]
+                     & (table["family"] == "smnn")]
         assert r["best_ms"] == pytest.approx(ours["median_ms"].min())
         assert r["floor_ms"] > 0 and r["ratio"] == pytest.approx(r["best_ms"] / r["floor_ms"])
         # a measured step can never beat the floor by much (rates are best-of, the counts minimal)
@@ -174,18 +468,10 @@ def test_floors_cover_every_named_case_and_dtype(tiny_run):
     assert "## Floors" in (out / "bench.md").read_text()
 
 
-def test_markdown_speedup_uses_the_measured_time():
-    rows = []
-    for case, B, full_B in (("lorenz", 1536, 1536), ("sst", 10, 12960)):
-        rows.append({"method": "smnn", "dtype": "float64", "case": case, "group": "named",
-                     "B": B, "T": 50, "D": 1, "R": 3, "median_ms": 12.5, "min_ms": 12.0,
-                     "peak_mb": 3.0, "status": "ok", "note": "", "converged": None,
-                     "repeats": 1, "full_B": full_B, "device": "cpu", "threads": 2})
-    md = markdown_report(pd.DataFrame(rows))
-    lorenz = next(line for line in md.splitlines() if line.startswith("| lorenz |"))
-    assert f"{REFERENCE_MS['lorenz'] / 12.5:.1f}x" in lorenz
-    sst = next(line for line in md.splitlines() if line.startswith("| sst |"))
-    assert "n/a (batch scaled)" in sst
+def test_floors_csv_is_written_even_without_named_shapes(tmp_path):
+    run_benchmark(tmp_path, ("smnn",), ("float64",), TINY[1:2], repeats=1, progress=False)
+    floors = pd.read_csv(tmp_path / "floors.csv")
+    assert floors.empty and "floor_ms" in floors.columns
 
 
 def test_mlflow_run_is_logged_and_readable(tmp_path):
@@ -193,8 +479,10 @@ def test_mlflow_run_is_logged_and_readable(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
-    table = run_benchmark(out, ("smnn", "mnn_cg"), ("float64",), TINY[:2], repeats=1,
-                          mlflow_uri=uri, progress=False)
+    assert main(["bench", "--out", str(out), "--methods", "smnn,mnn_cg", "--dtypes", "float64",
+                 "--groups", "T_sweep", "--quick", "--repeats", "1", "--time-budget", "0",
+                 "--mlflow-uri", uri, "--rule", "benchmark_solver"]) == 0
+    table = pd.read_csv(out / "bench.csv")
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("benchmark")
     assert exp is not None
@@ -202,16 +490,22 @@ def test_mlflow_run_is_logged_and_readable(tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["methods"] == "smnn,mnn_cg"
-    assert run.data.params["repeats"] == "1"
-    for _, r in table.iterrows():
+    assert run.data.params["bench.methods"] == "smnn,mnn_cg"
+    assert run.data.params["bench.repeats"] == "1"
+    assert "env.torch" in run.data.params
+    assert run.data.tags["smnn.rule"] == "benchmark_solver"
+    assert run.data.tags["smnn.job"] == "benchmark"
+    assert run.data.tags["device"] == "cpu"
+    for _, r in table[table["status"] == "ok"].iterrows():
         key = f"{r['method']}.{r['dtype']}.{r['case']}"
         assert run.data.metrics[f"time_ms.{key}"] == pytest.approx(r["median_ms"])
         assert run.data.metrics[f"peak_mb.{key}"] == pytest.approx(r["peak_mb"])
+        if r["method"] == "mnn_cg":
+            assert run.data.metrics[f"time_ratio.{key}"] == pytest.approx(r["time_vs_best_smnn"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert set(OUTPUTS) <= artifacts
+    assert set(OUTPUT_FILES) <= artifacts
     local = client.download_artifacts(run.info.run_id, "bench.csv", str(tmp_path / "dl"))
-    assert pd.read_csv(local).shape == pd.read_csv(out / "bench.csv").shape
+    assert pd.read_csv(local).shape == table.shape
 
 
 def test_mlflow_uri_from_environment(tmp_path, monkeypatch):
@@ -221,7 +515,7 @@ def test_mlflow_uri_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "o"
     assert main(["bench", "--out", str(out), "--quick", "--methods", "smnn", "--groups",
-                 "T_sweep", "--dtypes", "float32", "--time-budget", "0"]) == 0
+                 "T_sweep", "--dtypes", "float32", "--time-budget", "0", "--repeats", "1"]) == 0
     csv = pd.read_csv(out / "bench.csv")
     assert set(csv["group"]) == {"T_sweep"}
     assert csv["status"].iloc[0] == "ok" and (csv["status"].iloc[1:] == "skipped").all()
@@ -229,6 +523,93 @@ def test_mlflow_uri_from_environment(tmp_path, monkeypatch):
     runs = MlflowClient(tracking_uri=uri).search_runs([exp.experiment_id])
     assert len(runs) == 1
     assert any(k.startswith("time_ms.smnn.float32.") for k in runs[0].data.metrics)
+
+
+def _config(tmp_path: Path, benchmark: dict, **top) -> Path:
+    data = yaml.safe_load(CONFIG.read_text())
+    data["benchmark"].update(benchmark)
+    data["paths"] = {"data": str(tmp_path / "data"), "results": str(tmp_path / "results")}
+    data.update(top)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_config_drives_the_run_and_the_mlflow_run(tmp_path):
+    from mlflow import MlflowClient
+
+    before = torch.get_num_threads()
+    cfg = _config(tmp_path, {"quick": True, "methods": ["smnn", "mnn_cg"], "dtypes": ["float32"],
+                             "time_budget": 1e-6}, seed=7, threads=1, device="cpu")
+    out = tmp_path / "out"
+    try:
+        assert main(["bench", "--config", str(cfg), "--out", str(out),
+                     "--rule", "benchmark_solver"]) == 0
+        csv = pd.read_csv(out / "bench.csv")
+        assert set(csv["method"]) == {"smnn", "mnn_cg"} and set(csv["dtype"]) == {"float32"}
+        assert set(csv["group"]) == {"named", "T_sweep", "batch_sweep"}
+        assert set(csv["threads"]) == {1} and set(csv["device"]) == {"cpu"}
+        assert set(csv["repeats"]) == {3}  # quick mode default
+        # time budget 1e-6 s: only the smallest case (B1) of each method runs
+        assert csv.loc[csv["status"] == "ok", "case"].tolist() == ["B1", "B1"]
+        # the default store of resolve_tracking: <paths.results>/mlflow.db
+        db = tmp_path / "results" / "mlflow.db"
+        assert db.is_file()
+        client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+        run = client.search_runs([client.get_experiment_by_name("benchmark").experiment_id])[0]
+        assert run.data.tags["smnn.rule"] == "benchmark_solver"
+        assert run.data.tags["config_file"] == str(cfg.resolve())
+        assert "git_commit" in run.data.tags
+        assert run.data.params["bench.seed"] == "7" and run.data.params["seed"] == "7"
+        assert run.data.params["benchmark.quick"] == "true"
+        assert float(run.data.params["bench.time_budget_s"]) == 1e-6
+        assert run.info.artifact_uri.startswith((tmp_path / "results" / "mlartifacts").as_uri())
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_flags_override_the_config(tmp_path):
+    cfg = _config(tmp_path, {"quick": True, "methods": ["mnn_cg"], "dtypes": ["float32"],
+                             "time_budget": 1e-6}, seed=3)
+    out = tmp_path / "out"
+    assert main(["bench", "--config", str(cfg), "--out", str(out), "--methods", "smnn",
+                 "--dtypes", "float64", "--groups", "T_sweep", "--repeats", "1", "--seed", "5",
+                 "--no-mlflow"]) == 0
+    csv = pd.read_csv(out / "bench.csv")
+    assert set(csv["method"]) == {"smnn"} and set(csv["dtype"]) == {"float64"}
+    assert set(csv["repeats"]) == {1}
+    assert not (tmp_path / "results" / "mlflow.db").exists()
+
+
+def test_options_from_config_reads_the_documented_keys(tmp_path):
+    cfg = Config({"seed": 11, "threads": 2, "device": "cpu",
+                  "benchmark": {"quick": False, "methods": ["smnn_cyclic"], "dtypes": ["float64"],
+                                "time_budget": None, "max_dense_bytes": 1000,
+                                "peers": ["/p/smnn.py:ode_forward=authors"]}})
+    opts = options_from_config(cfg)
+    assert opts == {"seed": 11, "threads": 2, "device": "cpu", "quick": False,
+                    "methods": ["smnn_cyclic"], "dtypes": ["float64"], "max_dense_bytes": 1000,
+                    "peers": ["/p/smnn.py:ode_forward=authors"]}
+    plan = plan_benchmark(opts.pop("methods"), opts.pop("dtypes"),
+                          **{k: v for k, v in opts.items() if k != "peers"})
+    assert plan.grid.seed == 11 and plan.grid.time_budget_s == 60.0
+    assert plan.grid.max_dense_bytes == 1000
+
+
+@pytest.mark.parametrize(
+    "benchmark, key",
+    [({"methods": ["smnn", "rk45"]}, "benchmark.methods"),
+     ({"quick": "yes"}, "benchmark.quick"),
+     ({"time_budget": -1}, "benchmark.time_budget"),
+     ({"dtypes": ["float16"]}, "benchmark.dtypes")],
+)
+def test_bad_config_values_are_named(tmp_path, capsys, benchmark, key):
+    cfg = _config(tmp_path, benchmark)
+    out = tmp_path / "o"
+    assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "config.yaml" in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -242,6 +623,7 @@ def test_mlflow_uri_from_environment(tmp_path, monkeypatch):
         (["--max-dense-bytes", "-5"], "--max-dense-bytes"),
         (["--device", "tpu"], "--device"),
         (["--groups", "named,long"], "--groups"),
+        (["--seed", "-1"], "--seed"),
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, args, message):
@@ -262,3 +644,15 @@ def test_out_is_a_file(tmp_path, capsys):
 def test_shape_validation():
     with pytest.raises(ValueError, match="T must be >= 2"):
         Shape("bad", "named", 1, 1, 1, 3)
+
+
+def test_help_describes_every_argument(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--out", "--config", "--rule", "--quick", "--methods", "--dtypes", "--groups",
+                 "--peer", "--repeats", "--time-budget", "--max-dense-bytes", "--seed",
+                 "--threads", "--device", "--mlflow-uri", "--no-mlflow"):
+        assert flag in text
+    assert "benchmark.time_budget" in text and "floors.csv" in text
+    assert "PATH_OR_MODULE:FUNC[=LABEL]" in text

@@ -80,14 +80,23 @@ def _sync(device: torch.device) -> None:
 
 
 def timed_step(
-    method: Method, inputs: tuple, device: torch.device, keep_output: bool = False
+    method: Method,
+    inputs: tuple,
+    device: torch.device,
+    keep_output: bool = False,
+    threads: int | None = None,
 ) -> tuple[float, dict]:
     """One forward+backward step; returns (seconds, solver info).
 
     Convergence warnings (MNN CG) are recorded rather than shown: ``info["converged"]`` from
     the forward solve, ``info["backward_converged"]`` False when the backward solve warned.
-    With ``keep_output`` the detached solution is in ``info["u"]``.
+    With ``keep_output`` the detached solution is in ``info["u"]``. ``threads`` is set with
+    ``torch.set_num_threads`` before the step (outside the timed region): a solver that changes
+    the process's thread count (numba's OpenMP layer shares it with torch) cannot change the
+    next step's.
     """
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     for x in inputs:
         x.grad = None
     _sync(device)
@@ -129,18 +138,23 @@ def measure_case(
     device: torch.device,
     repeats: int,
     seed: int = 0,
+    threads: int | None = None,
 ) -> dict:
-    """Warm-up, ``repeats`` timed steps and a memory step on ``shape``; a partial row."""
+    """Warm-up, ``repeats`` timed steps and a memory step on ``shape``; a partial row.
+    ``threads``: torch's thread count for every step (default: the current one)."""
+    threads = torch.get_num_threads() if threads is None else threads
     inputs = make_inputs(shape, dtype, device, seed)
-    _, info = timed_step(method, inputs, device, keep_output=method.family == "peer")
+    _, info = timed_step(method, inputs, device, method.family == "peer", threads)
     diff = _diff_vs_smnn(info.pop("u"), inputs) if "u" in info else math.nan
     times, converged = [], []
     for _ in range(repeats):
-        seconds, info = timed_step(method, inputs, device)
+        seconds, info = timed_step(method, inputs, device, threads=threads)
         times.append(seconds)
         if "converged" in info:
             converged.append(info["converged"] and info["backward_converged"])
-    _, peak = measure_peak_memory(timed_step, method, inputs, device, device=device)
+    _, peak = measure_peak_memory(timed_step, method, inputs, device, False, threads,
+                                  device=device)
+    torch.set_num_threads(threads)
     row = {
         "median_ms": 1e3 * statistics.median(times),
         "min_ms": 1e3 * min(times),
@@ -154,11 +168,13 @@ def measure_case(
     return row
 
 
-def _compile_once(method: Method, shape: Shape, dtype: torch.dtype, device, seed: int) -> None:
+def _compile_once(
+    method: Method, shape: Shape, dtype: torch.dtype, device, seed: int, threads: int
+) -> None:
     """One step on a tiny shape with the same D and R (compiles the kernels)."""
     tiny = Shape("warmup", "warmup", 2, 8, shape.D, shape.R)
     try:
-        timed_step(method, make_inputs(tiny, dtype, device, seed), device)
+        timed_step(method, make_inputs(tiny, dtype, device, seed), device, threads=threads)
     except Exception:  # the measured case reports its own error, with its own shape
         pass
 
@@ -170,13 +186,15 @@ def _compile_once(method: Method, shape: Shape, dtype: torch.dtype, device, seed
 
 @dataclass(frozen=True)
 class GridOptions:
-    """How the grid is run (validated by :func:`smnn.benchmark.run.run_benchmark`)."""
+    """How the grid is run (validated by :func:`smnn.benchmark.run.plan_benchmark`);
+    ``threads`` None: torch's thread count when the grid starts."""
 
     repeats: int
     max_dense_bytes: int
     time_budget_s: float
     device: torch.device
     seed: int = 0
+    threads: int | None = None
 
 
 def _skip_reason(method: Method, shape: Shape, dtype, opts: GridOptions, over_budget) -> str:
@@ -195,7 +213,8 @@ def progress_line(row: dict, done: int, total: int, elapsed_s: float) -> str:
     head = (f"[bench {done}/{total} {minutes}:{seconds:02d}] {row['method']} {row['dtype']} "
             f"{row['case']} B={row['B']} T={row['T']} D={row['D']} R={row['R']}")
     if row["status"] != "ok":
-        return f"{head}: {row['status']} ({row['note']})"
+        note = row["note"].replace("skipped: ", "")
+        return f"{head}: {row['status']} ({note})"
     text = (f"{head}: {row['median_ms']:.4g} ms (median of {row['repeats']}), "
             f"{row['peak_mb']:.4g} MB")
     if row["converged"] is False:
@@ -223,6 +242,7 @@ def run_grid(
     over_budget: dict[tuple[str, str], tuple[int, str]] = {}
     compiled: set[tuple[str, str, int, int]] = set()
     total = len(shapes) * len(dtypes) * len(methods)
+    threads = opts.threads or torch.get_num_threads()
     start = time.perf_counter()
     # smallest cases first, so the time budget stops a method at its first slow size
     run_order = sorted(range(len(shapes)), key=lambda i: shapes[i].unknowns)
@@ -231,7 +251,7 @@ def run_grid(
         for i_dtype, name_of_dtype in enumerate(dtypes):
             dtype = DTYPES[name_of_dtype]
             for i_method, method in enumerate(methods):
-                row = _empty_row(method, shape, name_of_dtype, opts)
+                row = _empty_row(method, shape, name_of_dtype, opts, threads)
                 reason = _skip_reason(method, shape, dtype, opts, over_budget)
                 if reason:
                     row["note"] = reason
@@ -239,10 +259,11 @@ def run_grid(
                     try:
                         key = (method.name, name_of_dtype, shape.D, shape.R)
                         if key not in compiled:
-                            _compile_once(method, shape, dtype, opts.device, opts.seed)
+                            _compile_once(method, shape, dtype, opts.device, opts.seed,
+                                          threads)
                             compiled.add(key)
                         row.update(measure_case(method, shape, dtype, opts.device,
-                                                opts.repeats, opts.seed))
+                                                opts.repeats, opts.seed, threads))
                     except Exception as exc:  # recorded, the benchmark goes on
                         row["status"] = "failed"
                         row["note"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -264,13 +285,15 @@ def run_grid(
     return [rows[k] for k in sorted(rows)]
 
 
-def _empty_row(method: Method, shape: Shape, dtype: str, opts: GridOptions) -> dict:
+def _empty_row(
+    method: Method, shape: Shape, dtype: str, opts: GridOptions, threads: int
+) -> dict:
     return {
         "method": method.name, "family": method.family, "dtype": dtype, "case": shape.case,
         "group": shape.group, "B": shape.B, "T": shape.T, "D": shape.D, "R": shape.R,
         "median_ms": math.nan, "min_ms": math.nan, "peak_mb": math.nan, "status": "skipped",
         "note": "", "converged": None, "repeats": opts.repeats, "full_B": shape.full_B,
-        "device": str(opts.device), "threads": torch.get_num_threads(),
+        "device": str(opts.device), "threads": threads,
         "max_rel_diff_vs_smnn": math.nan,
     }
 

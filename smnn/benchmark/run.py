@@ -169,7 +169,7 @@ def plan_benchmark(
         grid = [s for s in grid if s.group in groups]
     return BenchPlan(
         methods=chosen + peer_methods, dtypes=list(dtypes), shapes=grid, quick=quick,
-        grid=GridOptions(repeats, max_dense, float(budget), dev, seed), threads=threads,
+        grid=GridOptions(repeats, max_dense, float(budget), dev, seed, threads), threads=threads,
         peers=[p.name if isinstance(p, Method) else str(p) for p in peers],
     )
 
@@ -237,7 +237,9 @@ def run_plan(
         f"{plan.grid.time_budget_s:g} s{', quick mode' if plan.quick else ''}")
     rows = run_grid(plan.methods, plan.dtypes, plan.shapes, plan.grid, progress=progress)
     table = make_table(rows)[TABLE_COLUMNS]
-    if (table["group"] == "named").any() and plan.grid.device.type == "cpu":
+    if plan.grid.device.type == "cpu" and (
+        (table["group"] == "named") & (table["status"] == "ok") & (table["family"] == "smnn")
+    ).any():
         say("[bench] measuring the machine's bandwidth and matmul rate for the floors")
     floors = floor_table(table, plan.grid.device, plan.quick)
     _write_csv(table, out / "bench.csv")

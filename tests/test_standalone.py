@@ -1,4 +1,5 @@
-"""`smnn standalone`: closed forms, solver accuracy, output files and bad --out (real runs)."""
+"""`smnn standalone`: closed forms, solver accuracy, output files, the figure, --config and MLflow,
+bad --out (real runs)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+import yaml
 from matplotlib.image import imread
 
 from smnn.cli import main
-from smnn.standalone import EQUATIONS, SOLVERS, ivp_solution, time_grid
+from smnn.solver.registry import solver_info
+from smnn.standalone import EQUATIONS, OUTPUT_FILES, SOLVERS, ivp_solution, time_grid
+from smnn.standalone.figure import CLOSED_FORM_LABEL, solutions_figure
+
+CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 
 N_CASES = sum(len(ode.initial_conditions) for ode in EQUATIONS)
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +181,86 @@ def test_out_not_writable(tmp_path, capsys):
 def test_unknown_solver(tmp_path, capsys):
     assert main(["standalone", "--out", str(tmp_path / "o"), "--solvers", "smnn,rk4"]) == 2
     assert "rk4" in capsys.readouterr().err
+
+
+def test_every_solver_is_drawn_with_its_own_style():
+    t = time_grid()[:50]
+    curves = {}
+    for ode in EQUATIONS:
+        curves[("closed", ode.key, 0)] = np.zeros((3, len(t)))
+        for solver in SOLVERS:
+            curves[(solver, ode.key, 0)] = np.ones((3, len(t)))
+    fig = solutions_figure(t, curves, list(SOLVERS))
+    axes = fig.axes
+    assert len(axes) == 3 * len(EQUATIONS)
+    want = {CLOSED_FORM_LABEL, *(solver_info(s).label for s in SOLVERS)}
+    assert "MNN CG" in want
+    for ax in axes:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert set(lines) == want
+        styles = {(line.get_linestyle(), line.get_color()) for line in lines.values()}
+        assert len(styles) == len(want)  # distinguishable
+    legend = axes[0].get_legend()
+    assert {text.get_text() for text in legend.get_texts()} == want
+    noted = solutions_figure(t, curves, list(SOLVERS), {"mnn_cg": "not converged"})
+    assert "MNN CG (not converged)" in {line.get_label() for line in noted.axes[0].get_lines()}
+
+
+def test_help_describes_every_argument(capsys):
+    with pytest.raises(SystemExit):
+        main(["standalone", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--out", "--config", "--solvers", "--device", "--threads", "--rule",
+                 "--mlflow-uri", "--no-mlflow"):
+        assert flag in text
+    assert all(name in text for name in OUTPUT_FILES)
+
+
+def test_config_and_mlflow_run(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    data = yaml.safe_load(CONFIG.read_text())
+    data["paths"] = {"data": str(tmp_path / "data"), "results": str(tmp_path / "results")}
+    data.update(threads=1, device="cpu")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    before = torch.get_num_threads()
+    out = tmp_path / "out"
+    try:
+        assert main(["standalone", "--config", str(cfg), "--out", str(out), "--solvers", "smnn",
+                     "--rule", "standalone"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err
+    assert err.count("[standalone] S-MNN ") == N_CASES  # one progress line per solve
+    assert "outputs in" in err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["solvers"] == ["smnn"] and metrics["config"]["device"] == "cpu"
+    db = tmp_path / "results" / "mlflow.db"
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("standalone")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["smnn.job"] == "standalone" and run.data.tags["smnn.rule"] == "standalone"
+    assert run.data.tags["config_file"] == str(cfg.resolve())
+    assert run.data.params["standalone.run_solvers"] == "smnn"
+    case = next(c for c in metrics["cases"] if c["solver"] == "smnn")
+    key = f"max_err.smnn.{case['equation']}.ic{case['initial_condition']}.y"
+    assert run.data.metrics[key] == pytest.approx(case["vs_closed_form"]["y"]["max"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert set(OUTPUT_FILES) <= artifacts
+
+
+def test_no_mlflow_and_unknown_config_solver(tmp_path, capsys):
+    data = yaml.safe_load(CONFIG.read_text())
+    data["paths"] = {"data": str(tmp_path / "data"), "results": str(tmp_path / "results")}
+    data["device"] = "tpu"
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    assert main(["standalone", "--config", str(cfg), "--out", str(out), "--no-mlflow"]) == 2
+    assert "device" in capsys.readouterr().err
+    assert not out.exists()

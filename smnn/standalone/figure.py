@@ -3,13 +3,14 @@
 3 x 6 panels: rows y, y', y''; one column per equation, its first initial condition. Each panel
 draws the closed form (wide grey line underneath) and every solver's solution, each solver with
 its own colour, line style and width (solid, dashed, dotted, dash-dot in registry order, widest
-first), so curves that lie on top of each other stay distinguishable. Made with
+first), so curves that lie on top of each other stay distinguishable; a solver that did not
+converge on a drawn case says so in the legend. Made with
 :mod:`smnn.plotting` (no pyplot), written atomically.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +37,13 @@ def solver_styles(solvers: Sequence[str]) -> dict[str, dict]:
     return {s: dict(_STYLES[i % len(_STYLES)]) for i, s in enumerate(solvers)}
 
 
-def solutions_figure(t: np.ndarray, curves: dict, solvers: Sequence[str]) -> Figure:
+def solutions_figure(
+    t: np.ndarray, curves: dict, solvers: Sequence[str], notes: Mapping[str, str] | None = None
+) -> Figure:
     """The figure (module docstring). ``curves[(solver or "closed", equation key, ic index)]``
-    is ``(3, T)``: x, x', x''."""
+    is ``(3, T)``: x, x', x''. ``notes[solver]`` is appended to its legend label (e.g. that an
+    iterative solver did not converge)."""
+    notes = notes or {}
     labels = ("y", "y'", "y''")
     fig, axes = new_figure(3, len(EQUATIONS), size=(3.2 * len(EQUATIONS), 7.8), sharex=True,
                            squeeze=False)
@@ -49,8 +54,10 @@ def solutions_figure(t: np.ndarray, curves: dict, solvers: Sequence[str]) -> Fig
             ax.plot(t, curves[("closed", ode.key, 0)][k], color="0.75", lw=4.5,
                     label=CLOSED_FORM_LABEL)
             for solver in solvers:
-                ax.plot(t, curves[(solver, ode.key, 0)][k], label=solver_info(solver).label,
-                        **styles[solver])
+                label = solver_info(solver).label
+                if notes.get(solver):
+                    label += f" ({notes[solver]})"
+                ax.plot(t, curves[(solver, ode.key, 0)][k], label=label, **styles[solver])
             if j == 0:
                 ax.set_ylabel(labels[k])
             if k == 0:
@@ -63,6 +70,12 @@ def solutions_figure(t: np.ndarray, curves: dict, solvers: Sequence[str]) -> Fig
     return fig
 
 
-def write_solutions_figure(t: np.ndarray, curves: dict, solvers: Sequence[str], path: Path):
+def write_solutions_figure(
+    t: np.ndarray,
+    curves: dict,
+    solvers: Sequence[str],
+    path: Path,
+    notes: Mapping[str, str] | None = None,
+) -> Path:
     """Write :func:`solutions_figure` as PNG to ``path``; returns the path."""
-    return save_figure(solutions_figure(t, curves, solvers), path, dpi=110)
+    return save_figure(solutions_figure(t, curves, solvers, notes), path, dpi=110)

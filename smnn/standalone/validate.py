@@ -204,7 +204,9 @@ def run_standalone(
     atomic_write_json(metrics, out / "metrics.json", indent=1)
     _write_csv(cases, out / "errors.csv")
     atomic_write_text(markdown_table(cases, solvers), out / "errors.md")
-    write_solutions_figure(t, curves, solvers, out / "solutions.png")
+    drawn = [c for c in cases if c["initial_condition"] == 0 and c.get("converged") is False]
+    notes = {c["solver"]: "not converged" for c in drawn}
+    write_solutions_figure(t, curves, solvers, out / "solutions.png", notes)
     if tracking is not None:
         run_id = _log_mlflow(tracking, out, metrics, tags, config_data)
         say(f"[standalone] MLflow run {run_id} in experiment {EXPERIMENT} at "

@@ -1,0 +1,39 @@
+"""smnn.plotting: figures without pyplot, atomic PNG writes, the quick-mode stamp."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+from matplotlib.image import imread
+
+from smnn.plotting import QUICK_NOTE, mark_quick, new_figure, save_figure
+
+
+def test_new_figure_leaves_the_backend_and_pyplot_alone():
+    backend = matplotlib.get_backend()
+    fig, axes = new_figure(2, 3, size=(6, 4))
+    assert axes.shape == (2, 3) and fig.get_size_inches().tolist() == [6, 4]
+    single_fig, ax = new_figure()
+    assert not isinstance(ax, np.ndarray)
+    assert matplotlib.get_backend() == backend
+    assert fig.canvas.manager is None  # not registered with pyplot
+
+
+def test_save_figure_writes_a_png_atomically(tmp_path):
+    fig, ax = new_figure(size=(3, 2))
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "sub" / "f.png", dpi=50)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert imread(path).shape[:2] == (100, 150)
+    assert [p.name for p in path.parent.iterdir()] == ["f.png"]  # no temporary file left
+
+
+def test_mark_quick_stamps_the_figure(tmp_path):
+    fig, _ = new_figure()
+    assert mark_quick(fig) is fig
+    stamps = [t for t in fig.texts if getattr(t, "smnn_quick", False)]
+    assert [t.get_text() for t in stamps] == [QUICK_NOTE]
+    custom, _ = new_figure()
+    mark_quick(custom, "quick: 1 repeat")
+    assert custom.texts[0].get_text() == "quick: 1 repeat"
+    save_figure(fig, tmp_path / "q.png", dpi=40)  # the stamp renders

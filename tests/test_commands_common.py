@@ -33,7 +33,8 @@ def test_job_config_loads_a_complete_config(tmp_path):
     [({"seed": -1}, "seed"), ({"threads": 0}, "threads"), ({"device": "tpu"}, "device")],
 )
 def test_job_config_names_a_bad_global_key(tmp_path, changes, key):
-    with pytest.raises(ConfigError, match=rf"config.yaml: {key} "):
+    message = rf"config.yaml \(see config/README.md\):\n  config key '{key}'"
+    with pytest.raises(ConfigError, match=message):
         job_config(_write(tmp_path, **changes))
 
 

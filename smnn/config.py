@@ -1,8 +1,9 @@
 """The pipeline configuration: loading, typed access with clear errors, flattening and hashing.
 
-The workflow validates the whole file against ``workflow/schemas/config.schema.yaml`` before any
-job starts; the package still checks every key it reads (a hand-run command gets the same kind of
-message), so a missing or mistyped value fails with the dotted key and the file named, e.g.
+The whole file is validated once, against the schema of :mod:`smnn.config_validation`, by the
+workflow before any job starts and by every ``smnn`` command on the file it is given. The typed
+accessors here still check every key they read, so code that builds a :class:`Config` by hand
+fails with the dotted key and the source named, e.g.
 ``config/config.yaml: lorenz.train.lr must be a number > 0, got 'fast'``.
 """
 

@@ -1,4 +1,4 @@
-"""Least-squares solvers for linear ODEs with block-tridiagonal normal equations (SOLVER_SPEC.md).
+"""Least-squares solvers for linear ODEs with block-tridiagonal normal equations (docs/solver.md).
 
 - :func:`ode_forward` / :func:`factorize`: the S-MNN solver (sequential block LDL^T or block
   cyclic reduction, custom backward pass).
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from smnn.solver.api import METHODS, OdeFactorization, factorize, ode_forward
 from smnn.solver.banded import NonPositivePivotError
+from smnn.solver.frozen import FROZEN_LHS_CACHE, FrozenLhsCache, clear_frozen_lhs_cache
 from smnn.solver.inputs import OdeProblem, prepare_problem
 from smnn.solver.mnn import MNNConvergenceWarning, mnn_cg, mnn_dense
 from smnn.solver.reference import build_dense_system, dense_reference
@@ -19,6 +20,8 @@ from smnn.solver.registry import SOLVERS, SolverInfo, get_solver, solver_info, s
 SOLVER_NAMES = solver_names()
 
 __all__ = [
+    "FROZEN_LHS_CACHE",
+    "FrozenLhsCache",
     "METHODS",
     "MNNConvergenceWarning",
     "SOLVER_NAMES",
@@ -28,6 +31,7 @@ __all__ = [
     "OdeFactorization",
     "OdeProblem",
     "build_dense_system",
+    "clear_frozen_lhs_cache",
     "dense_reference",
     "factorize",
     "get_solver",

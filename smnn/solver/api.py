@@ -1,11 +1,13 @@
-"""Public solver entry points: :func:`ode_forward` and :func:`factorize` (SOLVER_SPEC sections 1-8).
+"""Public solver entry points: :func:`ode_forward` and :func:`factorize` (docs/solver.md 1-8).
 
-``ode_forward`` is keyword-compatible with the authors' published function: switching is a change
-of import. Our own options (method, backend, checks) are keyword-only and come after.
+``ode_forward`` is a drop-in replacement for the authors' published function (same positional
+arguments, same order, same meaning): switching is a change of import. Our own options (method,
+backend, checks) are keyword-only and come after.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,7 @@ from smnn.solver.banded import (
 from smnn.solver.blocks import build_lhs_blocks, build_rhs
 from smnn.solver.cuda_graphs import CudaGraphPool
 from smnn.solver.cyclic import CyclicReductionFactor, factorize_cyclic
+from smnn.solver.frozen import FROZEN_LHS_CACHE
 from smnn.solver.fused import fused_ode_forward, fused_path_applies
 from smnn.solver.inputs import (
     OdeProblem,
@@ -190,6 +193,57 @@ def _check_weights(weight_equation, weight_init_var, weight_smooth) -> tuple:
     return weight_equation, weight_init_var, weight_smooth
 
 
+_STEP_AXIS = {"coefficients": 4, "rhs_equation": 2, "init_vars": 3, "steps": 1}
+
+
+def _steps_last(coefficients, rhs_equation, init_vars, steps):
+    """``is_step_dim_first`` inputs -> the usual layout (views; autograd flows through).
+
+    Inputs of too low a rank (or not tensors) are passed on unchanged, so that
+    :func:`~smnn.solver.inputs.prepare_problem` refuses them with its usual message.
+    """
+    moved = []
+    for i, x in zip(
+        _STEP_AXIS.values(), (coefficients, rhs_equation, init_vars, steps), strict=True
+    ):
+        if isinstance(x, torch.Tensor) and x.dim() >= i:
+            x = x.movedim(0, -i)
+        moved.append(x)
+    return moved
+
+
+def _frozen_version(value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"frozen_lhs_cache_version must be an int >= 0, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(
+            f"frozen_lhs_cache_version must be an int >= 0, got {value!r}"
+        ) from None
+    if v < 0:
+        raise ValueError(f"frozen_lhs_cache_version must be an int >= 0, got {v}")
+    return v
+
+
+def _frozen_key(version, problem, weights, central, method, backend) -> tuple:
+    c, h = problem.coefficients, problem.steps
+    return (
+        version,
+        tuple(c.shape),
+        tuple(h.shape),
+        problem.n_steps,
+        problem.n_init_var_steps,
+        problem.n_init_orders,
+        c.dtype,
+        c.device,
+        tuple(float(w) for w in weights),
+        central,
+        method,
+        backend,
+    )
+
+
 def ode_forward(
     coefficients: torch.Tensor,
     rhs_equation: torch.Tensor,
@@ -197,10 +251,13 @@ def ode_forward(
     steps: torch.Tensor,
     n_steps: int | None = None,
     n_init_var_steps: int | None = None,
+    is_step_dim_first: bool = False,
     weight_equation: float | torch.Tensor = 1.0,
     weight_init_var: float | torch.Tensor = 1.0,
     weight_smooth: float | torch.Tensor = 1.0,
     enable_central_smoothness: bool = False,
+    prefer_cuda_graph: bool = True,
+    frozen_lhs_cache_version: int = 0,
     *,
     method: str = "auto",
     backend: str = "auto",
@@ -208,55 +265,134 @@ def ode_forward(
     check_pivots: bool = True,
     cuda_graphs: CudaGraphPool | None = None,
 ) -> torch.Tensor:
-    """Least-squares solution of a batch of linear ODEs (SOLVER_SPEC sections 1-5).
+    """Least-squares solution of a batch of linear ODEs (docs/solver.md sections 1-5).
+
+    A drop-in replacement for the authors' published ``ode_forward``: the same positional
+    arguments in the same order and with the same meaning; our own options are keyword-only.
 
     Args:
         coefficients: ``(..., T or 1, E, D, R)``; c[t,e,d,k] multiplies the k-th derivative of
             state d in equation e at step t.
         rhs_equation: ``(..., T or 1, E)``.
         init_vars: ``(..., S or 1, D, K)``: values of orders k < K on the first S steps.
+            S = 0 or K = 0 (e.g. shape ``(..., 0, D, 0)``) means no initial-value rows: the
+            system is then fixed by the equation and smoothness rows alone.
         steps: ``(..., T-1 or 1)``, step sizes > 0.
         n_steps: T, when ``steps`` has a size-1 step axis (default ``steps.shape[-1] + 1``).
         n_init_var_steps: S (default ``init_vars.shape[-3]``).
+        is_step_dim_first: every input has its step axis first: ``(T or 1, ..., E, D, R)``,
+            ``(T or 1, ..., E)``, ``(S or 1, ..., D, K)``, ``(T-1 or 1, ...)``; so has the output,
+            ``(T, ..., D, R)``.
         weight_equation, weight_init_var, weight_smooth: positive scalar row weights (python
             numbers or 0-dim tensors; tensors receive gradients).
         enable_central_smoothness: add the central rows on the two top orders and drop the top
             order's Taylor rows (block pentadiagonal normal matrix).
+        prefer_cuda_graph: on a CUDA device, when the call runs the sequential method on the
+            torch path and ``cuda_graphs`` is None, replay it from CUDA graphs kept in a
+            bounded default pool (:func:`smnn.solver.cuda_graphs.default_pool`). No effect on
+            CPU, or when another method is chosen.
+        frozen_lhs_cache_version: ``v > 0``: the caller promises that the coefficients, steps
+            and weights are the same in every call with this ``v``. The first such call
+            factorizes the left-hand side (:func:`factorize`) and stores the factorization in
+            a bounded LRU cache (:mod:`smnn.solver.frozen`: 8 entries, keyed by ``v`` with the
+            shapes of the coefficients and steps, T, S, K, dtype, device, weights, central flag,
+            method and backend; :func:`~smnn.solver.frozen.clear_frozen_lhs_cache` empties
+            it); later calls only substitute. Gradients then reach ``rhs_equation`` and
+            ``init_vars`` only, in every call with ``v > 0``. ``0`` (default): no caching.
         method: 'sequential' (block LDL^T, T dependent steps), 'cyclic' (block cyclic
             reduction, ceil(log2 T) dependent levels) or 'auto' (see :func:`choose_method`).
-        backend: 'auto' (compiled numba kernels on CPU, batched torch ops elsewhere), 'numba'
-            or 'torch'. On CPU with numba, the sequential method, plain-number weights and no
-            central smoothness (the defaults), the whole solve runs in two fused kernels
-            (:mod:`smnn.solver.fused`: assembly, factorization and substitution in one pass,
-            vectorised across systems; all gradients in a second pass).
+        backend: 'auto' (compiled numba kernels on CPU when numba imports, batched torch ops
+            otherwise), 'numba' or 'torch'.
         check_inputs: validate values (finite, steps > 0); shapes are always checked.
         check_pivots: raise :class:`~smnn.solver.banded.NonPositivePivotError` naming the batch
             entries whose normal matrix is not positive definite; off: those come back NaN.
         cuda_graphs: a caller-owned :class:`~smnn.solver.cuda_graphs.CudaGraphPool`: replay
-            the sequential torch path from captured CUDA graphs (small batches on a GPU; CUDA
-            tensors only).
+            the sequential torch path from captured CUDA graphs (CUDA tensors only).
 
     Returns:
-        u: ``(*batch, T, D, R)``, u[t,d,k] ~ k-th derivative of state d at step t, where
-        ``batch`` is the broadcast of all inputs' batch dims.
+        u: ``(*batch, T, D, R)`` (``(T, *batch, D, R)`` with ``is_step_dim_first``),
+        u[t,d,k] ~ k-th derivative of state d at step t, where ``batch`` is the broadcast of all
+        inputs' batch dims.
 
     Gradients flow to every tensor input through a custom backward pass that reuses the
     factorization (one extra pair of substitutions, O(T) memory).
     """
+    if is_step_dim_first:
+        coefficients, rhs_equation, init_vars, steps = _steps_last(
+            coefficients, rhs_equation, init_vars, steps
+        )
+    version = _frozen_version(frozen_lhs_cache_version)
     problem = prepare_problem(
         coefficients, rhs_equation, init_vars, steps, n_steps, n_init_var_steps, False
     )
     weights = _check_weights(weight_equation, weight_init_var, weight_smooth)
     central = bool(enable_central_smoothness)
-    device = problem.coefficients.device
     _check_options(method, problem.coefficients.dtype)
+    if version > 0:
+        u = _frozen_solve(
+            version, problem, weights, central, method, backend, check_inputs, check_pivots
+        )
+    else:
+        if cuda_graphs is None and prefer_cuda_graph:
+            cuda_graphs = _default_graphs(problem, weights, central, method, backend)
+        u = _solve_problem(
+            problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs
+        )
+    return u.movedim(-3, 0) if is_step_dim_first else u
+
+
+def _default_graphs(problem, weights, central, method, backend):
+    """The default CUDA-graph pool when ``prefer_cuda_graph`` applies (see ode_forward)."""
+    device = problem.coefficients.device
+    if device.type != "cuda" or resolve_backend(backend, device) != "torch":
+        return None
+    T = problem.n_steps
+    T_canonical = (T + 1) // 2 if central else T
+    n_systems = BatchFolding(tuple(problem.batch_shape), tuple(problem.lhs_batch_shape)).n_systems
+    if choose_method(method, "torch", n_systems, T_canonical) != "sequential":
+        return None
+    from smnn.solver.cuda_graphs import default_pool
+
+    return default_pool()
+
+
+def _frozen_solve(version, problem, weights, central, method, backend, check_inputs, check_pivots):
+    key = _frozen_key(version, problem, weights, central, method, backend)
+
+    def make() -> OdeFactorization:
+        return factorize(
+            problem.coefficients,
+            problem.steps,
+            n_init_orders=problem.n_init_orders,
+            n_steps=problem.n_steps,
+            n_init_var_steps=problem.n_init_var_steps,
+            weight_equation=weights[0],
+            weight_init_var=weights[1],
+            weight_smooth=weights[2],
+            enable_central_smoothness=central,
+            method=method,
+            backend=backend,
+            check_inputs=check_inputs,
+            check_pivots=check_pivots,
+        )
+
+    factorization = FROZEN_LHS_CACHE.get_or_create(key, make)
+    return factorization.solve(problem.rhs_equation, problem.init_vars, check_inputs=check_inputs)
+
+
+def _solve_problem(
+    problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs
+):
+    device = problem.coefficients.device
     plain = _plain_weights(weights)
     if fused_path_applies(
         device, resolve_backend(backend, device), method, central, plain, cuda_graphs
     ):
         return fused_ode_forward(problem, plain, check_inputs, check_pivots)
     if check_inputs:
-        check_values_of(coefficients, rhs_equation, init_vars, steps)
+        check_values_of(
+            problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
+        )
     lhs = _factorize_lhs(
         problem,
         weights,
@@ -277,7 +413,7 @@ def ode_forward(
 
 
 class OdeFactorization:
-    """A factorized left-hand side, reusable for many right-hand sides (SOLVER_SPEC section 8).
+    """A factorized left-hand side, reusable for many right-hand sides (docs/solver.md section 8).
 
     Create with :func:`factorize`; call :meth:`solve` with ``rhs_equation`` and ``init_vars``.
     The object is owned by the caller (no hidden cache). The coefficients and steps are frozen
@@ -346,7 +482,7 @@ def factorize(
     check_inputs: bool = True,
     check_pivots: bool = True,
 ) -> OdeFactorization:
-    """Factorize the normal matrix of fixed coefficients and steps once (SOLVER_SPEC section 8).
+    """Factorize the normal matrix of fixed coefficients and steps once (docs/solver.md section 8).
 
     Args:
         coefficients: ``(..., T or 1, E, D, R)``.
@@ -360,10 +496,10 @@ def factorize(
         ``ode_forward(coefficients, rhs_equation, init_vars, steps, ...)`` but skips the
         factorization. Gradients reach ``rhs_equation`` and ``init_vars`` only.
     """
-    if not isinstance(n_init_orders, int) or n_init_orders < 1:
-        raise ValueError(f"n_init_orders must be a positive int, got {n_init_orders!r}")
-    if not isinstance(n_init_var_steps, int) or n_init_var_steps < 1:
-        raise ValueError(f"n_init_var_steps must be a positive int, got {n_init_var_steps!r}")
+    if not isinstance(n_init_orders, int) or n_init_orders < 0:
+        raise ValueError(f"n_init_orders must be an int >= 0, got {n_init_orders!r}")
+    if not isinstance(n_init_var_steps, int) or n_init_var_steps < 0:
+        raise ValueError(f"n_init_var_steps must be an int >= 0, got {n_init_var_steps!r}")
     if not isinstance(coefficients, torch.Tensor) or coefficients.dim() < 4:
         raise ValueError(
             "coefficients must be a tensor of shape (..., T or 1, E, D, R), got "

@@ -16,7 +16,7 @@ import torch
 
 from smnn.solver.banded import BlockTridiagonalFactor, _factor_torch, _solve_torch
 
-__all__ = ["CudaGraphPool"]
+__all__ = ["CudaGraphPool", "default_pool", "clear_default_pool"]
 
 
 class _Graphed:
@@ -103,3 +103,22 @@ class CudaGraphPool:
 
         graphed = self._get(key, solve, (factor.lmul, factor.dchol, rhs))
         return graphed(factor.lmul, factor.dchol, rhs).clone()
+
+
+_DEFAULT_POOL: CudaGraphPool | None = None
+
+
+def default_pool() -> CudaGraphPool:
+    """The pool that ``ode_forward(..., prefer_cuda_graph=True)`` uses when no ``cuda_graphs``
+    is passed: created on first use, at most 16 graphs (oldest dropped first);
+    :func:`clear_default_pool` frees it."""
+    global _DEFAULT_POOL
+    if _DEFAULT_POOL is None:
+        _DEFAULT_POOL = CudaGraphPool()
+    return _DEFAULT_POOL
+
+
+def clear_default_pool() -> None:
+    """Drop the default pool's graphs and their static buffers."""
+    global _DEFAULT_POOL
+    _DEFAULT_POOL = None

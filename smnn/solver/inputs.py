@@ -1,4 +1,4 @@
-"""Validation and shape bookkeeping for the solver inputs (SOLVER_SPEC sections 1 and 7).
+"""Validation and shape bookkeeping for the solver inputs (docs/solver.md sections 1 and 7).
 
 Every solver in :mod:`smnn.solver` (S-MNN, the dense reference, the MNN baselines) accepts the
 same four tensors and goes through :func:`prepare_problem`, so that shapes, broadcasting and error
@@ -10,6 +10,10 @@ Shapes (``...`` are batch dims that broadcast like torch broadcasting):
 - ``rhs_equation`` b: ``(..., T or 1, E)``
 - ``init_vars`` u0: ``(..., S or 1, D, K)``
 - ``steps`` h: ``(..., T-1 or 1)``
+
+S = 0 or K = 0 (``init_vars`` of shape ``(..., 0, D, 0)``, say) is valid: the problem then has no
+initial-value rows and is determined by the equation and smoothness rows alone (docs/solver.md
+section 1); a singular one is reported by the solvers' pivot checks.
 """
 
 from __future__ import annotations
@@ -192,8 +196,6 @@ def prepare_problem(
             f"init_vars fixes K={K} derivative orders but there are only R={R} (n_orders); "
             "need K <= R"
         )
-    if K < 1:
-        raise ValueError(f"init_vars must fix at least one order (K >= 1), got K={K}")
 
     # T: from steps unless given
     if n_steps is None:
@@ -224,8 +226,8 @@ def prepare_problem(
                 f"init_vars has {u0.shape[-3]} steps (dim -3) but n_init_var_steps={S}; "
                 "need S or 1"
             )
-    if S < 1:
-        raise ValueError(f"need at least one initial-value step, got S={S}")
+    if S < 0:
+        raise ValueError(f"n_init_var_steps must be >= 0, got S={S}")
     if S > T:
         raise ValueError(f"init_vars covers S={S} steps but there are only T={T} (need S <= T)")
 

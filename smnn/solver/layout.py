@@ -102,7 +102,8 @@ class BatchFolding:
         perm = system_dims + [L, L + 1] + column_dims
         x = rhs.permute(*perm)
         T, n = rhs.shape[-2], rhs.shape[-1]
-        return x.reshape(self.n_systems, T, n, -1)
+        n_columns = prod(self.batch[i] for i in column_dims)  # explicit: n may be 0 (K = 0)
+        return x.reshape(self.n_systems, T, n, n_columns)
 
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, T, n, P)`` -> ``(*batch, T, n)``: inverse of :meth:`fold_rhs`."""

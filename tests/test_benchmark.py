@@ -159,9 +159,10 @@ def test_progress_line_per_case_and_a_summary(tiny_run):
 def test_cli_progress_is_flushed_to_stderr(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["bench", "--out", str(out), "--methods", "smnn", "--dtypes", "float64",
-                 "--groups", "T_sweep", "--quick", "--time-budget", "0", "--repeats", "1"]) == 0
+                 "--quick", "--cases", "T64,B1", "--repeats", "1"]) == 0
     captured = capsys.readouterr()
-    assert "[bench 1/4 " in captured.err and "smnn float64 T64 B=8" in captured.err
+    assert "[bench 1/2 " in captured.err and "smnn float64 T64 B=8" in captured.err
+    assert "[bench 2/2 " in captured.err and "smnn float64 B1 B=1" in captured.err
     assert "outputs in" in captured.err and "outputs in" in captured.out
     assert "## Sweep over T" in captured.out
 
@@ -194,22 +195,58 @@ def test_dense_limit_is_the_documented_estimate(tmp_path):
     assert below["status"].tolist() == ["skipped"]
 
 
+def _sleepy(seconds_per_step: float, fast_first_call: bool = False) -> Method:
+    """A method whose step takes ``seconds_per_step * T / 8`` (T: the shape's steps); with
+    ``fast_first_call`` the first call on each shape (the warm-up) does not sleep."""
+    seen: set[tuple] = set()
+
+    def solve(c, b, u0, h):
+        if not fast_first_call or tuple(h.shape) in seen:
+            time.sleep(seconds_per_step * (h.shape[-1] + 1) / 8)
+        seen.add(tuple(h.shape))
+        return METHODS["smnn"].solve(c, b, u0, h)
+
+    return Method("sleepy", solve, family="smnn")
+
+
 def test_time_budget_skips_larger_sweep_cases(tmp_path):
-    shapes = t_sweep(exponents=[3, 4, 5], B=1)
-    table = run_benchmark(
-        tmp_path, ("smnn",), ("float64",), shapes, repeats=1, time_budget_s=0.0, progress=False
-    )
+    # T8 takes 0.05 s (in budget), T16 0.1 s (over: measured, then the budget closes), T32 and
+    # T64 are skipped without running
+    shapes = t_sweep(exponents=[3, 4, 5, 6], B=1)
+    table = run_benchmark(tmp_path, (), ("float64",), shapes, repeats=1, time_budget_s=0.075,
+                          peers=[_sleepy(0.05, fast_first_call=True)], progress=False)
+    assert table["status"].tolist() == ["ok", "ok", "skipped", "skipped"]
+    assert table["note"].iloc[2].startswith(f"skipped: T16 ({shapes[1].unknowns} unknowns) took")
+    assert "time budget 0.075 s" in table["note"].iloc[3]
+
+
+def test_a_warm_up_over_the_budget_ends_the_case_and_the_larger_ones(tmp_path):
+    shapes = t_sweep(exponents=[3, 5, 6], B=1)  # 0.02 s, 0.08 s, 0.16 s per step
+    table = run_benchmark(tmp_path, (), ("float64",), shapes, repeats=3, time_budget_s=0.05,
+                          peers=[_sleepy(0.02)], progress=False)
     assert table["status"].tolist() == ["ok", "skipped", "skipped"]
-    assert table["note"].iloc[1].startswith(f"skipped: T8 ({shapes[0].unknowns} unknowns) took")
+    assert table["note"].iloc[1].startswith("skipped: warm-up step took 0.")
+    assert table["warmup_ms"].iloc[1] >= 80 and table["median_ms"].isna().tolist()[1:] == [
+        True, True]
+    assert "T32" in table["note"].iloc[2] and "warm-up took" in table["note"].iloc[2]
+    assert math.isnan(table["warmup_ms"].iloc[2])  # never ran
 
 
 def test_cases_run_smallest_first_and_are_listed_in_grid_order(tmp_path):
     shapes = t_sweep(exponents=[3, 5], B=1)[::-1]  # T32 listed before T8
-    table = run_benchmark(tmp_path, ("smnn",), ("float64",), shapes, repeats=1,
-                          time_budget_s=0.0, progress=False)
+    table = run_benchmark(tmp_path, (), ("float64",), shapes, repeats=1, time_budget_s=0.01,
+                          peers=[_sleepy(0.02)], progress=False)
     assert table["case"].tolist() == ["T32", "T8"]
-    assert table["status"].tolist() == ["skipped", "ok"]
+    assert table["status"].tolist() == ["skipped", "skipped"]
+    assert table["note"].iloc[1].startswith("skipped: warm-up step took")  # T8 ran first
     assert "T8" in table["note"].iloc[0] and "time budget" in table["note"].iloc[0]
+
+
+def test_cases_option_keeps_named_cases():
+    plan = plan_benchmark(("smnn",), ("float64",), quick=True, cases=["lorenz", "T1024"])
+    assert [s.case for s in plan.shapes] == ["lorenz", "T1024"]
+    with pytest.raises(ValueError, match="--cases: unknown \\['T65536'\\]"):
+        plan_benchmark(("smnn",), ("float64",), quick=True, cases=["T65536"])
 
 
 def test_inputs_require_grad_and_gradients_reach_them():
@@ -275,8 +312,9 @@ def _slow_first_call_method(first_call_s: float) -> tuple[Method, list[float]]:
 def test_warm_up_step_on_the_measured_shape_is_not_timed():
     method, calls = _slow_first_call_method(0.5)
     row = measure_case(method, Shape("x", "T_sweep", 2, 16, 1, 3), *CPU64, repeats=3)
-    assert len(calls) == 1 + 3 + 1  # warm-up, timed repeats, memory step
+    assert len(calls) == 1 + 3  # warm-up (it also measures the peak memory), timed repeats
     assert row["status"] == "ok" and row["median_ms"] < 400  # the 500 ms first call is not in
+    assert row["warmup_ms"] >= 500 and row["peak_mb"] >= 0
 
 
 def test_quick_mode_warms_up_and_takes_a_median_of_at_least_three(tmp_path):
@@ -288,8 +326,8 @@ def test_quick_mode_warms_up_and_takes_a_median_of_at_least_three(tmp_path):
     csv = pd.read_csv(tmp_path / "bench.csv")
     assert (csv["repeats"] >= 3).all() and (csv["status"] == "ok").all()
     assert table["median_ms"].iloc[0] < 400
-    # compile step on a tiny shape, warm-up on the measured one, 3 timed, 1 memory
-    assert len(calls) == 1 + 1 + 3 + 1
+    # compile step on a tiny shape, warm-up (and memory) on the measured one, 3 timed
+    assert len(calls) == 1 + 1 + 3
     md = (tmp_path / "bench.md").read_text()
     assert QUICK_NOTE in md
 
@@ -480,9 +518,10 @@ def test_mlflow_run_is_logged_and_readable(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
     assert main(["bench", "--out", str(out), "--methods", "smnn,mnn_cg", "--dtypes", "float64",
-                 "--groups", "T_sweep", "--quick", "--repeats", "1", "--time-budget", "0",
-                 "--mlflow-uri", uri, "--rule", "benchmark_solver"]) == 0
+                 "--cases", "T64", "--quick", "--repeats", "1", "--mlflow-uri", uri,
+                 "--rule", "benchmark_solver"]) == 0
     table = pd.read_csv(out / "bench.csv")
+    assert (table["status"] == "ok").all()
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("benchmark")
     assert exp is not None
@@ -515,10 +554,10 @@ def test_mlflow_uri_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "o"
     assert main(["bench", "--out", str(out), "--quick", "--methods", "smnn", "--groups",
-                 "T_sweep", "--dtypes", "float32", "--time-budget", "0", "--repeats", "1"]) == 0
+                 "T_sweep", "--dtypes", "float32", "--cases", "T64,T256", "--repeats", "1"]) == 0
     csv = pd.read_csv(out / "bench.csv")
-    assert set(csv["group"]) == {"T_sweep"}
-    assert csv["status"].iloc[0] == "ok" and (csv["status"].iloc[1:] == "skipped").all()
+    assert set(csv["group"]) == {"T_sweep"} and csv["case"].tolist() == ["T64", "T256"]
+    assert (csv["status"] == "ok").all()
     exp = MlflowClient(tracking_uri=uri).get_experiment_by_name("benchmark")
     runs = MlflowClient(tracking_uri=uri).search_runs([exp.experiment_id])
     assert len(runs) == 1
@@ -550,8 +589,13 @@ def test_config_drives_the_run_and_the_mlflow_run(tmp_path):
         assert set(csv["group"]) == {"named", "T_sweep", "batch_sweep"}
         assert set(csv["threads"]) == {1} and set(csv["device"]) == {"cpu"}
         assert set(csv["repeats"]) == {3}  # quick mode default
-        # time budget 1e-6 s: only the smallest case (B1) of each method runs
-        assert csv.loc[csv["status"] == "ok", "case"].tolist() == ["B1", "B1"]
+        assert "Machine load" in (out / "bench.md").read_text()
+        # time budget 1e-6 s: the smallest case (B1) of each method ends after its warm-up,
+        # and every larger case is skipped without running
+        assert (csv["status"] == "skipped").all()
+        b1 = csv[csv["case"] == "B1"]
+        assert b1["note"].str.startswith("skipped: warm-up step took").all()
+        assert b1["warmup_ms"].notna().all() and csv["warmup_ms"].notna().sum() == 2
         # the default store of resolve_tracking: <paths.results>/mlflow.db
         db = tmp_path / "results" / "mlflow.db"
         assert db.is_file()
@@ -573,11 +617,11 @@ def test_flags_override_the_config(tmp_path):
                              "time_budget": 1e-6}, seed=3)
     out = tmp_path / "out"
     assert main(["bench", "--config", str(cfg), "--out", str(out), "--methods", "smnn",
-                 "--dtypes", "float64", "--groups", "T_sweep", "--repeats", "1", "--seed", "5",
-                 "--no-mlflow"]) == 0
+                 "--dtypes", "float64", "--cases", "T64", "--repeats", "1", "--seed", "5",
+                 "--time-budget", "60", "--no-mlflow"]) == 0
     csv = pd.read_csv(out / "bench.csv")
     assert set(csv["method"]) == {"smnn"} and set(csv["dtype"]) == {"float64"}
-    assert set(csv["repeats"]) == {1}
+    assert set(csv["repeats"]) == {1} and csv["status"].tolist() == ["ok"]
     assert not (tmp_path / "results" / "mlflow.db").exists()
 
 
@@ -624,6 +668,7 @@ def test_bad_config_values_are_named(tmp_path, capsys, benchmark, key):
         (["--device", "tpu"], "--device"),
         (["--groups", "named,long"], "--groups"),
         (["--seed", "-1"], "--seed"),
+        (["--cases", "lorenz,nope"], "nope"),
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, capsys, args, message):
@@ -651,7 +696,7 @@ def test_help_describes_every_argument(capsys):
         main(["bench", "--help"])
     text = capsys.readouterr().out
     for flag in ("--out", "--config", "--rule", "--quick", "--methods", "--dtypes", "--groups",
-                 "--peer", "--repeats", "--time-budget", "--max-dense-bytes", "--seed",
+                 "--cases", "--peer", "--repeats", "--time-budget", "--max-dense-bytes", "--seed",
                  "--threads", "--device", "--mlflow-uri", "--no-mlflow"):
         assert flag in text
     assert "benchmark.time_budget" in text and "floors.csv" in text

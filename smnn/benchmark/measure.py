@@ -7,12 +7,13 @@ One case (a method, a dtype, a shape), :func:`measure_case`:
 
 1. once per method, dtype, D and R: a step on a tiny shape (compiles the kernels);
 2. a warm-up step on the measured shape itself (first-call costs: allocations, page faults,
-   thread start-up, caches), not timed;
+   caches), not timed into the median (its time is ``warmup_ms``). It also gives the peak
+   memory (:func:`smnn.memory.measure_peak_memory`, which hands freed memory back to the
+   operating system first and so would slow a timed step down), in MB (10^6 bytes) above the
+   memory in use before the step (inputs excluded). A warm-up step longer than the time budget
+   ends the case (``skipped``, larger cases too: see below);
 3. ``repeats`` timed steps (at least 3 by default, also in quick mode); the row holds their
-   median and minimum in ms. ``torch.cuda.synchronize`` closes the timed region on CUDA;
-4. peak memory in one more step of its own (:func:`smnn.memory.measure_peak_memory`; it hands
-   freed memory back to the operating system first, which would slow a timed step down), in MB
-   (10^6 bytes) above the memory in use before the step (inputs excluded).
+   median and minimum in ms. ``torch.cuda.synchronize`` closes the timed region on CUDA.
 
 For a peer (:mod:`smnn.benchmark.peer`) the warm-up step's output is also compared with the
 S-MNN solver's on the same inputs (``max_rel_diff_vs_smnn``: max |u_peer - u_smnn| / max
@@ -20,12 +21,13 @@ S-MNN solver's on the same inputs (``max_rel_diff_vs_smnn``: max |u_peer - u_smn
 
 The grid, :func:`run_grid`: cases run in ascending order of unknowns ``B*T*D*R``. MNN dense runs
 only where its dense matrix fits (``B * (1 + T*D*R)^2 * itemsize * 3 <= max_dense_bytes``). Once
-a case of a method and dtype takes longer than the time budget per step, every later case of
-that method and dtype with as many unknowns or more is skipped (each method stops at its first
-size over the budget). A case that raises (e.g. a non-positive pivot in float32) is recorded as
-``failed`` with the error; the rest go on. MNN CG runs at most 200 iterations; ``converged`` is
-False when its forward or backward solve stopped before its tolerance (its warnings are
-recorded, not printed). Every case prints one progress line (flushed) when it is done.
+a case of a method and dtype takes longer than the time budget per step (its median, or its
+warm-up step alone), every later case of that method and dtype with as many unknowns or more is
+skipped (each method stops at its first size over the budget). A case that raises (e.g. a
+non-positive pivot in float32) is recorded as ``failed`` with the error; the rest go on. MNN CG runs
+at most 200 iterations; ``converged`` is False when its forward or backward solve stopped before
+its tolerance (its warnings are recorded, not printed). Every case prints one progress line
+(flushed) when it is done.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ __all__ = [
     "resolve_device",
     "default_max_dense_bytes",
     "environment",
+    "load_average",
     "progress_line",
 ]
 
@@ -69,8 +72,8 @@ MB = 1_000_000
 
 COLUMNS = [
     "method", "family", "dtype", "case", "group", "B", "T", "D", "R", "median_ms", "min_ms",
-    "peak_mb", "status", "note", "converged", "repeats", "full_B", "device", "threads",
-    "max_rel_diff_vs_smnn",
+    "peak_mb", "warmup_ms", "status", "note", "converged", "repeats", "full_B", "device",
+    "threads", "max_rel_diff_vs_smnn",
 ]
 
 
@@ -139,30 +142,36 @@ def measure_case(
     repeats: int,
     seed: int = 0,
     threads: int | None = None,
+    time_budget_s: float = math.inf,
 ) -> dict:
-    """Warm-up, ``repeats`` timed steps and a memory step on ``shape``; a partial row.
-    ``threads``: torch's thread count for every step (default: the current one)."""
+    """Warm-up step (it also gives the peak memory), then ``repeats`` timed steps on
+    ``shape``; a partial row. ``threads``: torch's thread count for every step (default: the
+    current one). A warm-up step longer than ``time_budget_s`` ends the case there: status
+    ``skipped``, the warm-up time in ``warmup_ms`` and the note."""
     threads = torch.get_num_threads() if threads is None else threads
     inputs = make_inputs(shape, dtype, device, seed)
-    _, info = timed_step(method, inputs, device, method.family == "peer", threads)
+    (warmup_s, info), peak = measure_peak_memory(
+        timed_step, method, inputs, device, method.family == "peer", threads, device=device
+    )
     diff = _diff_vs_smnn(info.pop("u"), inputs) if "u" in info else math.nan
+    row = {"warmup_ms": 1e3 * warmup_s, "peak_mb": peak / MB, "max_rel_diff_vs_smnn": diff}
+    if warmup_s > time_budget_s:
+        return {**row, "status": "skipped",
+                "note": f"skipped: warm-up step took {warmup_s:.1f} s > time budget "
+                        f"{time_budget_s:g} s"}
     times, converged = [], []
     for _ in range(repeats):
         seconds, info = timed_step(method, inputs, device, threads=threads)
         times.append(seconds)
         if "converged" in info:
             converged.append(info["converged"] and info["backward_converged"])
-    _, peak = measure_peak_memory(timed_step, method, inputs, device, False, threads,
-                                  device=device)
     torch.set_num_threads(threads)
-    row = {
+    row.update({
         "median_ms": 1e3 * statistics.median(times),
         "min_ms": 1e3 * min(times),
-        "peak_mb": peak / MB,
         "status": "ok",
         "converged": all(converged) if converged else None,
-        "max_rel_diff_vs_smnn": diff,
-    }
+    })
     if converged and not all(converged):
         row["note"] = "CG did not converge in 200 iterations (forward or backward solve)"
     return row
@@ -263,18 +272,21 @@ def run_grid(
                                           threads)
                             compiled.add(key)
                         row.update(measure_case(method, shape, dtype, opts.device,
-                                                opts.repeats, opts.seed, threads))
+                                                opts.repeats, opts.seed, threads,
+                                                opts.time_budget_s))
                     except Exception as exc:  # recorded, the benchmark goes on
                         row["status"] = "failed"
                         row["note"] = f"{type(exc).__name__}: {exc}"[:300]
                     budget = opts.time_budget_s
-                    if row["status"] == "ok" and row["median_ms"] > 1e3 * budget:
+                    took = row["median_ms"] if row["status"] == "ok" else row["warmup_ms"]
+                    if took > 1e3 * budget:  # NaN (failed before the warm-up ended): False
                         previous = over_budget.get((method.name, name_of_dtype))
                         if previous is None or shape.unknowns < previous[0]:
+                            what = "took" if row["status"] == "ok" else "warm-up took"
                             over_budget[(method.name, name_of_dtype)] = (
                                 shape.unknowns,
-                                f"skipped: {shape.case} ({shape.unknowns} unknowns) took "
-                                f"{row['median_ms'] / 1e3:.1f} s > time budget {budget:g} s",
+                                f"skipped: {shape.case} ({shape.unknowns} unknowns) {what} "
+                                f"{took / 1e3:.1f} s > time budget {budget:g} s",
                             )
                 if shape.scaled:
                     scale = f"quick: batch scaled from {shape.full_B}"
@@ -291,7 +303,8 @@ def _empty_row(
     return {
         "method": method.name, "family": method.family, "dtype": dtype, "case": shape.case,
         "group": shape.group, "B": shape.B, "T": shape.T, "D": shape.D, "R": shape.R,
-        "median_ms": math.nan, "min_ms": math.nan, "peak_mb": math.nan, "status": "skipped",
+        "median_ms": math.nan, "min_ms": math.nan, "peak_mb": math.nan, "warmup_ms": math.nan,
+        "status": "skipped",
         "note": "", "converged": None, "repeats": opts.repeats, "full_B": shape.full_B,
         "device": str(opts.device), "threads": threads,
         "max_rel_diff_vs_smnn": math.nan,
@@ -330,10 +343,18 @@ def default_max_dense_bytes() -> int:
     return _physical_memory_bytes() // 4 or 8 * 10**9
 
 
+def load_average() -> float | None:
+    """The 1-minute load average of the machine (None where unknown)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def environment() -> dict:
     """Versions and settings that affect the timings (MLflow params)."""
     env = {"torch": torch.__version__, "cpu_count": os.cpu_count(),
-           "cpu_peak_method": cpu_peak_method()}
+           "cpu_peak_method": cpu_peak_method(), "load_average_1min": load_average()}
     try:
         import numba
 

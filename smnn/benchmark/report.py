@@ -21,7 +21,9 @@ shape) with the check of docs/solver.md section 9 (best S-MNN at least
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -212,8 +214,37 @@ def _target_lines(table) -> list[str]:
     return [""] + lines if lines else []
 
 
-def markdown_report(table, quick: bool = False, floors=None) -> str:
-    """bench.md (module docstring) from :func:`make_table`'s table and :func:`floor_table`."""
+def _note_lines(part) -> list[str]:
+    """The rows' notes, each note once with the rows it applies to (the batch scaling of quick
+    mode is in the B column instead: "81 (of 1536)")."""
+    grouped: dict[str, list[str]] = {}
+    for _, r in part.iterrows():
+        note = re.sub(r"^quick: batch scaled from \d+(; )?", "", str(r["note"]))
+        if note:
+            grouped.setdefault(note, []).append(f"{r['method']} {r['dtype']} {r['case']}")
+    if not grouped:
+        return []
+    return ["", "Notes:", *(f"- {', '.join(rows)}: {note}" for note, rows in grouped.items())]
+
+
+def _machine_line(machine: Mapping[str, Any]) -> str:
+    start, end = machine.get("load_start"), machine.get("load_end")
+    if start is None:
+        return ""
+    cpus = machine.get("cpu_count") or 1
+    line = (f"Machine load (1-minute load average) {start:.1f} at the start and "
+            f"{end if end is not None else float('nan'):.1f} at the end, on {cpus} CPUs.")
+    if start + (machine.get("threads") or 1) > cpus + 0.5:
+        line += (" Other processes competed for the cores: timings (of parallel kernels above "
+                 "all) are inflated and noisy; rerun on a quiet machine for numbers to quote.")
+    return line
+
+
+def markdown_report(
+    table, quick: bool = False, floors=None, machine: Mapping[str, Any] | None = None
+) -> str:
+    """bench.md (module docstring) from :func:`make_table`'s table and :func:`floor_table`;
+    ``machine`` (``load_start``, ``load_end``, ``cpu_count``, ``threads``) adds the load line."""
     if "best_smnn_method" not in table.columns:
         table = make_table(table.to_dict("records"))
     lines = ["# Solver benchmark: forward + backward", ""]
@@ -226,8 +257,11 @@ def markdown_report(table, quick: bool = False, floors=None) -> str:
         f"{first['threads'] if first is not None else '?'} threads, repeats "
         f"{'/'.join(map(str, repeats)) or '?'})."
     )
+    if machine and _machine_line(machine):
+        lines += ["", _machine_line(machine)]
     if quick:
-        lines += ["", f"**{QUICK_NOTE}**: trimmed sweeps, named shapes with scaled batch."]
+        lines += ["", f"**{QUICK_NOTE}**: trimmed sweeps, named shapes with scaled batch "
+                      "(B column: run (of published)), short time budget."]
     columns = list(dict.fromkeys(zip(table["method"], table["dtype"], strict=True)))
     titles = {"named": "Named shapes (docs/solver.md section 9)", "T_sweep": "Sweep over T",
               "batch_sweep": "Sweep over batch size"}
@@ -242,16 +276,15 @@ def markdown_report(table, quick: bool = False, floors=None) -> str:
         for case in dict.fromkeys(part["case"]):
             rows = part[part["case"] == case]
             first = rows.iloc[0]
-            cells = [case, str(first["B"]), str(first["T"]), str(first["D"]), str(first["R"])]
+            batch = str(first["B"])
+            if int(first["B"]) != int(first["full_B"]):
+                batch += f" (of {first['full_B']})"
+            cells = [case, batch, str(first["T"]), str(first["D"]), str(first["R"])]
             for m, d in columns:
                 match = rows[(rows["method"] == m) & (rows["dtype"] == d)]
                 cells.append(_cell(match.iloc[0]) if len(match) else "")
             lines.append("| " + " | ".join(cells) + " |")
-        notes = part[part["note"].astype(str) != ""]
-        if not notes.empty:
-            lines += ["", "Notes:"]
-            for _, r in notes.iterrows():
-                lines.append(f"- {r['method']} {r['dtype']} {r['case']}: {r['note']}")
+        lines += _note_lines(part)
     lines += _comparison_lines(table)
     diffs = table[table["max_rel_diff_vs_smnn"].notna()]
     if not diffs.empty:

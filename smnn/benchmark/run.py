@@ -8,9 +8,10 @@ option                 config key                            default
 methods                ``benchmark.methods``                 :data:`DEFAULT_METHODS`
 dtypes                 ``benchmark.dtypes``                  float64, float32
 quick                  ``benchmark.quick``                   false
-time_budget_s          ``benchmark.time_budget`` (null ok)   60 s, quick 2 s
+time_budget_s          ``benchmark.time_budget`` (null ok)   60 s, quick 1 s
 repeats                ``benchmark.repeats`` (optional)      5, quick 3
 groups                 ``benchmark.groups`` (optional)       named, T_sweep, batch_sweep
+cases                  ``benchmark.cases`` (optional)        every case of those groups
 max_dense_bytes        ``benchmark.max_dense_bytes`` (opt.)  1/4 of RAM, quick at most 5e8
 peers                  ``benchmark.peers`` (optional)        none
 seed                   ``seed``                              0 (seeds the random inputs)
@@ -20,7 +21,7 @@ device                 ``device``                            auto
 
 Quick mode (the demo/CI run; about 2 minutes on 2 quiet cores with the default methods):
 trimmed sweeps and named shapes with scaled batch (:func:`smnn.benchmark.catalog.default_grid`),
-a median of 3 timed steps after a warm-up step on the same shape, time budget 2 s, dense matrix
+a median of 3 timed steps after a warm-up step on the same shape, time budget 1 s, dense matrix
 at most 5e8 bytes. Its bench.md and figures say so (:data:`smnn.plotting.QUICK_NOTE`).
 
 Output files in the output directory (:data:`OUTPUT_FILES`, always all of them): ``bench.csv``,
@@ -31,6 +32,7 @@ target, one MLflow run (:mod:`smnn.benchmark.mlflow_run`).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +56,7 @@ from smnn.benchmark.measure import (
     GridOptions,
     default_max_dense_bytes,
     environment,
+    load_average,
     resolve_device,
     run_grid,
 )
@@ -77,7 +80,7 @@ __all__ = [
 
 OUTPUT_FILES = ("bench.csv", "bench.md", "floors.csv", "scaling_T.png", "scaling_batch.png")
 TIME_BUDGET_S = 60.0
-QUICK_TIME_BUDGET_S = 2.0
+QUICK_TIME_BUDGET_S = 1.0
 REPEATS = 5
 QUICK_REPEATS = 3
 QUICK_MAX_DENSE_BYTES = 5 * 10**8
@@ -117,6 +120,7 @@ def plan_benchmark(
     *,
     quick: bool = False,
     groups: Sequence[str] | None = None,
+    cases: Sequence[str] | None = None,
     repeats: int | None = None,
     threads: int | None = None,
     max_dense_bytes: int | None = None,
@@ -125,7 +129,10 @@ def plan_benchmark(
     peers: Sequence[str | Method] = (),
     seed: int = 0,
 ) -> BenchPlan:
-    """Check every option (ValueError naming the flag) and load the peers; nothing runs yet."""
+    """Check every option (ValueError naming the flag) and load the peers; nothing runs yet.
+
+    ``shapes`` defaults to :func:`~smnn.benchmark.catalog.default_grid` of the mode; ``groups``
+    and ``cases`` (case names such as ``lorenz`` or ``T1024``) keep only those shapes."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not (methods or peers):
         raise ValueError(
@@ -167,6 +174,12 @@ def plan_benchmark(
     grid = default_grid(quick) if shapes is None else list(shapes)
     if groups is not None:
         grid = [s for s in grid if s.group in groups]
+    if cases is not None:
+        names = [s.case for s in grid]
+        bad = [c for c in cases if c not in names]
+        if bad or not cases:
+            raise ValueError(f"--cases: unknown {bad or 'empty list'}; choose from {names}")
+        grid = [s for s in grid if s.case in cases]
     return BenchPlan(
         methods=chosen + peer_methods, dtypes=list(dtypes), shapes=grid, quick=quick,
         grid=GridOptions(repeats, max_dense, float(budget), dev, seed, threads), threads=threads,
@@ -193,6 +206,7 @@ def options_from_config(config: Config) -> dict[str, Any]:
                             lambda k: config.get_str_list(k, choices=list(DTYPES))),
         "groups": _optional(config, f"{b}.groups",
                             lambda k: config.get_str_list(k, choices=GROUPS)),
+        "cases": _optional(config, f"{b}.cases", config.get_str_list),
         "peers": _optional(config, f"{b}.peers", config.get_str_list),
         "time_budget_s": _optional(config, f"{b}.time_budget",
                                    lambda k: config.get_float(k, non_negative=True,
@@ -203,6 +217,16 @@ def options_from_config(config: Config) -> dict[str, Any]:
                                      lambda k: config.get_int(k, min_value=0, allow_none=True)),
     }
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def _busy_warning(load: float | None, threads: int) -> str:
+    """A warning when other processes already keep the cores busy (None: no warning)."""
+    cpus = os.cpu_count() or 1
+    if load is None or load + threads <= cpus + 0.5:
+        return ""
+    return (f"load average {load:.1f} on {cpus} CPUs before the run: other processes compete "
+            f"for the cores, so the timings (of parallel kernels with {threads} threads above "
+            "all) are inflated and noisy; bench.md records the load")
 
 
 def _stderr(line: str) -> None:
@@ -230,13 +254,19 @@ def run_plan(
     if plan.threads is not None:
         torch.set_num_threads(plan.threads)
     start = time.perf_counter()
+    load_start = load_average()
     n = len(plan.shapes) * len(plan.dtypes) * len(plan.methods)
     say(f"[bench] {n} cases ({len(plan.shapes)} shapes x {len(plan.dtypes)} dtypes x "
         f"{len(plan.methods)} methods) on {plan.grid.device}, {torch.get_num_threads()} "
         f"threads, median of {plan.grid.repeats} after a warm-up, time budget "
         f"{plan.grid.time_budget_s:g} s{', quick mode' if plan.quick else ''}")
+    busy = _busy_warning(load_start, torch.get_num_threads())
+    if busy:
+        say(f"[bench] warning: {busy}")
     rows = run_grid(plan.methods, plan.dtypes, plan.shapes, plan.grid, progress=progress)
     table = make_table(rows)[TABLE_COLUMNS]
+    machine = {"load_start": load_start, "load_end": load_average(),
+               "cpu_count": os.cpu_count(), "threads": torch.get_num_threads()}
     if plan.grid.device.type == "cpu" and (
         (table["group"] == "named") & (table["status"] == "ok") & (table["family"] == "smnn")
     ).any():
@@ -244,7 +274,8 @@ def run_plan(
     floors = floor_table(table, plan.grid.device, plan.quick)
     _write_csv(table, out / "bench.csv")
     _write_csv(floors, out / "floors.csv")
-    atomic_write_text(markdown_report(table, quick=plan.quick, floors=floors), out / "bench.md")
+    atomic_write_text(markdown_report(table, quick=plan.quick, floors=floors, machine=machine),
+                      out / "bench.md")
     write_figures(table, out, quick=plan.quick)
     if tracking is not None:
         from smnn.benchmark.mlflow_run import log_benchmark_run

@@ -36,6 +36,7 @@ config keys read with --config (a flag given overrides its key):
   seed, threads, device              seed of the random inputs, torch threads, auto|cpu|cuda
   benchmark.quick                    --quick
   benchmark.methods, benchmark.dtypes, benchmark.groups   lists (--methods, --dtypes, --groups)
+  benchmark.cases                    optional list of case names (--cases)
   benchmark.time_budget              --time-budget (null: {TIME_BUDGET_S:g} s, quick \
 {QUICK_TIME_BUDGET_S:g} s)
   benchmark.repeats, benchmark.max_dense_bytes   optional (null: the defaults)
@@ -51,6 +52,9 @@ example, timing the authors' published solver beside ours (their file fetched by
 directory outside this repository):
   smnn bench --out results/benchmark --groups named --dtypes float64 \\
       --peer ~/.cache/smnn-peer/smnn.py:ode_forward=authors
+
+case names: lorenz, kdv, sst, long_T16384, long_T65536, coupled (group named), T64 .. T65536
+(T_sweep; quick: T64, T256, T1024, T4096), B1 .. B16384 (batch_sweep; quick: B1, B4, B16, B64)
 """
 
 
@@ -84,6 +88,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--groups", type=_csv_list, default=None,
                    help=f"comma-separated shape groups to run, from {','.join(GROUPS)} "
                         "(default: benchmark.groups, else all)")
+    p.add_argument("--cases", type=_csv_list, default=None,
+                   help="comma-separated case names to run, e.g. lorenz,sst,T1024 (default: "
+                        "benchmark.cases, else every case of the groups)")
     p.add_argument("--peer", action="append", default=None, metavar="PATH_OR_MODULE:FUNC[=LABEL]",
                    help="another implementation of the same function, timed as one more "
                         "method on every shape (same inputs, forward+backward): a .py file or "
@@ -119,9 +126,10 @@ def run_command(args: argparse.Namespace) -> int:
         if config is not None:
             apply_threads(config)
         flags = {"quick": args.quick, "methods": args.methods, "dtypes": args.dtypes,
-                 "groups": args.groups, "peers": args.peer, "repeats": args.repeats,
-                 "time_budget_s": args.time_budget, "max_dense_bytes": args.max_dense_bytes,
-                 "seed": args.seed, "threads": args.threads, "device": args.device}
+                 "groups": args.groups, "cases": args.cases, "peers": args.peer,
+                 "repeats": args.repeats, "time_budget_s": args.time_budget,
+                 "max_dense_bytes": args.max_dense_bytes, "seed": args.seed,
+                 "threads": args.threads, "device": args.device}
         options.update({k: v for k, v in flags.items() if v is not None})
         methods = options.pop("methods", DEFAULT_METHODS)
         dtypes = options.pop("dtypes", ("float64", "float32"))

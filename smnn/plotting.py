@@ -40,12 +40,15 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
 
 
 def mark_quick(fig: Figure, note: str = QUICK_NOTE) -> Figure:
-    """Stamp ``note`` (default :data:`QUICK_NOTE`) in the top-left corner of ``fig``, so a
-    figure from a quick run is never mistaken for a measurement at full size; returns ``fig``.
+    """Stamp ``note`` (default :data:`QUICK_NOTE`) into the lower-right corner of every axes of
+    ``fig`` (on a white box, above the data), so no panel of a quick run is mistaken for a
+    measurement at full size; returns ``fig``.
 
-    The stamp is a figure text (``fig.texts``), with the attribute ``smnn_quick = True`` on it.
+    Each stamp is an axes text (``ax.texts``) with the attribute ``smnn_quick = True``.
     """
-    text = fig.text(0.005, 0.995, note, ha="left", va="top", fontsize=8, color=QUICK_NOTE_COLOR,
-                    fontweight="bold")
-    text.smnn_quick = True
+    for ax in fig.axes:
+        text = ax.text(0.99, 0.015, note, transform=ax.transAxes, ha="right", va="bottom",
+                       fontsize=7, color=QUICK_NOTE_COLOR, fontweight="bold", zorder=10,
+                       bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1.5))
+        text.smnn_quick = True
     return fig

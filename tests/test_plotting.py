@@ -28,12 +28,17 @@ def test_save_figure_writes_a_png_atomically(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["f.png"]  # no temporary file left
 
 
-def test_mark_quick_stamps_the_figure(tmp_path):
-    fig, _ = new_figure()
+def _stamps(fig) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in ax.texts if getattr(t, "smnn_quick", False)]
+
+
+def test_mark_quick_stamps_every_axes(tmp_path):
+    fig, _ = new_figure(1, 2)
     assert mark_quick(fig) is fig
-    stamps = [t for t in fig.texts if getattr(t, "smnn_quick", False)]
-    assert [t.get_text() for t in stamps] == [QUICK_NOTE]
+    assert _stamps(fig) == [QUICK_NOTE, QUICK_NOTE]
     custom, _ = new_figure()
     mark_quick(custom, "quick: 1 repeat")
-    assert custom.texts[0].get_text() == "quick: 1 repeat"
-    save_figure(fig, tmp_path / "q.png", dpi=40)  # the stamp renders
+    assert _stamps(custom) == ["quick: 1 repeat"]
+    unmarked, _ = new_figure()
+    assert _stamps(unmarked) == []
+    save_figure(fig, tmp_path / "q.png", dpi=40)  # the stamps render

@@ -117,7 +117,7 @@ def test_non_positive_pivot_names_failed_entries(backend):
 def test_factorize_validates_arguments():
     c, b, u0, h = _good()
     with pytest.raises(ValueError, match="n_init_orders"):
-        factorize(c, h, n_init_orders=0)
+        factorize(c, h, n_init_orders=-1)
     with pytest.raises(ValueError, match="K=4"):
         factorize(c, h, n_init_orders=4)
     with pytest.raises(ValueError, match="steps"):

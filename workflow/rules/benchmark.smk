@@ -22,7 +22,7 @@ rule benchmark_solver:
     params:
         config=effective_config_path(),
         out=lambda wildcards, output: os.path.dirname(output.csv),
-        settings=settings("seed", "device", "benchmark"),
+        settings=settings("seed", "threads", "device", "benchmark"),
     log:
         results_path("logs", "benchmark.log"),
     threads: config["threads"]

@@ -20,10 +20,10 @@ rule standalone:
     params:
         config=effective_config_path(),
         out=lambda wildcards, output: os.path.dirname(output.metrics),
-        settings=settings("seed", "standalone"),
+        settings=settings("threads", "device", "standalone"),
     log:
         results_path("logs", "standalone.log"),
-    threads: 1
+    threads: config["threads"]
     resources:
         mem_mb=2000,
         runtime=30,

@@ -12,19 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from smnn.solver.assembly import CompiledAssembly
-from smnn.solver.autograd import fused_solve, solve_with_factor
-from smnn.solver.banded import (
-    BlockTridiagonalFactor,
-    factorize_block_tridiagonal,
-    raise_if_failed,
-    resolve_backend,
-)
+from smnn.solver.autograd import solve_with_factor
+from smnn.solver.banded import factorize_block_tridiagonal, raise_if_failed, resolve_backend
 from smnn.solver.blocks import build_lhs_blocks, build_rhs
 from smnn.solver.cuda_graphs import CudaGraphPool
-from smnn.solver.cyclic import CyclicReductionFactor, factorize_cyclic
+from smnn.solver.cyclic import factorize_cyclic
+from smnn.solver.factor import Factor
 from smnn.solver.frozen import FROZEN_LHS_CACHE
-from smnn.solver.fused import fused_ode_forward, fused_path_applies
 from smnn.solver.inputs import (
     OdeProblem,
     check_finite,
@@ -47,55 +41,69 @@ def _check_options(method: str, dtype: torch.dtype) -> None:
         raise ValueError(f"inputs must be float32 or float64, got {dtype}")
 
 
-def choose_method(
-    method: str, backend: str, n_systems: int, n_steps: int, cuda_graphs=None
-) -> str:
-    """Resolve ``method='auto'``.
+def choose_method(method: str, n_steps: int, cuda_graphs=None) -> str:
+    """Resolve ``method='auto'`` on the torch path (the lane engine is always sequential).
 
-    The rule comes from the benchmark (README, "Performance"): with the compiled CPU kernels
-    the sequential sweep (the fused kernels of :mod:`smnn.solver.fused` when central smoothness
-    is off) is the fastest at every measured shape; without them (CUDA, or the torch backend)
-    its T dependent steps each cost a few kernel launches, and cyclic reduction (ceil(log2 T)
-    levels) wins once there are more than a handful of steps.
+    The rule comes from the benchmark (README, "Performance"): on the torch path (CUDA, the torch
+    backend, central smoothness, weights that need gradients) the sequential sweep's T
+    dependent steps each cost a few kernel launches, and cyclic reduction (ceil(log2 T) levels)
+    wins once there are more than a handful of steps; CUDA graphs replay the sequential one.
     """
     if method != "auto":
         return method
-    if backend == "numba" or cuda_graphs is not None:
+    if cuda_graphs is not None:
         return "sequential"
     return "cyclic" if n_steps > 8 else "sequential"
 
 
-def _factor(diag: torch.Tensor, sub: torch.Tensor, method: str, backend: str, cuda_graphs=None):
+def _torch_factor(diag: torch.Tensor, sub: torch.Tensor, method: str, cuda_graphs=None) -> Factor:
     if cuda_graphs is not None:
         cuda_graphs.check_device(diag)
-        if method != "sequential" or backend != "torch":
+        if method != "sequential":
             raise ValueError(
                 "cuda_graphs captures the sequential torch path only; use method='sequential' "
-                f"(or 'auto') with CUDA tensors, got method={method!r}, backend={backend!r}"
+                f"(or 'auto') with CUDA tensors, got method={method!r}"
             )
         return cuda_graphs.factorize(diag, sub)
     if method == "cyclic":
         return factorize_cyclic(diag, sub)
-    return factorize_block_tridiagonal(diag, sub, backend)
+    return factorize_block_tridiagonal(diag, sub)
 
 
 @dataclass
-class _LeftHandSide:
-    """A factorized left-hand side in canonical layout (see :mod:`smnn.solver.banded`).
+class _TorchLeftHandSide:
+    """A factorized left-hand side on the torch path, in canonical layout (see
+    :mod:`smnn.solver.banded`): the factor and the (differentiable) blocks it was made from,
+    ``diag`` (N, T', n, n) and ``sub`` (N, T'-1, n, n), T' = ceil(T/2) with central rows."""
 
-    Torch path: ``diag``/``sub`` are the (differentiable) canonical blocks. Compiled path
-    (``assembly`` set): ``coef`` (N, Tc, E, m) and ``steps`` (N, Th) are the differentiable
-    inputs the blocks were assembled from.
-    """
-
-    factor: BlockTridiagonalFactor | CyclicReductionFactor
+    factor: Factor
     central: bool
     lhs_batch_shape: torch.Size
-    diag: torch.Tensor | None = None  # (N, T', n, n)
-    sub: torch.Tensor | None = None  # (N, T'-1, n, n)
-    coef: torch.Tensor | None = None
-    steps: torch.Tensor | None = None
-    assembly: CompiledAssembly | None = None
+    diag: torch.Tensor
+    sub: torch.Tensor
+    weights: tuple
+
+    def solve(self, problem: OdeProblem, check_values: bool) -> torch.Tensor:
+        """u ``(*batch, T, D, R)`` for the right-hand sides of ``problem``."""
+        if check_values:
+            check_finite("rhs_equation", problem.rhs_equation)
+            check_finite("init_vars", problem.init_vars)
+        rhs = build_rhs(
+            problem,
+            problem.rhs_equation,
+            problem.init_vars,
+            weight_equation=self.weights[0],
+            weight_init_var=self.weights[1],
+        )
+        T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
+        if self.central:
+            rhs = pair_rhs(rhs)
+        folding = BatchFolding(tuple(problem.batch_shape), tuple(self.lhs_batch_shape))
+        x = solve_with_factor(self.diag, self.sub, folding.fold_rhs(rhs).contiguous(), self.factor)
+        x = folding.unfold(x)
+        if self.central:
+            x = unpair_solution(x, T)
+        return x.reshape(*problem.batch_shape, T, D, R)
 
 
 def _plain_weights(weights: tuple) -> tuple[float, float, float] | None:
@@ -110,80 +118,49 @@ def _plain_weights(weights: tuple) -> tuple[float, float, float] | None:
     return tuple(out)
 
 
-def _factorize_lhs(
-    problem: OdeProblem,
-    weights: tuple,
-    central: bool,
-    method: str,
-    backend: str,
-    check_pivots: bool,
-    cuda_graphs=None,
-) -> _LeftHandSide:
-    _check_options(method, problem.coefficients.dtype)
+def _check_central(problem: OdeProblem, central: bool) -> None:
     if central and problem.n_orders < 2:
         raise ValueError(
             "enable_central_smoothness needs n_orders R >= 2 (it constrains orders R-2, R-1), "
             f"got R={problem.n_orders}"
         )
-    backend = resolve_backend(backend, problem.coefficients.device)
+
+
+def _uses_lanes(problem, weights, central, method, backend, cuda_graphs) -> bool:
+    """Whether the lane engine (:mod:`smnn.solver.fused`) serves this problem. Resolving the
+    backend imports nothing heavy; the lane engine itself is imported only when it serves."""
+    device = problem.coefficients.device
+    if resolve_backend(backend, device) != "numba":
+        return False
+    from smnn.solver.fused import fused_path_applies
+
+    return fused_path_applies(
+        device, "numba", method, central, _plain_weights(weights), cuda_graphs
+    )
+
+
+def _factorize_torch(
+    problem: OdeProblem,
+    weights: tuple,
+    central: bool,
+    method: str,
+    check_pivots: bool,
+    cuda_graphs=None,
+) -> _TorchLeftHandSide:
+    w_eq, w_in, w_s = weights
+    blocks = build_lhs_blocks(problem, w_eq, w_in, w_s, central)
+    diag, sub = blocks.diag, blocks.sub
+    if central:
+        diag, sub = pair_steps(diag, sub, blocks.sub2)
     folding = BatchFolding(tuple(problem.batch_shape), tuple(problem.lhs_batch_shape))
-    plain = _plain_weights(weights)
-    if backend == "numba" and plain is not None:
-        lhs_shape = tuple(problem.lhs_batch_shape)
-        c, h = problem.coefficients, problem.steps
-        coef = c.expand(*lhs_shape, *c.shape[-4:]).reshape(
-            folding.n_systems, c.shape[-4], c.shape[-3], problem.block_size
-        )
-        steps = h.expand(*lhs_shape, h.shape[-1]).reshape(folding.n_systems, h.shape[-1])
-        assembly = CompiledAssembly(
-            problem.n_steps,
-            problem.n_dims,
-            problem.n_orders,
-            problem.n_init_var_steps,
-            problem.n_init_orders,
-            plain,
-            central,
-        )
-        diag, sub, sub2 = assembly.blocks(coef, steps)
-        if central:
-            diag, sub = pair_steps(diag, sub, sub2)
-        method = choose_method(method, backend, folding.n_systems, diag.shape[1], cuda_graphs)
-        factor = _factor(diag, sub.contiguous(), method, backend, cuda_graphs)
-        lhs = _LeftHandSide(
-            factor, central, problem.lhs_batch_shape, coef=coef, steps=steps, assembly=assembly
-        )
-    else:
-        w_eq, w_in, w_s = weights
-        blocks = build_lhs_blocks(problem, w_eq, w_in, w_s, central)
-        diag, sub = blocks.diag, blocks.sub
-        if central:
-            diag, sub = pair_steps(diag, sub, blocks.sub2)
-        diag_c = folding.fold_lhs(diag)
-        sub_c = folding.fold_lhs(sub)
-        method = choose_method(method, backend, folding.n_systems, diag_c.shape[1], cuda_graphs)
-        with torch.no_grad():
-            factor = _factor(diag_c.detach(), sub_c.detach(), method, backend, cuda_graphs)
-        lhs = _LeftHandSide(factor, central, problem.lhs_batch_shape, diag=diag_c, sub=sub_c)
+    diag_c = folding.fold_lhs(diag)
+    sub_c = folding.fold_lhs(sub)
+    method = choose_method(method, diag_c.shape[1], cuda_graphs)
+    with torch.no_grad():
+        factor = _torch_factor(diag_c.detach(), sub_c.detach(), method, cuda_graphs)
     if check_pivots:
         raise_if_failed(factor, tuple(problem.lhs_batch_shape))
-    return lhs
-
-
-def _solve_lhs(lhs: _LeftHandSide, problem: OdeProblem, rhs: torch.Tensor) -> torch.Tensor:
-    """``rhs`` ``(*batch, T, m)`` -> u ``(*batch, T, D, R)``."""
-    T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
-    if lhs.central:
-        rhs = pair_rhs(rhs)
-    folding = BatchFolding(tuple(problem.batch_shape), tuple(lhs.lhs_batch_shape))
-    rhs_c = folding.fold_rhs(rhs).contiguous()
-    if lhs.assembly is not None:
-        x = fused_solve(lhs.coef, lhs.steps, rhs_c, lhs)
-    else:
-        x = solve_with_factor(lhs.diag, lhs.sub, rhs_c, lhs.factor)
-    x = folding.unfold(x)
-    if lhs.central:
-        x = unpair_solution(x, T)
-    return x.reshape(*problem.batch_shape, T, D, R)
+    return _TorchLeftHandSide(factor, central, problem.lhs_batch_shape, diag_c, sub_c, weights)
 
 
 def _check_weights(weight_equation, weight_init_var, weight_smooth) -> tuple:
@@ -348,8 +325,7 @@ def _default_graphs(problem, weights, central, method, backend):
         return None
     T = problem.n_steps
     T_canonical = (T + 1) // 2 if central else T
-    n_systems = BatchFolding(tuple(problem.batch_shape), tuple(problem.lhs_batch_shape)).n_systems
-    if choose_method(method, "torch", n_systems, T_canonical) != "sequential":
+    if choose_method(method, T_canonical) != "sequential":
         return None
     from smnn.solver.cuda_graphs import default_pool
 
@@ -383,33 +359,17 @@ def _frozen_solve(version, problem, weights, central, method, backend, check_inp
 def _solve_problem(
     problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs
 ):
-    device = problem.coefficients.device
-    plain = _plain_weights(weights)
-    if fused_path_applies(
-        device, resolve_backend(backend, device), method, central, plain, cuda_graphs
-    ):
-        return fused_ode_forward(problem, plain, check_inputs, check_pivots)
+    _check_central(problem, central)
+    if _uses_lanes(problem, weights, central, method, backend, cuda_graphs):
+        from smnn.solver.fused import fused_ode_forward
+
+        return fused_ode_forward(problem, _plain_weights(weights), check_inputs, check_pivots)
     if check_inputs:
         check_values_of(
             problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
         )
-    lhs = _factorize_lhs(
-        problem,
-        weights,
-        central,
-        method,
-        backend,
-        check_pivots,
-        cuda_graphs,
-    )
-    rhs = build_rhs(
-        problem,
-        problem.rhs_equation,
-        problem.init_vars,
-        weight_equation=weights[0],
-        weight_init_var=weights[1],
-    )
-    return _solve_lhs(lhs, problem, rhs)
+    lhs = _factorize_torch(problem, weights, central, method, check_pivots, cuda_graphs)
+    return lhs.solve(problem, check_values=False)
 
 
 class OdeFactorization:
@@ -420,10 +380,14 @@ class OdeFactorization:
     (detached) at factorization time: gradients flow to ``rhs_equation`` and ``init_vars`` only.
     """
 
-    def __init__(self, problem: OdeProblem, lhs: _LeftHandSide, weights: tuple):
+    def __init__(self, problem: OdeProblem, lhs):
         self._problem = problem
         self._lhs = lhs
-        self._weights = weights
+
+    @property
+    def factor(self) -> Factor:
+        """The factorization (a :class:`~smnn.solver.factor.Factor`)."""
+        return self._lhs.factor
 
     @property
     def n_steps(self) -> int:
@@ -448,22 +412,12 @@ class OdeFactorization:
             p.n_init_var_steps,
             check_values=False,
         )
-        if check_inputs:
-            check_finite("rhs_equation", rhs_equation)
-            check_finite("init_vars", init_vars)
         if problem.n_init_orders != p.n_init_orders:
             raise ValueError(
                 f"init_vars fixes K={problem.n_init_orders} orders but the factorization was "
                 f"made for n_init_orders={p.n_init_orders}"
             )
-        rhs = build_rhs(
-            problem,
-            problem.rhs_equation,
-            problem.init_vars,
-            weight_equation=self._weights[0],
-            weight_init_var=self._weights[1],
-        )
-        return _solve_lhs(self._lhs, problem, rhs)
+        return self._lhs.solve(problem, check_values=check_inputs)
 
 
 def factorize(
@@ -517,8 +471,14 @@ def factorize(
         w.detach() if isinstance(w, torch.Tensor) else w
         for w in _check_weights(weight_equation, weight_init_var, weight_smooth)
     )
-    with torch.no_grad():
-        lhs = _factorize_lhs(
-            problem, weights, bool(enable_central_smoothness), method, backend, check_pivots
-        )
-    return OdeFactorization(problem, lhs, weights)
+    central = bool(enable_central_smoothness)
+    _check_options(method, problem.coefficients.dtype)
+    _check_central(problem, central)
+    if _uses_lanes(problem, weights, central, method, backend, None):
+        from smnn.solver.fused import lane_factorize
+
+        lhs = lane_factorize(problem, _plain_weights(weights), check_pivots)
+    else:
+        with torch.no_grad():
+            lhs = _factorize_torch(problem, weights, central, method, check_pivots)
+    return OdeFactorization(problem, lhs)

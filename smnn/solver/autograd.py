@@ -1,10 +1,10 @@
-"""The differentiable solve u = M^{-1} r with a custom backward pass (SOLVER_SPEC section 5)."""
+"""The torch path's differentiable solve u = M^{-1} r, custom backward (docs/solver.md 5)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["solve_with_factor", "fused_solve"]
+__all__ = ["solve_with_factor"]
 
 
 class _FactoredSolve(torch.autograd.Function):
@@ -50,41 +50,3 @@ def solve_with_factor(
     ``diag`` and ``sub``.
     """
     return _FactoredSolve.apply(diag, sub, rhs, factor)
-
-
-class _FusedOdeSolve(torch.autograd.Function):
-    """u = M(c, h)^{-1} r with M assembled by compiled kernels (CPU fast path).
-
-    forward(coef (N,Tc,E,m), steps (N,Th), rhs (N,T',n,P), lhs) -> x (N,T',n,P), where ``lhs``
-    holds the factorization of M(coef, steps) (and how it was laid out). The backward pass solves
-    once more with the stored factor and applies the chain rule through the block assembly in one
-    compiled loop (:func:`smnn.solver.numba_kernels.assemble_blocks_backward`), so neither the
-    block gradients nor an autograd graph over the blocks is ever materialised.
-    """
-
-    @staticmethod
-    def forward(ctx, coef, steps, rhs, lhs):
-        x = lhs.factor.solve(rhs)
-        ctx.lhs = lhs
-        ctx.save_for_backward(coef, steps, x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad_x):
-        coef, steps, x = ctx.saved_tensors
-        lhs = ctx.lhs
-        lam = lhs.factor.solve(grad_x.contiguous())
-        grad_coef = grad_steps = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_coef, grad_steps = lhs.assembly.backward(lam, x, coef, steps)
-            if not ctx.needs_input_grad[0]:
-                grad_coef = None
-            if not ctx.needs_input_grad[1]:
-                grad_steps = None
-        grad_rhs = lam if ctx.needs_input_grad[2] else None
-        return grad_coef, grad_steps, grad_rhs, None
-
-
-def fused_solve(coef: torch.Tensor, steps: torch.Tensor, rhs: torch.Tensor, lhs) -> torch.Tensor:
-    """Differentiable x = M(coef, steps)^{-1} rhs; see :class:`_FusedOdeSolve`."""
-    return _FusedOdeSolve.apply(coef, steps, rhs, lhs)

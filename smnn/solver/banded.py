@@ -1,4 +1,4 @@
-"""Factorize and solve SPD block-tridiagonal systems (SOLVER_SPEC section 4).
+"""Sequential block LDL^T as batched torch ops, backends and pivot errors (docs/solver.md 4, 7).
 
 Canonical layout, shared by every method:
 
@@ -6,9 +6,10 @@ Canonical layout, shared by every method:
 - ``rhs`` ``(N, T, n, P)``: P right-hand sides for each of the N systems (a batch that shares its
   left-hand side is folded into P, so its factorization is computed once).
 
-The sequential block LDL^T method runs either as compiled CPU kernels (:mod:`numba_kernels`) or as
-batched torch ops (any device; the CUDA path). Both store the same factors: multipliers
-L_{t+1} = M_{t+1,t} D_t^{-1} and lower Cholesky factors of the pivots D_t.
+This is the sequential method of the torch path (any device; the CUDA path, and the CPU path
+without numba). It stores the multipliers L_{t+1} = M_{t+1,t} D_t^{-1} and the lower Cholesky
+factors of the pivots D_t. On CPU with numba the lane engine (:mod:`smnn.solver.fused`) runs the
+same recurrence instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "NonPositivePivotError",
     "BlockTridiagonalFactor",
     "factorize_block_tridiagonal",
+    "numba_available",
     "resolve_backend",
 ]
 
@@ -31,43 +33,50 @@ class NonPositivePivotError(ValueError):
     """The normal matrix of some batch entries is not numerically positive definite."""
 
 
-def _numba_available() -> bool:
+def numba_available() -> bool:
+    """Whether numba imports (it is an optional speed-up: without it everything runs on the
+    torch path)."""
     try:
         import numba  # noqa: F401
-    except ImportError:  # pragma: no cover - numba is a declared dependency
+    except ImportError:
         return False
     return True
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'numba' on CPU when numba imports, 'torch' otherwise."""
+    """'auto' -> 'numba' on CPU when numba imports, 'torch' otherwise. 'numba' without numba,
+    or for tensors not on the CPU, is a ValueError."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "numba" if device.type == "cpu" and _numba_available() else "torch"
-    if backend == "numba" and device.type != "cpu":
-        raise ValueError(f"backend='numba' runs on CPU tensors only, got device {device}")
+        return "numba" if device.type == "cpu" and numba_available() else "torch"
+    if backend == "numba":
+        if device.type != "cpu":
+            raise ValueError(f"backend='numba' runs on CPU tensors only, got device {device}")
+        if not numba_available():
+            raise ValueError(
+                "backend='numba' needs the numba package, which cannot be imported here; "
+                "install numba or use backend='torch' (or 'auto', which falls back to torch)"
+            )
     return backend
 
 
 @dataclass
 class BlockTridiagonalFactor:
-    """Sequential block LDL^T factors of N block-tridiagonal systems.
+    """Sequential block LDL^T factors of N block-tridiagonal systems (torch ops).
 
     Attributes:
         lmul: ``(N, T-1, n, n)``, lmul[:, t] = M_{t+1,t} D_t^{-1}.
         dchol: ``(N, T, n, n)``, lower Cholesky factor of each pivot block D_t.
         failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot, 0 where none.
-        backend: 'numba' or 'torch'.
-        rdiag: ``(N, T, n)`` reciprocals of the Cholesky diagonals (numba backend only).
+        graphs: a :class:`~smnn.solver.cuda_graphs.CudaGraphPool` that replays the
+            substitutions, or None.
     """
 
     lmul: torch.Tensor
     dchol: torch.Tensor
     failed_at: torch.Tensor
-    backend: str
-    rdiag: torch.Tensor | None = None  # (N, T, n): 1 / diagonal of dchol (numba backend)
-    graphs: object | None = None  # a CudaGraphPool that replays the substitutions
+    graphs: object | None = None
 
     @property
     def n_systems(self) -> int:
@@ -92,27 +101,20 @@ class BlockTridiagonalFactor:
             raise ValueError(
                 f"rhs must have shape (N={N}, T={T}, n={n}, P), got {tuple(rhs.shape)}"
             )
-        if self.backend == "numba":
-            return _solve_numba(self, rhs)
         if self.graphs is not None:
             return self.graphs.solve(self, rhs)
         return _solve_torch(self, rhs)
 
 
-def factorize_block_tridiagonal(
-    diag: torch.Tensor, sub: torch.Tensor, backend: str = "auto"
-) -> BlockTridiagonalFactor:
+def factorize_block_tridiagonal(diag: torch.Tensor, sub: torch.Tensor) -> BlockTridiagonalFactor:
     """Sequential block LDL^T of ``diag`` ``(N, T, n, n)`` and ``sub`` ``(N, T-1, n, n)``.
 
     Pivot failures are recorded in ``failed_at``, not raised; see :func:`raise_if_failed`.
     """
-    backend = resolve_backend(backend, diag.device)
-    if backend == "numba":
-        return _factor_numba(diag, sub)
     return _factor_torch(diag, sub)
 
 
-def raise_if_failed(factor: BlockTridiagonalFactor, batch_shape: tuple[int, ...]) -> None:
+def raise_if_failed(factor, batch_shape: tuple[int, ...]) -> None:
     """Raise :class:`NonPositivePivotError` naming the failed entries of ``batch_shape``."""
     failed = factor.failed()
     if not bool(failed.any()):
@@ -130,62 +132,6 @@ def raise_if_failed(factor: BlockTridiagonalFactor, batch_shape: tuple[int, ...]
         "coefficients, huge or tiny steps, or zero weights; pass check_pivots=False to skip "
         "this check (those entries then come back as NaN)."
     )
-
-
-# ---------------------------------------------------------------- numba (CPU) backend
-
-
-def _as_numpy(x: torch.Tensor):
-    return x.detach().contiguous().numpy()
-
-
-def _factor_numba(diag: torch.Tensor, sub: torch.Tensor) -> BlockTridiagonalFactor:
-    from smnn.solver import numba_kernels
-
-    N, T, n, _ = diag.shape
-    lmul = torch.empty(N, T - 1, n, n, dtype=diag.dtype)
-    dchol = torch.empty(N, T, n, n, dtype=diag.dtype)
-    rdiag = torch.empty(N, T, n, dtype=diag.dtype)
-    failed_at = torch.zeros(N, dtype=torch.int64)
-    _with_threads(
-        numba_kernels.factor_sequential,
-        _as_numpy(diag),
-        _as_numpy(sub),
-        lmul.numpy(),
-        dchol.numpy(),
-        rdiag.numpy(),
-        failed_at.numpy(),
-    )
-    return BlockTridiagonalFactor(lmul, dchol, failed_at, "numba", rdiag)
-
-
-def _solve_numba(factor: BlockTridiagonalFactor, rhs: torch.Tensor) -> torch.Tensor:
-    from smnn.solver import numba_kernels
-
-    N, T, n, P = rhs.shape
-    out = torch.empty(N, T, n, P, dtype=rhs.dtype)
-    _with_threads(
-        numba_kernels.solve_sequential,
-        _as_numpy(factor.lmul),
-        _as_numpy(factor.dchol),
-        _as_numpy(factor.rdiag),
-        _as_numpy(rhs.to(factor.dchol.dtype)),
-        out.numpy(),
-    )
-    return out
-
-
-def _with_threads(kernel, *args):
-    """Run a numba kernel with as many threads as torch uses (bounded by numba's pool)."""
-    import numba
-
-    wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    previous = numba.get_num_threads()
-    numba.set_num_threads(wanted)
-    try:
-        kernel(*args)
-    finally:
-        numba.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------- torch backend (any device)
@@ -211,13 +157,13 @@ def _factor_torch(diag: torch.Tensor, sub: torch.Tensor) -> BlockTridiagonalFact
         lt = torch.cholesky_solve(m_next.transpose(-1, -2), chol).transpose(-1, -2)
         lmul[:, t] = lt
         pivot = diag[:, t + 1] - lt @ m_next.transpose(-1, -2)
-    # make failures visible as NaN from the failing step on, like the numba kernel (no host
+    # make failures visible as NaN from the failing step on, like the lane kernels (no host
     # synchronisation here, so the loop can be captured in a CUDA graph)
     steps = torch.arange(T, device=diag.device)
     dead = (failed_at[:, None] > 0) & (steps[None, :] >= failed_at[:, None] - 1)
     dchol = dchol.masked_fill(dead[:, :, None, None], float("nan"))
     lmul = lmul.masked_fill(dead[:, :-1, None, None], float("nan"))
-    return BlockTridiagonalFactor(lmul, dchol, failed_at, "torch")
+    return BlockTridiagonalFactor(lmul, dchol, failed_at)
 
 
 def _solve_torch(factor: BlockTridiagonalFactor, rhs: torch.Tensor) -> torch.Tensor:

@@ -88,9 +88,7 @@ class CudaGraphPool:
         diag, sub = diag.detach().contiguous(), sub.detach().contiguous()
         key = ("factor", tuple(diag.shape), diag.dtype, diag.device)
         lmul, dchol, failed_at = self._get(key, _factor_outputs, (diag, sub))(diag, sub)
-        return BlockTridiagonalFactor(
-            lmul.clone(), dchol.clone(), failed_at.clone(), "torch", graphs=self
-        )
+        return BlockTridiagonalFactor(lmul.clone(), dchol.clone(), failed_at.clone(), graphs=self)
 
     def solve(self, factor: BlockTridiagonalFactor, rhs: torch.Tensor) -> torch.Tensor:
         """Solve with ``factor`` for ``rhs`` (N, T, n, P) by replay; returns a fresh tensor."""
@@ -99,7 +97,7 @@ class CudaGraphPool:
         key = ("solve", tuple(factor.dchol.shape), tuple(rhs.shape), rhs.dtype, rhs.device)
 
         def solve(lmul, dchol, r):
-            return _solve_torch(BlockTridiagonalFactor(lmul, dchol, None, "torch"), r)
+            return _solve_torch(BlockTridiagonalFactor(lmul, dchol, None), r)
 
         graphed = self._get(key, solve, (factor.lmul, factor.dchol, rhs))
         return graphed(factor.lmul, factor.dchol, rhs).clone()

@@ -1,4 +1,4 @@
-"""Block cyclic reduction: a parallel-in-time factorization (SOLVER_SPEC section 4).
+"""Block cyclic reduction: a parallel-in-time factorization (docs/solver.md section 4).
 
 One level eliminates the odd-numbered steps of a block-tridiagonal SPD system at once (given the
 even steps they are independent), which leaves a block-tridiagonal Schur complement on the even
@@ -20,7 +20,7 @@ The factors of every level are kept, so another right-hand side costs only the s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +49,13 @@ class _Level:
 
 @dataclass
 class CyclicReductionFactor:
-    """Cyclic-reduction factors of N block-tridiagonal systems (same interface as the sequential
-    :class:`~smnn.solver.banded.BlockTridiagonalFactor`: ``solve``, ``failed``, ``failed_at``)."""
+    """Cyclic-reduction factors of N block-tridiagonal systems (a
+    :class:`~smnn.solver.factor.Factor`, like the sequential ones)."""
 
     levels: list[_Level]
     chol_last: torch.Tensor  # (N, n, n): Cholesky factor of the single remaining block
     failed_at: torch.Tensor  # (N,) int64: 1 + a step with a non-positive pivot, 0 if none
     n_steps: int
-    backend: str = field(default="torch")
 
     @property
     def n_levels(self) -> int:

@@ -1,41 +1,63 @@
-"""The fused CPU path of :func:`smnn.solver.ode_forward` (default options, numba backend).
+"""The lane engine: the CPU path of :func:`~smnn.solver.ode_forward` and
+:func:`~smnn.solver.factorize` (numba kernels of :mod:`smnn.solver.lane_kernels`).
 
-When the inputs are CPU tensors, the weights are plain numbers and central smoothness is off,
-``ode_forward`` (method ``'auto'`` or ``'sequential'``) runs the whole solve in two compiled
-kernels (:mod:`smnn.solver.lane_kernels`): one forward kernel that assembles the normal equations,
-factorizes and solves, and one backward kernel that returns the gradients of all four inputs. This
-module holds the torch side: folding the inputs into the kernels' layout, the autograd function,
-and the stored factorization.
+On CPU with numba, the sequential method (``method`` 'auto' or 'sequential') and plain-number
+weights, both entry points run on these kernels and on nothing else:
 
-The backward pass is not itself differentiable (no double backward; torch says so if asked).
+- ``ode_forward``: one forward kernel assembles the normal equations from the inputs, factorizes
+  and solves; one backward kernel returns the gradients of all four inputs. The backward pass is
+  not itself differentiable (no double backward; torch says so if asked).
+- ``factorize``: the forward kernel without right-hand sides makes a :class:`LaneFactor`; every
+  ``solve`` assembles the right-hand side in the kernel that substitutes (exactly as the forward
+  kernel does, so ``factorize(...).solve`` and ``ode_forward`` agree to the bit), and its
+  backward pass solves once more with the stored factor: lambda = M^{-1} g, then
+  dl/db = w_eq^2 C lambda and dl/du0 = w_in^2 lambda on the initial entries.
 
-Input values are checked inside the forward kernel while it reads them (non-finite values, steps
-<= 0); when it finds one, :func:`fused_ode_forward` runs the usual checks of
-:func:`smnn.solver.inputs.check_values_of` on the caller's tensors, so the error message is the
-same as on every other path.
+Lane layout per call. The kernels work on lanes of ``LANES`` = 8 side by side. When the left-hand
+side has many systems, the lanes are systems (each with all its right-hand-side columns). When it
+has few systems shared by many right-hand sides (shared coefficients and steps, the Lorenz
+pattern), lanes of systems would sit mostly empty and leave threads idle; then the lanes are
+*columns*: the factor is made once per system and replicated across the lanes, and each job
+substitutes 8 columns of one system (:func:`lanes_are_columns` decides by the work per thread).
+
+Input values are checked inside the kernels while they read them (non-finite values, steps
+<= 0); when one is found, the usual checks of :func:`smnn.solver.inputs.check_values_of` run on
+the caller's tensors, so the error message is the same as on every other path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import torch
 from torch.autograd.function import once_differentiable
 
 from smnn.solver import hugepages, lane_kernels
-from smnn.solver.banded import _with_threads, raise_if_failed
+from smnn.solver.banded import raise_if_failed
 from smnn.solver.blocks import taylor_gram_matrices
-from smnn.solver.inputs import OdeProblem, check_values_of
+from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
 from smnn.solver.layout import BatchFolding
 
-__all__ = ["LaneFactor", "fused_ode_forward", "fused_path_applies"]
+__all__ = [
+    "LaneFactor",
+    "LaneLeftHandSide",
+    "fused_ode_forward",
+    "fused_path_applies",
+    "lane_factorize",
+    "lanes_are_columns",
+]
+
+LANES = lane_kernels.LANES
+# a column job loads its factor by itself where a group of systems shares one load among its
+# columns: lanes become columns only when that leaves clearly less work per thread
+_COLUMN_JOB_OVERHEAD = 1.25
 
 
 def fused_path_applies(
     device: torch.device, backend: str, method: str, central: bool, plain_weights, cuda_graphs
 ) -> bool:
-    """Whether :func:`fused_ode_forward` serves this call (see the module docstring)."""
+    """Whether the lane engine serves this call (see the module docstring)."""
     return (
         device.type == "cpu"
         and backend == "numba"
@@ -46,67 +68,40 @@ def fused_path_applies(
     )
 
 
-def _run_kernel(kernel, n_groups: int, *args) -> None:
-    """Call a :mod:`lane_kernels` kernel with SLP vectorisation on (it may compile), on as many
-    threads as torch uses, and with its last argument, the number of parallel jobs, appended
-    (at most ``n_groups``)."""
-    n_workers = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n_groups))
-    with lane_kernels.slp_vectorization():
-        _with_threads(kernel, *args, n_workers)
+def n_workers(n_jobs: int) -> int:
+    """Parallel jobs for ``n_jobs`` units of work: as many threads as torch uses, at most
+    numba's pool and ``n_jobs``."""
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n_jobs))
 
 
-@dataclass
-class LaneFactor:
-    """Block Cholesky factors of N systems in the lane layout of :mod:`lane_kernels`.
+def lanes_are_columns(n_systems: int, n_columns: int) -> bool:
+    """Lay the lanes out as columns of one system (True) or as systems (False)?
 
-    Attributes:
-        chol: ``(G, T, m(m-1)/2, W)``; rdiag: ``(G, T, m, W)``.
-        steps: ``(N, Th)``, the step sizes of the factorized matrix (its coupling blocks are
-        rebuilt from them in every solve).  constants: g0, g1, g2, squared weights (numpy).
-        n_systems: N.  failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot, 0
-        where none (same meaning as :class:`~smnn.solver.banded.BlockTridiagonalFactor`).
+    Lanes of systems: ceil(N / 8) jobs of P columns each. Lanes of columns: N * ceil(P / 8) jobs
+    of one column each. The substitutions cost about the same per column and lane in both, so
+    compare the columns per thread (the busiest thread), with a margin for the column jobs'
+    own factor loads.
     """
+    N, P = n_systems, n_columns
+    groups = -(-N // LANES)
+    column_jobs = N * -(-P // LANES)
+    per_thread_systems = -(-groups // n_workers(groups)) * P
+    per_thread_columns = -(-column_jobs // n_workers(column_jobs))
+    return _COLUMN_JOB_OVERHEAD * per_thread_columns < per_thread_systems
 
-    chol: torch.Tensor
-    rdiag: torch.Tensor
-    steps: torch.Tensor
-    constants: tuple
-    n_systems: int
-    failed_at: torch.Tensor
 
-    @property
-    def n_steps(self) -> int:
-        return self.chol.shape[1]
-
-    @property
-    def block_size(self) -> int:
-        return self.rdiag.shape[2]
-
-    def failed(self) -> torch.Tensor:
-        """``(N,)`` bool: systems whose factorization met a non-positive pivot."""
-        return self.failed_at > 0
-
-    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """Solve M x = rhs for ``rhs`` ``(N, T, m, P)``; returns ``(N, T, m, P)``."""
-        N, T, m = self.n_systems, self.n_steps, self.block_size
-        if rhs.dim() != 4 or tuple(rhs.shape[:3]) != (N, T, m):
-            raise ValueError(
-                f"rhs must have shape (N={N}, T={T}, m={m}, P), got {tuple(rhs.shape)}"
-            )
-        rhs = rhs.detach().to(self.chol.dtype).contiguous()
-        out = hugepages.empty(tuple(rhs.shape), rhs.dtype)
-        _run_kernel(
-            lane_kernels.solve,
-            self.chol.shape[0],
-            self.chol.numpy(),
-            self.rdiag.numpy(),
-            self.steps.numpy(),
-            self.constants[2],
-            self.constants[3],
-            rhs.numpy(),
-            out.numpy(),
-        )
-        return out
+def _run_kernel(kernel, n_jobs: int, *args) -> None:
+    """Call a :mod:`lane_kernels` kernel with SLP vectorisation on (it may compile), on as many
+    threads as torch uses, with its last argument, the number of parallel jobs, appended (at
+    most ``n_jobs``)."""
+    workers = n_workers(n_jobs)
+    with lane_kernels.slp_vectorization():
+        previous = numba.get_num_threads()
+        numba.set_num_threads(workers)
+        try:
+            kernel(*args, workers)
+        finally:
+            numba.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -128,6 +123,125 @@ class _Sizes:
         return g0, g1, g2, w2
 
 
+def _empty(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+@dataclass
+class LaneFactor:
+    """Block Cholesky factors of N systems in the lane layout of :mod:`lane_kernels`.
+
+    Attributes:
+        chol: ``(G, T, m(m-1)/2, W)``; rdiag: ``(G, T, m, W)``; G = ceil(N / W) groups of W
+        systems (the last system repeated in the lanes past N).
+        steps: ``(N, Th)``, the step sizes of the factorized matrix (its coupling blocks are
+        rebuilt from them in every solve).  constants: g0, g1, g2, squared weights (numpy).
+        n_systems: N.  failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot, 0
+        where none.
+    """
+
+    chol: torch.Tensor
+    rdiag: torch.Tensor
+    steps: torch.Tensor
+    constants: tuple
+    n_systems: int
+    failed_at: torch.Tensor
+    _replicated: tuple | None = field(default=None, repr=False)
+
+    @property
+    def n_steps(self) -> int:
+        return self.chol.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.rdiag.shape[2]
+
+    def failed(self) -> torch.Tensor:
+        """``(N,)`` bool: systems whose factorization met a non-positive pivot."""
+        return self.failed_at > 0
+
+    def layout(self, columns: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chol, rdiag) for lanes of systems, or for lanes of columns: ``(N, T, ., W)`` with
+        system n in every lane of group n (made once, then kept)."""
+        if not columns:
+            return self.chol, self.rdiag
+        if self._replicated is None:
+            N, W = self.n_systems, LANES
+            if N == 1:
+                self._replicated = (self.chol, self.rdiag)  # one system: already in every lane
+            else:
+
+                def replicate(x: torch.Tensor) -> torch.Tensor:
+                    G, T, k, _ = x.shape
+                    per_system = x.permute(0, 3, 1, 2).reshape(G * W, T, k)[:N]
+                    return per_system[..., None].expand(N, T, k, W).contiguous()
+
+                self._replicated = (replicate(self.chol), replicate(self.rdiag))
+        return self._replicated
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """Solve M x = rhs for ``rhs`` ``(N, T, m, P)``; returns ``(N, T, m, P)``."""
+        N, T, m = self.n_systems, self.n_steps, self.block_size
+        if rhs.dim() != 4 or tuple(rhs.shape[:3]) != (N, T, m):
+            raise ValueError(
+                f"rhs must have shape (N={N}, T={T}, m={m}, P), got {tuple(rhs.shape)}"
+            )
+        rhs = rhs.detach().to(self.chol.dtype).contiguous()
+        return self._solve(rhs=rhs)
+
+    def _solve(
+        self,
+        rhs: torch.Tensor | None = None,
+        coef: torch.Tensor | None = None,
+        rhs_eq: torch.Tensor | None = None,
+        init: torch.Tensor | None = None,
+        sizes: _Sizes | None = None,
+    ) -> torch.Tensor:
+        """x = M^{-1} r for r = ``rhs`` (N, T, m, P), or assembled in the kernel from ``coef``
+        (N, Tc, E, m), ``rhs_eq`` (N, Tb, E, P) and ``init`` (N, Su, D*K, P) with ``sizes``.
+        Sets ``self.bad_input`` (a right-hand side or initial value not finite)."""
+        N, T, m = self.n_systems, self.n_steps, self.block_size
+        dtype = self.chol.dtype
+        if rhs is not None:
+            P = rhs.shape[3]
+            coef, rhs_eq = _empty(dtype, 0, 1, 1, m), _empty(dtype, 0, 1, 1, P)
+            init = _empty(dtype, 0, 1, 0, P)
+            S = K = 0
+        else:
+            P = rhs_eq.shape[3]
+            rhs = _empty(dtype, 0, T, m, P)
+            S, K = sizes.n_init_steps, sizes.n_init_orders
+        columns = lanes_are_columns(N, P)
+        chol, rdiag = self.layout(columns)
+        n_jobs = N * -(-P // LANES) if columns else chol.shape[0]
+        out = hugepages.empty((N, T, m, P), dtype)
+        bad_input = torch.zeros(max(n_jobs, 1), dtype=torch.int64)
+        if P > 0:
+            _run_kernel(
+                lane_kernels.solve,
+                n_jobs,
+                chol.numpy(),
+                rdiag.numpy(),
+                self.steps.numpy(),
+                coef.numpy(),
+                rhs_eq.numpy(),
+                init.numpy(),
+                rhs.numpy(),
+                S,
+                K,
+                self.constants[2],
+                self.constants[3],
+                columns,
+                out.numpy(),
+                bad_input.numpy(),
+            )
+        self.bad_input = bool(bad_input.any())
+        return out
+
+
+# ------------------------------------------------------------------ ode_forward
+
+
 @dataclass
 class _Outcome:
     """What the forward pass reports besides u: the factor and whether an input was bad."""
@@ -136,12 +250,53 @@ class _Outcome:
     bad_input: bool = False
 
 
+def _factor_kernel(coef, steps, rhs_eq, init, sizes: _Sizes, x: torch.Tensor) -> LaneFactor:
+    """Run the forward kernel (``x`` (N, T, m, P); P = 0: factorize only). Returns the factor
+    with ``bad_input`` set."""
+    N, m = coef.shape[0], coef.shape[3]
+    T, W = sizes.n_steps, LANES
+    G = -(-N // W)
+    dtype = coef.dtype
+    constants = sizes.constants(dtype)
+    factor = LaneFactor(
+        chol=hugepages.empty((G, T, m * (m - 1) // 2, W), dtype),
+        rdiag=hugepages.empty((G, T, m, W), dtype),
+        steps=steps,
+        constants=constants,
+        n_systems=N,
+        failed_at=torch.empty(N, dtype=torch.int64),
+    )
+    bad_input = torch.zeros(G, dtype=torch.int64)
+    _run_kernel(
+        lane_kernels.forward,
+        G,
+        coef.numpy(),
+        steps.numpy(),
+        rhs_eq.numpy(),
+        init.numpy(),
+        T,
+        sizes.n_dims,
+        sizes.n_init_steps,
+        sizes.n_init_orders,
+        *constants,
+        factor.chol.numpy(),
+        factor.rdiag.numpy(),
+        x.numpy(),
+        factor.failed_at.numpy(),
+        bad_input.numpy(),
+    )
+    factor.bad_input = bool(bad_input.any())
+    return factor
+
+
 class _FusedLaneSolve(torch.autograd.Function):
     """u = M(c, h)^{-1} r(c, b, u0) in one forward and one backward kernel.
 
     forward(coef (N, Tc, E, m), steps (N, Th), rhs_eq (N, Tb, E, P), init (N, Su, D*K, P),
-    sizes, outcome) -> x (N, T, m, P). Saved for backward: the inputs, x and the factor
-    (O(T) memory; the backward pass does no second factorization).
+    sizes, outcome) -> x (N, T, m, P). Lanes of systems: the fused forward kernel. Lanes of
+    columns (:func:`lanes_are_columns`): the forward kernel without right-hand sides, then the
+    solve kernel. Saved for backward: the inputs, x and the factor (O(T) memory; the backward
+    pass does no second factorization).
     """
 
     @staticmethod
@@ -150,43 +305,23 @@ class _FusedLaneSolve(torch.autograd.Function):
         steps = steps.detach().contiguous()
         rhs_eq = rhs_eq.detach().contiguous()
         init = init.detach().contiguous()
-        N, _, _, m = coef.shape
-        T, P, W = sizes.n_steps, rhs_eq.shape[-1], lane_kernels.LANES
-        G = -(-N // W)
-        dtype = coef.dtype
-        constants = sizes.constants(dtype)
-        factor = LaneFactor(
-            chol=hugepages.empty((G, T, m * (m - 1) // 2, W), dtype),
-            rdiag=hugepages.empty((G, T, m, W), dtype),
-            steps=steps,
-            constants=constants,
-            n_systems=N,
-            failed_at=torch.empty(N, dtype=torch.int64),
-        )
-        x = hugepages.empty((N, T, m, P), dtype)
-        bad_input = torch.zeros(G, dtype=torch.int64)
-        _run_kernel(
-            lane_kernels.forward,
-            G,
-            coef.numpy(),
-            steps.numpy(),
-            rhs_eq.numpy(),
-            init.numpy(),
-            T,
-            sizes.n_dims,
-            sizes.n_init_steps,
-            sizes.n_init_orders,
-            *constants,
-            factor.chol.numpy(),
-            factor.rdiag.numpy(),
-            x.numpy(),
-            factor.failed_at.numpy(),
-            bad_input.numpy(),
-        )
+        N, m, P = coef.shape[0], coef.shape[3], rhs_eq.shape[3]
+        T, dtype = sizes.n_steps, coef.dtype
+        columns = lanes_are_columns(N, P)
+        if columns:
+            no_rhs = (_empty(dtype, N, 1, rhs_eq.shape[2], 0), _empty(dtype, N, 1, 0, 0))
+            factor = _factor_kernel(coef, steps, *no_rhs, sizes, _empty(dtype, N, T, m, 0))
+            bad_lhs = factor.bad_input
+            x = factor._solve(coef=coef, rhs_eq=rhs_eq, init=init, sizes=sizes)
+            outcome.bad_input = bad_lhs or factor.bad_input
+        else:
+            x = hugepages.empty((N, T, m, P), dtype)
+            factor = _factor_kernel(coef, steps, rhs_eq, init, sizes, x)
+            outcome.bad_input = factor.bad_input
         outcome.factor = factor
-        outcome.bad_input = bool(bad_input.any())
         ctx.sizes = sizes
         ctx.factor = factor
+        ctx.columns = columns
         ctx.save_for_backward(coef, steps, rhs_eq, init, x)
         return x
 
@@ -194,27 +329,89 @@ class _FusedLaneSolve(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_x):
         coef, steps, rhs_eq, init, x = ctx.saved_tensors
-        sizes, factor = ctx.sizes, ctx.factor
+        sizes, factor, columns = ctx.sizes, ctx.factor, ctx.columns
         grad_x = grad_x.detach().to(coef.dtype).contiguous()
-        grads = [hugepages.empty(tuple(t.shape), t.dtype) for t in (coef, steps, rhs_eq, init)]
-        _run_kernel(
-            lane_kernels.backward,
-            factor.chol.shape[0],
-            grad_x.numpy(),
-            x.numpy(),
-            coef.numpy(),
-            steps.numpy(),
-            rhs_eq.numpy(),
-            sizes.n_dims,
-            sizes.n_init_steps,
-            sizes.n_init_orders,
-            *factor.constants,
-            factor.chol.numpy(),
-            factor.rdiag.numpy(),
-            *(g.numpy() for g in grads),
-        )
+        N, P = coef.shape[0], rhs_eq.shape[3]
+        Q = -(-P // LANES)
+        n_jobs = N * Q if columns else factor.chol.shape[0]
+        J = N * Q if columns else N
+        grad_coef = hugepages.empty((J, *coef.shape[1:]), coef.dtype)
+        grad_steps = hugepages.empty((J, steps.shape[1]), coef.dtype)
+        grad_rhs_eq = hugepages.empty(tuple(rhs_eq.shape), coef.dtype)
+        grad_init = hugepages.empty(tuple(init.shape), coef.dtype)
+        chol, rdiag = factor.layout(columns)
+        if P > 0:
+            _run_kernel(
+                lane_kernels.backward,
+                n_jobs,
+                grad_x.numpy(),
+                x.numpy(),
+                coef.numpy(),
+                steps.numpy(),
+                rhs_eq.numpy(),
+                sizes.n_dims,
+                sizes.n_init_steps,
+                sizes.n_init_orders,
+                *factor.constants,
+                chol.numpy(),
+                rdiag.numpy(),
+                columns,
+                grad_coef.numpy(),
+                grad_steps.numpy(),
+                grad_rhs_eq.numpy(),
+                grad_init.numpy(),
+            )
+        else:
+            for g in (grad_coef, grad_steps):
+                g.zero_()
+        if columns:
+            grad_coef, grad_steps = (_sum_jobs(g, N, Q) for g in (grad_coef, grad_steps))
+        grads = (grad_coef, grad_steps, grad_rhs_eq, grad_init)
         needed = ctx.needs_input_grad[:4]
         return (*(g if need else None for g, need in zip(grads, needed, strict=True)), None, None)
+
+
+def _sum_jobs(partials: torch.Tensor, n_systems: int, n_column_groups: int) -> torch.Tensor:
+    """(N * Q, ...) per-job partial sums -> (N, ...), summed in job order (deterministic)."""
+    out = torch.empty((n_systems, *partials.shape[1:]), dtype=partials.dtype)
+    lane_kernels.sum_job_partials(
+        partials.reshape(partials.shape[0], -1).numpy(),
+        n_column_groups,
+        out.view(n_systems, -1).numpy(),
+    )
+    return out
+
+
+def _fold_lhs_inputs(problem: OdeProblem, lhs_batch: tuple[int, ...]):
+    """coefficients (N, Tc, E, m) and steps (N, Th) at the left-hand side's batch shape."""
+    c, h = problem.coefficients, problem.steps
+    folding = BatchFolding(tuple(problem.batch_shape), lhs_batch)
+    N = folding.n_systems
+    E, m = problem.n_equations, problem.block_size
+    coef = c.expand(*lhs_batch, *c.shape[-4:]).reshape(N, c.shape[-4], E, m)
+    steps = h.expand(*lhs_batch, h.shape[-1]).reshape(N, h.shape[-1])
+    return coef, steps
+
+
+def _fold_rhs_inputs(problem: OdeProblem, folding: BatchFolding, rhs_equation, init_vars):
+    """rhs_eq (N, Tb, E, P) and init (N, Su, D*K, P)."""
+    batch = tuple(problem.batch_shape)
+    D, K = problem.n_dims, problem.n_init_orders
+    b, u0 = rhs_equation, init_vars
+    rhs_eq = folding.fold_rhs(b.expand(*batch, *b.shape[-2:]))
+    u0 = u0.expand(*batch, *u0.shape[-3:]).reshape(*batch, u0.shape[-3], D * K)
+    return rhs_eq, folding.fold_rhs(u0)
+
+
+def _sizes(problem: OdeProblem, weights) -> _Sizes:
+    return _Sizes(
+        problem.n_steps,
+        problem.n_dims,
+        problem.n_orders,
+        problem.n_init_var_steps,
+        problem.n_init_orders,
+        tuple(float(w) for w in weights),
+    )
 
 
 def fused_ode_forward(
@@ -233,22 +430,103 @@ def fused_ode_forward(
             normal matrix is not positive definite.
     """
     T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
-    S, K, E = problem.n_init_var_steps, problem.n_init_orders, problem.n_equations
     batch, lhs_batch = tuple(problem.batch_shape), tuple(problem.lhs_batch_shape)
     folding = BatchFolding(batch, lhs_batch)
-    N = folding.n_systems
-    c, h = problem.coefficients, problem.steps
-    coef = c.expand(*lhs_batch, *c.shape[-4:]).reshape(N, c.shape[-4], E, D * R)
-    steps = h.expand(*lhs_batch, h.shape[-1]).reshape(N, h.shape[-1])
-    b, u0 = problem.rhs_equation, problem.init_vars
-    rhs_eq = folding.fold_rhs(b.expand(*batch, *b.shape[-2:]))
-    u0 = u0.expand(*batch, *u0.shape[-3:]).reshape(*batch, u0.shape[-3], D * K)
-    init = folding.fold_rhs(u0)
-    sizes = _Sizes(T, D, R, S, K, weights)
+    coef, steps = _fold_lhs_inputs(problem, lhs_batch)
+    rhs_eq, init = _fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
     outcome = _Outcome()
-    x = _FusedLaneSolve.apply(coef, steps, rhs_eq, init, sizes, outcome)
+    x = _FusedLaneSolve.apply(coef, steps, rhs_eq, init, _sizes(problem, weights), outcome)
     if check_values and outcome.bad_input:
-        check_values_of(problem.coefficients, problem.rhs_equation, problem.init_vars, h)
+        check_values_of(
+            problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
+        )
     if check_pivots:
         raise_if_failed(outcome.factor, lhs_batch)
     return folding.unfold(x).reshape(*batch, T, D, R)
+
+
+# ------------------------------------------------------------------ factorize
+
+
+class _FactorSolve(torch.autograd.Function):
+    """x = M^{-1} r(b, u0) with a stored :class:`LaneFactor` of M (coefficients frozen).
+
+    forward(rhs_eq (N, Tb, E, P), init (N, Su, D*K, P), lhs) -> x (N, T, m, P). Backward:
+    lambda = M^{-1} g with the stored factor, dl/db_t = w_eq^2 C_t lambda_t and
+    dl/du0_t = w_in^2 lambda_t on the initial entries (summed over a size-1 step axis).
+    """
+
+    @staticmethod
+    def forward(ctx, rhs_eq, init, lhs: LaneLeftHandSide):
+        rhs_eq = rhs_eq.detach().contiguous()
+        init = init.detach().contiguous()
+        x = lhs.factor._solve(coef=lhs.coef, rhs_eq=rhs_eq, init=init, sizes=lhs.sizes)
+        ctx.lhs = lhs
+        ctx.bad_input = lhs.factor.bad_input
+        ctx.shapes = (tuple(rhs_eq.shape), tuple(init.shape))
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x):
+        lhs = ctx.lhs
+        sizes = lhs.sizes
+        (N, Tb, E, P), (_, Su, DK, _) = ctx.shapes
+        T, D, R = sizes.n_steps, sizes.n_dims, sizes.n_orders
+        S, K = sizes.n_init_steps, sizes.n_init_orders
+        w_eq, w_in = sizes.weights[0], sizes.weights[1]
+        lam = lhs.factor.solve(grad_x)  # (N, T, m, P)
+        grad_rhs_eq = grad_init = None
+        if ctx.needs_input_grad[0]:
+            coef = lhs.coef.expand(N, T, E, D * R)
+            g = torch.einsum("ntem,ntmp->ntep", coef, lam) * (w_eq * w_eq)
+            grad_rhs_eq = g if Tb == T else g.sum(1, keepdim=True)
+        if ctx.needs_input_grad[1]:
+            lam_init = lam[:, :S].reshape(N, S, D, R, P)[:, :, :, :K].reshape(N, S, D * K, P)
+            g = lam_init * (w_in * w_in)
+            grad_init = g if Su == S else g.sum(1, keepdim=True)
+        return grad_rhs_eq, grad_init, None
+
+
+@dataclass
+class LaneLeftHandSide:
+    """A factorized left-hand side on the lane engine (what :func:`smnn.solver.factorize`
+    keeps): the factor, the folded coefficients it was made from (``coef`` (N, Tc, E, m)), the
+    sizes and weights, and the left-hand side's batch shape."""
+
+    factor: LaneFactor
+    coef: torch.Tensor
+    sizes: _Sizes
+    lhs_batch_shape: torch.Size
+
+    def solve(self, problem: OdeProblem, check_values: bool) -> torch.Tensor:
+        """u ``(*batch, T, D, R)`` for the right-hand sides of ``problem`` (same left-hand
+        side)."""
+        T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
+        batch = tuple(problem.batch_shape)
+        folding = BatchFolding(batch, tuple(self.lhs_batch_shape))
+        rhs_eq, init = _fold_rhs_inputs(
+            problem, folding, problem.rhs_equation, problem.init_vars
+        )
+        x = _FactorSolve.apply(rhs_eq, init, self)
+        if check_values and self.factor.bad_input:
+            check_finite("rhs_equation", problem.rhs_equation)
+            check_finite("init_vars", problem.init_vars)
+        return folding.unfold(x).reshape(*batch, T, D, R)
+
+
+def lane_factorize(
+    problem: OdeProblem, weights: tuple[float, float, float], check_pivots: bool
+) -> LaneLeftHandSide:
+    """Factorize the left-hand side of ``problem`` (its values checked by the caller) on the
+    lane engine; the right-hand sides of ``problem`` are not used."""
+    lhs_batch = tuple(problem.lhs_batch_shape)
+    coef, steps = (x.detach().contiguous() for x in _fold_lhs_inputs(problem, lhs_batch))
+    sizes = _sizes(problem, weights)
+    N, E, m, dtype = coef.shape[0], coef.shape[2], coef.shape[3], coef.dtype
+    no_rhs = (_empty(dtype, N, 1, E, 0), _empty(dtype, N, 1, 0, 0))
+    factor = _factor_kernel(coef, steps, *no_rhs, sizes, _empty(dtype, N, problem.n_steps, m, 0))
+    if check_pivots:
+        raise_if_failed(factor, lhs_batch)
+    return LaneLeftHandSide(factor, coef, sizes, problem.lhs_batch_shape)
+

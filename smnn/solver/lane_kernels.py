@@ -55,7 +55,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from smnn.solver.numba_kernels import _FAST
+# floating-point licences for the hot loops: contraction and reassociation (vectorised sums),
+# but no "no-NaN" assumptions, so the pivot checks stay meaningful
+_FAST = {"contract", "reassoc", "nsz", "arcp"}
 
 LANES = 8  # the helpers below spell out exactly 8 lanes
 
@@ -325,47 +327,150 @@ def _solve_scratch(like, P, m, R):
 
 
 @njit(cache=True)
-def _load_columns(src, b0, nl, dst):
-    """dst (T, P, m, W) = src[b0 + l] (N, T, m, P) for each lane l (the last system repeated)."""
-    T, P, m, _ = dst.shape
+def _job_lanes(job, columns, N, P, n_column_groups):
+    """What one parallel job covers: (factor group g, first system b0, real systems nl, first
+    column c0, real columns nc).
+
+    Lanes are systems (``columns`` False): job g is group g, lanes = systems b0 .. b0 + nl - 1
+    (the last repeated), every lane with all P columns. Lanes are columns (``columns`` True): job
+    = (system n, column group q), lanes = columns c0 .. c0 + nc - 1 of system n (the last
+    repeated), one column per lane; the factor group is n (system n in every lane).
+    """
+    if columns:
+        n = job // n_column_groups
+        c0 = (job % n_column_groups) * LANES
+        return n, n, 1, c0, min(LANES, P - c0)
+    b0 = job * LANES
+    return job, b0, min(LANES, N - b0), 0, P
+
+
+@njit(cache=True)
+def _load_lanes(src, b0, nl, c0, nc, columns, dst):
+    """dst (T, Pl, m, W) = the lanes' columns of src (N, T, m, P) (see :func:`_job_lanes`)."""
+    T, Pl, m, _ = dst.shape
     for l in range(LANES):
         bl = b0 + min(l, nl - 1)
         for t in range(T):
             for i in range(m):
-                for p in range(P):
-                    dst[t, p, i, l] = src[bl, t, i, p]
+                if columns:
+                    dst[t, 0, i, l] = src[bl, t, i, c0 + min(l, nc - 1)]
+                else:
+                    for p in range(Pl):
+                        dst[t, p, i, l] = src[bl, t, i, p]
 
 
 @njit(cache=True)
-def _store_columns(src, b0, nl, dst):
-    """dst[b0 + l] (N, T, m, P) = src (T, P, m, W) for the real lanes l < nl."""
-    T, P, m, _ = src.shape
-    for l in range(nl):
+def _store_lanes(src, b0, nl, c0, nc, columns, dst):
+    """The real lanes of src (T, Pl, m, W) into dst (N, T, m, P): inverse of :func:`_load_lanes`."""
+    T, Pl, m, _ = src.shape
+    for l in range(nc if columns else nl):
         for t in range(T):
             for i in range(m):
-                for p in range(P):
-                    dst[b0 + l, t, i, p] = src[t, p, i, l]
+                if columns:
+                    dst[b0, t, i, c0 + l] = src[t, 0, i, l]
+                else:
+                    for p in range(Pl):
+                        dst[b0 + l, t, i, p] = src[t, p, i, l]
+
+
+@njit(cache=True)
+def _load_step_rhs_inputs(coef, rhs_eq, init, b0, nl, c0, nc, columns, t, S, cl, bv, u0):
+    """Step t's coefficients ``cl`` (E, m, W), right-hand sides ``bv`` (E, Pl, W) and, for t < S,
+    initial values ``u0`` (D*K, Pl, W) into the lanes; True if a right-hand side or initial
+    value is not finite (the coefficients were checked when the factor was made)."""
+    Tc, E, m = coef.shape[1], coef.shape[2], coef.shape[3]
+    Tb, Su, DK = rhs_eq.shape[1], init.shape[1], init.shape[2]
+    Pl = bv.shape[1]
+    tc = t if Tc > 1 else 0
+    tb = t if Tb > 1 else 0
+    su = t if Su > 1 else 0
+    bad = False
+    for l in range(LANES):
+        bl = b0 + min(l, nl - 1)
+        for e in range(E):
+            for i in range(m):
+                cl[e, i, l] = coef[bl, tc, e, i]
+        for p in range(Pl):
+            pc = c0 + min(l, nc - 1) if columns else p
+            for e in range(E):
+                v = rhs_eq[bl, tb, e, pc]
+                bad |= not np.isfinite(v)
+                bv[e, p, l] = v
+            if t < S:
+                for i in range(DK):
+                    v = init[bl, su, i, pc]
+                    bad |= not np.isfinite(v)
+                    u0[i, p, l] = v
+    return bad
+
+
+@njit(cache=True, fastmath=_FAST)
+def _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol):
+    """wsol[t] (Pl, m, W) = r_t = w_eq^2 C_t^T b_t + w_in^2 [u0_t; 0] for every column (the one
+    assembly of the right-hand side, shared by :func:`forward` and :func:`solve`)."""
+    E, m = cl.shape[0], cl.shape[1]
+    Pl = wsol.shape[1]
+    D = m // R
+    for p in range(Pl):
+        for i in range(m):
+            wi = wsol[t, p, i]
+            _fill(wi, 0.0)
+            for e in range(E):
+                _fma(wi, cl[e, i], bv[e, p])
+            _scale(wi, weq2)
+        if t < S:
+            for d in range(D):
+                for k in range(K):
+                    _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
 
 
 @njit(cache=True, parallel=True, fastmath=_FAST)
-def solve(chol, rdiag, steps, g2, weights, rhs, out, n_workers):
-    """x = M^{-1} rhs with the stored factors and the steps they were made from: ``rhs``,
-    ``out`` (N, T, m, P); ``n_workers`` parallel jobs (at most the number of groups)."""
-    N, T, m, P = rhs.shape
+def solve(
+    chol, rdiag, steps, coef, rhs_eq, init, rhs, n_init_steps, n_init_orders, g2, weights,
+    columns, out, bad_input, n_workers,
+):
+    """x = M^{-1} r with stored factors and the steps they were made from; x into ``out``
+    (N, T, m, P).
+
+    r is ``rhs`` (N, T, m, P) when it has systems (``rhs.shape[0] > 0``); otherwise it is
+    assembled from ``coef`` (N, Tc, E, m), ``rhs_eq`` (N, Tb, E, P) and ``init`` (N, Su, D*K, P)
+    exactly as :func:`forward` assembles it, and ``bad_input[job] = 1`` flags a job that met a
+    non-finite right-hand side or initial value. ``columns``: the lane layout of the jobs
+    (:func:`_job_lanes`); with ``columns`` the factors are ``(N, T, ., W)`` with system n in every
+    lane of group n. ``n_workers`` parallel jobs at most.
+    """
+    N, T, m, P = out.shape
     R = g2.shape[0]
-    ws2 = weights[2]
-    G = chol.shape[0]
+    E, DK = coef.shape[2], init.shape[2]
+    S, K = n_init_steps, n_init_orders
+    weq2, win2, ws2 = weights[0], weights[1], weights[2]
+    raw = rhs.shape[0] > 0
+    Q = (P + LANES - 1) // LANES
+    n_jobs = N * Q if columns else chol.shape[0]
+    Pl = 1 if columns else P
     dt = chol.dtype
     for worker in prange(n_workers):
-        wsol = np.empty((T, P, m, LANES), dtype=dt)
-        y_prev, pw_prev, pw, tmp = _solve_scratch(wsol, P, m, R)
-        lo, hi = _group_range(worker, n_workers, G)
-        for g in range(lo, hi):
-            b0 = g * LANES
-            nl = min(LANES, N - b0)
-            _load_columns(rhs, b0, nl, wsol)
+        wsol = np.empty((T, Pl, m, LANES), dtype=dt)
+        y_prev, pw_prev, pw, tmp = _solve_scratch(wsol, Pl, m, R)
+        cl = np.empty((E, m, LANES), dtype=dt)
+        bv = np.empty((E, Pl, LANES), dtype=dt)
+        u0 = np.empty((DK, Pl, LANES), dtype=dt)
+        lo, hi = _group_range(worker, n_workers, n_jobs)
+        for job in range(lo, hi):
+            g, b0, nl, c0, nc = _job_lanes(job, columns, N, P, Q)
+            if raw:
+                _load_lanes(rhs, b0, nl, c0, nc, columns, wsol)
+            else:
+                bad = False
+                for t in range(T):
+                    bad |= _load_step_rhs_inputs(
+                        coef, rhs_eq, init, b0, nl, c0, nc, columns, t, S, cl, bv, u0
+                    )
+                    _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol)
+                if bad:
+                    bad_input[job] = 1
             _solve_group(chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp)
-            _store_columns(wsol, b0, nl, out)
+            _store_lanes(wsol, b0, nl, c0, nc, columns, out)
 
 
 @njit(cache=True)
@@ -493,17 +598,7 @@ def forward(
                             _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
                         _mul(lij, rd[j])
                 # ---- right-hand side r_t, forward sweep (z_t and y_t = D_t^{-1} z_t)
-                for p in range(P):
-                    for i in range(m):
-                        wi = wsol[t, p, i]
-                        _fill(wi, 0.0)
-                        for e in range(E):
-                            _fma(wi, cl[e, i], bv[e, p])
-                        _scale(wi, weq2)
-                    if t < S:
-                        for d in range(D):
-                            for k in range(K):
-                                _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
+                _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol)
                 _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp)
                 # ---- Y_t = L_t^{-1} M_{t+1,t}^T for the next Schur complement (row j of
                 # M_{t+1,t} lives in state j // R)
@@ -526,7 +621,7 @@ def forward(
                     for k in range(R):
                         _copy(pw_prev[k], pw_cur[k])
             _back_sweep(chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, pw, tmp)
-            _store_columns(wsol, b0, nl, out)
+            _store_lanes(wsol, b0, nl, 0, P, False, out)
             _first_failed_steps(rdiag[g], b0, nl, failed_at)
             if bad:
                 bad_input[g] = 1
@@ -538,11 +633,11 @@ def forward(
 @njit(cache=True, parallel=True, fastmath=_FAST)
 def backward(
     grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
-    chol, rdiag, grad_coef, grad_steps, grad_rhs_eq, grad_init, n_workers,
+    chol, rdiag, columns, grad_coef, grad_steps, grad_rhs_eq, grad_init, n_workers,
 ):
     """Gradients of all four inputs from g = ``grad_out`` and the solution ``x`` (N, T, m, P).
 
-    lambda = M^{-1} g with the stored factors, then (SOLVER_SPEC section 5)
+    lambda = M^{-1} g with the stored factors, then (docs/solver.md section 5)
     dl/dM_t = -sym(lambda_t x_t^T), dl/dM_{t+1,t} = -(lambda_{t+1} x_t^T + x_{t+1} lambda_t^T),
     dl/dr = lambda, carried through the assembly (summed over the P columns):
 
@@ -551,8 +646,12 @@ def backward(
       dl/db_t[e] = w_eq^2 C_t[e] . lambda_t,  dl/du0_t = w_in^2 lambda_t (orders k < K);
     - interval t adds w_s^2 e_i e_j (G0 to M_t, G1 to M_{t+1}, G2 to M_{t+1,t}), e_k = h_t^k.
 
-    Writes ``grad_coef`` (N, Tc, E, m), ``grad_steps`` (N, Th), ``grad_rhs_eq`` (N, Tb, E, P) and
-    ``grad_init`` (N, Su, D*K, P); a size-1 step axis receives the sum over steps.
+    ``columns``: the lane layout of the jobs (:func:`_job_lanes`; the factors as in
+    :func:`solve`). Writes ``grad_rhs_eq`` (N, Tb, E, P) and ``grad_init`` (N, Su, D*K, P), and
+    ``grad_coef`` (J, Tc, E, m), ``grad_steps`` (J, Th): per system (J = N) when lanes are
+    systems, per job (J = N * ceil(P / LANES), job n * ceil(P / LANES) + q for columns
+    q * LANES ...) when lanes are columns, to be summed over each system's jobs. A size-1 step
+    axis receives the sum over steps.
     """
     N, T, m, P = x.shape
     Tc, E = coef.shape[1], coef.shape[2]
@@ -560,32 +659,33 @@ def backward(
     D, S, K = n_dims, n_init_steps, n_init_orders
     R = m // D
     weq2, win2, ws2 = weights[0], weights[1], weights[2]
-    G = chol.shape[0]
+    Q = (P + LANES - 1) // LANES
+    n_jobs = N * Q if columns else chol.shape[0]
+    Pl = 1 if columns else P
     dt = chol.dtype
     for worker in prange(n_workers):
-        lam = np.empty((T, P, m, LANES), dtype=dt)
-        xs = np.empty((T, P, m, LANES), dtype=dt)
+        lam = np.empty((T, Pl, m, LANES), dtype=dt)
+        xs = np.empty((T, Pl, m, LANES), dtype=dt)
         cl = np.empty((E, m, LANES), dtype=dt)
-        bv = np.empty((E, P, LANES), dtype=dt)
+        bv = np.empty((E, Pl, LANES), dtype=dt)
         gc = np.empty((Tc, E, m, LANES), dtype=dt)
         gs = np.empty((Th, LANES), dtype=dt)
-        gb = np.empty((Tb, E, P, LANES), dtype=dt)
-        gi = np.empty((Su, D * K, P, LANES), dtype=dt)
-        y_prev, pw_prev, pw, tmp = _solve_scratch(lam, P, m, R)
+        gb = np.empty((Tb, E, Pl, LANES), dtype=dt)
+        gi = np.empty((Su, D * K, Pl, LANES), dtype=dt)
+        y_prev, pw_prev, pw, tmp = _solve_scratch(lam, Pl, m, R)
         dpw = np.empty((R, LANES), dtype=dt)
         alpha = np.empty(LANES, dtype=dt)
         beta = np.empty(LANES, dtype=dt)
         q = np.empty(LANES, dtype=dt)
         sv = np.empty(LANES, dtype=dt)
         gh = np.empty(LANES, dtype=dt)
-        lo, hi = _group_range(worker, n_workers, G)
-        for g in range(lo, hi):
-            b0 = g * LANES
-            nl = min(LANES, N - b0)
+        lo, hi = _group_range(worker, n_workers, n_jobs)
+        for job in range(lo, hi):
+            g, b0, nl, c0, nc = _job_lanes(job, columns, N, P, Q)
             # ---- lambda = M^{-1} g
-            _load_columns(grad_out, b0, nl, lam)
+            _load_lanes(grad_out, b0, nl, c0, nc, columns, lam)
             _solve_group(chol[g], rdiag[g], steps, b0, nl, g2, ws2, lam, y_prev, pw_prev, pw, tmp)
-            _load_columns(x, b0, nl, xs)
+            _load_lanes(x, b0, nl, c0, nc, columns, xs)
             gc[:] = 0.0
             gs[:] = 0.0
             gb[:] = 0.0
@@ -598,11 +698,12 @@ def backward(
                     for e in range(E):
                         for i in range(m):
                             cl[e, i, l] = coef[bl, tc, e, i]
-                        for p in range(P):
-                            bv[e, p, l] = rhs_eq[bl, tb, e, p]
+                        for p in range(Pl):
+                            pc = c0 + min(l, nc - 1) if columns else p
+                            bv[e, p, l] = rhs_eq[bl, tb, e, pc]
                 # ---- equation rows: coefficients and right-hand sides
                 for e in range(E):
-                    for p in range(P):
+                    for p in range(Pl):
                         _fill(beta, 0.0)
                         _fill(alpha, 0.0)
                         for i in range(m):
@@ -619,7 +720,7 @@ def backward(
                     su = t if Su > 1 else 0
                     for d in range(D):
                         for k in range(K):
-                            for p in range(P):
+                            for p in range(Pl):
                                 _axpy(gi[su, d * K + k, p], win2, lam[t, p, d * R + k])
                 # ---- Taylor rows of interval t: d(e_i e_j)/dh = dpw_i pw_j + pw_i dpw_j
                 if t < T - 1:
@@ -641,31 +742,88 @@ def backward(
                                 # G0, G1 and d(e_i e_j)/dh are symmetric in (i, j), so the
                                 # two halves of -sym(lambda x^T) contribute equally to the sum
                                 _fill(sv, 0.0)
-                                c0, c1, c2 = g0[i, j], g1[i, j], g2[i, j]
-                                for p in range(P):
-                                    _fma3(sv, c0, lam[t, p, a], xs[t, p, b])
-                                    _fma3(sv, c1, lam[t + 1, p, a], xs[t + 1, p, b])
-                                    _fma3(sv, c2, lam[t + 1, p, a], xs[t, p, b])
-                                    _fma3(sv, c2, xs[t + 1, p, a], lam[t, p, b])
+                                c0_, c1_, c2_ = g0[i, j], g1[i, j], g2[i, j]
+                                for p in range(Pl):
+                                    _fma3(sv, c0_, lam[t, p, a], xs[t, p, b])
+                                    _fma3(sv, c1_, lam[t + 1, p, a], xs[t + 1, p, b])
+                                    _fma3(sv, c2_, lam[t + 1, p, a], xs[t, p, b])
+                                    _fma3(sv, c2_, xs[t + 1, p, a], lam[t, p, b])
                                 _fill(q, 0.0)
                                 _fma(q, dpw[i], pw[j])
                                 _fma(q, pw[i], dpw[j])
                                 _fms(gh, q, sv)
                     _axpy(gs[th], ws2, gh)
             # ---- write the real lanes
-            for l in range(nl):
-                bl = b0 + l
-                for tc in range(Tc):
-                    for e in range(E):
-                        for j in range(m):
-                            grad_coef[bl, tc, e, j] = gc[tc, e, j, l]
-                for th in range(Th):
-                    grad_steps[bl, th] = gs[th, l]
-                for tb in range(Tb):
-                    for e in range(E):
-                        for p in range(P):
-                            grad_rhs_eq[bl, tb, e, p] = gb[tb, e, p, l]
-                for su in range(Su):
-                    for i in range(D * K):
-                        for p in range(P):
-                            grad_init[bl, su, i, p] = gi[su, i, p, l]
+            if columns:
+                _store_column_gradients(gc, gs, gb, gi, job, b0, c0, nc, grad_coef, grad_steps,
+                                        grad_rhs_eq, grad_init)
+            else:
+                _store_system_gradients(gc, gs, gb, gi, b0, nl, grad_coef, grad_steps,
+                                        grad_rhs_eq, grad_init)
+
+
+@njit(cache=True)
+def _store_system_gradients(gc, gs, gb, gi, b0, nl, grad_coef, grad_steps, grad_rhs_eq,
+                            grad_init):
+    """Lanes are systems: lane l's gradients belong to system b0 + l."""
+    Tc, E, m, _ = gc.shape
+    Th, Tb, Su = gs.shape[0], gb.shape[0], gi.shape[0]
+    DK, P = gi.shape[1], gi.shape[2]
+    for l in range(nl):
+        bl = b0 + l
+        for tc in range(Tc):
+            for e in range(E):
+                for j in range(m):
+                    grad_coef[bl, tc, e, j] = gc[tc, e, j, l]
+        for th in range(Th):
+            grad_steps[bl, th] = gs[th, l]
+        for tb in range(Tb):
+            for e in range(E):
+                for p in range(P):
+                    grad_rhs_eq[bl, tb, e, p] = gb[tb, e, p, l]
+        for su in range(Su):
+            for i in range(DK):
+                for p in range(P):
+                    grad_init[bl, su, i, p] = gi[su, i, p, l]
+
+
+@njit(cache=True)
+def _store_column_gradients(gc, gs, gb, gi, job, n, c0, nc, grad_coef, grad_steps, grad_rhs_eq,
+                            grad_init):
+    """Lanes are columns c0 + l of system n: right-hand-side gradients per column, coefficient
+    and step gradients summed over the lanes (in lane order) into the job's partial sums."""
+    Tc, E, m, _ = gc.shape
+    Th, Tb, Su, DK = gs.shape[0], gb.shape[0], gi.shape[0], gi.shape[1]
+    for tc in range(Tc):
+        for e in range(E):
+            for j in range(m):
+                acc = gc[tc, e, j, 0]
+                for l in range(1, nc):
+                    acc += gc[tc, e, j, l]
+                grad_coef[job, tc, e, j] = acc
+    for th in range(Th):
+        acc = gs[th, 0]
+        for l in range(1, nc):
+            acc += gs[th, l]
+        grad_steps[job, th] = acc
+    for l in range(nc):
+        for tb in range(Tb):
+            for e in range(E):
+                grad_rhs_eq[n, tb, e, c0 + l] = gb[tb, e, 0, l]
+        for su in range(Su):
+            for i in range(DK):
+                grad_init[n, su, i, c0 + l] = gi[su, i, 0, l]
+
+
+@njit(cache=True)
+def sum_job_partials(partials, n_column_groups, out):
+    """out[n] = sum over q of partials[n * n_column_groups + q] (in order of q): the gradients
+    of :func:`backward` with lanes as columns, per system. ``partials`` (J, ...) flattened to
+    (J, F), ``out`` (N, F)."""
+    N, F = out.shape
+    for n in range(N):
+        for f in range(F):
+            acc = partials[n * n_column_groups, f]
+            for q in range(1, n_column_groups):
+                acc += partials[n * n_column_groups + q, f]
+            out[n, f] = acc

@@ -134,9 +134,7 @@ def _uses_lanes(problem, weights, central, method, backend, cuda_graphs) -> bool
         return False
     from smnn.solver.fused import fused_path_applies
 
-    return fused_path_applies(
-        device, "numba", method, central, _plain_weights(weights), cuda_graphs
-    )
+    return fused_path_applies(device, "numba", method, _plain_weights(weights), cuda_graphs)
 
 
 def _factorize_torch(
@@ -363,7 +361,8 @@ def _solve_problem(
     if _uses_lanes(problem, weights, central, method, backend, cuda_graphs):
         from smnn.solver.fused import fused_ode_forward
 
-        return fused_ode_forward(problem, _plain_weights(weights), check_inputs, check_pivots)
+        plain = _plain_weights(weights)
+        return fused_ode_forward(problem, plain, check_inputs, check_pivots, central)
     if check_inputs:
         check_values_of(
             problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
@@ -477,7 +476,7 @@ def factorize(
     if _uses_lanes(problem, weights, central, method, backend, None):
         from smnn.solver.fused import lane_factorize
 
-        lhs = lane_factorize(problem, _plain_weights(weights), check_pivots)
+        lhs = lane_factorize(problem, _plain_weights(weights), check_pivots, central)
     else:
         with torch.no_grad():
             lhs = _factorize_torch(problem, weights, central, method, check_pivots)

@@ -55,14 +55,13 @@ _COLUMN_JOB_OVERHEAD = 1.25
 
 
 def fused_path_applies(
-    device: torch.device, backend: str, method: str, central: bool, plain_weights, cuda_graphs
+    device: torch.device, backend: str, method: str, plain_weights, cuda_graphs
 ) -> bool:
     """Whether the lane engine serves this call (see the module docstring)."""
     return (
         device.type == "cpu"
         and backend == "numba"
         and method in ("auto", "sequential")
-        and not central
         and plain_weights is not None
         and cuda_graphs is None
     )
@@ -114,11 +113,15 @@ class _Sizes:
     n_init_steps: int
     n_init_orders: int
     weights: tuple[float, float, float]  # w_eq, w_in, w_s
+    central: bool = False
 
     def constants(self, dtype: torch.dtype):
-        """Taylor Gram matrices g0, g1, g2 (R, R) and the squared weights (3,), as numpy."""
+        """Taylor Gram matrices g0, g1, g2 (R, R) of the Taylor orders (0..R-1, or 0..R-2 with
+        central rows) and the squared weights (3,), as numpy."""
         R = self.n_orders
-        g0, g1, g2 = (g.numpy() for g in taylor_gram_matrices(R, R, dtype, torch.device("cpu")))
+        n_taylor = R - 1 if self.central else R
+        grams = taylor_gram_matrices(R, n_taylor, dtype, torch.device("cpu"))
+        g0, g1, g2 = (g.numpy() for g in grams)
         w2 = torch.tensor([w * w for w in self.weights], dtype=dtype).numpy()
         return g0, g1, g2, w2
 
@@ -138,6 +141,8 @@ class LaneFactor:
         rebuilt from them in every solve).  constants: g0, g1, g2, squared weights (numpy).
         n_systems: N.  failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot, 0
         where none.
+        l1: ``(G, T, m, m, W)``, l2: ``(G, T, D, m, W)``: with central rows only, the stored
+        off-diagonal blocks of the block Cholesky factor (:mod:`lane_kernels`); else None.
     """
 
     chol: torch.Tensor
@@ -146,7 +151,13 @@ class LaneFactor:
     constants: tuple
     n_systems: int
     failed_at: torch.Tensor
+    l1: torch.Tensor | None = None
+    l2: torch.Tensor | None = None
     _replicated: tuple | None = field(default=None, repr=False)
+
+    @property
+    def central(self) -> bool:
+        return self.l1 is not None
 
     @property
     def n_steps(self) -> int:
@@ -160,24 +171,33 @@ class LaneFactor:
         """``(N,)`` bool: systems whose factorization met a non-positive pivot."""
         return self.failed_at > 0
 
-    def layout(self, columns: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chol, rdiag) for lanes of systems, or for lanes of columns: ``(N, T, ., W)`` with
-        system n in every lane of group n (made once, then kept)."""
+    def layout(self, columns: bool) -> tuple[torch.Tensor, ...]:
+        """(chol, rdiag, l1, l2) for lanes of systems, or for lanes of columns: ``(N, T, ..., W)``
+        with system n in every lane of group n (made once, then kept). Without central rows
+        l1 and l2 are empty placeholders."""
+        arrays = (self.chol, self.rdiag, *self._couplings())
         if not columns:
-            return self.chol, self.rdiag
+            return arrays
         if self._replicated is None:
             N, W = self.n_systems, LANES
             if N == 1:
-                self._replicated = (self.chol, self.rdiag)  # one system: already in every lane
+                self._replicated = arrays  # one system: already in every lane
             else:
 
                 def replicate(x: torch.Tensor) -> torch.Tensor:
-                    G, T, k, _ = x.shape
-                    per_system = x.permute(0, 3, 1, 2).reshape(G * W, T, k)[:N]
-                    return per_system[..., None].expand(N, T, k, W).contiguous()
+                    if x.shape[0] == 0:
+                        return x
+                    per_system = x.movedim(-1, 1).reshape(-1, *x.shape[1:-1])[:N]
+                    return per_system[..., None].expand(*per_system.shape, W).contiguous()
 
-                self._replicated = (replicate(self.chol), replicate(self.rdiag))
+                self._replicated = tuple(replicate(x) for x in arrays)
         return self._replicated
+
+    def _couplings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.central:
+            return self.l1, self.l2
+        placeholder = torch.empty((0, 0, 0, 0, LANES), dtype=self.chol.dtype)
+        return placeholder, placeholder
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """Solve M x = rhs for ``rhs`` ``(N, T, m, P)``; returns ``(N, T, m, P)``."""
@@ -212,7 +232,7 @@ class LaneFactor:
             rhs = _empty(dtype, 0, T, m, P)
             S, K = sizes.n_init_steps, sizes.n_init_orders
         columns = lanes_are_columns(N, P)
-        chol, rdiag = self.layout(columns)
+        chol, rdiag, l1, l2 = self.layout(columns)
         n_jobs = N * -(-P // LANES) if columns else chol.shape[0]
         out = hugepages.empty((N, T, m, P), dtype)
         bad_input = torch.zeros(max(n_jobs, 1), dtype=torch.int64)
@@ -222,6 +242,9 @@ class LaneFactor:
                 n_jobs,
                 chol.numpy(),
                 rdiag.numpy(),
+                l1.numpy(),
+                l2.numpy(),
+                self.central,
                 self.steps.numpy(),
                 coef.numpy(),
                 rhs_eq.numpy(),
@@ -254,7 +277,7 @@ def _factor_kernel(coef, steps, rhs_eq, init, sizes: _Sizes, x: torch.Tensor) ->
     """Run the forward kernel (``x`` (N, T, m, P); P = 0: factorize only). Returns the factor
     with ``bad_input`` set."""
     N, m = coef.shape[0], coef.shape[3]
-    T, W = sizes.n_steps, LANES
+    T, W, D = sizes.n_steps, LANES, sizes.n_dims
     G = -(-N // W)
     dtype = coef.dtype
     constants = sizes.constants(dtype)
@@ -266,9 +289,14 @@ def _factor_kernel(coef, steps, rhs_eq, init, sizes: _Sizes, x: torch.Tensor) ->
         n_systems=N,
         failed_at=torch.empty(N, dtype=torch.int64),
     )
+    couplings = ()
+    if sizes.central:
+        factor.l1 = hugepages.empty((G, T, m, m, W), dtype)
+        factor.l2 = hugepages.empty((G, T, D, m, W), dtype)
+        couplings = (factor.l1.numpy(), factor.l2.numpy())
     bad_input = torch.zeros(G, dtype=torch.int64)
     _run_kernel(
-        lane_kernels.forward,
+        lane_kernels.forward_central if sizes.central else lane_kernels.forward,
         G,
         coef.numpy(),
         steps.numpy(),
@@ -281,6 +309,7 @@ def _factor_kernel(coef, steps, rhs_eq, init, sizes: _Sizes, x: torch.Tensor) ->
         *constants,
         factor.chol.numpy(),
         factor.rdiag.numpy(),
+        *couplings,
         x.numpy(),
         factor.failed_at.numpy(),
         bad_input.numpy(),
@@ -339,7 +368,7 @@ class _FusedLaneSolve(torch.autograd.Function):
         grad_steps = hugepages.empty((J, steps.shape[1]), coef.dtype)
         grad_rhs_eq = hugepages.empty(tuple(rhs_eq.shape), coef.dtype)
         grad_init = hugepages.empty(tuple(init.shape), coef.dtype)
-        chol, rdiag = factor.layout(columns)
+        chol, rdiag, l1, l2 = factor.layout(columns)
         if P > 0:
             _run_kernel(
                 lane_kernels.backward,
@@ -355,6 +384,9 @@ class _FusedLaneSolve(torch.autograd.Function):
                 *factor.constants,
                 chol.numpy(),
                 rdiag.numpy(),
+                l1.numpy(),
+                l2.numpy(),
+                factor.central,
                 columns,
                 grad_coef.numpy(),
                 grad_steps.numpy(),
@@ -403,7 +435,7 @@ def _fold_rhs_inputs(problem: OdeProblem, folding: BatchFolding, rhs_equation, i
     return rhs_eq, folding.fold_rhs(u0)
 
 
-def _sizes(problem: OdeProblem, weights) -> _Sizes:
+def _sizes(problem: OdeProblem, weights, central: bool) -> _Sizes:
     return _Sizes(
         problem.n_steps,
         problem.n_dims,
@@ -411,6 +443,7 @@ def _sizes(problem: OdeProblem, weights) -> _Sizes:
         problem.n_init_var_steps,
         problem.n_init_orders,
         tuple(float(w) for w in weights),
+        central,
     )
 
 
@@ -419,12 +452,14 @@ def fused_ode_forward(
     weights: tuple[float, float, float],
     check_values: bool,
     check_pivots: bool,
+    central: bool = False,
 ) -> torch.Tensor:
     """u ``(*batch, T, D, R)`` for a problem validated with ``check_values=False``.
 
     Args:
         problem: shapes checked by :func:`~smnn.solver.inputs.prepare_problem`.
         weights: (w_eq, w_in, w_s) as python floats.
+        central: central smoothness rows on (block pentadiagonal normal matrix).
         check_values: raise the usual ValueError for non-finite inputs or steps <= 0.
         check_pivots: raise :class:`~smnn.solver.banded.NonPositivePivotError` for systems whose
             normal matrix is not positive definite.
@@ -435,7 +470,8 @@ def fused_ode_forward(
     coef, steps = _fold_lhs_inputs(problem, lhs_batch)
     rhs_eq, init = _fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
     outcome = _Outcome()
-    x = _FusedLaneSolve.apply(coef, steps, rhs_eq, init, _sizes(problem, weights), outcome)
+    sizes = _sizes(problem, weights, central)
+    x = _FusedLaneSolve.apply(coef, steps, rhs_eq, init, sizes, outcome)
     if check_values and outcome.bad_input:
         check_values_of(
             problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
@@ -516,13 +552,16 @@ class LaneLeftHandSide:
 
 
 def lane_factorize(
-    problem: OdeProblem, weights: tuple[float, float, float], check_pivots: bool
+    problem: OdeProblem,
+    weights: tuple[float, float, float],
+    check_pivots: bool,
+    central: bool = False,
 ) -> LaneLeftHandSide:
     """Factorize the left-hand side of ``problem`` (its values checked by the caller) on the
     lane engine; the right-hand sides of ``problem`` are not used."""
     lhs_batch = tuple(problem.lhs_batch_shape)
     coef, steps = (x.detach().contiguous() for x in _fold_lhs_inputs(problem, lhs_batch))
-    sizes = _sizes(problem, weights)
+    sizes = _sizes(problem, weights, central)
     N, E, m, dtype = coef.shape[0], coef.shape[2], coef.shape[3], coef.dtype
     no_rhs = (_empty(dtype, N, 1, E, 0), _empty(dtype, N, 1, 0, 0))
     factor = _factor_kernel(coef, steps, *no_rhs, sizes, _empty(dtype, N, problem.n_steps, m, 0))

@@ -426,8 +426,8 @@ def _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol):
 
 @njit(cache=True, parallel=True, fastmath=_FAST)
 def solve(
-    chol, rdiag, steps, coef, rhs_eq, init, rhs, n_init_steps, n_init_orders, g2, weights,
-    columns, out, bad_input, n_workers,
+    chol, rdiag, l1, l2, central, steps, coef, rhs_eq, init, rhs, n_init_steps, n_init_orders,
+    g2, weights, columns, out, bad_input, n_workers,
 ):
     """x = M^{-1} r with stored factors and the steps they were made from; x into ``out``
     (N, T, m, P).
@@ -469,7 +469,12 @@ def solve(
                     _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol)
                 if bad:
                     bad_input[job] = 1
-            _solve_group(chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp)
+            if central:
+                _central_solve_group(chol[g], rdiag[g], l1[g], l2[g], R, wsol)
+            else:
+                _solve_group(
+                    chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp
+                )
             _store_lanes(wsol, b0, nl, c0, nc, columns, out)
 
 
@@ -627,13 +632,292 @@ def forward(
                 bad_input[g] = 1
 
 
+# ------------------------------------------------------------------ central smoothness
+#
+# With central rows the normal matrix is block pentadiagonal (M_{t+2,t} holds -w_s^2 a^2 at the
+# order R-2 of every state, a = s^(R-3), s = h_t + h_{t+1}). Its block Cholesky factor L has
+# three block diagonals,
+#
+#     L_{t,t-2} = M_{t,t-2} L_{t-2,t-2}^{-T}
+#     L_{t,t-1} = (M_{t,t-1} - L_{t,t-2} L_{t-1,t-2}^T) L_{t-1,t-1}^{-T}
+#     L_{t,t} L_{t,t}^T = M_t - L_{t,t-1} L_{t,t-1}^T - L_{t,t-2} L_{t,t-2}^T,
+#
+# and the substitutions are w_t = L_tt^{-1} (r_t - L_{t,t-1} w_{t-1} - L_{t,t-2} w_{t-2}),
+# x_t = L_tt^{-T} (w_t - L_{t+1,t}^T x_{t+1} - L_{t+2,t}^T x_{t+2}). The off-diagonal blocks carry
+# Schur corrections, so they are stored (they cannot be rebuilt from the steps as in the
+# tridiagonal case): ``l1`` (G, T, m, m, W), l1[t] = L_{t+1,t} (t < T-1), and ``l2``
+# (G, T, D, m, W), l2[t][d] = row (d, R-2) of L_{t,t-2} (t >= 2; its only non-zero rows).
+
+
+@njit(cache=True, fastmath=_FAST)
+def _lower_solve(lc, rd, v):
+    """In place: v (m, W) = L^{-1} v (``lc`` packed strictly lower triangle, ``rd`` reciprocals
+    of the diagonal)."""
+    m = rd.shape[0]
+    for i in range(m):
+        for k in range(i):
+            _fms(v[i], lc[_tri(i, k)], v[k])
+        _mul(v[i], rd[i])
+
+
+@njit(cache=True, fastmath=_FAST)
+def _upper_solve(lc, rd, v):
+    """In place: v (m, W) = L^{-T} v."""
+    m = rd.shape[0]
+    for i in range(m - 1, -1, -1):
+        for k in range(i + 1, m):
+            _fms(v[i], lc[_tri(k, i)], v[k])
+        _mul(v[i], rd[i])
+
+
+@njit(cache=True, fastmath=_FAST)
+def _central_forward_step(lc, rd, l1_prev, l2_t, t, R, wsol):
+    """w_t = L_tt^{-1} (r_t - L_{t,t-1} w_{t-1} - L_{t,t-2} w_{t-2}) in place of r_t in
+    ``wsol[t]`` (T, P, m, W), for every column."""
+    P, m = wsol.shape[1], wsol.shape[2]
+    D = m // R
+    for p in range(P):
+        zt = wsol[t, p]
+        if t > 0:
+            w1 = wsol[t - 1, p]
+            for i in range(m):
+                for k in range(m):
+                    _fms(zt[i], l1_prev[i, k], w1[k])
+        if t > 1:
+            w2 = wsol[t - 2, p]
+            for d in range(D):
+                row = d * R + R - 2
+                for k in range(m):
+                    _fms(zt[row], l2_t[d, k], w2[k])
+        _lower_solve(lc, rd, zt)
+
+
+@njit(cache=True, fastmath=_FAST)
+def _central_back_sweep(chol, rdiag, l1, l2, R, wsol):
+    """In place: ``wsol`` (T, P, m, W) holds w_t on entry and x_t on exit."""
+    T, P, m, _ = wsol.shape
+    D = m // R
+    for t in range(T - 1, -1, -1):
+        for p in range(P):
+            xt = wsol[t, p]
+            if t < T - 1:
+                x1 = wsol[t + 1, p]
+                for i in range(m):
+                    for k in range(m):
+                        _fms(xt[k], l1[t, i, k], x1[i])
+            if t < T - 2:
+                x2 = wsol[t + 2, p]
+                for d in range(D):
+                    row = d * R + R - 2
+                    for k in range(m):
+                        _fms(xt[k], l2[t + 2, d, k], x2[row])
+            _upper_solve(chol[t], rdiag[t], xt)
+
+
+@njit(cache=True, fastmath=_FAST)
+def _central_solve_group(chol, rdiag, l1, l2, R, wsol):
+    """In place: ``wsol`` (T, P, m, W) holds right-hand sides on entry, M^{-1} of them on exit,
+    with one group's central factors (``chol`` (T, ., W), ``rdiag``, ``l1``, ``l2``)."""
+    T = wsol.shape[0]
+    for t in range(T):
+        _central_forward_step(chol[t], rdiag[t], l1[t - 1 if t > 0 else 0], l2[t], t, R, wsol)
+    _central_back_sweep(chol, rdiag, l1, l2, R, wsol)
+
+
+@njit(cache=True)
+def _central_scalars(steps, b0, nl, q, R, ca, cb):
+    """ca, cb (W,): a = s^(R-3), b = s^(R-2), s = h_q + h_{q+1}, of central row q per lane."""
+    Th = steps.shape[1]
+    for l in range(LANES):
+        bl = b0 + min(l, nl - 1)
+        s = steps[bl, q if Th > 1 else 0] + steps[bl, q + 1 if Th > 1 else 0]
+        ca[l] = s ** (R - 3)
+        cb[l] = s ** (R - 2)
+
+
+@njit(cache=True, parallel=True, fastmath=_FAST)
+def forward_central(
+    coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
+    chol, rdiag, l1, l2, out, failed_at, bad_input, n_workers,
+):
+    """:func:`forward` with central smoothness rows (block pentadiagonal M): assemble, factorize
+    (``chol``, ``rdiag``, ``l1``, ``l2``) and solve. ``g0``, ``g1``, ``g2``: the Taylor Gram
+    matrices of the orders 0..R-2 (the top order has no Taylor rows). Outputs as in
+    :func:`forward`."""
+    N, Tc, E, m = coef.shape
+    Th = steps.shape[1]
+    Tb, P = rhs_eq.shape[1], rhs_eq.shape[3]
+    Su = init.shape[1]
+    T, D, S, K = n_steps, n_dims, n_init_steps, n_init_orders
+    R = m // D
+    i2, i1 = R - 2, R - 1
+    weq2, win2, ws2 = weights[0], weights[1], weights[2]
+    G = chol.shape[0]
+    dt = chol.dtype
+    for worker in prange(n_workers):
+        cl = np.empty((E, m, LANES), dtype=dt)
+        work = np.empty((m, m, LANES), dtype=dt)
+        cpl = np.empty((m, m, LANES), dtype=dt)
+        vec = np.empty((m, LANES), dtype=dt)
+        pw_cur = np.empty((R, LANES), dtype=dt)
+        pw_prev = np.empty((R, LANES), dtype=dt)
+        ca = np.zeros((3, LANES), dtype=dt)  # a of central rows t-2, t-1, t (index q % 3)
+        cb = np.zeros((3, LANES), dtype=dt)
+        acc = np.empty(LANES, dtype=dt)
+        bv = np.empty((E, P, LANES), dtype=dt)
+        u0 = np.empty((D * K, P, LANES), dtype=dt)
+        wsol = np.empty((T, P, m, LANES), dtype=dt)
+        lo, hi = _group_range(worker, n_workers, G)
+        for g in range(lo, hi):
+            b0 = g * LANES
+            nl = min(LANES, N - b0)
+            bad = False
+            for t in range(T):
+                # ---- inputs of step t into lanes; powers h_t^k; central row t's a, b
+                tc = t if Tc > 1 else 0
+                tb = t if Tb > 1 else 0
+                for l in range(LANES):
+                    bl = b0 + min(l, nl - 1)
+                    for e in range(E):
+                        for i in range(m):
+                            v = coef[bl, tc, e, i]
+                            bad |= not np.isfinite(v)
+                            cl[e, i, l] = v
+                        for p in range(P):
+                            v = rhs_eq[bl, tb, e, p]
+                            bad |= not np.isfinite(v)
+                            bv[e, p, l] = v
+                    if t < S:
+                        su = t if Su > 1 else 0
+                        for i in range(D * K):
+                            for p in range(P):
+                                v = init[bl, su, i, p]
+                                bad |= not np.isfinite(v)
+                                u0[i, p, l] = v
+                    if t < T - 1:
+                        hv = steps[bl, t if Th > 1 else 0]
+                        bad |= not (hv > 0.0 and hv < np.inf)
+                        pw_cur[0, l] = 1.0
+                        for k in range(1, R):
+                            pw_cur[k, l] = pw_cur[k - 1, l] * hv
+                if t < T - 2:
+                    _central_scalars(steps, b0, nl, t, R, ca[t % 3], cb[t % 3])
+                # ---- M_t (lower triangle)
+                for i in range(m):
+                    for j in range(i + 1):
+                        wij = work[i, j]
+                        _fill(wij, 0.0)
+                        for e in range(E):
+                            _fma(wij, cl[e, i], cl[e, j])
+                        _scale(wij, weq2)
+                if t < S:
+                    for d in range(D):
+                        for k in range(K):
+                            _add_scalar(work[d * R + k, d * R + k], win2)
+                for d in range(D):
+                    o = d * R
+                    for i in range(R):
+                        for j in range(i + 1):
+                            if t < T - 1:
+                                _fma3(work[o + i, o + j], ws2 * g0[i, j], pw_cur[i], pw_cur[j])
+                            if t > 0:
+                                _fma3(work[o + i, o + j], ws2 * g1[i, j], pw_prev[i], pw_prev[j])
+                    if t < T - 2:  # central row t: a^2 on (t, R-2)
+                        _fma3(work[o + i2, o + i2], ws2, ca[t % 3], ca[t % 3])
+                    if 1 <= t <= T - 2:  # central row t-1: b^2 on (t, R-1)
+                        _fma3(work[o + i1, o + i1], ws2, cb[(t - 1) % 3], cb[(t - 1) % 3])
+                    if t >= 2:  # central row t-2: a^2 on (t, R-2)
+                        _fma3(work[o + i2, o + i2], ws2, ca[(t - 2) % 3], ca[(t - 2) % 3])
+                # ---- D_t = M_t - L_{t,t-1} L_{t,t-1}^T - L_{t,t-2} L_{t,t-2}^T
+                if t > 0:
+                    lp = l1[g, t - 1]
+                    for i in range(m):
+                        for j in range(i + 1):
+                            for k in range(m):
+                                _fms(work[i, j], lp[i, k], lp[j, k])
+                if t > 1:
+                    lq = l2[g, t]
+                    for d in range(D):
+                        for d2 in range(d + 1):
+                            for k in range(m):
+                                _fms(work[d * R + i2, d2 * R + i2], lq[d, k], lq[d2, k])
+                # ---- Cholesky D_t = L L^T
+                lc = chol[g, t]
+                rd = rdiag[g, t]
+                for j in range(m):
+                    _copy(acc, work[j, j])
+                    for k in range(j):
+                        _fms(acc, lc[_tri(j, k)], lc[_tri(j, k)])
+                    _reciprocal_sqrt_pivot(rd[j], acc)
+                    for i in range(j + 1, m):
+                        lij = lc[_tri(i, j)]
+                        _copy(lij, work[i, j])
+                        for k in range(j):
+                            _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
+                        _mul(lij, rd[j])
+                # ---- right-hand side r_t, forward substitution
+                _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol)
+                _central_forward_step(
+                    lc, rd, l1[g, t - 1 if t > 0 else 0], l2[g, t], t, R, wsol
+                )
+                if t < T - 1:
+                    # ---- L_{t+1,t-1} = M_{t+1,t-1} L_{t-1,t-1}^{-T}: row (d, R-2) is
+                    # -w_s^2 a_{t-1}^2 (L_{t-1,t-1}^{-1} e_{(d, R-2)})^T
+                    nx = l2[g, t + 1]
+                    if t >= 1:
+                        for d in range(D):
+                            for k in range(m):
+                                _fill(vec[k], 0.0)
+                            _fill(vec[d * R + i2], 1.0)
+                            _lower_solve(chol[g, t - 1], rdiag[g, t - 1], vec)
+                            for k in range(m):
+                                _scaled_product(nx[d, k], -ws2, ca[(t - 1) % 3], ca[(t - 1) % 3])
+                                _mul(nx[d, k], vec[k])
+                    # ---- A = M_{t+1,t} - L_{t+1,t-1} L_{t,t-1}^T (rows: step t+1)
+                    for i in range(m):
+                        for j in range(m):
+                            _fill(cpl[i, j], 0.0)
+                    for d in range(D):
+                        o = d * R
+                        for i in range(R):
+                            for j in range(R):
+                                _scaled_product(
+                                    cpl[o + i, o + j], ws2 * g2[i, j], pw_cur[i], pw_cur[j]
+                                )
+                        if t < T - 2:  # central row t: +a b at ((t+1, R-1), (t, R-2))
+                            _fma3(cpl[o + i1, o + i2], ws2, ca[t % 3], cb[t % 3])
+                        if t >= 1:  # central row t-1: -a b at ((t+1, R-2), (t, R-1))
+                            _fma3(cpl[o + i2, o + i1], -ws2, ca[(t - 1) % 3], cb[(t - 1) % 3])
+                    if t >= 1:
+                        lp = l1[g, t - 1]
+                        for d in range(D):
+                            row = d * R + i2
+                            for j in range(m):
+                                for k in range(m):
+                                    _fms(cpl[row, j], nx[d, k], lp[j, k])
+                    # ---- L_{t+1,t} = A L_tt^{-T}: row i is (L_tt^{-1} A[i]^T)^T
+                    lo1 = l1[g, t]
+                    for i in range(m):
+                        for k in range(m):
+                            _copy(lo1[i, k], cpl[i, k])
+                        _lower_solve(lc, rd, lo1[i])
+                    for k in range(R):
+                        _copy(pw_prev[k], pw_cur[k])
+            _central_back_sweep(chol[g], rdiag[g], l1[g], l2[g], R, wsol)
+            _store_lanes(wsol, b0, nl, 0, P, False, out)
+            _first_failed_steps(rdiag[g], b0, nl, failed_at)
+            if bad:
+                bad_input[g] = 1
+
+
 # ------------------------------------------------------------------ backward
 
 
 @njit(cache=True, parallel=True, fastmath=_FAST)
 def backward(
     grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
-    chol, rdiag, columns, grad_coef, grad_steps, grad_rhs_eq, grad_init, n_workers,
+    chol, rdiag, l1, l2, central, columns, grad_coef, grad_steps, grad_rhs_eq, grad_init,
+    n_workers,
 ):
     """Gradients of all four inputs from g = ``grad_out`` and the solution ``x`` (N, T, m, P).
 
@@ -644,7 +928,11 @@ def backward(
     - r_t = w_eq^2 C_t^T b_t + w_in^2 u0_t, M_t gets w_eq^2 C_t^T C_t:
       dl/dC_t[e, j] = w_eq^2 sum_p ((b_t[e] - C_t[e].x_t) lambda_t[j] - (C_t[e].lambda_t) x_t[j]),
       dl/db_t[e] = w_eq^2 C_t[e] . lambda_t,  dl/du0_t = w_in^2 lambda_t (orders k < K);
-    - interval t adds w_s^2 e_i e_j (G0 to M_t, G1 to M_{t+1}, G2 to M_{t+1,t}), e_k = h_t^k.
+    - interval t adds w_s^2 e_i e_j (G0 to M_t, G1 to M_{t+1}, G2 to M_{t+1,t}), e_k = h_t^k;
+    - with ``central`` rows (factors of :func:`forward_central`, G's of orders 0..R-2), central
+      row q adds w_s^2 times a^2 to M_q, M_{q+2} and -a^2 to M_{q+2,q} at order R-2, b^2 to
+      M_{q+1} at order R-1, a b to M_{q+1,q} and -a b to M_{q+2,q+1} at orders (R-1, R-2) and
+      (R-2, R-1): a = s^(R-3), b = s^(R-2) of s = h_q + h_{q+1}, so dl/ds reaches h_q and h_{q+1}.
 
     ``columns``: the lane layout of the jobs (:func:`_job_lanes`; the factors as in
     :func:`solve`). Writes ``grad_rhs_eq`` (N, Tb, E, P) and ``grad_init`` (N, Su, D*K, P), and
@@ -684,7 +972,12 @@ def backward(
             g, b0, nl, c0, nc = _job_lanes(job, columns, N, P, Q)
             # ---- lambda = M^{-1} g
             _load_lanes(grad_out, b0, nl, c0, nc, columns, lam)
-            _solve_group(chol[g], rdiag[g], steps, b0, nl, g2, ws2, lam, y_prev, pw_prev, pw, tmp)
+            if central:
+                _central_solve_group(chol[g], rdiag[g], l1[g], l2[g], R, lam)
+            else:
+                _solve_group(
+                    chol[g], rdiag[g], steps, b0, nl, g2, ws2, lam, y_prev, pw_prev, pw, tmp
+                )
             _load_lanes(x, b0, nl, c0, nc, columns, xs)
             gc[:] = 0.0
             gs[:] = 0.0
@@ -753,6 +1046,8 @@ def backward(
                                 _fma(q, pw[i], dpw[j])
                                 _fms(gh, q, sv)
                     _axpy(gs[th], ws2, gh)
+                if central and t < T - 2:
+                    _central_step_gradient(lam, xs, steps, b0, nl, t, R, ws2, gs, sv)
             # ---- write the real lanes
             if columns:
                 _store_column_gradients(gc, gs, gb, gi, job, b0, c0, nc, grad_coef, grad_steps,
@@ -760,6 +1055,44 @@ def backward(
             else:
                 _store_system_gradients(gc, gs, gb, gi, b0, nl, grad_coef, grad_steps,
                                         grad_rhs_eq, grad_init)
+
+
+@njit(cache=True)
+def _central_step_gradient(lam, xs, steps, b0, nl, q, R, ws2, gs, tmp):
+    """gs (Th, W) += dl/dh of central row q (section 5 block gradients, see :func:`backward`);
+    ``tmp`` (W,) scratch."""
+    Th, Pl, m = steps.shape[1], lam.shape[1], lam.shape[2]
+    D = m // R
+    i2, i1 = R - 2, R - 1
+    for l in range(LANES):
+        bl = b0 + min(l, nl - 1)
+        th0 = q if Th > 1 else 0
+        th1 = q + 1 if Th > 1 else 0
+        s = steps[bl, th0] + steps[bl, th1]
+        a = s ** (R - 3)
+        b = s ** (R - 2)
+        da = (R - 3) * s ** (R - 4) if R != 3 else 0.0
+        db = (R - 2) * s ** (R - 3) if R != 2 else 0.0
+        g_aa = 0.0
+        g_bb = 0.0
+        g_ab = 0.0
+        for d in range(D):
+            j2 = d * R + i2
+            j1 = d * R + i1
+            for p in range(Pl):
+                l0, l1_, l2_ = lam[q, p, j2, l], lam[q + 1, p, j1, l], lam[q + 2, p, j2, l]
+                x0, x1, x2 = xs[q, p, j2, l], xs[q + 1, p, j1, l], xs[q + 2, p, j2, l]
+                # dl/dM_q, dl/dM_{q+2} (order R-2) and dl/dM_{q+2,q} (the -a^2 entry)
+                g_aa += -(l0 * x0) - (l2_ * x2) + (l2_ * x0 + x2 * l0)
+                g_bb += -(l1_ * x1)
+                # dl/dM_{q+1,q} at (R-1, R-2) minus dl/dM_{q+2,q+1} at (R-2, R-1)
+                g_ab += -(l1_ * xs[q, p, j2, l] + x1 * lam[q, p, j2, l])
+                g_ab -= -(l2_ * xs[q + 1, p, j1, l] + x2 * lam[q + 1, p, j1, l])
+        ds = ws2 * (2.0 * a * da * g_aa + 2.0 * b * db * g_bb + (da * b + a * db) * g_ab)
+        tmp[l] = ds
+    for l in range(LANES):
+        gs[q if Th > 1 else 0, l] += tmp[l]
+        gs[q + 1 if Th > 1 else 0, l] += tmp[l]
 
 
 @njit(cache=True)

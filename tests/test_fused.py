@@ -1,10 +1,12 @@
-"""The fused CPU path (smnn.solver.fused, lane_kernels, hugepages) against independent oracles.
+"""The lane engine (smnn.solver.fused, lane_kernels, hugepages) against independent oracles.
 
-The fused path serves ``ode_forward`` on CPU with default options (method 'auto'/'sequential',
-backend 'auto'/'numba', plain weights, no central smoothness, no CUDA graphs). Its kernels work
-on groups of ``LANES`` systems and pad the last group by repeating the last system, so batch
-sizes around multiples of ``LANES`` get their own cases. The oracle is ``dense_reference``
-(values and autograd gradients); error messages are compared with the torch path.
+The lane engine serves ``ode_forward`` and ``factorize`` on CPU with numba, method
+'auto'/'sequential', plain weights and no CUDA graphs, with or without central smoothness. Its
+kernels work on groups of ``LANES`` lanes, either systems (the last group padded by repeating
+the last system) or, for few systems with many right-hand sides, columns of one system (the last
+group padded by repeating the last column); sizes around multiples of ``LANES`` get their own
+cases. The oracle is ``dense_reference`` (values and autograd gradients); error messages are
+compared with the torch path.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from smnn.solver.fused import (
     _Sizes,
     fused_ode_forward,
     fused_path_applies,
+    lanes_are_columns,
 )
 from smnn.solver.inputs import prepare_problem
 from smnn.solver.lane_kernels import LANES
@@ -100,6 +103,29 @@ REFERENCE_CASES = [
             weight_smooth=torch.tensor(1.4, dtype=F64),
         ),
     ),
+    # lanes as columns (few shared systems, many right-hand sides), padded last column group
+    ("columns_N1_P20", dict(batch=(20,), T=7, E=2, D=2, K=2, c_batch=(), h_batch=()), {}),
+    ("columns_N1_P8", dict(batch=(8,), T=6, c_batch=(), h_batch=(), c_time=1, h_time=1), {}),
+    (
+        "columns_N3_P11",
+        dict(batch=(11, 3), T=6, S=2, c_batch=(1, 3), h_batch=(1, 3), b_time=1, u_time=1),
+        {},
+    ),
+    # central smoothness (block pentadiagonal): systems and columns, odd and even T, R = 2..5
+    *[
+        (f"central_{name}", pk, dict(enable_central_smoothness=True, weight_smooth=0.7))
+        for name, pk in (
+            ("N9", dict(batch=(9,), T=8, E=2, D=2, S=2, K=2)),
+            ("odd_T", dict(batch=(3,), T=9)),
+            ("T3", dict(batch=(2,), T=3)),
+            ("T2", dict(batch=(2,), T=2)),
+            ("R2", dict(batch=(3,), T=7, R=2)),
+            ("R5", dict(batch=(2,), T=11, E=3, D=2, R=5, S=2, K=4)),
+            ("shared_step", dict(batch=(9,), T=7, h_time=1)),
+            ("columns", dict(batch=(20,), T=7, E=2, D=2, K=2, c_batch=(), h_batch=())),
+            ("columns_N3", dict(batch=(11, 3), T=6, c_batch=(1, 3), h_batch=(1, 3))),
+        )
+    ],
 ]
 
 
@@ -131,14 +157,24 @@ def test_fused_path_applies_only_to_default_cpu_options():
     numba = resolve_backend("auto", cpu)
     assert numba == "numba"
     plain = (1.0, 1.0, 1.0)
-    assert fused_path_applies(cpu, numba, "auto", False, plain, None)
-    assert fused_path_applies(cpu, numba, "sequential", False, plain, None)
-    assert not fused_path_applies(cpu, numba, "auto", True, plain, None)  # central
-    assert not fused_path_applies(cpu, numba, "auto", False, None, None)  # weights need grad
-    assert not fused_path_applies(cpu, numba, "cyclic", False, plain, None)
-    assert not fused_path_applies(cpu, "torch", "auto", False, plain, None)
-    assert not fused_path_applies(cpu, numba, "auto", False, plain, object())  # cuda graphs
-    assert not fused_path_applies(torch.device("meta"), numba, "auto", False, plain, None)
+    assert fused_path_applies(cpu, numba, "auto", plain, None)
+    assert fused_path_applies(cpu, numba, "sequential", plain, None)
+    assert not fused_path_applies(cpu, numba, "auto", None, None)  # weights need grad
+    assert not fused_path_applies(cpu, numba, "cyclic", plain, None)
+    assert not fused_path_applies(cpu, "torch", "auto", plain, None)
+    assert not fused_path_applies(cpu, numba, "auto", plain, object())  # cuda graphs
+    assert not fused_path_applies(torch.device("meta"), numba, "auto", plain, None)
+
+
+def test_lane_layout_choice():
+    """Lanes are columns only for few systems with many right-hand sides."""
+    assert not lanes_are_columns(1536, 1)  # per-sample inputs (Lorenz, KdV)
+    assert not lanes_are_columns(64, 1)
+    assert not lanes_are_columns(9, 3)
+    assert lanes_are_columns(1, 1536)  # one shared system (the Lorenz training pattern)
+    assert lanes_are_columns(3, 512)  # the authors' Lorenz notebook: batch (1, 3) shared
+    assert lanes_are_columns(1, 9)
+    assert not lanes_are_columns(1536, 8)
 
 
 def test_ode_forward_dispatch_and_agreement_with_torch_backend():
@@ -154,9 +190,9 @@ def test_ode_forward_dispatch_and_agreement_with_torch_backend():
         "sequential": dict(method="sequential"),
         "numba": dict(backend="numba"),
         "weights": dict(weight_smooth=0.7, weight_equation=torch.tensor(1.1, dtype=F64)),
+        "central": dict(enable_central_smoothness=True),
     }
     other_calls = {
-        "central": dict(enable_central_smoothness=True),
         "weight_requires_grad": dict(weight_smooth=w_grad),
         "cyclic": dict(method="cyclic"),
         "torch": dict(backend="torch"),
@@ -180,18 +216,21 @@ def test_ode_forward_dispatch_and_agreement_with_torch_backend():
 # ------------------------------------------------------------------ 3. gradcheck
 
 
+@pytest.mark.parametrize("central", [False, True])
 @pytest.mark.parametrize(
     "pk",
     [
         dict(batch=(2,), T=4, E=2, D=2, R=3, S=1, K=2, seed=3),
         # padded last group, P=2 folded columns, shared coefficient and step axes
         dict(batch=(9, 2), T=3, c_batch=(9, 1), h_batch=(9, 1), c_time=1, h_time=1, seed=5),
+        # lanes as columns: one shared system, 10 right-hand sides
+        dict(batch=(10,), T=4, E=2, D=2, K=2, c_batch=(), h_batch=(), seed=6),
     ],
-    ids=["multi_state", "padded_folded_shared"],
+    ids=["multi_state", "padded_folded_shared", "columns"],
 )
-def test_gradcheck(pk):
+def test_gradcheck(pk, central):
     inputs = [x.requires_grad_() for x in random_problem(**pk)]
-    kw = _solve_kwargs(pk)
+    kw = {**_solve_kwargs(pk), "enable_central_smoothness": central}
 
     def f(c, b, u0, h):
         return ode_forward(c, b, u0, h, **kw)
@@ -229,24 +268,29 @@ def _named_failures(message: str) -> dict[int, int]:
     [(9, {3: 2, 8: 4}), (9, {7: 1}), (8, {0: 0}), (17, {16: 5})],
     ids=["first_and_padded_group", "last_lane_of_full_group", "step0", "padded_group_17"],
 )
-def test_non_positive_pivot(n, failing):
+@pytest.mark.parametrize("central", [False, True])
+def test_non_positive_pivot(n, failing, central):
+    """The failing entries and steps are named (with central rows too: order 2 enters neither
+    the central rows, b^2 = s^2 underflows as h^2 does, nor any other row)."""
     c, b, u0, h = _pivot_problem(n, failing)
+    kw = dict(enable_central_smoothness=central)
     with pytest.raises(NonPositivePivotError) as fused_info:
-        ode_forward(c, b, u0, h)
+        ode_forward(c, b, u0, h, **kw)
     message = str(fused_info.value)
     assert _named_failures(message) == failing, message
     assert f"{len(failing)} of {n} batch entries" in message
-    with pytest.raises(NonPositivePivotError) as torch_info:
-        ode_forward(c, b, u0, h, backend="torch")
-    assert _named_failures(str(torch_info.value)) == failing
-    assert message == str(torch_info.value)
+    if not central:  # the torch path pairs the steps of central rows (see below)
+        with pytest.raises(NonPositivePivotError) as torch_info:
+            ode_forward(c, b, u0, h, backend="torch")
+        assert _named_failures(str(torch_info.value)) == failing
+        assert message == str(torch_info.value)
 
-    u = ode_forward(c, b, u0, h, check_pivots=False)
+    u = ode_forward(c, b, u0, h, check_pivots=False, **kw)
     good = [i for i in range(n) if i not in failing]
     for i in failing:
         assert torch.isnan(u[i]).all(), i
     assert torch.isfinite(u[good]).all()
-    ref = dense_reference(c[good], b[good], u0[good], h[good])
+    ref = dense_reference(c[good], b[good], u0[good], h[good], **kw)
     assert rel_err(u[good], ref) < 1e-10
 
 
@@ -498,3 +542,70 @@ def test_lane_factor_solve_matches_dense_normal_equations():
         with pytest.raises(ValueError, match=expected_shape) as info:
             factor.solve(torch.zeros(bad, dtype=F64))
         assert str(tuple(bad)) in str(info.value)
+
+
+@pytest.mark.parametrize("central", [False, True])
+def test_lane_factor_solve_central_and_columns_match_dense(central):
+    """A factor made for shared inputs (lanes as columns when many right-hand sides come)
+    and with central rows solves M x = rhs like a dense solve of the normal equations."""
+    from smnn import factorize
+
+    N, T, D, R = 3, 7, 2, 3
+    kw = dict(weight_smooth=1.3, enable_central_smoothness=central)
+    c, b, u0, h = random_problem(batch=(N,), T=T, E=2, D=D, R=R, S=2, K=2, seed=14)
+    factor = factorize(c, h, n_init_orders=2, n_init_var_steps=2, **kw).factor
+    assert isinstance(factor, LaneFactor) and factor.central == central
+    A, _ = build_dense_system(c, b, u0, h, **kw)
+    M = A.mT @ A
+    m = D * R
+    for P in (1, 4, 29):  # 29 columns: lanes as columns, last group padded
+        rhs = torch.randn(N, T, m, P, generator=torch.Generator().manual_seed(P), dtype=F64)
+        expected = torch.linalg.solve(M, rhs.reshape(N, T * m, P)).reshape(N, T, m, P)
+        assert rel_err(factor.solve(rhs), expected) < 1e-10, (P, lanes_are_columns(N, P))
+
+
+@pytest.mark.parametrize("central", [False, True])
+def test_shared_inputs_equal_their_copies(central):
+    """Shared coefficients and steps (lanes as columns) give what the same inputs copied per
+    sample give (lanes as systems): the same values to the bit, gradients to rounding."""
+    pk = dict(batch=(40,), T=9, E=2, D=2, K=2, c_batch=(1,), h_batch=(1,), seed=9)
+    c, b, u0, h = random_problem(**pk)
+    assert lanes_are_columns(1, 40) and not lanes_are_columns(40, 1)
+    kw = dict(enable_central_smoothness=central)
+    shared = [x.clone().requires_grad_() for x in (c, b, u0, h)]
+    copies = [c.expand(40, *c.shape[1:]).clone(), b, u0, h.expand(40, *h.shape[1:]).clone()]
+    copies = [x.clone().requires_grad_() for x in copies]
+    u_shared = ode_forward(*shared, **kw)
+    u_copies = ode_forward(*copies, **kw)
+    assert torch.equal(u_shared, u_copies)
+    weight = _loss_weight(u_shared.shape)
+    g_shared = torch.autograd.grad((u_shared * weight).sum(), shared)
+    g_copies = torch.autograd.grad((u_copies * weight).sum(), copies)
+    g_copies = [
+        g_copies[0].sum(0, keepdim=True),
+        g_copies[1],
+        g_copies[2],
+        g_copies[3].sum(0, keepdim=True),
+    ]
+    for label, a, r in zip(LABELS, g_shared, g_copies, strict=True):
+        assert rel_err(a, r) < 1e-12, label
+
+
+@pytest.mark.parametrize("central", [False, True])
+def test_non_positive_pivot_with_lanes_as_columns(central):
+    """A singular shared system fails for every batch entry; the message names it once (the
+    left-hand side's batch shape), like the torch path. (With central rows the torch path
+    factorizes pairs of steps and counts blocks of two steps: block 1 holds steps 2 and 3.)"""
+    c, b, u0, h = _pivot_problem(1, {0: 3})
+    b = b.expand(20, *b.shape[1:])
+    kw = dict(enable_central_smoothness=central)
+    with pytest.raises(NonPositivePivotError) as info:
+        ode_forward(c, b, u0, h, **kw)
+    assert "1 of 1 batch entries" in str(info.value)
+    assert "batch index (0,) at block 3" in str(info.value)
+    with pytest.raises(NonPositivePivotError) as torch_info:
+        ode_forward(c, b, u0, h, backend="torch", **kw)
+    if central:
+        assert "batch index (0,) at block 1" in str(torch_info.value)
+    else:
+        assert str(info.value) == str(torch_info.value)

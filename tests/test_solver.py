@@ -69,7 +69,8 @@ def _solve_kwargs(kwargs: dict, problem_kwargs: dict) -> dict:
     return out
 
 
-# every engine: (backend for block assembly, factorization method)
+# every engine: (backend, method). numba + sequential is the lane engine (smnn.solver.fused);
+# cyclic reduction runs on torch ops whatever the backend; torch + sequential is the CUDA path.
 ENGINES = [
     ("numba", "sequential"),
     ("torch", "sequential"),
@@ -216,10 +217,38 @@ def test_shared_lhs_is_factorized_once_per_distinct_system():
     """Shared coefficients/steps are not materialised per batch entry (SOLVER_SPEC section 3)."""
     c, b, u0, h = random_problem(batch=(50,), T=10, c_batch=(), h_batch=())
     fac = factorize(c, h, n_init_orders=1)
-    assert fac._lhs.factor.n_systems == 1
+    assert fac.factor.n_systems == 1
     u = fac.solve(b, u0)
     ref = dense_reference(c, b[:3], u0[:3], h)
     assert rel_err(u[:3], ref) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, dict(backend="torch", method="sequential"), dict(method="cyclic")],
+    ids=["lanes", "torch-sequential", "cyclic"],
+)
+@pytest.mark.parametrize("central", [False, True])
+def test_every_factor_implements_the_factor_protocol(kw, central):
+    from smnn.solver.factor import Factor
+
+    c, b, u0, h = random_problem(batch=(3,), T=8, E=2, D=2, K=2)
+    fac = factorize(c, h, n_init_orders=2, enable_central_smoothness=central, **kw)
+    factor = fac.factor
+    assert isinstance(factor, Factor)
+    n = 2 * 2 * 3 if central and kw else 2 * 3  # the torch path pairs steps for central rows
+    T = 4 if central and kw else 8
+    assert (factor.n_systems, factor.n_steps, factor.block_size) == (3, T, n)
+    assert factor.failed().tolist() == [False] * 3
+    assert factor.failed_at.shape == (3,)
+    rhs = torch.randn(3, T, n, 2, dtype=torch.float64)
+    x = factor.solve(rhs)
+    assert x.shape == rhs.shape
+    # the solve inverts the normal matrix: the solution of the folded right-hand side of b, u0
+    assert (
+        rel_err(fac.solve(b, u0), ode_forward(c, b, u0, h, enable_central_smoothness=central))
+        < 1e-12
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

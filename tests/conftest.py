@@ -1,4 +1,4 @@
-"""Shared test helpers: random well-conditioned ODE problems (SOLVER_SPEC section 7)."""
+"""Shared test helpers: random well-conditioned ODE problems (docs/solver.md section 7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MNN baselines (SOLVER_SPEC section 6): mnn_dense against the row-by-row least-squares statement,
+"""MNN baselines (docs/solver.md section 6): mnn_dense against the row-by-row least squares,
 mnn_cg against mnn_dense, gradients, convergence reporting and input checks."""
 
 from __future__ import annotations

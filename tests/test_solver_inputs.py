@@ -1,4 +1,4 @@
-"""Bad input is refused with a ValueError naming the argument (SOLVER_SPEC section 7)."""
+"""Bad input is refused with a ValueError naming the argument (docs/solver.md section 7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Blocks of the normal equations M u = r, built directly from the inputs (SOLVER_SPEC section 3).
+"""Blocks of the normal equations M u = r, built straight from the inputs (docs/solver.md 3).
 
 M = A^T A is symmetric block tridiagonal (block pentadiagonal with central rows) with blocks of size
 m = D*R over the unknowns u[t] in (d, k) order. Nothing of size T^2 and no row of A is ever formed:
@@ -139,7 +139,7 @@ def build_lhs_blocks(
     weight_smooth=1.0,
     central: bool = False,
 ) -> NormalBlocks:
-    """Blocks of M from the coefficients, steps and weights (SOLVER_SPEC section 3).
+    """Blocks of M from the coefficients, steps and weights (docs/solver.md section 3).
 
     Returns blocks at ``problem.lhs_batch_shape`` (coefficients and steps broadcast only).
     """

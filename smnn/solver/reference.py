@@ -1,4 +1,4 @@
-"""Dense, row-by-row least-squares systems: the slow oracles for every solver (SOLVER_SPEC 2, 6, 7).
+"""Dense, row-by-row least-squares systems: oracles of every solver (docs/solver.md 2, 6, 7).
 
 Nothing here is fast or memory-efficient on purpose. Every row of the over-determined systems is
 written out one at a time, exactly as the spec states it, so that the faster solvers can be checked
@@ -69,7 +69,7 @@ def build_dense_system(
     weight_smooth: Weight = 1.0,
     enable_central_smoothness: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The over-determined S-MNN system A u = beta of SOLVER_SPEC section 2, row by row.
+    """The over-determined S-MNN system A u = beta of docs/solver.md section 2, row by row.
 
     Args:
         coefficients: c ``(..., T or 1, E, D, R)``.
@@ -217,7 +217,7 @@ def build_mnn_dense_system(
     weight_init_var: Weight = 1.0,
     weight_smooth: Weight = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows C z = r of the original MNN (SOLVER_SPEC section 6), row by row.
+    """The rows C z = r of the original MNN (docs/solver.md section 6), row by row.
 
     Unknown z = [eps, u]: column 0 is the slack eps, u[t, d, k] is column 1 + (t*D + d)*R + k.
     Rows (the weights default to 1, which is the spec; a weight multiplies its whole row,

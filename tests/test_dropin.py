@@ -371,6 +371,7 @@ def test_factorize_solve_equals_ode_forward():
         b2, u02 = b.clone().requires_grad_(), u0.clone().requires_grad_()
         u = ode_forward(c, b2, u02, h, n_steps=T)
         assert rel_err(u_fac, u) <= 1e-12, (tuple(b.shape), rel_err(u_fac, u))
+        assert torch.equal(u_fac, u)  # the same kernels assemble and substitute: to the bit
         weight = torch.randn(u.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
         grads_fac = _grads(u_fac, (b1, u01), weight)
         for g1, g2 in zip(grads_fac, _grads(u, (b2, u02), weight), strict=True):

@@ -1,12 +1,19 @@
-"""Fused CPU kernels for the default (non-central) S-MNN solve, vectorised across systems.
+"""The lane kernels: the CPU engine of the S-MNN solver, vectorised across systems.
 
-The forward kernel does, for a group of ``LANES`` systems at a time and every step t in order:
-assemble M_t and M_{t+1,t} from the coefficients and steps (SOLVER_SPEC section 3), build the
-right-hand side r_t, factorize (block Cholesky, below) and forward-substitute; then it
-back-substitutes and writes u. The backward kernel solves lambda = M^{-1} g with the stored factors
-and applies the chain rule of section 5 through the assembly to the coefficients, steps,
-right-hand sides and initial values. Neither the blocks of M, nor r, nor their gradients are ever
-stored: the only (N, T, ...) arrays are the factors, u and the gradients.
+Kernels (each parallel over jobs; the torch side is :mod:`smnn.solver.fused`):
+
+- :func:`forward`: for a group of ``LANES`` systems at a time and every step t in order, assemble
+  M_t and M_{t+1,t} from the coefficients and steps (docs/solver.md section 3), build the
+  right-hand side r_t, factorize (block Cholesky, below) and forward-substitute; then
+  back-substitute and write u. With no right-hand side (P = 0) it only factorizes.
+- :func:`forward_central`: the same with central smoothness rows (block pentadiagonal M).
+- :func:`solve`: substitutions with stored factors, for given right-hand sides or for ones it
+  assembles from (coefficients, b, u0) exactly as :func:`forward` does.
+- :func:`backward`: lambda = M^{-1} g with the stored factors and the chain rule of section 5
+  through the assembly to the coefficients, steps, right-hand sides and initial values.
+
+Neither the blocks of M, nor r, nor their gradients are ever stored: the only (N, T, ...) arrays
+are the factors, u and the gradients.
 
 Why lanes: the blocks are tiny (m = D*R = 2..15), so one system's recurrence is a chain of short
 scalar loops that cannot use the vector units. Every operation of the recurrence is the same for
@@ -16,10 +23,15 @@ assignment over the 8 lanes so that all loads come before all stores; LLVM's SLP
 turns each into vector instructions. Numba compiles with the SLP vectoriser off by default, so the
 callers compile these kernels inside :func:`slp_vectorization` (see :mod:`smnn.solver.fused`).
 A group's working set (its factors and right-hand sides) stays in cache from assembly to
-substitution.
+substitution. The lanes of a job are either systems (each with all its P right-hand sides) or,
+for few systems shared by many right-hand sides, P columns of one system (:func:`_job_lanes`).
 
-The factorization is the block LDL^T of SOLVER_SPEC section 4, with each pivot block D_t kept as
-its Cholesky factor D_t = L_t L_t^T. With Y_t = L_t^{-1} M_{t+1,t}^T,
+Determinism: no fast-math licences (see ``_FASTMATH``), so the results do not depend on how a
+kernel was compiled (cold or warm numba cache); each job's work does not depend on the number of
+threads, and sums over jobs run in job order.
+
+The factorization is the block LDL^T of docs/solver.md section 4, with each pivot block D_t kept
+as its Cholesky factor D_t = L_t L_t^T. With Y_t = L_t^{-1} M_{t+1,t}^T,
 
     D_0 = M_0,   D_{t+1} = M_{t+1} - Y_t^T Y_t      (= M_{t+1} - M_{t+1,t} D_t^{-1} M_{t+1,t}^T)
     forward:  z_t = r_t - M_{t,t-1} y_{t-1},   y_t = D_t^{-1} z_t
@@ -30,20 +42,24 @@ coupling block M_{t+1,t} (w_s^2 h^i h^j G2[i, j] per state) straight from the st
 solve reads 2.5x fewer bytes per step (m = 3) than with stored multipliers. The pivots are those of
 the LDL^T recurrence, so pivot failures are the same. A non-positive (or non-finite) pivot becomes
 NaN, which propagates to every later factor of that system; the kernel reads the failing step back.
+(With central rows the off-diagonal blocks carry Schur corrections and are stored; see the
+"central smoothness" section below.)
 
 Layouts (C-contiguous, float32 or float64; G = ceil(N / LANES) groups, W = LANES):
 
 - inputs: ``coef`` (N, Tc, E, m), ``steps`` (N, Th), ``rhs_eq`` (N, Tb, E, P),
-  ``init`` (N, Su, D*K, P), with Tc, Tb in {1, T}, Th in {1, T-1}, Su in {1, S}; a size-1 axis is
-  shared by all steps.
+  ``init`` (N, Su, D*K, P), with Tc, Tb in {1, T}, Th in {1, T-1}, Su in {1, S} (or 0 when
+  S = 0); a size-1 axis is shared by all steps.
 - factors: ``chol`` (G, T, m(m-1)/2, W): the strictly lower triangle of L_t, packed by rows
   (entry (i, k), k < i, at i(i-1)/2 + k); ``rdiag`` (G, T, m, W): the reciprocals of the diagonal of
   L_t (the diagonal itself is never needed). A solve also needs the ``steps`` they were made from.
+  With lanes as columns the factors are replicated: ``(N, T, ., W)``, system n in every lane.
 - ``out``, ``x``, ``grad_out`` (N, T, m, P).
 - constants: ``g0``, ``g1``, ``g2`` (R, R) from :func:`smnn.solver.blocks.taylor_gram_matrices`,
   ``weights`` (3,) = (w_eq^2, w_in^2, w_s^2).
 
-Lanes past the last system of the final group repeat that system; their results are not written.
+Lanes past the last system (or column) of the final group repeat it; their results are not
+written.
 """
 
 from __future__ import annotations
@@ -55,9 +71,15 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-# floating-point licences for the hot loops: contraction and reassociation (vectorised sums),
-# but no "no-NaN" assumptions, so the pivot checks stay meaningful
-_FAST = {"contract", "reassoc", "nsz", "arcp"}
+# No fast-math licences (contraction into FMAs, reassociation, no signed zeros, reciprocals):
+# with them, the results depended on how a kernel had been compiled. A process that compiles the
+# kernels (cold numba cache) calls some helper functions in their separately compiled form; a
+# process that loads the kernels from the cache calls the copies that were optimized into each
+# kernel; LLVM may fuse and reorder floating-point operations differently in each, so cold and
+# warm runs differed in the last bits. Without the licences LLVM must keep IEEE semantics, so
+# every compilation of these kernels computes the same bits (docs/solver.md section 4); the
+# lane helpers are element-wise over the lanes, so they vectorise without reassociation.
+_FASTMATH = False
 
 LANES = 8  # the helpers below spell out exactly 8 lanes
 
@@ -88,13 +110,13 @@ def slp_vectorization():
 # ------------------------------------------------------------------ lane helpers (8 lanes)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _fill(dst, v):
     """dst = v."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = v, v, v, v, v, v, v, v
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _copy(dst, a):
     """dst = a."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -102,7 +124,7 @@ def _copy(dst, a):
     )
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _fma(dst, a, b):
     """dst += a * b."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -111,7 +133,7 @@ def _fma(dst, a, b):
     )
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _fms(dst, a, b):
     """dst -= a * b."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -120,7 +142,7 @@ def _fms(dst, a, b):
     )
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _scale(dst, s):
     """dst *= s (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -129,7 +151,7 @@ def _scale(dst, s):
     )
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _add_scalar(dst, s):
     """dst += s (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -138,7 +160,7 @@ def _add_scalar(dst, s):
     )
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _axpy(dst, s, a):
     """dst += s * a (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -147,7 +169,7 @@ def _axpy(dst, s, a):
     )
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _subtract_from(dst, a):
     """dst = a - dst."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -156,7 +178,7 @@ def _subtract_from(dst, a):
     )
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _fma3(dst, s, a, b):
     """dst += s * a * b (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -166,7 +188,7 @@ def _fma3(dst, s, a, b):
     )
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _mul(dst, a):
     """dst *= a."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -175,7 +197,7 @@ def _mul(dst, a):
     )
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _scaled_product(dst, s, a, b):
     """dst = s * a * b (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -184,7 +206,7 @@ def _scaled_product(dst, s, a, b):
     )
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _scaled_product_minus(dst, s, a, b, c, d):
     """dst += s * (a * b - c * d) (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -201,7 +223,7 @@ def _sqrt_pivot(x):
     return np.sqrt(x) if (x > 0.0 and x < np.inf) else np.nan
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _reciprocal_sqrt_pivot(dst, s):
     """dst = 1 / sqrt(s), NaN where s is not a positive finite pivot."""
     d0, d1, d2, d3 = _sqrt_pivot(s[0]), _sqrt_pivot(s[1]), _sqrt_pivot(s[2]), _sqrt_pivot(s[3])
@@ -227,7 +249,7 @@ def _group_range(worker, n_workers, n_groups):
 # ------------------------------------------------------------------ substitutions
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _pivot_solve(lc, rd, v):
     """In place: v (m, W) = D_t^{-1} v = L_t^{-T} L_t^{-1} v (``lc`` packed, ``rd`` reciprocals)."""
     m = rd.shape[0]
@@ -252,7 +274,7 @@ def _load_powers(steps, b0, nl, th, pw):
             pw[k, l] = pw[k - 1, l] * hv
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _subtract_coupling(dst, v, pw, g2, ws2, transpose, tmp):
     """dst (m, W) -= M_{t+1,t} v, or M_{t+1,t}^T v when ``transpose``, for the interval whose
     powers are ``pw`` (R, W): per state, M_{t+1,t}[i, j] = w_s^2 h^i h^j G2[i, j]. ``tmp``: (R, W).
@@ -270,7 +292,7 @@ def _subtract_coupling(dst, v, pw, g2, ws2, transpose, tmp):
                 _fma3(dst[o + i], c, pw[i], tmp[j])
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp):
     """One step of the forward sweep for every column p: z_t = r_t - M_{t,t-1} y_{t-1} in
     ``wsol[t]`` (T, P, m, W), then y_prev (P, m, W) = D_t^{-1} z_t. ``pw_prev``: powers of
@@ -285,7 +307,7 @@ def _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp):
         _pivot_solve(lc, rd, y_prev[p])
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _back_sweep(chol, rdiag, steps, b0, nl, g2, ws2, wsol, pw, tmp):
     """In place: ``wsol`` (T, P, m, W) holds z_t on entry and x_t on exit, where
     x_{T-1} = D_{T-1}^{-1} z_{T-1} and x_t = D_t^{-1} (z_t - M_{t+1,t}^T x_{t+1})."""
@@ -301,7 +323,7 @@ def _back_sweep(chol, rdiag, steps, b0, nl, g2, ws2, wsol, pw, tmp):
             _pivot_solve(chol[t], rdiag[t], xt)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _solve_group(chol, rdiag, steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp):
     """In place: ``wsol`` (T, P, m, W) holds the right-hand sides on entry, M^{-1} of them on exit
     (one group's factors ``chol`` (T, m(m-1)/2, W), ``rdiag`` (T, m, W))."""
@@ -404,10 +426,13 @@ def _load_step_rhs_inputs(coef, rhs_eq, init, b0, nl, c0, nc, columns, t, S, cl,
     return bad
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol):
-    """wsol[t] (Pl, m, W) = r_t = w_eq^2 C_t^T b_t + w_in^2 [u0_t; 0] for every column (the one
-    assembly of the right-hand side, shared by :func:`forward` and :func:`solve`)."""
+    """wsol[t] (Pl, m, W) = r_t = w_eq^2 C_t^T b_t + w_in^2 [u0_t; 0] for every column.
+
+    :func:`forward` and :func:`forward_central` spell out the same operations in the same order
+    (a call costs them ~15 %), so that :func:`solve` assembles bit-identical right-hand sides
+    (``factorize(...).solve`` equals ``ode_forward`` to the bit; tests/test_dropin.py)."""
     E, m = cl.shape[0], cl.shape[1]
     Pl = wsol.shape[1]
     D = m // R
@@ -424,7 +449,7 @@ def _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol):
                     _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
 
 
-@njit(cache=True, parallel=True, fastmath=_FAST)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def solve(
     chol, rdiag, l1, l2, central, steps, coef, rhs_eq, init, rhs, n_init_steps, n_init_orders,
     g2, weights, columns, out, bad_input, n_workers,
@@ -498,7 +523,7 @@ def _first_failed_steps(rdiag, b0, nl, failed_at):
 # ------------------------------------------------------------------ forward
 
 
-@njit(cache=True, parallel=True, fastmath=_FAST)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def forward(
     coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
     chol, rdiag, out, failed_at, bad_input, n_workers,
@@ -602,8 +627,19 @@ def forward(
                         for k in range(j):
                             _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
                         _mul(lij, rd[j])
-                # ---- right-hand side r_t, forward sweep (z_t and y_t = D_t^{-1} z_t)
-                _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol)
+                # ---- right-hand side r_t (the operations of _rhs_step, written out: a call
+                # here costs ~15 % of the kernel), forward sweep (z_t, y_t = D_t^{-1} z_t)
+                for p in range(P):
+                    for i in range(m):
+                        wi = wsol[t, p, i]
+                        _fill(wi, 0.0)
+                        for e in range(E):
+                            _fma(wi, cl[e, i], bv[e, p])
+                        _scale(wi, weq2)
+                    if t < S:
+                        for d in range(D):
+                            for k in range(K):
+                                _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
                 _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp)
                 # ---- Y_t = L_t^{-1} M_{t+1,t}^T for the next Schur complement (row j of
                 # M_{t+1,t} lives in state j // R)
@@ -649,7 +685,7 @@ def forward(
 # (G, T, D, m, W), l2[t][d] = row (d, R-2) of L_{t,t-2} (t >= 2; its only non-zero rows).
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _lower_solve(lc, rd, v):
     """In place: v (m, W) = L^{-1} v (``lc`` packed strictly lower triangle, ``rd`` reciprocals
     of the diagonal)."""
@@ -660,7 +696,7 @@ def _lower_solve(lc, rd, v):
         _mul(v[i], rd[i])
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _upper_solve(lc, rd, v):
     """In place: v (m, W) = L^{-T} v."""
     m = rd.shape[0]
@@ -670,7 +706,7 @@ def _upper_solve(lc, rd, v):
         _mul(v[i], rd[i])
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _central_forward_step(lc, rd, l1_prev, l2_t, t, R, wsol):
     """w_t = L_tt^{-1} (r_t - L_{t,t-1} w_{t-1} - L_{t,t-2} w_{t-2}) in place of r_t in
     ``wsol[t]`` (T, P, m, W), for every column."""
@@ -692,7 +728,7 @@ def _central_forward_step(lc, rd, l1_prev, l2_t, t, R, wsol):
         _lower_solve(lc, rd, zt)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _central_back_sweep(chol, rdiag, l1, l2, R, wsol):
     """In place: ``wsol`` (T, P, m, W) holds w_t on entry and x_t on exit."""
     T, P, m, _ = wsol.shape
@@ -714,7 +750,7 @@ def _central_back_sweep(chol, rdiag, l1, l2, R, wsol):
             _upper_solve(chol[t], rdiag[t], xt)
 
 
-@njit(cache=True, fastmath=_FAST)
+@njit(cache=True, fastmath=_FASTMATH)
 def _central_solve_group(chol, rdiag, l1, l2, R, wsol):
     """In place: ``wsol`` (T, P, m, W) holds right-hand sides on entry, M^{-1} of them on exit,
     with one group's central factors (``chol`` (T, ., W), ``rdiag``, ``l1``, ``l2``)."""
@@ -735,7 +771,7 @@ def _central_scalars(steps, b0, nl, q, R, ca, cb):
         cb[l] = s ** (R - 2)
 
 
-@njit(cache=True, parallel=True, fastmath=_FAST)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def forward_central(
     coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
     chol, rdiag, l1, l2, out, failed_at, bad_input, n_workers,
@@ -855,8 +891,18 @@ def forward_central(
                         for k in range(j):
                             _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
                         _mul(lij, rd[j])
-                # ---- right-hand side r_t, forward substitution
-                _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol)
+                # ---- right-hand side r_t (as in forward), forward substitution
+                for p in range(P):
+                    for i in range(m):
+                        wi = wsol[t, p, i]
+                        _fill(wi, 0.0)
+                        for e in range(E):
+                            _fma(wi, cl[e, i], bv[e, p])
+                        _scale(wi, weq2)
+                    if t < S:
+                        for d in range(D):
+                            for k in range(K):
+                                _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
                 _central_forward_step(
                     lc, rd, l1[g, t - 1 if t > 0 else 0], l2[g, t], t, R, wsol
                 )
@@ -913,7 +959,7 @@ def forward_central(
 # ------------------------------------------------------------------ backward
 
 
-@njit(cache=True, parallel=True, fastmath=_FAST)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def backward(
     grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
     chol, rdiag, l1, l2, central, columns, grad_coef, grad_steps, grad_rhs_eq, grad_init,

@@ -44,10 +44,11 @@ def _check_options(method: str, dtype: torch.dtype) -> None:
 def choose_method(method: str, n_steps: int, cuda_graphs=None) -> str:
     """Resolve ``method='auto'`` on the torch path (the lane engine is always sequential).
 
-    The rule comes from the benchmark (README, "Performance"): on the torch path (CUDA, the torch
-    backend, central smoothness, weights that need gradients) the sequential sweep's T
-    dependent steps each cost a few kernel launches, and cyclic reduction (ceil(log2 T) levels)
-    wins once there are more than a handful of steps; CUDA graphs replay the sequential one.
+    The rule comes from the benchmark (README, "Performance"): on the torch path (CUDA, CPU
+    without numba or with ``backend='torch'``, weights that need gradients) the sequential
+    sweep's T dependent steps each cost a few kernel launches, and cyclic reduction (ceil(log2 T)
+    levels) wins once there are more than a handful of steps; CUDA graphs replay the sequential
+    one.
     """
     if method != "auto":
         return method
@@ -447,7 +448,10 @@ def factorize(
     Returns:
         An :class:`OdeFactorization`; ``fac.solve(rhs_equation, init_vars)`` equals
         ``ode_forward(coefficients, rhs_equation, init_vars, steps, ...)`` but skips the
-        factorization. Gradients reach ``rhs_equation`` and ``init_vars`` only.
+        factorization (on the CPU lane engine to the bit: the same kernels assemble the
+        right-hand side and substitute). Gradients reach ``rhs_equation`` and ``init_vars``
+        only. The factorization runs where ``ode_forward`` with the same options would run (the
+        lane engine on CPU with numba, the torch path otherwise).
     """
     if not isinstance(n_init_orders, int) or n_init_orders < 0:
         raise ValueError(f"n_init_orders must be an int >= 0, got {n_init_orders!r}")

@@ -290,3 +290,17 @@ def test_cuda_graphs_two_calls_before_backward():
         for a, b in zip(g, torch.autograd.grad(ref.square().sum(), q), strict=True):
             assert rel_err(a, b) < 1e-10
     assert len(pool) >= 2
+
+
+def test_a_solve_keeps_the_callers_torch_thread_count():
+    """numba's OpenMP layer shares libgomp with torch: a solve must not reset torch's count."""
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            c, b, u0, h = random_problem(batch=(40,), T=12)
+            c.requires_grad_(True)
+            ode_forward(c, b, u0, h).sum().backward()
+            assert torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(before)

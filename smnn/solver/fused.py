@@ -97,8 +97,14 @@ def lanes_are_columns(n_systems: int, n_columns: int) -> bool:
 def _run_kernel(kernel, n_jobs: int, *args) -> None:
     """Call a :mod:`lane_kernels` kernel with SLP vectorisation on (it may compile), on as many
     threads as torch uses, with its last argument, the number of parallel jobs, appended (at
-    most ``n_jobs``)."""
+    most ``n_jobs``).
+
+    Numba's OpenMP threading layer shares libgomp with torch, so changing numba's thread count
+    changes torch's too: torch's count is put back afterwards, so a caller's
+    ``torch.set_num_threads`` (the ``threads`` of a job) survives every solve.
+    """
     workers = n_workers(n_jobs)
+    torch_threads = torch.get_num_threads()
     with lane_kernels.slp_vectorization():
         previous = numba.get_num_threads()
         numba.set_num_threads(workers)
@@ -106,6 +112,8 @@ def _run_kernel(kernel, n_jobs: int, *args) -> None:
             kernel(*args, workers)
         finally:
             numba.set_num_threads(previous)
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
 
 
 @dataclass(frozen=True)

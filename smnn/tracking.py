@@ -417,3 +417,11 @@ class RunTracker:
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
         retry_on_lock(self._client.set_terminated, self.run_id, status)
+
+    def __enter__(self) -> RunTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """``with RunTracker.start(...) as run:`` ends the run ``FINISHED``, or ``FAILED`` when
+        the block raised (the exception propagates)."""
+        self.finish("FINISHED" if exc_type is None else "FAILED")

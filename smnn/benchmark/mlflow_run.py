@@ -68,8 +68,7 @@ def log_benchmark_run(
     run_name: str = "bench",
 ) -> str:
     """One finished run in experiment ``benchmark``; returns its run id."""
-    tracker = RunTracker.start(target, EXPERIMENT, run_name, tags=dict(tags or {}))
-    try:
+    with RunTracker.start(target, EXPERIMENT, run_name, tags=dict(tags or {})) as tracker:
         if config_data is not None:
             tracker.log_config(config_data)
         tracker.log_params({f"bench.{k}": v for k, v in params.items()})
@@ -77,8 +76,4 @@ def log_benchmark_run(
         tracker.log_metrics(benchmark_metrics(table, floors))
         for name in files:
             tracker.log_artifact(out / name)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
     return tracker.run_id

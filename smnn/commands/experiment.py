@@ -287,9 +287,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         target, experiment.mlflow_experiment, f"{args.experiment}-{args.solver}-evaluate", None,
         tags,
     )  # fmt: skip
-    tracker.log_config(config.data)
     out = Path(args.out)
-    try:
+    with tracker:  # FINISHED, or FAILED when evaluation raises
+        tracker.log_config(config.data)
         result = experiment.evaluate(
             config, args.solver, Path(args.data), Path(args.model), out, device
         )
@@ -298,10 +298,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         tracker.log_artifact(out / "metrics.json")
         for f in result.plots:
             tracker.log_artifact(f, "plots")
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
     for line in result.summary:
         print(line)
     print(json.dumps(result.metrics, indent=2, sort_keys=True))

@@ -274,8 +274,7 @@ def markdown_table(cases: list[dict], solvers: Sequence[str]) -> str:
 
 
 def _log_mlflow(target: TrackingTarget, out: Path, metrics: dict, tags, config_data) -> str:
-    tracker = RunTracker.start(target, EXPERIMENT, "standalone", tags=dict(tags or {}))
-    try:
+    with RunTracker.start(target, EXPERIMENT, "standalone", tags=dict(tags or {})) as tracker:
         if config_data is not None:
             tracker.log_config(config_data)
         settings = metrics["config"]
@@ -296,8 +295,4 @@ def _log_mlflow(target: TrackingTarget, out: Path, metrics: dict, tags, config_d
         tracker.log_metrics(values)
         for name in OUTPUT_FILES:
             tracker.log_artifact(out / name)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
     return tracker.run_id

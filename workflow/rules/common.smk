@@ -9,11 +9,12 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from smnn.config import ConfigError
+from smnn.config import Config, ConfigError
 from smnn.config_validation import validate_config
 from smnn.experiments.base import experiments
 from smnn.io import atomic_write_text
 from smnn.solver.registry import solver_names
+from smnn.tracking import resolve_tracking
 
 SOLVERS = list(solver_names())
 EXPERIMENTS = experiments()  # name -> smnn.experiments.base.Experiment
@@ -175,13 +176,12 @@ def print_summary():
         f"  HTML report:  snakemake --report {results_path('report.html')}"
         " (then open it in a browser)"
     )
-    uri = config["mlflow"]["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        lines.append(f"  MLflow runs:  {uri}")
+    target = resolve_tracking(Config(config, source="configuration"))
+    if target.sqlite_path is None:
+        lines.append(f"  MLflow runs:  {target.tracking_uri}")
     else:
-        db = Path(results_path("mlflow.db")).resolve()
         lines.append(
-            f"  MLflow runs:  mlflow ui --backend-store-uri sqlite:///{db}"
+            f"  MLflow runs:  mlflow ui --backend-store-uri sqlite:///{target.sqlite_path}"
             "  (then http://127.0.0.1:5000; see README, 'Comparing runs in MLflow')"
         )
     print("\n".join(lines))

@@ -47,6 +47,8 @@ WORKFLOW_PACKAGES = {
     "pyyaml",
     "jsonschema",
     "pygments",  # snakemake --report
+    "requests",  # smnn download-sst
+    "distributed",  # Dask clusters for preprocess-sst
 }
 DEV_PACKAGES = {"pytest", "ruff"}
 # conda-forge name -> PyPI name, where they differ
@@ -69,6 +71,8 @@ WORKFLOW_MODULES = (
     "yaml",
     "jsonschema",
     "pygments",
+    "requests",
+    "distributed",
 )
 
 

@@ -22,7 +22,13 @@ from typing import Any
 
 from smnn.commands.common import apply_threads, clean_errors, job_config, setup_logging
 from smnn.config import Config, ConfigError, config_hash
-from smnn.experiments.base import Experiment, experiments, get_experiment
+from smnn.experiments.base import (
+    BASELINE_PREFIX,
+    Experiment,
+    baselines_of,
+    experiments,
+    get_experiment,
+)
 from smnn.io import atomic_torch_save, atomic_write_json
 from smnn.solver.registry import solver_names
 from smnn.tracking import RunTracker, job_tags, resolve_tracking
@@ -40,7 +46,9 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    names = sorted(experiments())
+    registered = experiments()
+    names = sorted(registered)
+    baseline_names = sorted({b for exp in registered.values() for b in baselines_of(exp)})
     for name, helptext in (
         ("train", "train one experiment with one solver (resumable, tracked in MLflow)"),
         ("evaluate", "evaluate a trained model: metrics.json and plots, tracked in MLflow"),
@@ -50,9 +58,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "--experiment", required=True, choices=names,
             help="the experiment (its config section and MLflow experiment)",
         )  # fmt: skip
-        p.add_argument(
-            "--solver", required=True, choices=solver_names(),
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument(
+            "--solver", choices=solver_names(),
             help="the solver of the model's MNN layer",
+        )  # fmt: skip
+        which.add_argument(
+            "--baseline", choices=baseline_names,
+            help="a trained baseline without a solver instead (e.g. sst's adagvae)",
         )  # fmt: skip
         p.add_argument(
             "--config", required=True,
@@ -77,6 +90,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             p.set_defaults(func=run_train)
         else:
             p.add_argument("--model", required=True, help="model.pt written by `smnn train`")
+            p.add_argument(
+                "--baseline-model", action="append", default=[], metavar="NAME=PATH",
+                help="model.pt of a trained baseline to compare against (repeatable)",
+            )  # fmt: skip
             p.set_defaults(func=run_evaluate)
 
 
@@ -100,12 +117,18 @@ def experiment_hash(config: Config, experiment: str) -> str:
     return config_hash({"seed": config.raw("seed"), experiment: config.section(experiment)})
 
 
+def variant(args: argparse.Namespace) -> str:
+    """What a job trains or evaluates: the solver name, or ``baseline_<name>``."""
+    return args.solver if args.solver else f"{BASELINE_PREFIX}{args.baseline}"
+
+
 def _tags(config: Config, args: argparse.Namespace, job: str, device: str) -> dict[str, str]:
+    which = {"solver": args.solver} if args.solver else {"baseline": args.baseline}
     return job_tags(
         job,
         args.rule or f"{job}_{args.experiment}",
         args.config,
-        {"experiment": args.experiment, "solver": args.solver},
+        {"experiment": args.experiment, **which},
         device=device,
         config_hash=experiment_hash(config, args.experiment),
     )
@@ -154,10 +177,16 @@ def _start_job(args: argparse.Namespace) -> tuple[Config, Experiment, Any]:
     setup_logging()
     config = job_config(args.config)
     experiment = get_experiment(args.experiment)
-    if args.solver not in experiment.solvers:
+    if args.solver is not None and args.solver not in experiment.solvers:
         raise ConfigError(
             f"experiment {args.experiment} supports solvers {', '.join(experiment.solvers)}, "
             f"not {args.solver!r}"
+        )
+    if args.baseline is not None and args.baseline not in baselines_of(experiment):
+        offered = ", ".join(baselines_of(experiment)) or "none"
+        raise ConfigError(
+            f"experiment {args.experiment} has no baseline {args.baseline!r} (baselines: "
+            f"{offered})"
         )
     apply_threads(config)
     device = _device(config)
@@ -171,11 +200,14 @@ def run_train(args: argparse.Namespace) -> int:
     seed = config.get_int("seed", min_value=0)
     out = Path(args.out)
     seed_everything(seed)
-    task = experiment.build_task(config, args.solver, Path(args.data), device)
+    if args.baseline is not None:
+        task = experiment.build_baseline_task(config, args.baseline, Path(args.data), device)
+    else:
+        task = experiment.build_task(config, args.solver, Path(args.data), device)
     out.mkdir(parents=True, exist_ok=True)
     identity = {
         "experiment": args.experiment,
-        "solver": args.solver,
+        "solver": variant(args),
         "config_hash": experiment_hash(config, args.experiment),
         "device": device.type,
     }
@@ -198,7 +230,7 @@ def _train(args, config, experiment, device, task, trainer, identity, out) -> in
     target = resolve_tracking(config)
     tags = _tags(config, args, "train", device.type)
     tracker = _open_run(
-        target, experiment.mlflow_experiment, f"{args.experiment}-{args.solver}-train",
+        target, experiment.mlflow_experiment, f"{args.experiment}-{variant(args)}-train",
         previous_run, tags,
     )  # fmt: skip
     trainer.attach_run(tracker.run_id)
@@ -220,7 +252,7 @@ def _train(args, config, experiment, device, task, trainer, identity, out) -> in
         sync(trainer.history, trainer.step_losses)
 
     print(
-        f"training {args.experiment} with {args.solver} on {device.type}: "
+        f"training {args.experiment} {_what(args)} on {device.type}: "
         f"{trainer.n_epochs} epoch(s), {task.n_samples} samples, MLflow run {tracker.run_id}"
         + (f", resuming after epoch {trainer.epoch}" if trainer.restored else ""),
         flush=True,
@@ -240,6 +272,7 @@ def _train(args, config, experiment, device, task, trainer, identity, out) -> in
         {
             "experiment": args.experiment,
             "solver": args.solver,
+            "baseline": args.baseline,
             "run_id": tracker.run_id,
             "config_hash": identity["config_hash"],
             "history": result.history,
@@ -252,6 +285,7 @@ def _train(args, config, experiment, device, task, trainer, identity, out) -> in
     document = {
         "experiment": args.experiment,
         "solver": args.solver,
+        "baseline": args.baseline,
         "run_id": tracker.run_id,
         "config_hash": identity["config_hash"],
         "device": device.type,
@@ -275,6 +309,31 @@ def _train(args, config, experiment, device, task, trainer, identity, out) -> in
     return 0
 
 
+def _what(args: argparse.Namespace) -> str:
+    return f"with {args.solver}" if args.solver else f"baseline {args.baseline}"
+
+
+def _baseline_models(items: list[str], experiment: Experiment) -> dict[str, Path]:
+    """``NAME=PATH`` options -> {name: path}; each a baseline of ``experiment``, each a file."""
+    models: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--baseline-model {item!r}: expected NAME=PATH")
+        if name not in baselines_of(experiment):
+            raise ConfigError(
+                f"--baseline-model {item!r}: {experiment.name} has no baseline {name!r} "
+                f"(baselines: {', '.join(baselines_of(experiment))})"
+            )
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"baseline model {path} does not exist (train it first: smnn train "
+                f"--experiment {experiment.name} --baseline {name})"
+            )
+        models[name] = Path(path)
+    return models
+
+
 @clean_errors
 def run_evaluate(args: argparse.Namespace) -> int:
     config, experiment, device = _start_job(args)
@@ -283,6 +342,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"model file {args.model} does not exist (train first)")
     target = resolve_tracking(config)
     tags = _tags(config, args, "evaluate", device.type)
+    if args.baseline is not None:
+        raise ConfigError(
+            f"evaluate a solver's model: the baselines of {args.experiment} are evaluated "
+            "beside it (--baseline-model NAME=PATH)"
+        )
+    extra = {}
+    if baselines_of(experiment):
+        extra["baseline_models"] = _baseline_models(args.baseline_model, experiment)
+    elif args.baseline_model:
+        raise ConfigError(f"experiment {args.experiment} has no baselines (--baseline-model)")
     tracker = _open_run(
         target, experiment.mlflow_experiment, f"{args.experiment}-{args.solver}-evaluate", None,
         tags,
@@ -291,7 +360,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     with tracker:  # FINISHED, or FAILED when evaluation raises
         tracker.log_config(config.data)
         result = experiment.evaluate(
-            config, args.solver, Path(args.data), Path(args.model), out, device
+            config, args.solver, Path(args.data), Path(args.model), out, device, **extra
         )
         tracker.set_tags(result.tags)
         tracker.log_metrics(result.metrics)

@@ -13,6 +13,18 @@ targets and rule files, and the tests. Adding an experiment is its module (defin
 this protocol and listing it in :data:`BUILTIN_EXPERIMENTS`), its data rules and its config
 section.
 
+Trained baselines. An experiment may also compare against models that use no solver (SST's
+Ada-GVAE). It then lists them in ``baselines`` and builds their tasks with
+``build_baseline_task(config, name, data_path, device)``; its config section names the ones to
+train in a ``baselines`` list (beside ``solvers``), the generic ``train_baseline`` rule trains each
+into ``results/<experiment>/baseline_<name>/`` and ``evaluate`` receives their ``model.pt`` files
+as ``baseline_models`` (name -> path). Experiments without baselines (Lorenz) need none of this:
+:func:`baselines_of` reads the attribute with an empty default.
+
+Extra results. An experiment may define ``extra_targets(section) -> list[str]``: files (relative
+to ``paths.results``) its own rule file writes and the default target builds, given its config
+section (SST's long-sequence study).
+
 Experiments outside the package (a user's own, or the tests') are registered by naming their
 modules in the environment variable ``SMNN_EXPERIMENTS`` (comma-separated, importable modules);
 each such module defines ``EXPERIMENT``, an object of this protocol. The variable is read when
@@ -44,9 +56,13 @@ __all__ = [
     "experiments",
     "get_experiment",
     "experiment_names",
+    "baselines_of",
+    "BASELINE_PREFIX",
 ]
 
 ENV_VAR = "SMNN_EXPERIMENTS"
+# results/<experiment>/<BASELINE_PREFIX><name>/ holds a trained baseline (never a solver name)
+BASELINE_PREFIX = "baseline_"
 
 # name -> module defining EXPERIMENT (SST and KdV add themselves here)
 BUILTIN_EXPERIMENTS: dict[str, str] = {
@@ -133,9 +149,16 @@ class Experiment(Protocol):
         """Evaluate a trained model: write ``out_dir/metrics.json`` and ``out_dir/plots/*.png``.
 
         ``metrics.json`` holds only what the config and data determine (no run ids, no
-        timings), so the same config on the same machine gives the same bytes.
+        timings), so the same config on the same machine gives the same bytes. An experiment
+        with ``baselines`` also takes the keyword ``baseline_models`` (name -> ``model.pt`` of
+        each trained baseline the config enables).
         """
         ...
+
+
+def baselines_of(experiment: Experiment) -> tuple[str, ...]:
+    """The trained baselines an experiment offers (empty for most; see the module docstring)."""
+    return tuple(getattr(experiment, "baselines", ()))
 
 
 _REQUIRED = (
@@ -188,6 +211,14 @@ def experiments(environ: Mapping[str, str] | None = None) -> dict[str, Experimen
         unknown = [s for s in exp.solvers if s not in solver_names()]
         if unknown:
             raise ExperimentError(f"experiment {exp.name} names unknown solvers {unknown}")
+        clash = [b for b in baselines_of(exp) if b in solver_names()]
+        if clash:
+            raise ExperimentError(f"experiment {exp.name}: baselines {clash} are solver names")
+        if baselines_of(exp) and not hasattr(exp, "build_baseline_task"):
+            raise ExperimentError(
+                f"experiment {exp.name} ({module_name}) lists baselines but has no "
+                "build_baseline_task"
+            )
         found[exp.name] = exp
     return found
 

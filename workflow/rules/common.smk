@@ -11,15 +11,16 @@ from snakemake.exceptions import WorkflowError
 
 from smnn.config import Config, ConfigError
 from smnn.config_validation import validate_config
-from smnn.experiments.base import experiments
+from smnn.experiments.base import BASELINE_PREFIX, baselines_of, experiments
 from smnn.io import atomic_write_text
 from smnn.solver.registry import solver_names
 from smnn.tracking import resolve_tracking
 
 SOLVERS = list(solver_names())
 EXPERIMENTS = experiments()  # name -> smnn.experiments.base.Experiment
+ALL_BASELINES = sorted({b for exp in EXPERIMENTS.values() for b in baselines_of(exp)})
 # keys of an experiment section that do not change what training computes
-NOT_TRAINING_KEYS = ("enabled", "solvers", "evaluate")
+NOT_TRAINING_KEYS = ("enabled", "solvers", "baselines", "evaluate")
 
 
 # ------------------------------------------------------------------ config
@@ -89,6 +90,21 @@ def experiment_store(experiment):
     return data_path(EXPERIMENTS[experiment].data_store)
 
 
+def baseline_models(experiment):
+    """{name: model.pt} of the trained baselines that the config enables for `experiment`."""
+    names = config[experiment].get("baselines", []) if baselines_of(EXPERIMENTS[experiment]) else []
+    return {
+        name: results_path(experiment, f"{BASELINE_PREFIX}{name}", "model.pt") for name in names
+    }
+
+
+def baseline_options(experiment):
+    """The `smnn evaluate` options naming those models."""
+    return " ".join(
+        f"--baseline-model {name}={path}" for name, path in baseline_models(experiment).items()
+    )
+
+
 def experiment_resource(experiment, job, name):
     return EXPERIMENTS[experiment].resources[job][name]
 
@@ -113,10 +129,15 @@ def benchmark_targets():
 
 
 def experiment_targets(experiment):
-    return [
+    """The evaluation of every configured solver, and the experiment's own extra results
+    (`extra_targets`, e.g. SST's long-sequence study), relative to the results directory."""
+    evaluations = [
         results_path(experiment, solver, "eval", "metrics.json")
         for solver in config[experiment]["solvers"]
     ]
+    extra = getattr(EXPERIMENTS[experiment], "extra_targets", None)
+    own = [results_path(p) for p in extra(config[experiment])] if extra else []
+    return evaluations + own
 
 
 def all_targets():

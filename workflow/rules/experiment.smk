@@ -1,6 +1,8 @@
 # The generic stages of every experiment: train with one solver, evaluate the trained model.
 # {experiment} is a registered experiment (smnn.experiments.base), {solver} a solver name; the
-# experiment's own rule file writes the data store both read.
+# experiment's own rule file writes the data store both read. An experiment with trained
+# baselines (no solver; smnn.experiments.base) trains each with `train_baseline` into
+# results/{experiment}/baseline_{baseline}/, and `evaluate` compares them with the solver's model.
 
 
 rule train:
@@ -27,10 +29,35 @@ rule train:
         " 2>&1 | tee {log}"
 
 
+rule train_baseline:
+    input:
+        data=lambda wildcards: experiment_store(wildcards.experiment),
+    output:
+        model=results_path("{experiment}", "baseline_{baseline}", "model.pt"),
+        metrics=results_path("{experiment}", "baseline_{baseline}", "train_metrics.json"),
+    params:
+        config=effective_config_path(),
+        out=lambda wildcards, output: os.path.dirname(output.model),
+        settings=lambda wildcards: train_settings(wildcards.experiment),
+    log:
+        results_path("logs", "{experiment}", "train_baseline_{baseline}.log"),
+    threads: config["threads"]
+    resources:
+        mem_mb=lambda wildcards: experiment_resource(wildcards.experiment, "train", "mem_mb"),
+        runtime=lambda wildcards: experiment_resource(wildcards.experiment, "train", "runtime"),
+    conda:
+        "../../environment.yml"
+    shell:
+        "smnn train --experiment {wildcards.experiment} --baseline {wildcards.baseline}"
+        " --config {params.config} --data {input.data} --out {params.out} --rule train_baseline"
+        " 2>&1 | tee {log}"
+
+
 rule evaluate:
     input:
         data=lambda wildcards: experiment_store(wildcards.experiment),
         model=results_path("{experiment}", "{solver}", "model.pt"),
+        baselines=lambda wildcards: list(baseline_models(wildcards.experiment).values()),
     output:
         metrics=results_path("{experiment}", "{solver}", "eval", "metrics.json"),
         plots=report(
@@ -45,6 +72,7 @@ rule evaluate:
         config=effective_config_path(),
         out=lambda wildcards, output: os.path.dirname(output.metrics),
         settings=lambda wildcards: evaluate_settings(wildcards.experiment),
+        baselines=lambda wildcards: baseline_options(wildcards.experiment),
     log:
         results_path("logs", "{experiment}", "evaluate_{solver}.log"),
     threads: config["threads"]
@@ -56,4 +84,4 @@ rule evaluate:
     shell:
         "smnn evaluate --experiment {wildcards.experiment} --solver {wildcards.solver}"
         " --config {params.config} --data {input.data} --model {input.model} --out {params.out}"
-        " --rule evaluate 2>&1 | tee {log}"
+        " {params.baselines} --rule evaluate 2>&1 | tee {log}"

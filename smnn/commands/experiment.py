@@ -185,8 +185,7 @@ def _start_job(args: argparse.Namespace) -> tuple[Config, Experiment, Any]:
     if args.baseline is not None and args.baseline not in baselines_of(experiment):
         offered = ", ".join(baselines_of(experiment)) or "none"
         raise ConfigError(
-            f"experiment {args.experiment} has no baseline {args.baseline!r} (baselines: "
-            f"{offered})"
+            f"experiment {args.experiment} has no baseline {args.baseline!r} (baselines: {offered})"
         )
     apply_threads(config)
     device = _device(config)

@@ -16,6 +16,7 @@ COMMAND_MODULES: list[str] = [
     "smnn.commands.bench",
     "smnn.commands.tracking",
     "smnn.commands.generate_lorenz",
+    "smnn.commands.download_sst",
     "smnn.commands.experiment",
 ]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from smnn.config import Config, ConfigError, load_config
+from smnn.data.sst.download import DownloadError
 from smnn.training import CheckpointLocked
 from smnn.zarr_io import StoreError
 
@@ -18,7 +19,7 @@ __all__ = ["setup_logging", "job_config", "apply_threads", "clean_errors", "USER
 
 # errors caused by the input (config, missing or damaged files, a checkpoint directory in use by
 # another job): reported in one line, exit code 2
-USER_ERRORS = (ConfigError, StoreError, FileNotFoundError, CheckpointLocked)
+USER_ERRORS = (ConfigError, StoreError, FileNotFoundError, CheckpointLocked, DownloadError)
 
 
 def setup_logging() -> None:

@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -351,11 +352,8 @@ def _attempt(
                         hasher.update(chunk)
                         state["hashed"] += len(chunk)
                         bar.update(len(chunk))
-                except (
-                    requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ConnectionError,
-                    requests.exceptions.Timeout,
-                ) as exc:
+                except requests.exceptions.RequestException as exc:
+                    # reset, cut short (ChunkedEncodingError), read timeout, ...
                     raise _Transient(
                         f"the transfer broke off after {state['hashed']} bytes "
                         f"({type(exc).__name__}: {exc})"
@@ -363,6 +361,8 @@ def _attempt(
                 finally:
                     f.flush()
                     os.fsync(f.fileno())
+        except OSError as exc:  # the local disk: full, read-only, ...
+            raise DownloadError(f"cannot write {part} (downloading {url}): {exc}") from exc
         finally:
             bar.close()
 
@@ -526,6 +526,7 @@ def download_file(
             raise DownloadError(
                 f"the file downloaded from {url} (for {dest}) is not valid, deleted it: {exc}"
             ) from exc
+    sidecar_path(dest).unlink(missing_ok=True)  # never a checksum of another file beside dest
     os.replace(part, dest)
     fsync_dir(dest.parent)
     atomic_write_text(f"{digest}  {dest.name}\n", sidecar_path(dest))
@@ -538,7 +539,7 @@ def _give_up(url: str, dest: Path, part: Path, exc: _Transient, attempts: int) -
     """Raise the error for a download whose transient failures exhausted the attempts."""
     hint = _manual_hint(url, dest)
     if exc.connect:
-        host = requests.utils.urlparse(url).netloc or url
+        host = urllib.parse.urlsplit(url).netloc or url
         raise HostUnreachableError(
             f"cannot reach {host} to download {url} ({attempts} attempts; last: {exc}). "
             f"Check the network connection (and a proxy: HTTPS_PROXY). {hint}"

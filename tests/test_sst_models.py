@@ -43,6 +43,7 @@ WINDOW, N_INIT = 30, 5
 SST_SECTION = {
     "enabled": True,
     "solvers": ["smnn"],
+    "baselines": ["adagvae"],
     "source": "synthetic",
     "synthetic": {"n_weeks": N_WEEKS, "n_lat": N_LAT, "n_lon": N_LON, "encoding": "netcdf4"},
     "preprocess": {"land": "all", "test_weeks": TEST_WEEKS, "chunk_lat": 3, "chunk_lon": 6},
@@ -53,7 +54,7 @@ SST_SECTION = {
     },
     "train": {
         "epochs": 4, "batch_size": 16, "lr": 3.0e-3, "alignment_weight": 10.0,
-        "dtype": "float64", "windows_per_epoch": None, "baselines": ["adagvae"],
+        "beta": 1.0, "dtype": "float64", "windows_per_epoch": None,
     },
     "evaluate": {"encode_weeks": WINDOW, "forecast_weeks": WINDOW, "sample_cells": 2},
 }  # fmt: skip
@@ -268,6 +269,7 @@ def test_mi_solves_match_the_row_by_row_systems():
 def test_settings_and_problems():
     s = SstSettings.from_config(make_config())
     assert s.window == WINDOW and s.neighbour_offsets == (-5, 4) and s.beta == 1.0
+    assert s.baselines == ("adagvae",)
     assert section_problems(SST_SECTION) == []
     bad = json.loads(json.dumps(SST_SECTION))
     bad["model"].update(n_dct=40, n_init=WINDOW, shared_latents=9)
@@ -444,3 +446,45 @@ def test_week_of_year_and_baseline_helpers():
     np.testing.assert_allclose(clim[5], series.mean(axis=0))  # absent week: overall mean
     p = persistence_forecast(np.array([[1.0, 2.0, 3.0, 4.0]]), 2)
     np.testing.assert_array_equal(p, [[1.0, 2.0, 2.0, 2.0]])
+
+
+def test_resume_mid_epoch_redraws_the_same_windows(store_all, tmp_path):
+    """Interrupted by SIGTERM inside an epoch and resumed, training ends with the same weights
+    as without the interruption: the draws come from the checkpointed global generator."""
+    import os
+    import signal
+
+    from smnn.training import TrainingInterrupted
+
+    config = make_config(**{"train.epochs": 2, "train.windows_per_epoch": 64})
+    cpu = torch.device("cpu")
+
+    def run(directory, stop_at: int | None):
+        seed_everything(3)
+        task = EXPERIMENT.build_task(config, "smnn", store_all, cpu)
+        calls = [0]
+        step = task.training_step
+
+        def counted(indices):
+            calls[0] += 1
+            if calls[0] == stop_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(indices)
+
+        task.training_step = counted
+        settings = TrainerSettings(checkpoint_dir=directory, seed=3, device=cpu, progress=False)
+        trainer = Trainer(task, settings)
+        with trainer:
+            trainer.restore()
+            trainer.attach_run(None)
+            try:
+                trainer.fit()
+            except TrainingInterrupted:
+                return None
+        return task.model.state_dict()
+
+    whole = run(tmp_path / "a", None)
+    assert run(tmp_path / "b", 6) is None  # stopped in epoch 1 (4 steps per epoch)
+    resumed = run(tmp_path / "b", None)
+    for k, v in whole.items():
+        assert torch.equal(v, resumed[k]), k

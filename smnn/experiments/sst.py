@@ -34,9 +34,9 @@ computed and every dimension with a KL below the midpoint between the pair's sma
 is taken as shared: both views' posteriors of those dims become the average (mean of the means,
 mean of the variances). ``shared_latents`` does not enter: the model chooses the shared dims. A
 decoder MLP maps a sample of the latents together with the window's first ``n_init`` weeks to the
-whole window. Loss: reconstruction MSE + ``beta`` x KL to the standard normal prior (summed over
-latent dims, divided by ``T``: the per-week negative ELBO of a unit-variance Gaussian
-likelihood, up to constants and a factor 2).
+whole window. Loss: reconstruction MSE + ``beta`` (``sst.train.beta``) x the KL divergence to the
+standard normal prior, summed over latent dims and divided by ``T`` (with beta = 1 the per-week
+negative ELBO of a Gaussian likelihood, up to constants and a factor).
 
 Random draws. Cells (when ``windows_per_epoch`` is set), partners, window starts and the VAE's
 noise are drawn from torch's global generator inside each step. The Trainer seeds it and stores
@@ -118,7 +118,6 @@ N_ORDERS = 3  # R: u, u', u'' of the second-order ODE
 DECODER_LAYERS = 2  # hidden layers of every decoder MLP
 STEP_MIN, STEP_MAX = 0.001, 0.999  # the step sizes' clip range
 STEP_INIT = 0.1  # every step size at initialisation (zero weights, bias logit(0.1))
-ADAGVAE_BETA = 1.0  # KL weight of Ada-GVAE when the config has no sst.train.beta
 MI_KIND = "mechanistic_identifier"
 ADAGVAE_KIND = "adagvae"
 MODEL_KINDS = (MI_KIND, ADAGVAE_KIND)
@@ -234,13 +233,8 @@ class SstSettings:
                 f"{config.source}: sst.model.neighbour_offsets must be two integers [lo, hi], "
                 f"got {offsets!r}"
             )
-        beta = (
-            config.get_float(t + "beta", non_negative=True)
-            if config.has(t + "beta")
-            else ADAGVAE_BETA
-        )
         settings = cls(
-            window=config.get_int(m + "window", min_value=4),
+            window=config.get_int(m + "window", min_value=3),
             n_dct=config.get_int(m + "n_dct", min_value=1),
             encoder_hidden=config.get_int(m + "encoder_hidden", min_value=1),
             encoder_layers=config.get_int(m + "encoder_layers", min_value=1),
@@ -253,10 +247,10 @@ class SstSettings:
             batch_size=config.get_int(t + "batch_size", min_value=1),
             lr=config.get_float(t + "lr", positive=True),
             alignment_weight=config.get_float(t + "alignment_weight", non_negative=True),
-            beta=beta,
+            beta=config.get_float(t + "beta", non_negative=True),
             dtype=config.get_str(t + "dtype", choices=tuple(DTYPES)),
             windows_per_epoch=config.get_int(t + "windows_per_epoch", min_value=1, allow_none=True),
-            baselines=tuple(config.get_str_list(t + "baselines", choices=(ADAGVAE_KIND,))),
+            baselines=tuple(config.get_str_list("sst.baselines", choices=(ADAGVAE_KIND,))),
             encode_weeks=config.get_int(e + "encode_weeks", min_value=1),
             forecast_weeks=config.get_int(e + "forecast_weeks", min_value=1),
             sample_cells=config.get_int(e + "sample_cells", min_value=1),

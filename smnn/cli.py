@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "smnn.commands.generate_lorenz",
     "smnn.commands.download_sst",
     "smnn.commands.experiment",
+    "smnn.commands.sst_scaling",
 ]
 
 

@@ -1,0 +1,295 @@
+"""What one training step of a model costs: time, peak memory, and whether MNN dense would fit.
+
+Shared by the long-sequence studies (SST ``sst_scaling``, KdV): a study builds, for one case (a
+solver and a size), a *step* -- a callable that runs one whole training step (forward, loss,
+backward, optimiser update) on fixed inputs -- and :func:`measure_case` measures it:
+
+1. memory check first, without running anything: when a prediction of the case's memory is
+   given (for MNN dense, :func:`predict_dense_peak_bytes`) and exceeds the budget
+   (:func:`memory_budget_bytes`), the case is ``out_of_memory`` and its step is never built;
+2. ``warmup`` untimed steps (first-call costs: numba compilation, allocations, page faults, the
+   optimiser's state); a warm-up step longer than the time budget ends the case as
+   ``skipped_slow`` (its time in ``warmup_ms``);
+3. one step under :func:`smnn.memory.measure_peak_memory`, untimed (it collects garbage and hands
+   freed memory back to the operating system first): ``peak_mb`` is the peak memory in use during
+   the step above the memory in use just before it, so the model's parameters, the optimiser's
+   state and the inputs are not counted; on CUDA the caching allocator's tensor statistics, on
+   CPU the process's resident-set high-water mark (see :mod:`smnn.memory`);
+4. ``repeats`` timed steps, each between ``torch.cuda.synchronize`` calls on CUDA;
+   ``time_ms`` is their median, ``min_ms`` their minimum.
+
+An exception while building or measuring the step is recorded, not raised: ``out_of_memory``
+for ``torch.OutOfMemoryError`` or the CPU allocator's "can't allocate memory" (the case did
+not fit after all),
+``failed`` with the message otherwise. Warnings raised by the step (e.g. MNN CG's
+``MNNConvergenceWarning``) are collected into ``note`` instead of being printed every step.
+
+The memory predictor for MNN dense: its forward pass assembles the dense normal matrix of
+``n = 1 + T*D*R`` unknowns per system, ``batch * n^2`` numbers (:func:`dense_system_bytes`), and
+factorizes it into a second matrix of the same size (the Cholesky factor, kept for the backward
+pass). Measured with torch's profiler, the peak of a forward+backward step is 2.0 to 2.1 times
+:func:`dense_system_bytes`; the resident set (LAPACK workspace, allocator granularity) reaches 2
+to 4.3 times at small sizes. :func:`predict_dense_peak_bytes` is three dense matrices, the same
+estimate the solver benchmark uses (:func:`smnn.benchmark.catalog.dense_matrix_bytes`), so the
+benchmark and the studies agree on which cases are too big.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from smnn.benchmark.catalog import Shape, dense_matrix_bytes
+from smnn.benchmark.measure import _physical_memory_bytes, _sync
+from smnn.memory import measure_peak_memory
+
+__all__ = [
+    "MB",
+    "STATUSES",
+    "DEFAULT_BUDGET_FRACTION",
+    "DENSE_COPIES",
+    "StepCost",
+    "dense_system_bytes",
+    "predict_dense_peak_bytes",
+    "memory_budget_bytes",
+    "measure_step",
+    "measure_case",
+]
+
+MB = 1_000_000
+# ok: measured; out_of_memory: predicted (or found) too big for the budget, not run;
+# skipped_slow: not run because this or a smaller case of the solver exceeded the time budget;
+# failed: raised (the message is in note)
+STATUSES = ("ok", "out_of_memory", "skipped_slow", "failed")
+DEFAULT_BUDGET_FRACTION = 0.8
+# dense matrices of the size of the normal matrix in smnn.benchmark.catalog.dense_matrix_bytes
+DENSE_COPIES = 3
+_NOTE_LIMIT = 300
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """The cost of one training step of one case.
+
+    Attributes:
+        status: one of :data:`STATUSES`.
+        time_ms: median of the timed steps (NaN unless ``ok``).
+        min_ms: fastest timed step (NaN unless ``ok``).
+        warmup_ms: the first warm-up step (NaN when not run).
+        peak_mb: peak memory of a step above the memory in use before it, in MB (10^6 bytes)
+            (NaN unless ``ok``).
+        predicted_mb: the predicted memory the budget was checked against (NaN when there was
+            no prediction).
+        repeats: number of timed steps.
+        note: why a case was not measured, the error, or the step's warnings.
+    """
+
+    status: str
+    time_ms: float = math.nan
+    min_ms: float = math.nan
+    warmup_ms: float = math.nan
+    peak_mb: float = math.nan
+    predicted_mb: float = math.nan
+    repeats: int = 0
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+    def as_row(self) -> dict[str, Any]:
+        """The fields as a flat dict (one table row)."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: the dense MNN prediction and the budget
+# --------------------------------------------------------------------------------------------
+
+
+def dense_system_bytes(
+    batch: int, n_steps: int, n_orders: int, dtype: torch.dtype, n_dims: int = 1
+) -> int:
+    """Bytes of the dense normal matrices MNN dense builds: ``batch * (1 + T*D*R)^2 * itemsize``.
+
+    Args:
+        batch: systems solved together (one matrix each: per-sample coefficients and steps).
+        n_steps: T.
+        n_orders: R.
+        dtype: the solve's dtype.
+        n_dims: D.
+    """
+    return predict_dense_peak_bytes(batch, n_steps, n_orders, dtype, n_dims) // DENSE_COPIES
+
+
+def predict_dense_peak_bytes(
+    batch: int, n_steps: int, n_orders: int, dtype: torch.dtype, n_dims: int = 1
+) -> int:
+    """Predicted peak memory of an MNN dense forward+backward step: three dense matrices
+    (the normal matrix, its Cholesky factor, headroom for LAPACK workspace and the allocator;
+    module docstring). Increasing in ``batch`` and ``n_steps`` (quadratic in T)."""
+    for name, value, low in (
+        ("batch", batch, 1),
+        ("n_steps", n_steps, 2),
+        ("n_orders", n_orders, 1),
+        ("n_dims", n_dims, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    shape = Shape("dense_prediction", "study", batch, n_steps, n_dims, n_orders)
+    return dense_matrix_bytes(shape, dtype)
+
+
+def memory_budget_bytes(device: torch.device, budget_gb: float | None = None) -> int:
+    """The memory a case may use: ``budget_gb`` * 10^9 bytes when given, else 80 % of the
+    device's memory (the GPU's total memory on CUDA, the machine's physical memory on CPU; 8 GB
+    when the machine does not say)."""
+    if budget_gb is not None:
+        if not (math.isfinite(budget_gb) and budget_gb > 0):
+            raise ValueError(f"memory budget must be a number of GB > 0, got {budget_gb!r}")
+        return int(budget_gb * 1e9)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = _physical_memory_bytes() or 10 * 10**9
+    return int(DEFAULT_BUDGET_FRACTION * total)
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+
+
+def _run_timed(step: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call of ``step``, synchronised on CUDA."""
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _warning_note(caught: list[warnings.WarningMessage]) -> str:
+    """``"MNNConvergenceWarning x8: <first message>"`` per distinct category."""
+    seen: dict[str, tuple[int, str]] = {}
+    for w in caught:
+        name = type(w.message).__name__ if isinstance(w.message, Warning) else w.category.__name__
+        count, first = seen.get(name, (0, str(w.message)))
+        seen[name] = (count + 1, first)
+    return "; ".join(f"{name} x{count}: {first}" for name, (count, first) in seen.items())
+
+
+def measure_step(
+    step: Callable[[], Any],
+    device: torch.device,
+    *,
+    repeats: int = 3,
+    warmup: int = 1,
+    time_budget_s: float = math.inf,
+) -> StepCost:
+    """Warm-up, one memory-measured step, then ``repeats`` timed steps of ``step`` (module
+    docstring, items 2 to 4). Exceptions propagate (see :func:`measure_case`).
+
+    Args:
+        step: one whole training step on fixed inputs; its return value is ignored.
+        device: where the step runs (what is synchronised and whose memory is measured).
+        repeats: timed steps (>= 1); ``time_ms`` is their median.
+        warmup: untimed steps first (>= 1).
+        time_budget_s: a warm-up step longer than this ends the case as ``skipped_slow``.
+
+    Returns:
+        ``ok`` with the times and the peak memory, or ``skipped_slow``.
+    """
+    if repeats < 1 or warmup < 1:
+        raise ValueError(f"repeats and warmup must be >= 1, got {repeats} and {warmup}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first_s = math.nan
+        for i in range(warmup):
+            seconds = _run_timed(step, device)
+            first_s = seconds if i == 0 else first_s
+            if seconds > time_budget_s:
+                return StepCost(
+                    "skipped_slow", warmup_ms=1e3 * first_s,
+                    note=f"warm-up step took {seconds:.1f} s > time budget {time_budget_s:g} s",
+                )  # fmt: skip
+        _, peak = measure_peak_memory(step, device=device)
+        times = [_run_timed(step, device) for _ in range(repeats)]
+    return StepCost(
+        "ok",
+        time_ms=1e3 * statistics.median(times),
+        min_ms=1e3 * min(times),
+        warmup_ms=1e3 * first_s,
+        peak_mb=peak / MB,
+        repeats=repeats,
+        note=_warning_note(caught)[:_NOTE_LIMIT],
+    )
+
+
+def _is_out_of_memory(exc: Exception) -> bool:
+    """CUDA's allocator error, or the CPU allocator's (a RuntimeError naming the failure)."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_case(
+    make_step: Callable[[], Callable[[], Any]],
+    device: torch.device,
+    *,
+    repeats: int = 3,
+    warmup: int = 1,
+    time_budget_s: float = math.inf,
+    predicted_bytes: int | None = None,
+    budget_bytes: int | None = None,
+) -> StepCost:
+    """Measure one case end to end, never raising for the case's own failures (module
+    docstring).
+
+    Args:
+        make_step: builds the case (model, optimiser, inputs) and returns its step; called
+            only when the memory check passes.
+        device: where the step runs.
+        repeats, warmup, time_budget_s: as :func:`measure_step`.
+        predicted_bytes: predicted memory of the case (e.g. :func:`predict_dense_peak_bytes`),
+            or None for no check.
+        budget_bytes: the memory budget (:func:`memory_budget_bytes`); None: no check.
+
+    Returns:
+        The case's :class:`StepCost` (``predicted_mb`` filled when a prediction was given).
+    """
+    predicted_mb = math.nan if predicted_bytes is None else predicted_bytes / MB
+    if predicted_bytes is not None and budget_bytes is not None and predicted_bytes > budget_bytes:
+        return StepCost(
+            "out_of_memory", predicted_mb=predicted_mb,
+            note=f"predicted {predicted_bytes / 1e9:.3g} GB > memory budget "
+                 f"{budget_bytes / 1e9:.3g} GB (not run)",
+        )  # fmt: skip
+    step: Callable[[], Any] | None = None
+    try:
+        step = make_step()
+        cost = measure_step(
+            step, device, repeats=repeats, warmup=warmup, time_budget_s=time_budget_s
+        )
+    except Exception as exc:  # recorded, the study goes on
+        status = "out_of_memory" if _is_out_of_memory(exc) else "failed"
+        what = "ran out of memory: " if status == "out_of_memory" else f"{type(exc).__name__}: "
+        cost = StepCost(status, note=f"{what}{exc}"[:_NOTE_LIMIT])
+    finally:
+        del step
+        _release(device)
+    return StepCost(**{**cost.as_row(), "predicted_mb": predicted_mb})

@@ -281,6 +281,8 @@ def test_settings_and_problems():
     with pytest.raises(ConfigError, match="n_dct"):
         SstSettings.from_config(make_config(**{"model.n_dct": 40}))
     assert EXPERIMENT.config_problems(bad)
+    assert EXPERIMENT.extra_targets({"scaling": {"enabled": False}}) == []
+    assert "sst/scaling/scaling.csv" in EXPERIMENT.extra_targets({"scaling": {"enabled": True}})
 
 
 # ------------------------------------------------------------------ training

@@ -121,6 +121,7 @@ STEP_INIT = 0.1  # every step size at initialisation (zero weights, bias logit(0
 MI_KIND = "mechanistic_identifier"
 ADAGVAE_KIND = "adagvae"
 MODEL_KINDS = (MI_KIND, ADAGVAE_KIND)
+SCALING_OUTPUTS = ("scaling.csv", "scaling.md", "scaling.png")  # of rule sst_scaling
 REMEDY = (
     "rerun the stage that writes it: `snakemake --forcerun preprocess_sst` "
     "(or `smnn preprocess-sst ...`)"
@@ -936,7 +937,7 @@ def _evaluate(
     times = store.times
     weeks = week_of_year(times)
     train = read_period(store, slice(0, store.n_train), dtype=torch.float32).numpy()
-    climatology = seasonal_climatology(train[:, cells.numpy()], weeks[: store.n_train])
+    climatology = seasonal_climatology(train, weeks[: store.n_train])[:, cells.numpy()]
     del train
     first = store.n_train + E  # index of the forecast window's first week
     forecasts["climatology"] = climatology_forecast(climatology, weeks[first : first + F])
@@ -1094,6 +1095,14 @@ class SstExperiment:
 
     def config_problems(self, section: dict[str, Any]) -> list[str]:
         return section_problems(section)
+
+    def extra_targets(self, section: Mapping[str, Any]) -> list[str]:
+        """The long-sequence study's outputs (rule ``sst_scaling``, relative to
+        ``paths.results``) when ``sst.scaling.enabled``."""
+        scaling = section.get("scaling")
+        if isinstance(scaling, Mapping) and scaling.get("enabled"):
+            return [f"sst/scaling/{name}" for name in SCALING_OUTPUTS]
+        return []
 
     def summary(self, config: Config) -> str:
         s = SstSettings.from_config(config)

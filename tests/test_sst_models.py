@@ -427,14 +427,21 @@ def test_evaluate_metrics_and_baselines(trained, tmp_path):
     assert (out / "metrics.json").read_bytes() == first_bytes
 
 
-def test_evaluate_without_baseline(trained, tmp_path):
+def test_evaluate_without_baseline_on_every_cell(trained, store_all, tmp_path):
+    """land: all: every cell is forecast (the ocean ones reported apart); a missing Ada-GVAE
+    file leaves it out with a warning."""
     ev = EXPERIMENT.evaluate(
-        trained["config"], "smnn", trained["store"], trained["mi"][2], tmp_path / "e",
+        make_config(), "smnn", store_all, trained["mi"][2], tmp_path / "e",
         torch.device("cpu"), baseline_models={"adagvae": tmp_path / "missing.pt"},
     )  # fmt: skip
-    assert set(ev.document["models"]) == {"mechanistic_identifier", "climatology", "persistence"}
-    assert ev.document["left_out"] == ["adagvae"]
+    doc = ev.document
+    assert set(doc["models"]) == {"mechanistic_identifier", "climatology", "persistence"}
+    assert doc["left_out"] == ["adagvae"] and doc["cells"] == "all"
+    assert doc["n_cells_scored"] == N_LAT * N_LON
+    assert doc["n_ocean_cells_scored"] == int(open_store(store_all).mask.sum())
     assert any("Ada-GVAE left out" in line for line in ev.summary)
+    for row in doc["models"].values():
+        assert np.isfinite(row["mse_norm_ocean"]) and row["mse_norm_ocean"] != row["mse_norm"]
 
 
 def test_week_of_year_and_baseline_helpers():

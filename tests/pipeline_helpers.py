@@ -54,6 +54,13 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
+# SST at the tiny scale of tests/configs/tiny.yaml (one definition), off unless a test enables it
+TINY_CONFIG["sst"] = {
+    **yaml.safe_load((Path(__file__).parent / "configs" / "tiny.yaml").read_text())["sst"],
+    "enabled": False,
+}
+
+
 def merge(base: dict, override: dict) -> dict:
     """Recursive dict merge (override wins), on a deep copy of ``base``."""
     out = copy.deepcopy(base)

@@ -64,9 +64,10 @@ ENV_VAR = "SMNN_EXPERIMENTS"
 # results/<experiment>/<BASELINE_PREFIX><name>/ holds a trained baseline (never a solver name)
 BASELINE_PREFIX = "baseline_"
 
-# name -> module defining EXPERIMENT (SST and KdV add themselves here)
+# name -> module defining EXPERIMENT (KdV adds itself here)
 BUILTIN_EXPERIMENTS: dict[str, str] = {
     "lorenz": "smnn.experiments.lorenz",
+    "sst": "smnn.experiments.sst",
 }
 
 

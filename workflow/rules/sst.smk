@@ -7,6 +7,22 @@
 #
 # preprocess_sst writes data/sst.zarr (xarray + Dask, out of core), which train/evaluate read.
 
+from smnn.data.sst.layout import sst_raw_paths
+
+
+def sst_raw_file(which, must_exist=False):
+    """The raw NetCDF file `which` ("sst" or "mask") of the config (smnn.data.sst.layout)."""
+    sst, mask = sst_raw_paths(Config(config, source="configuration"))
+    path = {"sst": sst, "mask": mask}[which]
+    if must_exist and not path.is_file():
+        raise WorkflowError(
+            f"sst.source is 'file' but the {which} file {path} (sst.files.{which}) does not "
+            "exist: place the NOAA file there (or point sst.files at it), or set sst.source to "
+            "noaa (download) or synthetic (offline)"
+        )
+    return str(path)
+
+
 
 if config["sst"]["source"] == "synthetic":
 

@@ -17,6 +17,7 @@ COMMAND_MODULES: list[str] = [
     "smnn.commands.tracking",
     "smnn.commands.generate_lorenz",
     "smnn.commands.download_sst",
+    "smnn.commands.sst_data",
     "smnn.commands.experiment",
     "smnn.commands.sst_scaling",
 ]

@@ -700,7 +700,7 @@ class _SstTask:
     kind: str
     model: nn.Module
 
-    def __init__(self, settings: SstSettings, sampler: PairSampler, store: SstStore):
+    def __init__(self, settings: SstSettings, sampler: PairSampler, store: SstStore | None):
         self.settings, self.sampler, self.store = settings, sampler, store
         self.n_epochs = settings.epochs
         self.n_samples = sampler.n_samples
@@ -719,14 +719,15 @@ class MiTask(_SstTask):
     kind = MI_KIND
 
     def __init__(
-        self, settings: SstSettings, sampler: PairSampler, store: SstStore, solver: str,
+        self, settings: SstSettings, sampler: PairSampler, store: SstStore | None, solver: str,
         device: torch.device,
     ):  # fmt: skip
         super().__init__(settings, sampler, store)
         self.model = MechanisticIdentifier(**settings.mi_args(), solver=solver).to(
             device=device, dtype=settings.torch_dtype
         )
-        self._last_step = float("nan")
+        self._step_sum = 0.0
+        self._step_n = 0
 
     def loss_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MiOutput]:
         """(DCT loss, alignment term, the model's output) for pairs ``x`` ``(B, 2, T)``."""
@@ -743,7 +744,8 @@ class MiTask(_SstTask):
     def training_step(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         x = self.sampler.draw(indices)
         loss_dct, loss_align, out = self.loss_terms(x)
-        self._last_step = float(out.steps.detach().mean())
+        self._step_sum += float(out.steps.detach().mean())
+        self._step_n += 1
         loss = loss_dct + self.settings.alignment_weight * loss_align
         return loss, {
             "loss_dct": float(loss_dct.detach()),
@@ -751,7 +753,10 @@ class MiTask(_SstTask):
         }
 
     def epoch_metrics(self) -> dict[str, float]:
-        return {"mean_step_size": self._last_step}
+        """The mean decoded step size over the epoch's steps (of this process)."""
+        mean = self._step_sum / self._step_n if self._step_n else float("nan")
+        self._step_sum, self._step_n = 0.0, 0
+        return {"mean_step_size": mean}
 
 
 class AdaGVAETask(_SstTask):
@@ -760,8 +765,9 @@ class AdaGVAETask(_SstTask):
     kind = ADAGVAE_KIND
 
     def __init__(
-        self, settings: SstSettings, sampler: PairSampler, store: SstStore, device: torch.device
-    ):
+        self, settings: SstSettings, sampler: PairSampler, store: SstStore | None,
+        device: torch.device,
+    ):  # fmt: skip
         super().__init__(settings, sampler, store)
         self.model = AdaGVAE(**settings.adagvae_args()).to(
             device=device, dtype=settings.torch_dtype
@@ -786,6 +792,7 @@ class AdaGVAETask(_SstTask):
                       "loss_kl": float(loss_kl.detach())}  # fmt: skip
 
     def epoch_metrics(self) -> dict[str, float]:
+        """The mean number of latent dims averaged per pair over the epoch's steps."""
         mean = self._shared_sum / max(self._shared_n, 1)
         self._shared_sum, self._shared_n = 0.0, 0
         return {"mean_shared_dims": mean}

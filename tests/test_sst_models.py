@@ -497,3 +497,16 @@ def test_resume_mid_epoch_redraws_the_same_windows(store_all, tmp_path):
     resumed = run(tmp_path / "b", None)
     for k, v in whole.items():
         assert torch.equal(v, resumed[k]), k
+
+
+def test_store_errors(store_all, tmp_path):
+    from smnn.data.store import StoreError
+
+    with pytest.raises(StoreError, match="preprocess_sst"):
+        open_store(tmp_path / "missing.zarr")
+    with pytest.raises(StoreError, match="test_weeks"):
+        open_store(store_all, make_config(**{"preprocess.test_weeks": 100}))
+    with pytest.raises(StoreError, match="land"):
+        EXPERIMENT.build_task(
+            make_config(**{"preprocess.land": "ocean"}), "smnn", store_all, torch.device("cpu")
+        )

@@ -64,7 +64,8 @@ import yaml
 from torch import nn
 
 from smnn.config import Config, ConfigError
-from smnn.data.store import StoreError, open_dataset
+from smnn.data.sst.preprocess import REMEDY, SstPreprocessSettings, open_sst_store
+from smnn.data.store import StoreError, store_read_errors
 from smnn.data.windows import (
     RowPartners,
     gather_windows,
@@ -122,10 +123,6 @@ MI_KIND = "mechanistic_identifier"
 ADAGVAE_KIND = "adagvae"
 MODEL_KINDS = (MI_KIND, ADAGVAE_KIND)
 SCALING_OUTPUTS = ("scaling.csv", "scaling.md", "scaling.png")  # of rule sst_scaling
-REMEDY = (
-    "rerun the stage that writes it: `snakemake --forcerun preprocess_sst` "
-    "(or `smnn preprocess-sst ...`)"
-)
 
 
 # ------------------------------------------------------------------ settings
@@ -330,42 +327,33 @@ class SstStore:
         return np.asarray(self.dataset["time"].values)
 
 
-_ATTRS = ("mean_degc", "std_degc", "n_train_weeks", "n_test_weeks", "land", "synthetic")
+def open_store(path: str | Path, config: Config | None = None) -> SstStore:
+    """Open ``data/sst.zarr`` through :func:`smnn.data.sst.preprocess.open_sst_store` (which
+    checks the layout of the SST store contract).
 
-
-def open_store(path: str | Path) -> SstStore:
-    """Open ``data/sst.zarr`` and check its layout (variables ``sst``, ``mask``; the attributes
-    of the SST store contract).
+    Args:
+        config: when given, the store must have been made with its ``sst.preprocess.land`` and
+            ``sst.preprocess.test_weeks``.
 
     Raises:
-        StoreError: the store is missing, damaged, or lacks a variable or attribute.
+        StoreError: the store is missing, damaged, lacks a variable or attribute, or was made
+            with other preprocessing settings.
     """
     path = Path(path)
-    ds = open_dataset(path, ("sst", "mask"), remedy=REMEDY)
-    missing = [a for a in _ATTRS if a not in ds.attrs]
-    if missing:
-        raise StoreError(f"SST store {path} lacks attribute(s) {missing}; {REMEDY}", path)
-    if ds["sst"].dims != ("time", "lat", "lon") or ds["mask"].dims != ("lat", "lon"):
-        raise StoreError(
-            f"SST store {path}: sst must have dims (time, lat, lon) and mask (lat, lon), got "
-            f"{ds['sst'].dims} and {ds['mask'].dims}; {REMEDY}",
-            path, "sst", REMEDY,
-        )  # fmt: skip
-    n_weeks, n_lat, n_lon = ds["sst"].shape
-    n_train, n_test = int(ds.attrs["n_train_weeks"]), int(ds.attrs["n_test_weeks"])
-    if n_train + n_test != n_weeks or n_train < 1 or n_test < 1:
-        raise StoreError(
-            f"SST store {path}: n_train_weeks {n_train} + n_test_weeks {n_test} must be the "
-            f"{n_weeks} weeks of sst; {REMEDY}",
-            path, "sst", REMEDY,
-        )  # fmt: skip
-    land = str(ds.attrs["land"])
-    if land not in ("all", "ocean"):
-        raise StoreError(f"SST store {path}: attribute land is {land!r}, not all|ocean", path)
-    mask = np.asarray(ds["mask"].values).astype(np.int8)
+    expected = None
+    if config is not None:
+        expected = SstPreprocessSettings(
+            land=config.get_str("sst.preprocess.land", choices=("all", "ocean")),
+            test_weeks=config.get_int("sst.preprocess.test_weeks", min_value=1),
+        )
+    ds = open_sst_store(path, expected)
+    _, n_lat, n_lon = ds["sst"].shape
+    with store_read_errors(path, "mask", REMEDY):
+        mask = np.asarray(ds["mask"].values).astype(np.int8)
     return SstStore(
-        path=path, dataset=ds, n_lat=n_lat, n_lon=n_lon, n_train=n_train, n_test=n_test,
-        mask=mask, land=land, mean_degc=float(ds.attrs["mean_degc"]),
+        path=path, dataset=ds, n_lat=n_lat, n_lon=n_lon,
+        n_train=int(ds.attrs["n_train_weeks"]), n_test=int(ds.attrs["n_test_weeks"]),
+        mask=mask, land=str(ds.attrs["land"]), mean_degc=float(ds.attrs["mean_degc"]),
         std_degc=float(ds.attrs["std_degc"]), synthetic=bool(ds.attrs["synthetic"]),
     )  # fmt: skip
 
@@ -809,14 +797,14 @@ def build_mi_task(
 ) -> MiTask:
     """The identifier's training task on the training period of ``data_path``."""
     settings = SstSettings.from_config(config)
-    store = open_store(data_path)
+    store = open_store(data_path, config)
     return MiTask(settings, _sampler(settings, store, device), store, solver, device)
 
 
 def build_adagvae_task(config: Config, data_path: str | Path, device: torch.device) -> AdaGVAETask:
     """Ada-GVAE's training task on the training period of ``data_path``."""
     settings = SstSettings.from_config(config)
-    store = open_store(data_path)
+    store = open_store(data_path, config)
     return AdaGVAETask(settings, _sampler(settings, store, device), store, device)
 
 
@@ -898,7 +886,7 @@ def _evaluate(
     Ada-GVAE when its model is given), climatology and persistence; writes ``metrics.json`` and
     ``plots/*.png`` into ``out_dir``."""
     s = SstSettings.from_config(config)
-    store = open_store(data_path)
+    store = open_store(data_path, config)
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)

@@ -324,6 +324,18 @@ def test_store_is_deterministic_and_scheduler_independent(raw, tmp_path):
     assert da.attrs == dc.attrs
     assert da.attrs["source"] == "noaa" and da.attrs["source_url"] == "https://example.org/sst.nc"
     assert da.attrs["synthetic"] is True  # the files carry the synthetic marker
+    # an existing cluster by address (here one in this process, reached over TCP)
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
+        dashboard_address=None,
+    ) as cluster:  # fmt: skip
+        e = preprocess_sst(
+            raw["netcdf4"], raw["mask"], tmp_path / "e.zarr",
+            settings(scheduler="address", address=cluster.scheduler_address), prov,
+        )  # fmt: skip
+    assert chunk_bytes(e) == ref
     # a different seed gives a different store
     other = write_synthetic_sst(
         tmp_path / "other.nc", n_weeks=N_WEEKS, n_lat=N_LAT, n_lon=N_LON, seed=SEED + 1

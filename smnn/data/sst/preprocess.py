@@ -324,6 +324,9 @@ def preprocess_sst(
 
     say = on_phase or log.info
     sst_file, mask_file, out = Path(sst_file), Path(mask_file), Path(out)
+    # absolute paths in the task graph: the workers of a cluster (scheduler: address) may run
+    # in another working directory
+    sst_abs, out_abs = sst_file.resolve(), out.resolve()
     say(f"checking {sst_file} and {mask_file}")
     info = check_sst_file(sst_file, check_values=False)
     mask_info = check_mask_file(mask_file)
@@ -349,9 +352,9 @@ def preprocess_sst(
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     hashes = {k: hasher.submit(sha256_file, p) for k, p in (("sst", sst_file), ("mask", mask_file))}
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_stages(out)
-    stage = _stage_path(out)
-    ds = xr.open_dataset(sst_file, engine="netcdf4", chunks={"time": block, "lat": -1, "lon": -1})
+    _remove_stale_stages(out_abs)
+    stage = _stage_path(out_abs)
+    ds = xr.open_dataset(sst_abs, engine="netcdf4", chunks={"time": block, "lat": -1, "lon": -1})
     try:
         with dask_scheduler(settings) as scheduler:
             say(f"dask scheduler: {scheduler}")
@@ -414,7 +417,7 @@ def preprocess_sst(
                 "land": settings.land,
                 "source": provenance.source,
                 "synthetic": bool(synthetic),
-                "source_url": provenance.source_url or str(sst_file.resolve()),
+                "source_url": provenance.source_url or str(sst_abs),
                 "sst_sha256": sst_sha,
                 "mask_sha256": mask_sha,
                 "smnn_version": __version__,
@@ -449,7 +452,7 @@ def preprocess_sst(
                 "mask": {"chunks": (n_lat, n_lon)},
             }
             with _progress(progress_bar, settings):
-                write_dataset_atomic(result, out, encoding=encoding)
+                write_dataset_atomic(result, out_abs, encoding=encoding)
     finally:
         ds.close()
         hasher.shutdown(wait=True, cancel_futures=True)

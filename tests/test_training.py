@@ -326,3 +326,32 @@ def test_checkpoint_of_another_configuration_is_discarded(tmp_path):
     assert not (tmp_path / "last.pt").exists()
     assert (tmp_path / "train.lock").exists() and other.lock.held  # cleared around the lock
     other.release()
+
+
+class _AllocatingTask(_RegressionTask):
+    """The regression task whose every step also fills a 64 MB buffer (freed after the step)."""
+
+    BUFFER_BYTES = 64 * 2**20
+
+    def training_step(self, indices):
+        buffer = torch.ones(self.BUFFER_BYTES // 8, dtype=torch.float64)  # written: resident
+        loss, parts = super().training_step(indices)
+        return loss + 0.0 * buffer[0], parts
+
+
+def test_step_peak_memory_is_recorded_per_epoch_and_overall(tmp_path):
+    """Every epoch record and the final metrics hold the peak memory of a step above the level
+    before it (CPU: the resident-set high-water mark; measured on each epoch's first step)."""
+    seed_everything(0)
+    trainer = _trainer(_AllocatingTask(seed=1), tmp_path)
+    trainer.restore()
+    trainer.attach_run(None)
+    result = trainer.fit()
+    trainer.mark_finished()
+    buffer_mib = _AllocatingTask.BUFFER_BYTES / 2**20
+    peaks = [r["step_peak_memory_mib"] for r in result.history]
+    assert len(peaks) == 4
+    for peak in peaks:
+        assert 0.9 * buffer_mib <= peak <= 4 * buffer_mib, peaks
+    assert result.final_metrics["step_peak_memory_mib"] == max(peaks)
+    assert result.final_metrics["process_max_rss_mib"] >= max(peaks)

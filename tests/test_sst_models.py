@@ -428,11 +428,11 @@ def test_evaluate_metrics_and_baselines(trained, tmp_path):
 
 
 def test_evaluate_without_baseline_on_every_cell(trained, store_all, tmp_path):
-    """land: all: every cell is forecast (the ocean ones reported apart); a missing Ada-GVAE
-    file leaves it out with a warning."""
+    """land: all: every cell is forecast (the ocean ones reported apart); a forecast window
+    shorter than the model's; a missing Ada-GVAE file leaves it out with a warning."""
     ev = EXPERIMENT.evaluate(
-        make_config(), "smnn", store_all, trained["mi"][2], tmp_path / "e",
-        torch.device("cpu"), baseline_models={"adagvae": tmp_path / "missing.pt"},
+        make_config(**{"evaluate.forecast_weeks": 20}), "smnn", store_all, trained["mi"][2],
+        tmp_path / "e", torch.device("cpu"), baseline_models={"adagvae": tmp_path / "missing.pt"},
     )  # fmt: skip
     doc = ev.document
     assert set(doc["models"]) == {"mechanistic_identifier", "climatology", "persistence"}
@@ -442,6 +442,7 @@ def test_evaluate_without_baseline_on_every_cell(trained, store_all, tmp_path):
     assert any("Ada-GVAE left out" in line for line in ev.summary)
     for row in doc["models"].values():
         assert np.isfinite(row["mse_norm_ocean"]) and row["mse_norm_ocean"] != row["mse_norm"]
+        assert len(row["mse_by_lead_norm"]) == 20 - N_INIT
 
 
 def test_week_of_year_and_baseline_helpers():

@@ -22,7 +22,11 @@ SLURM_CI_PROFILE = REPO / "tests" / "profiles" / "slurm-ci"
 
 # what the workflow needs in its working directory (the repo's data/ and results/ stay untouched)
 WORKFLOW_FILES = (
-    "Snakefile", "workflow", "config", "environment.yml", "environment.post-deploy.sh"
+    "Snakefile",
+    "workflow",
+    "config",
+    "environment.yml",
+    "environment.post-deploy.sh",
 )
 
 # the two dominant terms of each Lorenz equation: (equation, term) -> sign of the true coefficient
@@ -136,7 +140,49 @@ def expected_outputs(config: dict) -> list[str]:
             f"results/logs/lorenz/train_{solver}.log",
             f"results/logs/lorenz/evaluate_{solver}.log",
         ]
+    if config["sst"]["enabled"]:
+        files += ["data/sst.zarr/zarr.json", "results/logs/sst/preprocess.log"]
+        for solver in config["sst"]["solvers"]:
+            files += [
+                f"results/sst/{solver}/model.pt",
+                f"results/sst/{solver}/eval/metrics.json",
+                f"results/logs/sst/evaluate_{solver}.log",
+            ]
+        for baseline in config["sst"]["baselines"]:
+            files.append(f"results/sst/baseline_{baseline}/model.pt")
+        if config["sst"]["scaling"]["enabled"]:
+            files += [f"results/sst/scaling/{n}" for n in ("scaling.csv", "scaling.md")]
     return files
+
+
+def check_sst_outputs(workdir: Path, config: dict) -> None:
+    """SST end to end: every model and baseline scored with finite MSEs, synthetic data said
+    so, plots, and a scaling row for every (length, solver)."""
+    sst = config["sst"]
+    expected_models = {"mechanistic_identifier", "climatology", "persistence"}
+    expected_models |= set(sst["baselines"])
+    for solver in sst["solvers"]:
+        ev = json.loads((workdir / f"results/sst/{solver}/eval/metrics.json").read_text())
+        assert ev["experiment"] == "sst" and ev["solver"] == solver
+        assert ev["synthetic"] is (sst["source"] == "synthetic")
+        assert set(ev["models"]) == expected_models, sorted(ev["models"])
+        bad = [(k, v) for k, v in _finite_numbers(ev["metrics"]) if not math.isfinite(v)]
+        assert not bad, f"non-finite SST metrics for {solver}: {bad[:5]}"
+        for model in ("mi", "climatology", "persistence"):
+            assert ev["metrics"][f"mse_norm_{model}"] > 0
+        plots = sorted((workdir / f"results/sst/{solver}/eval/plots").glob("*.png"))
+        assert len(plots) >= 4, plots
+        for png in plots:
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
+    if sst["scaling"]["enabled"]:
+        import pandas as pd
+
+        table = pd.read_csv(workdir / "results/sst/scaling/scaling.csv")
+        pairs = set(zip(table["length"], table["solver"], strict=True))
+        wanted = {(n, s) for n in sst["scaling"]["lengths"] for s in sst["scaling"]["solvers"]}
+        assert pairs == wanted, sorted(pairs)
+        ok = table[table["status"] == "ok"]
+        assert len(ok) and (ok["time_ms"] > 0).all() and ok["time_ms"].map(math.isfinite).all()
 
 
 def _finite_numbers(obj, where="") -> list[tuple[str, float]]:
@@ -195,6 +241,9 @@ def check_pipeline_outputs(workdir: Path, config: dict) -> dict:
     assert (ok["median_ms"] > 0).all() and ok["median_ms"].map(math.isfinite).all()
     assert "smnn" in set(ok["method"])
 
+    if config["sst"]["enabled"]:
+        check_sst_outputs(workdir, config)
+
     # lorenz: finite metrics, the sign pattern of every true term recovered
     evals = {}
     for solver in config["lorenz"]["solvers"]:
@@ -223,6 +272,8 @@ def check_lorenz_signs(ev: dict) -> None:
     truth = ev["true_coefficients"]
     for (eq, term), sign in LORENZ_DOMINANT_SIGNS.items():
         assert truth[terms.index(term)][variables.index(eq)] * sign > 0, "truth table mismatch"
-    assert not problems, "Lorenz sign pattern not recovered:\n  " + "\n  ".join(problems) + (
-        f"\nrecovered: {ev.get('equations')}"
+    assert not problems, (
+        "Lorenz sign pattern not recovered:\n  "
+        + "\n  ".join(problems)
+        + (f"\nrecovered: {ev.get('equations')}")
     )

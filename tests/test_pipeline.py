@@ -84,6 +84,32 @@ def test_mlflow_has_one_run_per_job(pipeline):
     assert _artifact_paths(client, bench[0].info.run_id)
 
 
+def test_sst_runs_in_mlflow(pipeline):
+    """SST: one run per job (train per solver, train_baseline per baseline, evaluate, the
+    long-sequence study), finished, with metrics, and the synthetic data named in the tags."""
+    from mlflow import MlflowClient
+
+    work, config = pipeline
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'results' / 'mlflow.db'}")
+    experiments = {e.name: e for e in client.search_experiments()}
+    assert "sst" in experiments, sorted(experiments)
+    runs = client.search_runs([experiments["sst"].experiment_id], max_results=100)
+    sst = config["sst"]
+    jobs = [("train", "solver", s) for s in sst["solvers"]]
+    jobs += [("train_baseline", "baseline", b) for b in sst["baselines"]]
+    jobs += [("evaluate", "solver", s) for s in sst["solvers"]]
+    for rule, key, value in jobs:
+        mine = [r for r in runs if _tag(r, "rule") == rule and _tag(r, key) == value]
+        assert len(mine) == 1, (rule, value, [r.data.tags for r in runs])
+        assert mine[0].info.status == "FINISHED" and mine[0].data.metrics
+    evaluation = next(r for r in runs if _tag(r, "rule") == "evaluate")
+    assert evaluation.data.tags.get("synthetic") == "true", evaluation.data.tags
+    assert math.isfinite(evaluation.data.metrics["mse_norm_mi"])
+    scaling = [r for r in runs if _tag(r, "rule") == "sst_scaling"]
+    assert len(scaling) == 1 and scaling[0].data.metrics
+    assert len(runs) == len(jobs) + 1
+
+
 def _tag(run, name: str) -> str | None:
     tags = run.data.tags
     for key in (name, f"smnn.{name}"):
@@ -125,6 +151,13 @@ def test_rerun_is_a_no_op_and_config_changes_rerun_only_dependents(pipeline):
     assert changed.proc.returncode == 0, changed.output
     assert _planned_jobs(changed.output) == {"train", "evaluate", "all"}
 
+    # SST: a new land handling reruns preprocessing and everything after it, not the raw files
+    changed = run_snakemake(work, ["-n", *TINY, "--config", "sst={preprocess: {land: ocean}}"])
+    assert changed.proc.returncode == 0, changed.output
+    assert _planned_jobs(changed.output) == {
+        "preprocess_sst", "train", "train_baseline", "evaluate", "all"
+    }  # fmt: skip
+
 
 def _planned_jobs(output: str) -> set[str]:
     """Rule names in the job table of a dry run."""
@@ -155,9 +188,10 @@ def test_report_contains_plots_with_captions(pipeline):
     assert "Standalone validation" in html
     assert "Evaluation of the <strong>lorenz</strong> experiment" in html
     # named report categories (no hand-kept numbers)
-    for category in ("Standalone ODEs", "Solver benchmark", "Experiment lorenz"):
+    for category in ("Standalone ODEs", "Solver benchmark", "Experiment lorenz", "Experiment sst"):
         assert category in html
     assert "Solver scaling benchmark" in html
+    assert "SST long-sequence study" in html and "scaling.png" in html
 
 
 def test_paper_config_plans_every_solver(tmp_path):
@@ -166,9 +200,23 @@ def test_paper_config_plans_every_solver(tmp_path):
     assert run.proc.returncode == 0, run.output
     for solver in ("smnn", "mnn_dense", "mnn_cg"):
         assert f"results/lorenz/{solver}/model.pt" in run.output
+        assert f"results/sst/{solver}/model.pt" in run.output
+    assert "smnn download-sst" in run.output and "results/sst/baseline_adagvae" in run.output
     bench = [line for line in run.output.splitlines() if "smnn bench" in line]
     assert bench and "--quick" not in bench[0], bench  # the full sweep
     assert not (work / "results").exists(), "a dry run wrote results"
+
+
+def test_sst_source_file_names_a_missing_file(tmp_path):
+    """sst.source: file with no file there stops the run at once, saying where to put it."""
+    work = make_workdir(tmp_path / "sstfile")
+    missing = tmp_path / "nowhere" / "sst.nc"
+    run = run_snakemake(
+        work, ["-n", *TINY, "--config", f"sst={{source: file, files: {{sst: {missing}}}}}"]
+    )
+    assert run.proc.returncode != 0
+    assert str(missing) in run.output and "sst.source is 'file'" in run.output, run.output
+    assert "synthetic" in run.output  # the remedy
 
 
 def test_conda_environment_has_the_package_dependencies():

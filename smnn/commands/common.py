@@ -12,6 +12,7 @@ import torch
 
 from smnn.config import Config, ConfigError, load_config
 from smnn.data.sst.download import DownloadError
+from smnn.data.sst.layout import SstFileError
 from smnn.training import CheckpointLocked
 from smnn.zarr_io import StoreError
 
@@ -19,7 +20,9 @@ __all__ = ["setup_logging", "job_config", "apply_threads", "clean_errors", "USER
 
 # errors caused by the input (config, missing or damaged files, a checkpoint directory in use by
 # another job): reported in one line, exit code 2
-USER_ERRORS = (ConfigError, StoreError, FileNotFoundError, CheckpointLocked, DownloadError)
+USER_ERRORS = (
+    ConfigError, StoreError, FileNotFoundError, CheckpointLocked, DownloadError, SstFileError,
+)  # fmt: skip
 
 
 def setup_logging() -> None:

@@ -15,15 +15,13 @@ leaves the previous store (if any) untouched.
 from __future__ import annotations
 
 import argparse
-import functools
 import resource
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from smnn.commands.common import clean_errors, job_config, setup_logging
-from smnn.data.sst.layout import MASK_FILE, SST_FILE, SstFileError, sst_raw_paths
+from smnn.data.sst.layout import MASK_FILE, SST_FILE, sst_raw_paths
 
 __all__ = ["add_parser", "run_synthesize", "run_preprocess", "peak_rss_mb"]
 
@@ -67,29 +65,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_preprocess)
 
 
-def _clean_sst_errors(fn: Callable[..., int]) -> Callable[..., int]:
-    """:func:`~smnn.commands.common.clean_errors`, plus a bad raw file (:class:`SstFileError`)
-    as a user error (one line, exit code 2)."""
-    inner = clean_errors(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs) -> int:
-        try:
-            return inner(*args, **kwargs)
-        except SstFileError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    return wrapper
-
-
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, MB (``getrusage``; KiB on Linux)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
 
 
-@_clean_sst_errors
+@clean_errors
 def run_synthesize(args: argparse.Namespace) -> int:
     from smnn.data.sst.synthetic import SstSyntheticSettings, write_synthetic_files
 
@@ -112,7 +94,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
-@_clean_sst_errors
+@clean_errors
 def run_preprocess(args: argparse.Namespace) -> int:
     from smnn.data.sst.preprocess import (
         SstPreprocessSettings,

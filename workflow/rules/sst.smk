@@ -7,29 +7,18 @@
 #
 # preprocess_sst writes data/sst.zarr (xarray + Dask, out of core), which train/evaluate read.
 
-from smnn.data.sst.layout import sst_raw_paths
+from smnn.data.sst.layout import sst_raw_file
 
-
-def sst_raw_file(which, must_exist=False):
-    """The raw NetCDF file `which` ("sst" or "mask") of the config (smnn.data.sst.layout)."""
-    sst, mask = sst_raw_paths(Config(config, source="configuration"))
-    path = {"sst": sst, "mask": mask}[which]
-    if must_exist and not path.is_file():
-        raise WorkflowError(
-            f"sst.source is 'file' but the {which} file {path} (sst.files.{which}) does not "
-            "exist: place the NOAA file there (or point sst.files at it), or set sst.source to "
-            "noaa (download) or synthetic (offline)"
-        )
-    return str(path)
-
+SST_CONFIG = Config(config, source="configuration")
+SST_FILES_GIVEN = config["sst"]["source"] == "file"  # no rule writes them: they must exist
 
 
 if config["sst"]["source"] == "synthetic":
 
     rule synthesize_sst:
         output:
-            sst=sst_raw_file("sst"),
-            mask=sst_raw_file("mask"),
+            sst=str(sst_raw_file(SST_CONFIG, "sst")),
+            mask=str(sst_raw_file(SST_CONFIG, "mask")),
         params:
             config=effective_config_path(),
             settings=settings("seed", "sst.synthetic"),
@@ -49,10 +38,10 @@ if config["sst"]["source"] == "noaa":
 
     rule download_sst:
         output:
-            sst=sst_raw_file("sst"),
-            mask=sst_raw_file("mask"),
-            sst_sha256=sst_raw_file("sst") + ".sha256",
-            mask_sha256=sst_raw_file("mask") + ".sha256",
+            sst=str(sst_raw_file(SST_CONFIG, "sst")),
+            mask=str(sst_raw_file(SST_CONFIG, "mask")),
+            sst_sha256=f"{sst_raw_file(SST_CONFIG, 'sst')}.sha256",
+            mask_sha256=f"{sst_raw_file(SST_CONFIG, 'mask')}.sha256",
         params:
             config=effective_config_path(),
         log:
@@ -69,8 +58,8 @@ if config["sst"]["source"] == "noaa":
 
 rule preprocess_sst:
     input:
-        sst=sst_raw_file("sst", must_exist=config["sst"]["source"] == "file"),
-        mask=sst_raw_file("mask", must_exist=config["sst"]["source"] == "file"),
+        sst=str(sst_raw_file(SST_CONFIG, "sst", must_exist=SST_FILES_GIVEN)),
+        mask=str(sst_raw_file(SST_CONFIG, "mask", must_exist=SST_FILES_GIVEN)),
     output:
         directory(data_path("sst.zarr")),
     params:

@@ -497,3 +497,25 @@ def sst_raw_paths(config: Config) -> tuple[Path, Path]:
         given = config.get_str(f"sst.files.{kind}", allow_none=True)
         out.append(Path(given) if given else data_dir / "raw" / "sst" / noaa_name)
     return out[0], out[1]
+
+
+def sst_raw_file(config: Config, which: str, *, must_exist: bool = False) -> Path:
+    """One of :func:`sst_raw_paths` (``which`` = ``"sst"`` or ``"mask"``), for the workflow.
+
+    Args:
+        must_exist: the file must already be there (``sst.source: file``: no rule writes it).
+
+    Raises:
+        SstFileError: ``must_exist`` and the file is missing, saying where to put it.
+    """
+    sst, mask = sst_raw_paths(config)
+    path = {"sst": sst, "mask": mask}[which]
+    if must_exist and not path.is_file():
+        raise _fail(
+            path,
+            f"the {which} file",
+            f"does not exist, and sst.source is 'file' (sst.files.{which})",
+            "place the NOAA file there (or point sst.files at it), or set sst.source to noaa "
+            "(download) or synthetic (offline)",
+        )
+    return path

@@ -137,6 +137,9 @@ def test_step_cost_is_the_median_of_the_timed_repeats():
     assert 10.0 <= cost.min_ms < 18.0
     assert math.isfinite(cost.peak_mb) and cost.peak_mb >= 0
     assert "UserWarning x5: tiny warning" in cost.note
+    # a fast step is repeated until the timed steps add up to min_timed_s
+    fast = measure_step(lambda: time.sleep(0.01), CPU, repeats=2, min_timed_s=0.05)
+    assert 5 <= fast.repeats <= 6 and 10.0 <= fast.time_ms < 18.0
 
 
 def test_step_cost_statuses():
@@ -209,7 +212,7 @@ def test_study_table_and_csv(study):
     assert len(ok) == 5
     for column in ("time_ms", "min_ms", "peak_mb"):
         assert ok[column].map(math.isfinite).all() and (ok[column] >= 0).all()
-    assert (ok["time_ms"] > 0).all() and (ok["repeats"] == 2).all()
+    assert (ok["time_ms"] > 0).all() and (ok["repeats"] >= 2).all()
     assert set(csv["device"]) == {"cpu"} and set(csv["dtype"]) == {"float32"}
     assert (csv["threads"] >= 1).all() and (csv["batch_size"] == 8).all()
     # MNN dense at 32 weeks: predicted above the budget, marked and never built
@@ -235,7 +238,8 @@ def test_study_outputs_and_comparison(study):
     assert math.isnan(comparison["time_ratio"]) and "not in the study" in comparison["reason"]
     at16 = paper_comparison(study["table"], length=16)
     assert at16["speedup"] == pytest.approx(1 / at16["time_ratio"])
-    assert at16["memory_ratio"] > 0 and at16["dense_limit"] == 16
+    # (RSS pages: a tiny smnn step may reuse resident memory and measure 0 MB)
+    assert at16["memory_ratio"] >= 0 and at16["dense_limit"] == 16
 
 
 def test_study_mlflow_run(study):

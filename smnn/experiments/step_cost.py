@@ -15,8 +15,10 @@ backward, optimiser update) on fixed inputs -- and :func:`measure_case` measures
    the step above the memory in use just before it, so the model's parameters, the optimiser's
    state and the inputs are not counted; on CUDA the caching allocator's tensor statistics, on
    CPU the process's resident-set high-water mark (see :mod:`smnn.memory`);
-4. ``repeats`` timed steps, each between ``torch.cuda.synchronize`` calls on CUDA;
-   ``time_ms`` is their median, ``min_ms`` their minimum.
+4. ``repeats`` timed steps, each between ``torch.cuda.synchronize`` calls on CUDA, and more
+   while the timed steps add up to less than ``min_timed_s`` (at most :data:`MAX_REPEATS`):
+   a fast step is repeated until one stray slow step (another process taking the core) can no
+   longer move the median; ``time_ms`` is their median, ``min_ms`` their minimum.
 
 An exception while building or measuring the step is recorded, not raised: ``out_of_memory``
 for ``torch.OutOfMemoryError`` or the CPU allocator's "can't allocate memory" (the case did
@@ -56,6 +58,7 @@ __all__ = [
     "STATUSES",
     "DEFAULT_BUDGET_FRACTION",
     "DENSE_COPIES",
+    "MAX_REPEATS",
     "StepCost",
     "dense_system_bytes",
     "predict_dense_peak_bytes",
@@ -72,6 +75,7 @@ STATUSES = ("ok", "out_of_memory", "skipped_slow", "failed")
 DEFAULT_BUDGET_FRACTION = 0.8
 # dense matrices of the size of the normal matrix in smnn.benchmark.catalog.dense_matrix_bytes
 DENSE_COPIES = 3
+MAX_REPEATS = 50  # timed steps at most when repeating a fast step up to min_timed_s
 _NOTE_LIMIT = 300
 
 
@@ -194,16 +198,20 @@ def measure_step(
     repeats: int = 3,
     warmup: int = 1,
     time_budget_s: float = math.inf,
+    min_timed_s: float = 0.0,
 ) -> StepCost:
-    """Warm-up, one memory-measured step, then ``repeats`` timed steps of ``step`` (module
-    docstring, items 2 to 4). Exceptions propagate (see :func:`measure_case`).
+    """Warm-up, one memory-measured step, then ``repeats`` timed steps of ``step`` (more while
+    they add up to less than ``min_timed_s``; module docstring, items 2 to 4). Exceptions
+    propagate (see :func:`measure_case`).
 
     Args:
         step: one whole training step on fixed inputs; its return value is ignored.
         device: where the step runs (what is synchronised and whose memory is measured).
-        repeats: timed steps (>= 1); ``time_ms`` is their median.
+        repeats: timed steps at least (>= 1); ``time_ms`` is their median.
         warmup: untimed steps first (>= 1).
         time_budget_s: a warm-up step longer than this ends the case as ``skipped_slow``.
+        min_timed_s: keep timing steps until they add up to this (at most :data:`MAX_REPEATS`
+            steps).
 
     Returns:
         ``ok`` with the times and the peak memory, or ``skipped_slow``.
@@ -223,13 +231,15 @@ def measure_step(
                 )  # fmt: skip
         _, peak = measure_peak_memory(step, device=device)
         times = [_run_timed(step, device) for _ in range(repeats)]
+        while sum(times) < min_timed_s and len(times) < MAX_REPEATS:
+            times.append(_run_timed(step, device))
     return StepCost(
         "ok",
         time_ms=1e3 * statistics.median(times),
         min_ms=1e3 * min(times),
         warmup_ms=1e3 * first_s,
         peak_mb=peak / MB,
-        repeats=repeats,
+        repeats=len(times),
         note=_warning_note(caught)[:_NOTE_LIMIT],
     )
 
@@ -254,6 +264,7 @@ def measure_case(
     repeats: int = 3,
     warmup: int = 1,
     time_budget_s: float = math.inf,
+    min_timed_s: float = 0.0,
     predicted_bytes: int | None = None,
     budget_bytes: int | None = None,
 ) -> StepCost:
@@ -264,7 +275,7 @@ def measure_case(
         make_step: builds the case (model, optimiser, inputs) and returns its step; called
             only when the memory check passes.
         device: where the step runs.
-        repeats, warmup, time_budget_s: as :func:`measure_step`.
+        repeats, warmup, time_budget_s, min_timed_s: as :func:`measure_step`.
         predicted_bytes: predicted memory of the case (e.g. :func:`predict_dense_peak_bytes`),
             or None for no check.
         budget_bytes: the memory budget (:func:`memory_budget_bytes`); None: no check.
@@ -283,7 +294,12 @@ def measure_case(
     try:
         step = make_step()
         cost = measure_step(
-            step, device, repeats=repeats, warmup=warmup, time_budget_s=time_budget_s
+            step,
+            device,
+            repeats=repeats,
+            warmup=warmup,
+            time_budget_s=time_budget_s,
+            min_timed_s=min_timed_s,
         )
     except Exception as exc:  # recorded, the study goes on
         status = "out_of_memory" if _is_out_of_memory(exc) else "failed"

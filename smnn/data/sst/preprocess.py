@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from smnn.config import Config, ConfigError
+from smnn.data.dask_scheduler import CONNECT_TIMEOUT_S, SCHEDULERS, dask_scheduler
 from smnn.data.sst.layout import (
     MASK_VARIABLE,
     PLAUSIBLE_DEGC,
@@ -69,7 +70,6 @@ __all__ = [
     "SstPreprocessSettings",
     "SstProvenance",
     "sha256_file",
-    "dask_scheduler",
     "preprocess_sst",
     "open_sst_store",
 ]
@@ -77,7 +77,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LAND_MODES = ("all", "ocean")
-SCHEDULERS = ("threads", "local_cluster", "address")
 SOURCES = ("noaa", "file", "synthetic")
 REMEDY = "rerun the stage that writes it: snakemake --forcerun preprocess_sst"
 STORE_ATTRS = (
@@ -96,7 +95,6 @@ STORE_ATTRS = (
 )
 # bytes of one block of whole weeks read from the NetCDF file in pass 1 (~64 weeks at 1 degree)
 READ_BLOCK_BYTES = 16 * 2**20
-CONNECT_TIMEOUT_S = 10
 HASH_BLOCK_BYTES = 4 * 2**20
 
 
@@ -190,65 +188,6 @@ def sha256_file(path: str | Path) -> str:
         while block := f.read(HASH_BLOCK_BYTES):
             digest.update(block)
     return digest.hexdigest()
-
-
-# ------------------------------------------------------------------ Dask scheduler
-
-
-def _memory_limit(threads: int) -> int:
-    """Bytes for an in-process LocalCluster worker: half this machine's RAM, at most 2 GiB
-    per thread (the work itself needs a few hundred MB)."""
-    import psutil
-
-    return int(min(psutil.virtual_memory().total // 2, threads * 2 * 2**30))
-
-
-@contextmanager
-def dask_scheduler(settings: SstPreprocessSettings) -> Iterator[str]:
-    """Make the scheduler of ``settings`` the one Dask computations inside the block use.
-
-    Yields:
-        a description of it for the log (e.g. ``"threads (2)"``).
-
-    Raises:
-        ConfigError: ``scheduler: address`` and no scheduler answers at the address.
-    """
-    import dask
-
-    if settings.scheduler == "threads":
-        with dask.config.set(scheduler="threads", num_workers=settings.threads):
-            yield f"threads ({settings.threads})"
-        return
-    from distributed import Client, LocalCluster
-
-    if settings.scheduler == "local_cluster":
-        limit = _memory_limit(settings.threads)
-        with (
-            LocalCluster(
-                n_workers=1,
-                threads_per_worker=settings.threads,
-                processes=False,
-                memory_limit=limit,
-                dashboard_address=None,
-            ) as cluster,
-            Client(cluster) as client,
-        ):
-            yield (
-                f"distributed.LocalCluster (1 in-process worker, {settings.threads} threads, "
-                f"memory limit {limit / 2**30:.1f} GiB, {client.scheduler.address})"
-            )
-        return
-    try:
-        client = Client(settings.address, timeout=settings.connect_timeout)
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot reach the Dask scheduler at sst.preprocess.address {settings.address!r} "
-            f"({type(exc).__name__}: {exc}); start it (dask scheduler; dask worker "
-            f"{settings.address}) or set sst.preprocess.scheduler: threads"
-        ) from exc
-    with client:
-        n = sum(client.nthreads().values())
-        yield f"Dask cluster at {settings.address} ({n} worker threads)"
 
 
 # ------------------------------------------------------------------ preprocessing
@@ -356,7 +295,10 @@ def preprocess_sst(
     stage = _stage_path(out_abs)
     ds = xr.open_dataset(sst_abs, engine="netcdf4", chunks={"time": block, "lat": -1, "lon": -1})
     try:
-        with dask_scheduler(settings) as scheduler:
+        with dask_scheduler(
+            settings.scheduler, settings.threads, settings.address,
+            connect_timeout=settings.connect_timeout, key="sst.preprocess",
+        ) as scheduler:  # fmt: skip
             say(f"dask scheduler: {scheduler}")
             lat = np.asarray(ds["lat"].values, dtype=np.float32)
             lon = np.asarray(ds["lon"].values, dtype=np.float32)

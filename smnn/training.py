@@ -110,7 +110,8 @@ class TrainingTask(Protocol):
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, Any | None]:
         """The optimiser and an optional scheduler (stepped once per epoch; a
-        ``ReduceLROnPlateau`` gets the epoch's mean training loss)."""
+        ``ReduceLROnPlateau`` gets the epoch's validation loss when the task defines
+        ``validation_loss``, else its mean training loss)."""
         ...
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -126,6 +127,12 @@ class TrainingTask(Protocol):
     def epoch_metrics(self) -> dict[str, float]:
         """Extra metrics after an epoch (e.g. the number of active terms)."""
         ...
+
+    # Optional: ``validation_loss(self) -> float``, the loss on held-out data after an epoch.
+    # When a task defines it, the Trainer calls it after every epoch with the model in eval
+    # mode and gradients off (train mode restored afterwards), records it as ``valid_loss``
+    # (and its wall time as ``valid_time_s``), and steps a ``ReduceLROnPlateau`` on it. It
+    # should draw no random numbers from the global generators (use a seeded subset).
 
 
 @dataclass
@@ -160,7 +167,8 @@ class TrainingResult:
 
     Attributes:
         history: one record per epoch (``epoch``, ``train_loss``, components, ``lr``,
-            ``epoch_time_s``, ``step_time_ms``, ``step_peak_memory_mib``, task metrics).
+            ``epoch_time_s``, ``step_time_ms``, ``step_peak_memory_mib``, task metrics, and
+            ``valid_loss`` / ``valid_time_s`` for a task with ``validation_loss``).
         final_metrics: summary numbers (final loss, mean step time, peak memory, wall time).
         step_losses: the training loss of each of the first ``keep_step_losses`` steps.
         resumed_from_epoch: epochs completed before this process started (0 for a fresh run).
@@ -734,12 +742,38 @@ class Trainer:
             "step_peak_memory_mib": p.peak_memory / 2**20,
         }
         record.update({k: float(v) for k, v in self.task.epoch_metrics().items()})
+        record.update(self._validate())
         if self.scheduler is not None:
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.scheduler.step(record["train_loss"])
+                self.scheduler.step(record.get("valid_loss", record["train_loss"]))
             else:
                 self.scheduler.step()
         return record
+
+    def _validate(self) -> dict[str, float]:
+        """``valid_loss`` and ``valid_time_s`` of the task's optional ``validation_loss`` (see
+        :class:`TrainingTask`), or nothing when it has none.
+
+        Raises:
+            FloatingPointError: the validation loss is not finite.
+        """
+        validate = getattr(self.task, "validation_loss", None)
+        if not callable(validate):
+            return {}
+        model = self.task.model
+        was_training = model.training
+        self._sync()
+        start = time.perf_counter()
+        model.eval()
+        try:
+            with torch.no_grad():
+                loss = float(validate())
+        finally:
+            model.train(was_training)
+        self._sync()
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"validation loss became {loss} after epoch {self.epoch}")
+        return {"valid_loss": loss, "valid_time_s": time.perf_counter() - start}
 
     def fit(
         self, on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
@@ -830,6 +864,16 @@ class Trainer:
             "step_peak_memory_mib": max(r["step_peak_memory_mib"] for r in self.history),
             "train_time_s": float(sum(r["epoch_time_s"] for r in self.history)),
             "process_max_rss_mib": _max_rss_mib(),
+            **(
+                {
+                    "final_valid_loss": last["valid_loss"],
+                    "best_valid_loss": min(
+                        r["valid_loss"] for r in self.history if "valid_loss" in r
+                    ),
+                }
+                if "valid_loss" in last
+                else {}
+            ),
             **{
                 f"final_{k}": v
                 for k, v in last.items()

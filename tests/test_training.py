@@ -355,3 +355,49 @@ def test_step_peak_memory_is_recorded_per_epoch_and_overall(tmp_path):
         assert 0.9 * buffer_mib <= peak <= 4 * buffer_mib, peaks
     assert result.final_metrics["step_peak_memory_mib"] == max(peaks)
     assert result.final_metrics["process_max_rss_mib"] >= max(peaks)
+
+
+class _PlateauTask(_RegressionTask):
+    """The regression task with a validation loss that never improves, under a
+    ``ReduceLROnPlateau`` (patience 0): the training loss falls, the validation loss does not."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.modes: list[bool] = []
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.model.parameters(), lr=1e-2)
+        return opt, torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+
+    def validation_loss(self) -> float:
+        self.modes.append(self.model.training)
+        assert not torch.is_grad_enabled()
+        return 1.0
+
+
+def test_plateau_scheduler_steps_on_the_validation_loss(tmp_path):
+    seed_everything(0)
+    task = _PlateauTask(seed=1)
+    trainer = _trainer(task, tmp_path)
+    trainer.restore()
+    trainer.attach_run(None)
+    result = trainer.fit()
+    trainer.mark_finished()
+    train = [r["train_loss"] for r in result.history]
+    assert train[-1] < train[0]  # a plateau on the training loss would not reduce the lr
+    assert [r["valid_loss"] for r in result.history] == [1.0] * 4
+    assert all(r["valid_time_s"] >= 0 for r in result.history)
+    # the lr of epoch e: halved after every epoch but the first (no improvement on 1.0)
+    assert [r["lr"] for r in result.history] == [1e-2, 1e-2, 5e-3, 2.5e-3]
+    assert task.modes == [False] * 4 and task.model.training  # eval mode, then train again
+    assert result.final_metrics["final_valid_loss"] == 1.0
+    assert result.final_metrics["best_valid_loss"] == 1.0
+    # without validation_loss the plateau follows the training loss
+    seed_everything(0)
+    plain = _PlateauTask(seed=1)
+    plain.validation_loss = None  # not callable: no validation
+    trainer = _trainer(plain, tmp_path / "plain")
+    trainer.restore()
+    result = trainer.fit()
+    assert "valid_loss" not in result.history[0]
+    assert [r["lr"] for r in result.history] == [1e-2] * 4

@@ -8,6 +8,9 @@ indexing operation per batch (no Python loop per window):
 - :func:`read_series`: a time slice of a variable as ``(T, n_cells)``;
 - :func:`random_starts`, :func:`gather_windows`: random window starts and the windows
   ``(B, length)`` at given (start, cell) pairs;
+- :func:`gather_trajectory_windows`: for stores of many trajectories ``(trajectory, time,
+  *space)`` held as one tensor (KdV), the time windows ``(B, length, *space)`` at given
+  (trajectory, start) pairs;
 - :class:`RowPartners`: for each cell of a ``(rows, cols)`` grid, a random partner in the same
   row at a column offset in ``[lo, hi] \\ {0}``, wrapping around (periodic columns, e.g.
   longitude), optionally restricted to allowed cells (e.g. ocean);
@@ -34,6 +37,7 @@ __all__ = [
     "read_series",
     "random_starts",
     "gather_windows",
+    "gather_trajectory_windows",
     "RowPartners",
     "seeded_generator",
 ]
@@ -129,6 +133,38 @@ def gather_windows(
         raise IndexError(f"a window of {length} steps leaves the {series.shape[0]} steps")
     rows = starts.unsqueeze(1) + torch.arange(length, device=dev)
     return series[rows, cells.unsqueeze(1)]
+
+
+def gather_trajectory_windows(
+    data: torch.Tensor, trajectories: torch.Tensor, starts: torch.Tensor, length: int
+) -> torch.Tensor:
+    """The windows ``data[trajectories[i], starts[i] : starts[i] + length]`` as
+    ``(B, length, *space)``.
+
+    Args:
+        data: ``(n_trajectories, T, *space)``.
+        trajectories, starts: ``(B,)`` integer tensors (any device; moved to ``data``'s).
+        length: steps per window.
+
+    Raises:
+        ValueError: wrong shapes; IndexError: a window leaves the data.
+    """
+    if data.ndim < 2:
+        raise ValueError(f"data must be (n_trajectories, T, ...), got {tuple(data.shape)}")
+    if trajectories.shape != starts.shape or starts.ndim != 1:
+        raise ValueError(
+            f"trajectories and starts must be (B,), got {tuple(trajectories.shape)} and "
+            f"{tuple(starts.shape)}"
+        )
+    dev = data.device
+    trajectories, starts = trajectories.to(dev), starts.to(dev)
+    if starts.numel():
+        if int(starts.min()) < 0 or int(starts.max()) + length > data.shape[1]:
+            raise IndexError(f"a window of {length} steps leaves the {data.shape[1]} steps")
+        if int(trajectories.min()) < 0 or int(trajectories.max()) >= data.shape[0]:
+            raise IndexError(f"trajectories must be in 0..{data.shape[0] - 1}")
+    rows = starts.unsqueeze(1) + torch.arange(length, device=dev)
+    return data[trajectories.unsqueeze(1), rows]
 
 
 class RowPartners:

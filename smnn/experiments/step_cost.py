@@ -8,17 +8,21 @@ backward, optimiser update) on fixed inputs -- and :func:`measure_case` measures
    given (for MNN dense, :func:`predict_dense_peak_bytes`) and exceeds the budget
    (:func:`memory_budget_bytes`), the case is ``out_of_memory`` and its step is never built;
 2. ``warmup`` untimed steps (first-call costs: numba compilation, allocations, page faults, the
-   optimiser's state); a warm-up step longer than the time budget ends the case as
-   ``skipped_slow`` (its time in ``warmup_ms``);
-3. one step under :func:`smnn.memory.measure_peak_memory`, untimed (it collects garbage and hands
-   freed memory back to the operating system first): ``peak_mb`` is the peak memory in use during
-   the step above the memory in use just before it, so the model's parameters, the optimiser's
-   state and the inputs are not counted; on CUDA the caching allocator's tensor statistics, on
-   CPU the process's resident-set high-water mark (see :mod:`smnn.memory`);
-4. ``repeats`` timed steps, each between ``torch.cuda.synchronize`` calls on CUDA, and more
-   while the timed steps add up to less than ``min_timed_s`` (at most :data:`MAX_REPEATS`):
-   a fast step is repeated until one stray slow step (another process taking the core) can no
-   longer move the median; ``time_ms`` is their median, ``min_ms`` their minimum.
+   optimiser's state; the first one's time is ``warmup_ms``); a warm-up step longer than
+   :data:`SLOW_WARMUP_FACTOR` times the time budget ends the case as ``skipped_slow``;
+3. one step under :func:`smnn.memory.measure_peak_memory` (it collects garbage and hands freed
+   memory back to the operating system before the step; the step alone is timed): ``peak_mb``
+   is the peak memory in use during the step above the memory in use just before it, so the
+   model's parameters, the optimiser's state and the inputs are not counted; on CUDA the
+   caching allocator's tensor statistics, on CPU the process's resident-set high-water mark
+   (see :mod:`smnn.memory`). When this step takes longer than the time budget, it is the only
+   timed step (``repeats`` = 1, said in ``note``): the case is measured, at the cost of two
+   steps, and the caller can stop there;
+4. otherwise ``repeats`` timed steps, each between ``torch.cuda.synchronize`` calls on CUDA,
+   and more while the timed steps add up to less than ``min_timed_s`` (at most
+   :data:`MAX_REPEATS`): a fast step is repeated until one stray slow step (another process
+   taking the core) can no longer move the median; ``time_ms`` is their median, ``min_ms``
+   their minimum.
 
 An exception while building or measuring the step is recorded, not raised: ``out_of_memory``
 for ``torch.OutOfMemoryError`` or the CPU allocator's "can't allocate memory" (the case did
@@ -59,6 +63,7 @@ __all__ = [
     "DEFAULT_BUDGET_FRACTION",
     "DENSE_COPIES",
     "MAX_REPEATS",
+    "SLOW_WARMUP_FACTOR",
     "StepCost",
     "dense_system_bytes",
     "predict_dense_peak_bytes",
@@ -76,6 +81,9 @@ DEFAULT_BUDGET_FRACTION = 0.8
 # dense matrices of the size of the normal matrix in smnn.benchmark.catalog.dense_matrix_bytes
 DENSE_COPIES = 3
 MAX_REPEATS = 50  # timed steps at most when repeating a fast step up to min_timed_s
+# a warm-up step longer than this many time budgets ends the case (first-call costs such as
+# compilation make a warm-up step slower than the steps after it, so not at one budget)
+SLOW_WARMUP_FACTOR = 5.0
 _NOTE_LIMIT = 300
 
 
@@ -200,16 +208,18 @@ def measure_step(
     time_budget_s: float = math.inf,
     min_timed_s: float = 0.0,
 ) -> StepCost:
-    """Warm-up, one memory-measured step, then ``repeats`` timed steps of ``step`` (more while
-    they add up to less than ``min_timed_s``; module docstring, items 2 to 4). Exceptions
-    propagate (see :func:`measure_case`).
+    """Warm-up, one memory-measured (and timed) step, then ``repeats`` timed steps of ``step``
+    (more while they add up to less than ``min_timed_s``; module docstring, items 2 to 4).
+    Exceptions propagate (see :func:`measure_case`).
 
     Args:
         step: one whole training step on fixed inputs; its return value is ignored.
         device: where the step runs (what is synchronised and whose memory is measured).
         repeats: timed steps at least (>= 1); ``time_ms`` is their median.
         warmup: untimed steps first (>= 1).
-        time_budget_s: a warm-up step longer than this ends the case as ``skipped_slow``.
+        time_budget_s: seconds per step: a warm-up step over :data:`SLOW_WARMUP_FACTOR` times
+            this ends the case as ``skipped_slow``; a memory-measured step over it is the only
+            timed step.
         min_timed_s: keep timing steps until they add up to this (at most :data:`MAX_REPEATS`
             steps).
 
@@ -218,21 +228,29 @@ def measure_step(
     """
     if repeats < 1 or warmup < 1:
         raise ValueError(f"repeats and warmup must be >= 1, got {repeats} and {warmup}")
+    notes: list[str] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first_s = math.nan
         for i in range(warmup):
             seconds = _run_timed(step, device)
             first_s = seconds if i == 0 else first_s
-            if seconds > time_budget_s:
+            if seconds > SLOW_WARMUP_FACTOR * time_budget_s:
                 return StepCost(
                     "skipped_slow", warmup_ms=1e3 * first_s,
-                    note=f"warm-up step took {seconds:.1f} s > time budget {time_budget_s:g} s",
+                    note=f"warm-up step took {seconds:.1f} s > {SLOW_WARMUP_FACTOR:g} x time "
+                         f"budget {time_budget_s:g} s",
                 )  # fmt: skip
-        _, peak = measure_peak_memory(step, device=device)
-        times = [_run_timed(step, device) for _ in range(repeats)]
-        while sum(times) < min_timed_s and len(times) < MAX_REPEATS:
-            times.append(_run_timed(step, device))
+        seconds, peak = measure_peak_memory(_run_timed, step, device, device=device)
+        if seconds > time_budget_s:
+            times = [seconds]
+            notes.append(f"one timed step: it took {seconds:.1f} s > time budget "
+                         f"{time_budget_s:g} s")  # fmt: skip
+        else:
+            times = [_run_timed(step, device) for _ in range(repeats)]
+            while sum(times) < min_timed_s and len(times) < MAX_REPEATS:
+                times.append(_run_timed(step, device))
+    notes.append(_warning_note(caught))
     return StepCost(
         "ok",
         time_ms=1e3 * statistics.median(times),
@@ -240,7 +258,7 @@ def measure_step(
         warmup_ms=1e3 * first_s,
         peak_mb=peak / MB,
         repeats=len(times),
-        note=_warning_note(caught)[:_NOTE_LIMIT],
+        note="; ".join(n for n in notes if n)[:_NOTE_LIMIT],
     )
 
 

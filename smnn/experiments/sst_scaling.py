@@ -23,7 +23,7 @@ Statuses (column ``status``):
 - ``skipped_slow``: once a case of a solver takes longer than the time budget per step, the
   solver's longer lengths are not run (:data:`TIME_BUDGET_S` seconds by default;
   ``sst.scaling.time_budget`` or ``--time-budget``). The case over the budget is still measured,
-  from one timed step (``repeats`` 1, said in ``note``); only a warm-up step over five budgets
+  from two timed steps (``repeats`` 2, said in ``note``); only a warm-up step over five budgets
   ends a case unmeasured (``skipped_slow`` itself). This keeps the demo within about a minute on
   a CPU, where MNN dense's O(T^3) factorization and MNN CG's 200 iterations grow fast;
 - ``failed``: the case raised; the message is in ``note``; the study goes on.

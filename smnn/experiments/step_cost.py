@@ -15,9 +15,10 @@ backward, optimiser update) on fixed inputs -- and :func:`measure_case` measures
    is the peak memory in use during the step above the memory in use just before it, so the
    model's parameters, the optimiser's state and the inputs are not counted; on CUDA the
    caching allocator's tensor statistics, on CPU the process's resident-set high-water mark
-   (see :mod:`smnn.memory`). When this step takes longer than the time budget, it is the only
-   timed step (``repeats`` = 1, said in ``note``): the case is measured, at the cost of two
-   steps, and the caller can stop there;
+   (see :mod:`smnn.memory`). When this step takes longer than the time budget, one more step is
+   timed; when that one does too, these two are the timed steps (``repeats`` = 2, said in
+   ``note``): the case is measured at the cost of three steps, and the caller can stop there
+   (one slow step alone may be another process taking the core);
 4. otherwise ``repeats`` timed steps, each between ``torch.cuda.synchronize`` calls on CUDA,
    and more while the timed steps add up to less than ``min_timed_s`` (at most
    :data:`MAX_REPEATS`): a fast step is repeated until one stray slow step (another process
@@ -218,8 +219,8 @@ def measure_step(
         repeats: timed steps at least (>= 1); ``time_ms`` is their median.
         warmup: untimed steps first (>= 1).
         time_budget_s: seconds per step: a warm-up step over :data:`SLOW_WARMUP_FACTOR` times
-            this ends the case as ``skipped_slow``; a memory-measured step over it is the only
-            timed step.
+            this ends the case as ``skipped_slow``; the memory-measured step and the next one
+            both over it are the only timed steps.
         min_timed_s: keep timing steps until they add up to this (at most :data:`MAX_REPEATS`
             steps).
 
@@ -242,13 +243,13 @@ def measure_step(
                          f"budget {time_budget_s:g} s",
                 )  # fmt: skip
         seconds, peak = measure_peak_memory(_run_timed, step, device, device=device)
-        if seconds > time_budget_s:
-            times = [seconds]
-            notes.append(f"one timed step: it took {seconds:.1f} s > time budget "
+        times = [] if seconds <= time_budget_s else [seconds, _run_timed(step, device)]
+        if times and min(times) > time_budget_s:
+            notes.append(f"two timed steps: a step took {min(times):.1f} s > time budget "
                          f"{time_budget_s:g} s")  # fmt: skip
-        else:
-            times = [_run_timed(step, device) for _ in range(repeats)]
-            while sum(times) < min_timed_s and len(times) < MAX_REPEATS:
+        else:  # (one step over the budget and the next within it: a stray slow step)
+            times = times[1:]
+            while len(times) < repeats or (sum(times) < min_timed_s and len(times) < MAX_REPEATS):
                 times.append(_run_timed(step, device))
     notes.append(_warning_note(caught))
     return StepCost(

@@ -1,0 +1,417 @@
+"""KdV model, training task and evaluation: ResNet1D, the model's ODE and solve, the parameter
+count at the published sizes, training through the shared Trainer (validation loss, plateau
+schedule), the rollout protocol, persistence and NMSE, reproducible metrics."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from smnn.config import Config, ConfigError
+from smnn.data.kdv import build_kdv_dataset, write_kdv_store
+from smnn.data.windows import gather_trajectory_windows
+from smnn.experiments.base import Experiment
+from smnn.experiments.kdv import (
+    EXPERIMENT,
+    INIT_KERNEL,
+    N_INIT_ORDERS,
+    N_ORDERS,
+    PAPER_PARAMETERS,
+    STEP_INIT,
+    STEP_KERNEL,
+    KdvModel,
+    KdvSettings,
+    load_model,
+    open_store,
+    section_problems,
+)
+from smnn.experiments.kdv_evaluation import (
+    persistence_forecast,
+    rollout,
+    rollout_plan,
+    score_rollout,
+)
+from smnn.experiments.mnn_layer import MnnLayer
+from smnn.experiments.resnet1d import ResNet1D
+from smnn.io import atomic_torch_save
+from smnn.training import Trainer, TrainerSettings, seed_everything
+
+N_SPLITS, N_TIME, N_X, WINDOW = (6, 2, 2), 40, 32, 10
+
+KDV_SECTION = {
+    "enabled": True,
+    "solvers": ["smnn"],
+    "source": "generate",
+    "model": {
+        "window": WINDOW, "base_filters": 8, "kernel_size": 5, "n_blocks": 2, "double_every": 1,
+        "init_hidden": 8, "step_floor": 1.0e-3,
+    },
+    "train": {
+        "epochs": 4, "batch_size": 16, "lr": 3.0e-3, "plateau_factor": 0.5,
+        "plateau_patience": 2, "dtype": "float32", "windows_per_epoch": 64,
+    },
+    "evaluate": {"n_trajectories": None, "sample_trajectories": 2},
+}  # fmt: skip
+
+
+def make_config(**overrides) -> Config:
+    section = json.loads(json.dumps(KDV_SECTION))
+    for key, value in overrides.items():
+        node = section
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return Config({"seed": 3, "device": "cpu", "kdv": section}, source="test")
+
+
+def write_store(path, seed: int = 0):
+    """A small store in the KdV layout: two travelling sine modes per trajectory."""
+    rng = np.random.default_rng(seed)
+    rows = sum(N_SPLITS)
+    length = rng.uniform(20.0, 30.0, rows)
+    dt = rng.uniform(0.15, 0.25, rows)
+    x = np.arange(N_X)[None] * (length / N_X)[:, None]  # (rows, n_x)
+    t = (10 + np.arange(N_TIME))[None] * dt[:, None]  # (rows, T)
+    amp, phase = rng.uniform(0.5, 1.0, (rows, 2)), rng.uniform(0, 2 * np.pi, (rows, 2))
+    speed = rng.uniform(0.5, 1.5, (rows, 2))
+    u = np.zeros((rows, N_TIME, N_X))
+    for m in range(2):
+        k = 2 * np.pi * (m + 1) / length
+        arg = k[:, None, None] * (x[:, None, :] - speed[:, m, None, None] * t[:, :, None])
+        u += amp[:, m, None, None] * np.sin(arg + phase[:, m, None, None])
+    split = [s for s, n in zip(("train", "valid", "test"), N_SPLITS, strict=True) for _ in range(n)]
+    ds = build_kdv_dataset(
+        u, split=split, sample=np.concatenate([np.arange(n) for n in N_SPLITS]), x=x,
+        dx=length / N_X, t=t, dt=dt, attrs={"source": "generate", "smnn_version": "test"},
+    )  # fmt: skip
+    return write_kdv_store(ds, path)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_store(tmp_path_factory.mktemp("kdv") / "kdv.zarr")
+
+
+def small_model(solver: str = "smnn", n_x: int = N_X) -> KdvModel:
+    torch.manual_seed(0)
+    return KdvModel(n_x, WINDOW, 8, 5, 2, 1, 8, 1e-3, solver=solver).double()
+
+
+# ------------------------------------------------------------------ ResNet1D and the model
+
+
+def test_resnet1d_shapes_and_circular_shift_equivariance():
+    torch.manual_seed(0)
+    net = ResNet1D(WINDOW, 8, 5, n_blocks=5, double_every=2).double()
+    assert [b.n_out for b in net.blocks] == [8, 8, 16, 16, 32] and net.out_channels == 32
+    x = torch.randn(3, WINDOW, N_X, dtype=torch.float64)
+    y = net(x)
+    assert y.shape == (3, 32, N_X)
+    for shift in (1, 7, -5):
+        torch.testing.assert_close(net(torch.roll(x, shift, dims=-1)), torch.roll(y, shift, -1))
+    # the model's coefficient and right-hand-side nets inherit it (heads are circular too)
+    model = small_model()
+    ode, shifted = model.decode(x), model.decode(torch.roll(x, 5, dims=-1))
+    torch.testing.assert_close(shifted.coefficients, torch.roll(ode.coefficients, 5, dims=1))
+    torch.testing.assert_close(shifted.rhs, torch.roll(ode.rhs, 5, dims=1))
+    with pytest.raises(ValueError, match="odd"):
+        ResNet1D(WINDOW, 8, 4, 2, 2)
+    with pytest.raises(ValueError, match=r"\(B, 10, N\)"):
+        net(torch.zeros(3, 9, N_X, dtype=torch.float64))
+
+
+def test_model_shapes_initial_values_and_step():
+    model = small_model()
+    x = torch.randn(4, WINDOW, N_X, dtype=torch.float64)
+    ode = model.decode(x)
+    assert ode.coefficients.shape == (4, N_X, WINDOW, 1, 1, N_ORDERS)
+    assert ode.rhs.shape == (4, N_X, WINDOW, 1)
+    assert ode.init_vars.shape == (4, N_X, 1, 1, N_INIT_ORDERS)
+    assert ode.steps.shape == (4, 1, 1)
+    torch.testing.assert_close(ode.init_vars[:, :, 0, 0, 0], x[:, -1])  # order 0: last value
+    torch.testing.assert_close(ode.steps, torch.full_like(ode.steps, STEP_INIT))
+    out = model(x)
+    assert out.solution.shape == (4, WINDOW, N_X)
+    assert out.orders.shape == (4, N_X, WINDOW, N_ORDERS)
+    assert out.steps.shape == (4,) and bool(torch.isfinite(out.solution).all())
+    torch.testing.assert_close(out.solution, out.orders[..., 0].transpose(1, 2))
+    with pytest.raises(ValueError, match=r"\(B, 10, 32\)"):
+        model(torch.zeros(4, WINDOW, N_X + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="too small"):
+        small_model(n_x=8)
+    # float32 models solve in float64 and return float32
+    m32 = small_model().float()
+    assert m32(x.float()).solution.dtype == torch.float32
+
+
+def _expected_parameters(n_x, window, base, kernel, n_blocks, every, hidden) -> int:
+    """The parameter count of the architecture, counted independently of the model code."""
+    widths = [base * 2 ** (i // every) for i in range(n_blocks)]
+    resnet = window * base * kernel + base
+    for c_in, c_out in zip([base, *widths[:-1]], widths, strict=True):
+        resnet += kernel * c_in * c_out + c_out + kernel * c_out * c_out + c_out
+    # heads: kernel-7 convolutions to W * 5 coefficients and W right-hand sides
+    heads = widths[-1] * window * 5 * 7 + window * 5 + widths[-1] * window * 7 + window
+    enc_widths = [hidden, 2 * hidden, 4 * hidden, 4 * hidden, 2 * hidden, hidden, hidden // 2]
+
+    def encoder(k):
+        total, c_in = 0, window
+        for c_out in enc_widths:
+            total += k * c_in * c_out + c_out
+            c_in = c_out
+        return total
+
+    features = enc_widths[-1] * (n_x // 4)
+    init = encoder(INIT_KERNEL) + features * n_x * 3 + n_x * 3
+    step = encoder(STEP_KERNEL) + features + 1
+    return 2 * resnet + heads + init + step
+
+
+def test_parameter_count_at_the_published_sizes():
+    model = KdvModel(256, 10, 64, 9, 10, 4, 64, 1.0e-3)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == _expected_parameters(256, 10, 64, 9, 10, 4, 64) == PAPER_PARAMETERS
+    assert abs(n - 10.4e6) / 10.4e6 < 0.05, n
+
+
+def test_solve_matches_the_dense_reference_and_every_solver_runs():
+    from smnn.solver.reference import dense_reference
+
+    model = small_model(n_x=16)
+    x = torch.randn(2, WINDOW, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ode = model.decode(x)
+        u = model.solve(ode)  # (B, n_x, W, R) by smnn
+        ref = dense_reference(ode.coefficients, ode.rhs, ode.init_vars,
+                              ode.steps.expand(2, 16, WINDOW - 1))  # fmt: skip
+    assert ref.shape == (2, 16, WINDOW, 1, N_ORDERS)
+    torch.testing.assert_close(u, ref[..., 0, :], atol=1e-6, rtol=0)
+    for solver in ("mnn_dense", "mnn_cg"):
+        other = small_model(solver, n_x=16)
+        other.load_state_dict(model.state_dict())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # mnn_cg may not converge on random coefficients
+            out = other(x.requires_grad_(True))
+        assert out.solution.shape == (2, WINDOW, 16) and bool(torch.isfinite(out.solution).all())
+        out.solution.abs().mean().backward()  # gradients flow through each solver
+        assert any(p.grad is not None for p in other.coefficient_net.parameters())
+        x = x.detach()
+
+
+def test_layer_is_the_shared_mnn_layer():
+    assert isinstance(small_model().layer, MnnLayer) and small_model("mnn_cg").solver == "mnn_cg"
+
+
+# ------------------------------------------------------------------ settings
+
+
+def test_settings_and_problems():
+    s = KdvSettings.from_config(make_config())
+    assert s.window == WINDOW and s.windows_per_epoch == 64 and s.n_trajectories is None
+    assert section_problems(KDV_SECTION) == []
+    bad = json.loads(json.dumps(KDV_SECTION))
+    bad["model"]["kernel_size"] = 4
+    bad["generate"] = {"n_kept": 15, "n_test": 3}
+    bad["evaluate"] = {"n_trajectories": 5, "sample_trajectories": 4}
+    problems = "\n".join(section_problems(bad))
+    for key in ("model.kernel_size", "generate.n_kept", "evaluate.n_trajectories",
+                "evaluate.sample_trajectories"):  # fmt: skip
+        assert f"'kdv.{key}'" in problems
+    assert EXPERIMENT.config_problems(bad)
+    with pytest.raises(ConfigError, match="plateau_factor"):
+        KdvSettings.from_config(make_config(**{"train.plateau_factor": 1.0}))
+    with pytest.raises(ConfigError, match="kernel_size"):
+        KdvSettings.from_config(make_config(**{"model.kernel_size": 6}))
+
+
+def test_experiment_object():
+    assert isinstance(EXPERIMENT, Experiment)
+    assert (EXPERIMENT.name, EXPERIMENT.mlflow_experiment, EXPERIMENT.data_store) == (
+        "kdv", "kdv", "kdv.zarr",
+    )  # fmt: skip
+    assert EXPERIMENT.solvers == ("smnn", "mnn_dense", "mnn_cg")
+    assert EXPERIMENT.data_rules == ("generate_kdv", "import_kdv")
+    assert not hasattr(EXPERIMENT, "baselines")
+    assert set(EXPERIMENT.schema["required"]) >= {"enabled", "solvers", "model", "train"}
+    assert "rolls out all test trajectories" in EXPERIMENT.summary(make_config())
+
+
+# ------------------------------------------------------------------ training
+
+
+def _train(task, directory, epochs=None):
+    settings = TrainerSettings(
+        checkpoint_dir=directory, seed=3, device=torch.device("cpu"), progress=False,
+        max_epochs=epochs,
+    )  # fmt: skip
+    trainer = Trainer(task, settings)
+    with trainer:
+        trainer.restore()
+        return trainer.fit()
+
+
+@pytest.fixture(scope="module")
+def trained(store, tmp_path_factory):
+    d = tmp_path_factory.mktemp("trained")
+    config = make_config()
+    seed_everything(3)
+    task = EXPERIMENT.build_task(config, "smnn", store, torch.device("cpu"))
+    result = _train(task, d / "ck")
+    payload = EXPERIMENT.model_payload(task)
+    payload.update(history=result.history, step_losses=result.step_losses,
+                   final_metrics=result.final_metrics, run_id="run-kdv")  # fmt: skip
+    path = atomic_torch_save(payload, d / "model.pt")
+    return {"config": config, "task": task, "result": result, "model": path, "dir": d}
+
+
+def test_training_reduces_the_loss_and_validates(trained):
+    task, result = trained["task"], trained["result"]
+    assert task.n_samples == 64 and task.n_starts == N_TIME - 2 * WINDOW + 2
+    losses = [r["train_loss"] for r in result.history]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert losses[-1] < losses[0], losses
+    valid = [r["valid_loss"] for r in result.history]
+    assert all(np.isfinite(valid)) and valid[-1] < valid[0], valid
+    assert result.final_metrics["final_valid_loss"] == valid[-1]
+    for key in ("mean_step_time_ms", "step_peak_memory_mib"):
+        assert result.final_metrics[key] > 0
+    assert all(0.001 <= r["mean_step_size"] < 1 for r in result.history)
+
+
+def test_windows_overlap_by_one_and_validation_subset_is_fixed(store):
+    seed_everything(0)
+    task = EXPERIMENT.build_task(make_config(), "smnn", store, torch.device("cpu"))
+    data = open_store(store).read("train", dtype=torch.float32)
+    x, y = task.windows(task.train, torch.tensor([1, 4]), torch.tensor([0, 21]))
+    torch.testing.assert_close(x[1], data[4, 21:31])
+    torch.testing.assert_close(y[1], data[4, 30:40])
+    torch.testing.assert_close(x[:, -1], y[:, 0])  # the solution's first step = last input
+    n_valid = N_SPLITS[1] * task.n_starts  # fewer than VALID_WINDOWS: all of them, in order
+    assert task.valid_starts.numel() == n_valid
+    pairs = set(zip(task.valid_trajectories.tolist(), task.valid_starts.tolist(), strict=True))
+    assert len(pairs) == n_valid
+    seed_everything(1)
+    again = EXPERIMENT.build_task(make_config(), "smnn", store, torch.device("cpu"))
+    assert torch.equal(again.valid_starts, task.valid_starts)
+    # the validation loss is the L1 loss of those windows
+    with torch.no_grad():
+        task.model.eval()
+        xv, yv = task.windows(task.valid, task.valid_trajectories, task.valid_starts)
+        expected = float((task.model(xv).solution - yv).abs().mean())
+        assert task.validation_loss() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(IndexError):
+        gather_trajectory_windows(task.train, torch.tensor([0]), torch.tensor([30]), 19)
+
+
+def test_plateau_schedule_follows_the_validation_loss(store, tmp_path):
+    config = make_config(**{"train.lr": 1.0e-12, "train.plateau_patience": 0,
+                            "train.windows_per_epoch": 16, "train.epochs": 3})  # fmt: skip
+    seed_everything(3)
+    task = EXPERIMENT.build_task(config, "smnn", store, torch.device("cpu"))
+    _, scheduler = task.configure_optimizers()
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    assert (scheduler.factor, scheduler.patience) == (0.5, 0)
+    result = _train(task, tmp_path / "ck")
+    # lr 1e-12 leaves the validation loss unchanged: no improvement after the first epoch
+    assert [r["lr"] for r in result.history] == pytest.approx([1e-12, 1e-12, 5e-13])
+
+
+# ------------------------------------------------------------------ rollout and evaluation
+
+
+class _Counter:
+    """A fake model: each output step is the last input step plus its index (so a rollout of
+    a trajectory whose step t holds t continues t exactly)."""
+
+    window = WINDOW
+
+    def predict(self, x):
+        return x[:, -1:] + torch.arange(WINDOW, dtype=x.dtype).view(1, -1, 1)
+
+
+def test_rollout_covers_every_step():
+    plan = rollout_plan(140, WINDOW)
+    assert len(plan) == 15 and plan[0] == (10, 9) and plan[-1] == (136, 4)
+    assert sum(n for _, n in plan) == 130
+    truth = torch.arange(140, dtype=torch.float64).view(1, 140, 1).expand(3, 140, 5)
+    pred = rollout(_Counter(), truth.contiguous(), batch_size=2)
+    np.testing.assert_array_equal(pred, truth.numpy())
+    with pytest.raises(ValueError, match="predicts nothing"):
+        rollout_plan(10, WINDOW)
+
+
+def _numpy_nmse(pred, truth, given):
+    err = ((pred[:, given:] - truth[:, given:]) ** 2).sum(axis=2)
+    return (err / (truth[:, given:] ** 2).sum(axis=2)).mean(axis=0).mean()
+
+
+def test_evaluate_metrics_persistence_and_byte_identical_rerun(trained, store, tmp_path):
+    config = trained["config"]
+    ev = EXPERIMENT.evaluate(config, "smnn", store, trained["model"], tmp_path / "a",
+                             torch.device("cpu"))  # fmt: skip
+    text = (tmp_path / "a" / "metrics.json").read_text()
+    doc = json.loads(text)
+    assert doc["source"] == "generate" and doc["solver"] == "smnn"
+    p = doc["protocol"]
+    assert p["scored_steps"] == [WINDOW, N_TIME - 1] and p["n_scored_steps"] == N_TIME - WINDOW
+    assert p["model_calls"] == 4 and p["last_call_new_steps"] == 3
+    assert "sum over x" in doc["normalisation"]
+    assert len(doc["models"]["model"]["nmse_by_step"]) == N_TIME - WINDOW
+    # persistence against a numpy computation from the store
+    ds = open_store(store)
+    truth = np.asarray(ds.dataset["u"].values)[ds.rows("test")]
+    held = np.repeat(truth[:, WINDOW - 1 : WINDOW], N_TIME, axis=1)
+    expected = _numpy_nmse(held, truth, WINDOW)
+    assert ev.metrics["nmse_persistence"] == pytest.approx(expected, rel=1e-12)
+    assert doc["models"]["persistence"]["nmse"] == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_allclose(persistence_forecast(truth, WINDOW), np.where(
+        np.arange(N_TIME)[None, :, None] < WINDOW, truth, held))  # fmt: skip
+    assert np.isfinite(ev.metrics["nmse_model"])
+    assert ev.tags["train_run_id"] == "run-kdv" and ev.tags["source"] == "generate"
+    assert sorted(f.name for f in ev.plots) == ["loss.png", "nmse_by_step.png", "spacetime.png"]
+    assert all(f.stat().st_size > 0 for f in ev.plots)
+    assert "run-kdv" not in text
+    # rerun: the same bytes
+    EXPERIMENT.evaluate(config, "smnn", store, trained["model"], tmp_path / "b",
+                        torch.device("cpu"))  # fmt: skip
+    assert (tmp_path / "b" / "metrics.json").read_bytes() == text.encode()
+    # one trajectory only
+    one = EXPERIMENT.evaluate(make_config(**{"evaluate.n_trajectories": 1,
+                                          "evaluate.sample_trajectories": 1}), "smnn", store,
+                              trained["model"], tmp_path / "c", torch.device("cpu"))  # fmt: skip
+    assert one.document["data"]["n_trajectories_scored"] == 1
+    assert one.metrics["nmse_persistence"] == pytest.approx(
+        _numpy_nmse(held[:1], truth[:1], WINDOW), rel=1e-12
+    )
+
+
+def test_score_rejects_bad_inputs():
+    truth = np.ones((2, 12, 4))
+    with pytest.raises(ValueError, match="same"):
+        score_rollout(truth[:, :11], truth, WINDOW)
+    bad = truth.copy()
+    bad[1, 11, 0] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        score_rollout(bad, truth, WINDOW)
+    zero = truth.copy()
+    zero[0, 10] = 0.0
+    with pytest.raises(ValueError, match="zero everywhere"):
+        score_rollout(truth, zero, WINDOW)
+
+
+def test_model_file_errors(trained, store, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train first"):
+        load_model(tmp_path / "missing.pt")
+    atomic_torch_save({"kind": "other", "state_dict": {}, "model_args": {}}, tmp_path / "o.pt")
+    with pytest.raises(ValueError, match="expected 'kdv_mnn'"):
+        load_model(tmp_path / "o.pt")
+    model, payload = load_model(trained["model"])
+    assert payload["n_parameters"] == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="retrain"):
+        EXPERIMENT.evaluate(make_config(**{"model.window": 8}), "smnn", store, trained["model"],
+                            tmp_path / "w", torch.device("cpu"))  # fmt: skip

@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "smnn.commands.generate_lorenz",
     "smnn.commands.download_sst",
     "smnn.commands.sst_data",
+    "smnn.commands.kdv_data",
     "smnn.commands.experiment",
     "smnn.commands.sst_scaling",
 ]

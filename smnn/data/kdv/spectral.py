@@ -338,8 +338,11 @@ def _etdrk4(
     h = interval[order] / s
     _, k_odd = wavenumbers(length[order], n_x)
     lin = 1j * k_odd**3  # (B, n_k): -u_xxx in Fourier space; zero at the Nyquist mode
-    w = etdrk4_weights(h[:, None] * lin, h[:, None], contour_points)
-    e, e2, q, f1, f2, f3 = (w[name] for name in ("E", "E2", "Q", "f1", "f2", "f3"))
+    # row by row: numpy's vectorised reductions may round a row differently in another batch
+    rows = [etdrk4_weights(h[b] * lin[b : b + 1], h[b], contour_points) for b in range(batch)]
+    e, e2, q, f1, f2, f3 = (
+        np.concatenate([w[name] for w in rows]) for name in ("E", "E2", "Q", "f1", "f2", "f3")
+    )
     f2 = 2.0 * f2  # the final stage weighs N(a) + N(b) by 2 f2
     ik = 1j * k_odd
     mask = _dealias_mask(n_x) if dealias else None

@@ -142,15 +142,20 @@ def test_seeds_per_split_and_trajectory():
 
 
 def test_generate_is_reproducible_across_workers_and_blocks(tmp_path):
-    """The same seed gives identical stores with 1 or 2 worker threads and other block sizes,
-    and any subset regenerates identically alone."""
+    """The same seed gives identical stores with 1 or 2 worker threads, other block sizes and a
+    distributed LocalCluster, and any subset regenerates identically alone."""
     one = generate_kdv(tmp_path / "one.zarr", KdvGenerateSettings(**SMALL))
     two = generate_kdv(
         tmp_path / "two.zarr", KdvGenerateSettings(**{**SMALL, "threads": 2, "block_size": 3})
     )
-    a, b = open_kdv_store(one), open_kdv_store(two)
-    for name in ("u", "x", "dx", "t", "dt", "length", "t_end", "amplitude", "phase"):
-        assert np.array_equal(a[name].values, b[name].values), name
+    cluster = generate_kdv(
+        tmp_path / "cluster.zarr",
+        KdvGenerateSettings(**{**SMALL, "threads": 2, "scheduler": "local_cluster"}),
+    )
+    a = open_kdv_store(one)
+    for other in (open_kdv_store(two), open_kdv_store(cluster)):
+        for name in ("u", "x", "dx", "t", "dt", "length", "t_end", "amplitude", "phase"):
+            assert np.array_equal(a[name].values, other[name].values), name
     assert a["u"].encoding["chunks"] == (4, 20, 256)
     assert [list(split_indices(a, s)) for s in SPLITS] == [[0, 1, 2, 3, 4], [5, 6, 7], [8, 9]]
     assert a.attrs["n_valid"] == 3 and a.attrs["seed"] == 11 and a.attrs["source"] == "generate"

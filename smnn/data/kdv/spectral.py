@@ -344,6 +344,9 @@ def _etdrk4(
         np.concatenate([w[name] for w in rows]) for name in ("E", "E2", "Q", "f1", "f2", "f3")
     )
     f2 = 2.0 * f2  # the final stage weighs N(a) + N(b) by 2 f2
+    # the stages below use P = rfft(u u_x) = -N: the weights of N are negated once here
+    # (exact in floating point: the same numbers as with N)
+    q, f1, f2, f3 = -q, -f1, -f2, -f3
     ik = 1j * k_odd
     mask = _dealias_mask(n_x) if dealias else None
     rfft, irfft = np.fft.rfft, np.fft.irfft
@@ -353,40 +356,47 @@ def _etdrk4(
     v = rfft(u0[order], axis=-1)
     if first == 0:
         spectra[:, 0] = v
+    # work arrays, allocated once: the spectra pair (v, i k v), the grid values (u, u_x) and
+    # their product, the four stage products P and the stage states
     pair = np.empty((2, batch, n_k), dtype=np.complex128)
+    grid = np.empty((2, batch, n_x), dtype=np.float64)
+    prod = np.empty((batch, n_x), dtype=np.float64)
+    pv, pa, pb, pc, e2v, a, b, c = np.empty((8, batch, n_k), dtype=np.complex128)
 
-    def nonlinear(y: np.ndarray, n: int) -> np.ndarray:
-        """-rfft(u u_x) for the spectra y (n, n_k), u = irfft(y), u_x = irfft(i k y)."""
+    def product(y: np.ndarray, out: np.ndarray, n: int) -> np.ndarray:
+        """``out = rfft(u u_x)`` for the spectra y (n, n_k), u = irfft(y), u_x = irfft(i k y)."""
         pair[0, :n] = y
         np.multiply(ik[:n], y, out=pair[1, :n])
-        both = irfft(pair[:, :n], n=n_x, axis=-1)  # (2, n, n_x): u and u_x
-        prod = rfft(both[0] * both[1], axis=-1)
+        irfft(pair[:, :n], n=n_x, axis=-1, out=grid[:, :n])
+        np.multiply(grid[0, :n], grid[1, :n], out=prod[:n])
+        rfft(prod[:n], axis=-1, out=out)
         if mask is not None:
-            prod *= mask
-        np.negative(prod, out=prod)
-        return prod
+            out *= mask
+        return out
 
     active = batch
     for tick in range(1, int(total[0]) + 1):
         while total[active - 1] < tick:
             active -= 1
         n = active
-        y = v[:n]  # a view: updated in place
+        y = v[:n]  # views: updated in place
         e2n, qn = e2[:n], q[:n]
-        nv = nonlinear(y, n)
-        e2v = e2n * y
-        a = qn * nv
-        a += e2v
-        na = nonlinear(a, n)
-        b = qn * na
-        b += e2v
-        nb = nonlinear(b, n)
-        c = 2.0 * nb
-        c -= nv
-        c *= qn
-        a *= e2n
-        c += a
-        nc = nonlinear(c, n)
+        nv, na, nb, nc = pv[:n], pa[:n], pb[:n], pc[:n]
+        sa, sb, sc, se = a[:n], b[:n], c[:n], e2v[:n]
+        product(y, nv, n)
+        np.multiply(e2n, y, out=se)
+        np.multiply(qn, nv, out=sa)
+        sa += se  # a = E2 v + Q N(v)
+        product(sa, na, n)
+        np.multiply(qn, na, out=sb)
+        sb += se  # b = E2 v + Q N(a)
+        product(sb, nb, n)
+        np.multiply(nb, 2.0, out=sc)
+        sc -= nv
+        sc *= qn
+        sa *= e2n
+        sc += sa  # c = E2 a + Q (2 N(b) - N(v))
+        product(sc, nc, n)
         na += nb
         na *= f2[:n]
         nv *= f1[:n]
@@ -394,7 +404,7 @@ def _etdrk4(
         y *= e[:n]
         y += nv
         y += na
-        y += nc
+        y += nc  # v = E v + f1 N(v) + 2 f2 (N(a) + N(b)) + f3 N(c)
         # the rows at one of their output times after this tick
         done = np.flatnonzero(tick % s[:n] == 0)
         if done.size:

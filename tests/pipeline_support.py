@@ -166,10 +166,11 @@ def check_sst_outputs(workdir: Path, config: dict) -> None:
         assert ev["experiment"] == "sst" and ev["solver"] == solver
         assert ev["synthetic"] is (sst["source"] == "synthetic")
         assert set(ev["models"]) == expected_models, sorted(ev["models"])
-        bad = [(k, v) for k, v in _finite_numbers(ev["metrics"]) if not math.isfinite(v)]
+        bad = [(k, v) for k, v in _finite_numbers(ev["models"]) if not math.isfinite(v)]
         assert not bad, f"non-finite SST metrics for {solver}: {bad[:5]}"
-        for model in ("mi", "climatology", "persistence"):
-            assert ev["metrics"][f"mse_norm_{model}"] > 0
+        for model in expected_models:
+            assert ev["models"][model]["mse_norm"] > 0, (model, ev["models"][model])
+            assert len(ev["models"][model]["mse_by_lead_norm"]) > 0
         plots = sorted((workdir / f"results/sst/{solver}/eval/plots").glob("*.png"))
         assert len(plots) >= 4, plots
         for png in plots:

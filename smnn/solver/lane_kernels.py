@@ -81,6 +81,16 @@ from numba import njit, prange
 # lane helpers are element-wise over the lanes, so they vectorise without reassociation.
 _FASTMATH = False
 
+# The helpers and the per-worker loops run without numba's reference counting (``_nrt=False``).
+# With it, every array view (``work[i, j]``, ``chol[g, t]``) and every array passed to a function
+# that is not inlined costs an atomic increment and decrement of its parent's counter: measured
+# with perf at the Lorenz shape, these two functions took 36-50 % of a forward+backward step on
+# one thread, and more on two, where both threads update the counters of the shared arrays.
+# Nothing here allocates (the kernels allocate each worker's scratch arrays, with reference
+# counting, before they call the per-worker loop) or returns an array, so nothing needs the
+# counters: the arrays outlive every call.
+_helper = njit(cache=True, fastmath=_FASTMATH, _nrt=False)
+
 LANES = 8  # the helpers below spell out exactly 8 lanes
 
 
@@ -110,13 +120,13 @@ def slp_vectorization():
 # ------------------------------------------------------------------ lane helpers (8 lanes)
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _fill(dst, v):
     """dst = v."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = v, v, v, v, v, v, v, v
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _copy(dst, a):
     """dst = a."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -124,7 +134,7 @@ def _copy(dst, a):
     )
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _fma(dst, a, b):
     """dst += a * b."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -133,7 +143,7 @@ def _fma(dst, a, b):
     )
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _fms(dst, a, b):
     """dst -= a * b."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -142,7 +152,7 @@ def _fms(dst, a, b):
     )
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _scale(dst, s):
     """dst *= s (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -151,7 +161,7 @@ def _scale(dst, s):
     )
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _add_scalar(dst, s):
     """dst += s (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -160,7 +170,7 @@ def _add_scalar(dst, s):
     )
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _axpy(dst, s, a):
     """dst += s * a (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -169,7 +179,7 @@ def _axpy(dst, s, a):
     )
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _subtract_from(dst, a):
     """dst = a - dst."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -178,7 +188,7 @@ def _subtract_from(dst, a):
     )
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _fma3(dst, s, a, b):
     """dst += s * a * b (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -188,7 +198,7 @@ def _fma3(dst, s, a, b):
     )
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _mul(dst, a):
     """dst *= a."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -197,7 +207,7 @@ def _mul(dst, a):
     )
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _scaled_product(dst, s, a, b):
     """dst = s * a * b (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -206,7 +216,7 @@ def _scaled_product(dst, s, a, b):
     )
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _scaled_product_minus(dst, s, a, b, c, d):
     """dst += s * (a * b - c * d) (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
@@ -217,13 +227,13 @@ def _scaled_product_minus(dst, s, a, b, c, d):
     )
 
 
-@njit(cache=True)
+@_helper
 def _sqrt_pivot(x):
     """sqrt(x) for a positive finite pivot, NaN otherwise (the failure marker)."""
     return np.sqrt(x) if (x > 0.0 and x < np.inf) else np.nan
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _reciprocal_sqrt_pivot(dst, s):
     """dst = 1 / sqrt(s), NaN where s is not a positive finite pivot."""
     d0, d1, d2, d3 = _sqrt_pivot(s[0]), _sqrt_pivot(s[1]), _sqrt_pivot(s[2]), _sqrt_pivot(s[3])
@@ -232,13 +242,13 @@ def _reciprocal_sqrt_pivot(dst, s):
     dst[4], dst[5], dst[6], dst[7] = 1.0 / d4, 1.0 / d5, 1.0 / d6, 1.0 / d7
 
 
-@njit(cache=True)
+@_helper
 def _tri(i, k):
     """Position of entry (i, k), k < i, of a strictly lower triangle packed by rows."""
     return (i * (i - 1)) // 2 + k
 
 
-@njit(cache=True)
+@_helper
 def _group_range(worker, n_workers, n_groups):
     """Groups [lo, hi) handled by one worker (a contiguous, near-equal share)."""
     lo = (worker * n_groups) // n_workers
@@ -249,7 +259,7 @@ def _group_range(worker, n_workers, n_groups):
 # ------------------------------------------------------------------ substitutions
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _pivot_solve(lc, rd, v):
     """In place: v (m, W) = D_t^{-1} v = L_t^{-T} L_t^{-1} v (``lc`` packed, ``rd`` reciprocals)."""
     m = rd.shape[0]
@@ -263,7 +273,7 @@ def _pivot_solve(lc, rd, v):
         _mul(v[i], rd[i])
 
 
-@njit(cache=True)
+@_helper
 def _load_powers(steps, b0, nl, th, pw):
     """pw (R, W): pw[k, l] = h^k for the step size h of interval ``th`` of system b0 + l."""
     R = pw.shape[0]
@@ -274,7 +284,7 @@ def _load_powers(steps, b0, nl, th, pw):
             pw[k, l] = pw[k - 1, l] * hv
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _subtract_coupling(dst, v, pw, g2, ws2, transpose, tmp):
     """dst (m, W) -= M_{t+1,t} v, or M_{t+1,t}^T v when ``transpose``, for the interval whose
     powers are ``pw`` (R, W): per state, M_{t+1,t}[i, j] = w_s^2 h^i h^j G2[i, j]. ``tmp``: (R, W).
@@ -292,7 +302,7 @@ def _subtract_coupling(dst, v, pw, g2, ws2, transpose, tmp):
                 _fma3(dst[o + i], c, pw[i], tmp[j])
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp):
     """One step of the forward sweep for every column p: z_t = r_t - M_{t,t-1} y_{t-1} in
     ``wsol[t]`` (T, P, m, W), then y_prev (P, m, W) = D_t^{-1} z_t. ``pw_prev``: powers of
@@ -307,7 +317,7 @@ def _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp):
         _pivot_solve(lc, rd, y_prev[p])
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _back_sweep(chol, rdiag, steps, b0, nl, g2, ws2, wsol, pw, tmp):
     """In place: ``wsol`` (T, P, m, W) holds z_t on entry and x_t on exit, where
     x_{T-1} = D_{T-1}^{-1} z_{T-1} and x_t = D_t^{-1} (z_t - M_{t+1,t}^T x_{t+1})."""
@@ -323,7 +333,7 @@ def _back_sweep(chol, rdiag, steps, b0, nl, g2, ws2, wsol, pw, tmp):
             _pivot_solve(chol[t], rdiag[t], xt)
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _solve_group(chol, rdiag, steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp):
     """In place: ``wsol`` (T, P, m, W) holds the right-hand sides on entry, M^{-1} of them on exit
     (one group's factors ``chol`` (T, m(m-1)/2, W), ``rdiag`` (T, m, W))."""
@@ -348,7 +358,7 @@ def _solve_scratch(like, P, m, R):
     return y_prev, pw_prev, pw, tmp
 
 
-@njit(cache=True)
+@_helper
 def _job_lanes(job, columns, N, P, n_column_groups):
     """What one parallel job covers: (factor group g, first system b0, real systems nl, first
     column c0, real columns nc).
@@ -366,7 +376,7 @@ def _job_lanes(job, columns, N, P, n_column_groups):
     return job, b0, min(LANES, N - b0), 0, P
 
 
-@njit(cache=True)
+@_helper
 def _load_lanes(src, b0, nl, c0, nc, columns, dst):
     """dst (T, Pl, m, W) = the lanes' columns of src (N, T, m, P) (see :func:`_job_lanes`)."""
     T, Pl, m, _ = dst.shape
@@ -381,7 +391,7 @@ def _load_lanes(src, b0, nl, c0, nc, columns, dst):
                         dst[t, p, i, l] = src[bl, t, i, p]
 
 
-@njit(cache=True)
+@_helper
 def _store_lanes(src, b0, nl, c0, nc, columns, dst):
     """The real lanes of src (T, Pl, m, W) into dst (N, T, m, P): inverse of :func:`_load_lanes`."""
     T, Pl, m, _ = src.shape
@@ -395,7 +405,7 @@ def _store_lanes(src, b0, nl, c0, nc, columns, dst):
                         dst[b0 + l, t, i, p] = src[t, p, i, l]
 
 
-@njit(cache=True)
+@_helper
 def _load_step_rhs_inputs(coef, rhs_eq, init, b0, nl, c0, nc, columns, t, S, cl, bv, u0):
     """Step t's coefficients ``cl`` (E, m, W), right-hand sides ``bv`` (E, Pl, W) and, for t < S,
     initial values ``u0`` (D*K, Pl, W) into the lanes; True if a right-hand side or initial
@@ -426,7 +436,7 @@ def _load_step_rhs_inputs(coef, rhs_eq, init, b0, nl, c0, nc, columns, t, S, cl,
     return bad
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol):
     """wsol[t] (Pl, m, W) = r_t = w_eq^2 C_t^T b_t + w_in^2 [u0_t; 0] for every column.
 
@@ -467,9 +477,6 @@ def solve(
     N, T, m, P = out.shape
     R = g2.shape[0]
     E, DK = coef.shape[2], init.shape[2]
-    S, K = n_init_steps, n_init_orders
-    weq2, win2, ws2 = weights[0], weights[1], weights[2]
-    raw = rhs.shape[0] > 0
     Q = (P + LANES - 1) // LANES
     n_jobs = N * Q if columns else chol.shape[0]
     Pl = 1 if columns else P
@@ -481,29 +488,49 @@ def solve(
         bv = np.empty((E, Pl, LANES), dtype=dt)
         u0 = np.empty((DK, Pl, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, n_jobs)
-        for job in range(lo, hi):
-            g, b0, nl, c0, nc = _job_lanes(job, columns, N, P, Q)
-            if raw:
-                _load_lanes(rhs, b0, nl, c0, nc, columns, wsol)
-            else:
-                bad = False
-                for t in range(T):
-                    bad |= _load_step_rhs_inputs(
-                        coef, rhs_eq, init, b0, nl, c0, nc, columns, t, S, cl, bv, u0
-                    )
-                    _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol)
-                if bad:
-                    bad_input[job] = 1
-            if central:
-                _central_solve_group(chol[g], rdiag[g], l1[g], l2[g], R, wsol)
-            else:
-                _solve_group(
-                    chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp
+        _solve_jobs(
+            lo, hi, chol, rdiag, l1, l2, central, steps, coef, rhs_eq, init, rhs, n_init_steps,
+            n_init_orders, g2, weights, columns, out, bad_input, wsol, y_prev, pw_prev, pw, tmp,
+            cl, bv, u0,
+        )
+
+
+@_helper
+def _solve_jobs(
+    lo, hi, chol, rdiag, l1, l2, central, steps, coef, rhs_eq, init, rhs, n_init_steps,
+    n_init_orders, g2, weights, columns, out, bad_input, wsol, y_prev, pw_prev, pw, tmp, cl, bv,
+    u0,
+):
+    """Jobs [lo, hi) of :func:`solve` on one worker's scratch arrays (``wsol`` .. ``u0``)."""
+    N, T, m, P = out.shape
+    R = g2.shape[0]
+    S, K = n_init_steps, n_init_orders
+    weq2, win2, ws2 = weights[0], weights[1], weights[2]
+    raw = rhs.shape[0] > 0
+    Q = (P + LANES - 1) // LANES
+    for job in range(lo, hi):
+        g, b0, nl, c0, nc = _job_lanes(job, columns, N, P, Q)
+        if raw:
+            _load_lanes(rhs, b0, nl, c0, nc, columns, wsol)
+        else:
+            bad = False
+            for t in range(T):
+                bad |= _load_step_rhs_inputs(
+                    coef, rhs_eq, init, b0, nl, c0, nc, columns, t, S, cl, bv, u0
                 )
-            _store_lanes(wsol, b0, nl, c0, nc, columns, out)
+                _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol)
+            if bad:
+                bad_input[job] = 1
+        if central:
+            _central_solve_group(chol[g], rdiag[g], l1[g], l2[g], R, wsol)
+        else:
+            _solve_group(
+                chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp
+            )
+        _store_lanes(wsol, b0, nl, c0, nc, columns, out)
 
 
-@njit(cache=True)
+@_helper
 def _first_failed_steps(rdiag, b0, nl, failed_at):
     """``failed_at[b0 + l]`` = 1 + the first step whose pivot is NaN in lane l of one group's
     ``rdiag`` (T, m, W), 0 if none (a failed pivot is NaN from that step on)."""
@@ -534,13 +561,10 @@ def forward(
     non-positive pivot, 0 if none) and ``bad_input[g] = 1`` when group g met a non-finite input or
     a step <= 0. ``n_workers`` parallel jobs (at most the number of groups).
     """
-    N, Tc, E, m = coef.shape
-    Th = steps.shape[1]
-    Tb, P = rhs_eq.shape[1], rhs_eq.shape[3]
-    Su = init.shape[1]
-    T, D, S, K = n_steps, n_dims, n_init_steps, n_init_orders
+    E, m = coef.shape[2], coef.shape[3]
+    P = rhs_eq.shape[3]
+    T, D, K = n_steps, n_dims, n_init_orders
     R = m // D
-    weq2, win2, ws2 = weights[0], weights[1], weights[2]
     G = chol.shape[0]
     dt = chol.dtype
     for worker in prange(n_workers):
@@ -554,118 +578,139 @@ def forward(
         wsol = np.empty((T, P, m, LANES), dtype=dt)
         y_cpl = np.empty((m, m, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
-        for g in range(lo, hi):
-            b0 = g * LANES
-            nl = min(LANES, N - b0)
-            bad = False
-            for t in range(T):
-                # ---- inputs of step t into lanes; powers h_t^k of interval t
-                tc = t if Tc > 1 else 0
-                tb = t if Tb > 1 else 0
-                for l in range(LANES):
-                    bl = b0 + min(l, nl - 1)
-                    for e in range(E):
-                        for i in range(m):
-                            v = coef[bl, tc, e, i]
-                            bad |= not np.isfinite(v)
-                            cl[e, i, l] = v
+        _forward_groups(
+            lo, hi, coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0,
+            g1, g2, weights, chol, rdiag, out, failed_at, bad_input, cl, work, y_prev, pw_prev,
+            pw, tmp, pw_cur, acc, bv, u0, wsol, y_cpl,
+        )
+
+
+@_helper
+def _forward_groups(
+    lo, hi, coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2,
+    weights, chol, rdiag, out, failed_at, bad_input, cl, work, y_prev, pw_prev, pw, tmp, pw_cur,
+    acc, bv, u0, wsol, y_cpl,
+):
+    """Groups [lo, hi) of :func:`forward` on one worker's scratch arrays (``cl`` .. ``y_cpl``)."""
+    N, Tc, E, m = coef.shape
+    Th = steps.shape[1]
+    Tb, P = rhs_eq.shape[1], rhs_eq.shape[3]
+    Su = init.shape[1]
+    T, D, S, K = n_steps, n_dims, n_init_steps, n_init_orders
+    R = m // D
+    weq2, win2, ws2 = weights[0], weights[1], weights[2]
+    for g in range(lo, hi):
+        b0 = g * LANES
+        nl = min(LANES, N - b0)
+        bad = False
+        for t in range(T):
+            # ---- inputs of step t into lanes; powers h_t^k of interval t
+            tc = t if Tc > 1 else 0
+            tb = t if Tb > 1 else 0
+            for l in range(LANES):
+                bl = b0 + min(l, nl - 1)
+                for e in range(E):
+                    for i in range(m):
+                        v = coef[bl, tc, e, i]
+                        bad |= not np.isfinite(v)
+                        cl[e, i, l] = v
+                    for p in range(P):
+                        v = rhs_eq[bl, tb, e, p]
+                        bad |= not np.isfinite(v)
+                        bv[e, p, l] = v
+                if t < S:
+                    su = t if Su > 1 else 0
+                    for i in range(D * K):
                         for p in range(P):
-                            v = rhs_eq[bl, tb, e, p]
+                            v = init[bl, su, i, p]
                             bad |= not np.isfinite(v)
-                            bv[e, p, l] = v
-                    if t < S:
-                        su = t if Su > 1 else 0
-                        for i in range(D * K):
-                            for p in range(P):
-                                v = init[bl, su, i, p]
-                                bad |= not np.isfinite(v)
-                                u0[i, p, l] = v
-                    if t < T - 1:
-                        hv = steps[bl, t if Th > 1 else 0]
-                        bad |= not (hv > 0.0 and hv < np.inf)
-                        pw_cur[0, l] = 1.0
-                        for k in range(1, R):
-                            pw_cur[k, l] = pw_cur[k - 1, l] * hv
-                # ---- M_t (lower triangle): equation rows, initial rows, Taylor rows of t-1, t
+                            u0[i, p, l] = v
+                if t < T - 1:
+                    hv = steps[bl, t if Th > 1 else 0]
+                    bad |= not (hv > 0.0 and hv < np.inf)
+                    pw_cur[0, l] = 1.0
+                    for k in range(1, R):
+                        pw_cur[k, l] = pw_cur[k - 1, l] * hv
+            # ---- M_t (lower triangle): equation rows, initial rows, Taylor rows of t-1, t
+            for i in range(m):
+                for j in range(i + 1):
+                    wij = work[i, j]
+                    _fill(wij, 0.0)
+                    for e in range(E):
+                        _fma(wij, cl[e, i], cl[e, j])
+                    _scale(wij, weq2)
+            if t < S:
+                for d in range(D):
+                    for k in range(K):
+                        _add_scalar(work[d * R + k, d * R + k], win2)
+            for d in range(D):
+                o = d * R
+                for i in range(R):
+                    for j in range(i + 1):
+                        if t < T - 1:
+                            _fma3(work[o + i, o + j], ws2 * g0[i, j], pw_cur[i], pw_cur[j])
+                        if t > 0:
+                            _fma3(work[o + i, o + j], ws2 * g1[i, j], pw_prev[i], pw_prev[j])
+            # ---- Schur complement D_t = M_t - Y_{t-1}^T Y_{t-1}
+            if t > 0:
+                y = y_cpl
                 for i in range(m):
                     for j in range(i + 1):
-                        wij = work[i, j]
-                        _fill(wij, 0.0)
-                        for e in range(E):
-                            _fma(wij, cl[e, i], cl[e, j])
-                        _scale(wij, weq2)
+                        for k in range(m):
+                            _fms(work[i, j], y[k, i], y[k, j])
+            # ---- Cholesky D_t = L L^T
+            lc = chol[g, t]
+            rd = rdiag[g, t]
+            for j in range(m):
+                _copy(acc, work[j, j])
+                for k in range(j):
+                    _fms(acc, lc[_tri(j, k)], lc[_tri(j, k)])
+                _reciprocal_sqrt_pivot(rd[j], acc)
+                for i in range(j + 1, m):
+                    lij = lc[_tri(i, j)]
+                    _copy(lij, work[i, j])
+                    for k in range(j):
+                        _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
+                    _mul(lij, rd[j])
+            # ---- right-hand side r_t (the operations of _rhs_step, written out: a call
+            # here costs ~15 % of the kernel), forward sweep (z_t, y_t = D_t^{-1} z_t)
+            for p in range(P):
+                for i in range(m):
+                    wi = wsol[t, p, i]
+                    _fill(wi, 0.0)
+                    for e in range(E):
+                        _fma(wi, cl[e, i], bv[e, p])
+                    _scale(wi, weq2)
                 if t < S:
                     for d in range(D):
                         for k in range(K):
-                            _add_scalar(work[d * R + k, d * R + k], win2)
-                for d in range(D):
-                    o = d * R
-                    for i in range(R):
-                        for j in range(i + 1):
-                            if t < T - 1:
-                                _fma3(work[o + i, o + j], ws2 * g0[i, j], pw_cur[i], pw_cur[j])
-                            if t > 0:
-                                _fma3(work[o + i, o + j], ws2 * g1[i, j], pw_prev[i], pw_prev[j])
-                # ---- Schur complement D_t = M_t - Y_{t-1}^T Y_{t-1}
-                if t > 0:
-                    y = y_cpl
-                    for i in range(m):
-                        for j in range(i + 1):
-                            for k in range(m):
-                                _fms(work[i, j], y[k, i], y[k, j])
-                # ---- Cholesky D_t = L L^T
-                lc = chol[g, t]
-                rd = rdiag[g, t]
+                            _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
+            _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp)
+            # ---- Y_t = L_t^{-1} M_{t+1,t}^T for the next Schur complement (row j of
+            # M_{t+1,t} lives in state j // R)
+            if t < T - 1:
+                y = y_cpl
                 for j in range(m):
-                    _copy(acc, work[j, j])
-                    for k in range(j):
-                        _fms(acc, lc[_tri(j, k)], lc[_tri(j, k)])
-                    _reciprocal_sqrt_pivot(rd[j], acc)
-                    for i in range(j + 1, m):
-                        lij = lc[_tri(i, j)]
-                        _copy(lij, work[i, j])
-                        for k in range(j):
-                            _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
-                        _mul(lij, rd[j])
-                # ---- right-hand side r_t (the operations of _rhs_step, written out: a call
-                # here costs ~15 % of the kernel), forward sweep (z_t, y_t = D_t^{-1} z_t)
-                for p in range(P):
-                    for i in range(m):
-                        wi = wsol[t, p, i]
-                        _fill(wi, 0.0)
-                        for e in range(E):
-                            _fma(wi, cl[e, i], bv[e, p])
-                        _scale(wi, weq2)
-                    if t < S:
-                        for d in range(D):
-                            for k in range(K):
-                                _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
-                _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp)
-                # ---- Y_t = L_t^{-1} M_{t+1,t}^T for the next Schur complement (row j of
-                # M_{t+1,t} lives in state j // R)
-                if t < T - 1:
-                    y = y_cpl
-                    for j in range(m):
-                        o = (j // R) * R
-                        a = j - o
-                        for i in range(o):
-                            _fill(y[i, j], 0.0)
-                        for i in range(o, m):
-                            yij = y[i, j]
-                            if i < o + R:
-                                _scaled_product(yij, ws2 * g2[a, i - o], pw_cur[a], pw_cur[i - o])
-                            else:
-                                _fill(yij, 0.0)
-                            for k in range(o, i):
-                                _fms(yij, lc[_tri(i, k)], y[k, j])
-                            _mul(yij, rd[i])
-                    for k in range(R):
-                        _copy(pw_prev[k], pw_cur[k])
-            _back_sweep(chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, pw, tmp)
-            _store_lanes(wsol, b0, nl, 0, P, False, out)
-            _first_failed_steps(rdiag[g], b0, nl, failed_at)
-            if bad:
-                bad_input[g] = 1
+                    o = (j // R) * R
+                    a = j - o
+                    for i in range(o):
+                        _fill(y[i, j], 0.0)
+                    for i in range(o, m):
+                        yij = y[i, j]
+                        if i < o + R:
+                            _scaled_product(yij, ws2 * g2[a, i - o], pw_cur[a], pw_cur[i - o])
+                        else:
+                            _fill(yij, 0.0)
+                        for k in range(o, i):
+                            _fms(yij, lc[_tri(i, k)], y[k, j])
+                        _mul(yij, rd[i])
+                for k in range(R):
+                    _copy(pw_prev[k], pw_cur[k])
+        _back_sweep(chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, pw, tmp)
+        _store_lanes(wsol, b0, nl, 0, P, False, out)
+        _first_failed_steps(rdiag[g], b0, nl, failed_at)
+        if bad:
+            bad_input[g] = 1
 
 
 # ------------------------------------------------------------------ central smoothness
@@ -685,7 +730,7 @@ def forward(
 # (G, T, D, m, W), l2[t][d] = row (d, R-2) of L_{t,t-2} (t >= 2; its only non-zero rows).
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _lower_solve(lc, rd, v):
     """In place: v (m, W) = L^{-1} v (``lc`` packed strictly lower triangle, ``rd`` reciprocals
     of the diagonal)."""
@@ -696,7 +741,7 @@ def _lower_solve(lc, rd, v):
         _mul(v[i], rd[i])
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _upper_solve(lc, rd, v):
     """In place: v (m, W) = L^{-T} v."""
     m = rd.shape[0]
@@ -706,7 +751,7 @@ def _upper_solve(lc, rd, v):
         _mul(v[i], rd[i])
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _central_forward_step(lc, rd, l1_prev, l2_t, t, R, wsol):
     """w_t = L_tt^{-1} (r_t - L_{t,t-1} w_{t-1} - L_{t,t-2} w_{t-2}) in place of r_t in
     ``wsol[t]`` (T, P, m, W), for every column."""
@@ -728,7 +773,7 @@ def _central_forward_step(lc, rd, l1_prev, l2_t, t, R, wsol):
         _lower_solve(lc, rd, zt)
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _central_back_sweep(chol, rdiag, l1, l2, R, wsol):
     """In place: ``wsol`` (T, P, m, W) holds w_t on entry and x_t on exit."""
     T, P, m, _ = wsol.shape
@@ -750,7 +795,7 @@ def _central_back_sweep(chol, rdiag, l1, l2, R, wsol):
             _upper_solve(chol[t], rdiag[t], xt)
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@_helper
 def _central_solve_group(chol, rdiag, l1, l2, R, wsol):
     """In place: ``wsol`` (T, P, m, W) holds right-hand sides on entry, M^{-1} of them on exit,
     with one group's central factors (``chol`` (T, ., W), ``rdiag``, ``l1``, ``l2``)."""
@@ -760,7 +805,7 @@ def _central_solve_group(chol, rdiag, l1, l2, R, wsol):
     _central_back_sweep(chol, rdiag, l1, l2, R, wsol)
 
 
-@njit(cache=True)
+@_helper
 def _central_scalars(steps, b0, nl, q, R, ca, cb):
     """ca, cb (W,): a = s^(R-3), b = s^(R-2), s = h_q + h_{q+1}, of central row q per lane."""
     Th = steps.shape[1]
@@ -780,14 +825,10 @@ def forward_central(
     (``chol``, ``rdiag``, ``l1``, ``l2``) and solve. ``g0``, ``g1``, ``g2``: the Taylor Gram
     matrices of the orders 0..R-2 (the top order has no Taylor rows). Outputs as in
     :func:`forward`."""
-    N, Tc, E, m = coef.shape
-    Th = steps.shape[1]
-    Tb, P = rhs_eq.shape[1], rhs_eq.shape[3]
-    Su = init.shape[1]
-    T, D, S, K = n_steps, n_dims, n_init_steps, n_init_orders
+    E, m = coef.shape[2], coef.shape[3]
+    P = rhs_eq.shape[3]
+    T, D, K = n_steps, n_dims, n_init_orders
     R = m // D
-    i2, i1 = R - 2, R - 1
-    weq2, win2, ws2 = weights[0], weights[1], weights[2]
     G = chol.shape[0]
     dt = chol.dtype
     for worker in prange(n_workers):
@@ -804,156 +845,179 @@ def forward_central(
         u0 = np.empty((D * K, P, LANES), dtype=dt)
         wsol = np.empty((T, P, m, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
-        for g in range(lo, hi):
-            b0 = g * LANES
-            nl = min(LANES, N - b0)
-            bad = False
-            for t in range(T):
-                # ---- inputs of step t into lanes; powers h_t^k; central row t's a, b
-                tc = t if Tc > 1 else 0
-                tb = t if Tb > 1 else 0
-                for l in range(LANES):
-                    bl = b0 + min(l, nl - 1)
-                    for e in range(E):
-                        for i in range(m):
-                            v = coef[bl, tc, e, i]
-                            bad |= not np.isfinite(v)
-                            cl[e, i, l] = v
+        _forward_central_groups(
+            lo, hi, coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0,
+            g1, g2, weights, chol, rdiag, l1, l2, out, failed_at, bad_input, cl, work, cpl, vec,
+            pw_cur, pw_prev, ca, cb, acc, bv, u0, wsol,
+        )
+
+
+@_helper
+def _forward_central_groups(
+    lo, hi, coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2,
+    weights, chol, rdiag, l1, l2, out, failed_at, bad_input, cl, work, cpl, vec, pw_cur, pw_prev,
+    ca, cb, acc, bv, u0, wsol,
+):
+    """Groups [lo, hi) of :func:`forward_central` on one worker's scratch arrays (``cl`` ..
+    ``wsol``)."""
+    N, Tc, E, m = coef.shape
+    Th = steps.shape[1]
+    Tb, P = rhs_eq.shape[1], rhs_eq.shape[3]
+    Su = init.shape[1]
+    T, D, S, K = n_steps, n_dims, n_init_steps, n_init_orders
+    R = m // D
+    i2, i1 = R - 2, R - 1
+    weq2, win2, ws2 = weights[0], weights[1], weights[2]
+    for g in range(lo, hi):
+        b0 = g * LANES
+        nl = min(LANES, N - b0)
+        bad = False
+        for t in range(T):
+            # ---- inputs of step t into lanes; powers h_t^k; central row t's a, b
+            tc = t if Tc > 1 else 0
+            tb = t if Tb > 1 else 0
+            for l in range(LANES):
+                bl = b0 + min(l, nl - 1)
+                for e in range(E):
+                    for i in range(m):
+                        v = coef[bl, tc, e, i]
+                        bad |= not np.isfinite(v)
+                        cl[e, i, l] = v
+                    for p in range(P):
+                        v = rhs_eq[bl, tb, e, p]
+                        bad |= not np.isfinite(v)
+                        bv[e, p, l] = v
+                if t < S:
+                    su = t if Su > 1 else 0
+                    for i in range(D * K):
                         for p in range(P):
-                            v = rhs_eq[bl, tb, e, p]
+                            v = init[bl, su, i, p]
                             bad |= not np.isfinite(v)
-                            bv[e, p, l] = v
-                    if t < S:
-                        su = t if Su > 1 else 0
-                        for i in range(D * K):
-                            for p in range(P):
-                                v = init[bl, su, i, p]
-                                bad |= not np.isfinite(v)
-                                u0[i, p, l] = v
-                    if t < T - 1:
-                        hv = steps[bl, t if Th > 1 else 0]
-                        bad |= not (hv > 0.0 and hv < np.inf)
-                        pw_cur[0, l] = 1.0
-                        for k in range(1, R):
-                            pw_cur[k, l] = pw_cur[k - 1, l] * hv
-                if t < T - 2:
-                    _central_scalars(steps, b0, nl, t, R, ca[t % 3], cb[t % 3])
-                # ---- M_t (lower triangle)
+                            u0[i, p, l] = v
+                if t < T - 1:
+                    hv = steps[bl, t if Th > 1 else 0]
+                    bad |= not (hv > 0.0 and hv < np.inf)
+                    pw_cur[0, l] = 1.0
+                    for k in range(1, R):
+                        pw_cur[k, l] = pw_cur[k - 1, l] * hv
+            if t < T - 2:
+                _central_scalars(steps, b0, nl, t, R, ca[t % 3], cb[t % 3])
+            # ---- M_t (lower triangle)
+            for i in range(m):
+                for j in range(i + 1):
+                    wij = work[i, j]
+                    _fill(wij, 0.0)
+                    for e in range(E):
+                        _fma(wij, cl[e, i], cl[e, j])
+                    _scale(wij, weq2)
+            if t < S:
+                for d in range(D):
+                    for k in range(K):
+                        _add_scalar(work[d * R + k, d * R + k], win2)
+            for d in range(D):
+                o = d * R
+                for i in range(R):
+                    for j in range(i + 1):
+                        if t < T - 1:
+                            _fma3(work[o + i, o + j], ws2 * g0[i, j], pw_cur[i], pw_cur[j])
+                        if t > 0:
+                            _fma3(work[o + i, o + j], ws2 * g1[i, j], pw_prev[i], pw_prev[j])
+                if t < T - 2:  # central row t: a^2 on (t, R-2)
+                    _fma3(work[o + i2, o + i2], ws2, ca[t % 3], ca[t % 3])
+                if 1 <= t <= T - 2:  # central row t-1: b^2 on (t, R-1)
+                    _fma3(work[o + i1, o + i1], ws2, cb[(t - 1) % 3], cb[(t - 1) % 3])
+                if t >= 2:  # central row t-2: a^2 on (t, R-2)
+                    _fma3(work[o + i2, o + i2], ws2, ca[(t - 2) % 3], ca[(t - 2) % 3])
+            # ---- D_t = M_t - L_{t,t-1} L_{t,t-1}^T - L_{t,t-2} L_{t,t-2}^T
+            if t > 0:
+                lp = l1[g, t - 1]
                 for i in range(m):
                     for j in range(i + 1):
-                        wij = work[i, j]
-                        _fill(wij, 0.0)
-                        for e in range(E):
-                            _fma(wij, cl[e, i], cl[e, j])
-                        _scale(wij, weq2)
+                        for k in range(m):
+                            _fms(work[i, j], lp[i, k], lp[j, k])
+            if t > 1:
+                lq = l2[g, t]
+                for d in range(D):
+                    for d2 in range(d + 1):
+                        for k in range(m):
+                            _fms(work[d * R + i2, d2 * R + i2], lq[d, k], lq[d2, k])
+            # ---- Cholesky D_t = L L^T
+            lc = chol[g, t]
+            rd = rdiag[g, t]
+            for j in range(m):
+                _copy(acc, work[j, j])
+                for k in range(j):
+                    _fms(acc, lc[_tri(j, k)], lc[_tri(j, k)])
+                _reciprocal_sqrt_pivot(rd[j], acc)
+                for i in range(j + 1, m):
+                    lij = lc[_tri(i, j)]
+                    _copy(lij, work[i, j])
+                    for k in range(j):
+                        _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
+                    _mul(lij, rd[j])
+            # ---- right-hand side r_t (as in forward), forward substitution
+            for p in range(P):
+                for i in range(m):
+                    wi = wsol[t, p, i]
+                    _fill(wi, 0.0)
+                    for e in range(E):
+                        _fma(wi, cl[e, i], bv[e, p])
+                    _scale(wi, weq2)
                 if t < S:
                     for d in range(D):
                         for k in range(K):
-                            _add_scalar(work[d * R + k, d * R + k], win2)
+                            _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
+            _central_forward_step(
+                lc, rd, l1[g, t - 1 if t > 0 else 0], l2[g, t], t, R, wsol
+            )
+            if t < T - 1:
+                # ---- L_{t+1,t-1} = M_{t+1,t-1} L_{t-1,t-1}^{-T}: row (d, R-2) is
+                # -w_s^2 a_{t-1}^2 (L_{t-1,t-1}^{-1} e_{(d, R-2)})^T
+                nx = l2[g, t + 1]
+                if t >= 1:
+                    for d in range(D):
+                        for k in range(m):
+                            _fill(vec[k], 0.0)
+                        _fill(vec[d * R + i2], 1.0)
+                        _lower_solve(chol[g, t - 1], rdiag[g, t - 1], vec)
+                        for k in range(m):
+                            _scaled_product(nx[d, k], -ws2, ca[(t - 1) % 3], ca[(t - 1) % 3])
+                            _mul(nx[d, k], vec[k])
+                # ---- A = M_{t+1,t} - L_{t+1,t-1} L_{t,t-1}^T (rows: step t+1)
+                for i in range(m):
+                    for j in range(m):
+                        _fill(cpl[i, j], 0.0)
                 for d in range(D):
                     o = d * R
                     for i in range(R):
-                        for j in range(i + 1):
-                            if t < T - 1:
-                                _fma3(work[o + i, o + j], ws2 * g0[i, j], pw_cur[i], pw_cur[j])
-                            if t > 0:
-                                _fma3(work[o + i, o + j], ws2 * g1[i, j], pw_prev[i], pw_prev[j])
-                    if t < T - 2:  # central row t: a^2 on (t, R-2)
-                        _fma3(work[o + i2, o + i2], ws2, ca[t % 3], ca[t % 3])
-                    if 1 <= t <= T - 2:  # central row t-1: b^2 on (t, R-1)
-                        _fma3(work[o + i1, o + i1], ws2, cb[(t - 1) % 3], cb[(t - 1) % 3])
-                    if t >= 2:  # central row t-2: a^2 on (t, R-2)
-                        _fma3(work[o + i2, o + i2], ws2, ca[(t - 2) % 3], ca[(t - 2) % 3])
-                # ---- D_t = M_t - L_{t,t-1} L_{t,t-1}^T - L_{t,t-2} L_{t,t-2}^T
-                if t > 0:
+                        for j in range(R):
+                            _scaled_product(
+                                cpl[o + i, o + j], ws2 * g2[i, j], pw_cur[i], pw_cur[j]
+                            )
+                    if t < T - 2:  # central row t: +a b at ((t+1, R-1), (t, R-2))
+                        _fma3(cpl[o + i1, o + i2], ws2, ca[t % 3], cb[t % 3])
+                    if t >= 1:  # central row t-1: -a b at ((t+1, R-2), (t, R-1))
+                        _fma3(cpl[o + i2, o + i1], -ws2, ca[(t - 1) % 3], cb[(t - 1) % 3])
+                if t >= 1:
                     lp = l1[g, t - 1]
-                    for i in range(m):
-                        for j in range(i + 1):
-                            for k in range(m):
-                                _fms(work[i, j], lp[i, k], lp[j, k])
-                if t > 1:
-                    lq = l2[g, t]
                     for d in range(D):
-                        for d2 in range(d + 1):
-                            for k in range(m):
-                                _fms(work[d * R + i2, d2 * R + i2], lq[d, k], lq[d2, k])
-                # ---- Cholesky D_t = L L^T
-                lc = chol[g, t]
-                rd = rdiag[g, t]
-                for j in range(m):
-                    _copy(acc, work[j, j])
-                    for k in range(j):
-                        _fms(acc, lc[_tri(j, k)], lc[_tri(j, k)])
-                    _reciprocal_sqrt_pivot(rd[j], acc)
-                    for i in range(j + 1, m):
-                        lij = lc[_tri(i, j)]
-                        _copy(lij, work[i, j])
-                        for k in range(j):
-                            _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
-                        _mul(lij, rd[j])
-                # ---- right-hand side r_t (as in forward), forward substitution
-                for p in range(P):
-                    for i in range(m):
-                        wi = wsol[t, p, i]
-                        _fill(wi, 0.0)
-                        for e in range(E):
-                            _fma(wi, cl[e, i], bv[e, p])
-                        _scale(wi, weq2)
-                    if t < S:
-                        for d in range(D):
-                            for k in range(K):
-                                _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
-                _central_forward_step(
-                    lc, rd, l1[g, t - 1 if t > 0 else 0], l2[g, t], t, R, wsol
-                )
-                if t < T - 1:
-                    # ---- L_{t+1,t-1} = M_{t+1,t-1} L_{t-1,t-1}^{-T}: row (d, R-2) is
-                    # -w_s^2 a_{t-1}^2 (L_{t-1,t-1}^{-1} e_{(d, R-2)})^T
-                    nx = l2[g, t + 1]
-                    if t >= 1:
-                        for d in range(D):
-                            for k in range(m):
-                                _fill(vec[k], 0.0)
-                            _fill(vec[d * R + i2], 1.0)
-                            _lower_solve(chol[g, t - 1], rdiag[g, t - 1], vec)
-                            for k in range(m):
-                                _scaled_product(nx[d, k], -ws2, ca[(t - 1) % 3], ca[(t - 1) % 3])
-                                _mul(nx[d, k], vec[k])
-                    # ---- A = M_{t+1,t} - L_{t+1,t-1} L_{t,t-1}^T (rows: step t+1)
-                    for i in range(m):
+                        row = d * R + i2
                         for j in range(m):
-                            _fill(cpl[i, j], 0.0)
-                    for d in range(D):
-                        o = d * R
-                        for i in range(R):
-                            for j in range(R):
-                                _scaled_product(
-                                    cpl[o + i, o + j], ws2 * g2[i, j], pw_cur[i], pw_cur[j]
-                                )
-                        if t < T - 2:  # central row t: +a b at ((t+1, R-1), (t, R-2))
-                            _fma3(cpl[o + i1, o + i2], ws2, ca[t % 3], cb[t % 3])
-                        if t >= 1:  # central row t-1: -a b at ((t+1, R-2), (t, R-1))
-                            _fma3(cpl[o + i2, o + i1], -ws2, ca[(t - 1) % 3], cb[(t - 1) % 3])
-                    if t >= 1:
-                        lp = l1[g, t - 1]
-                        for d in range(D):
-                            row = d * R + i2
-                            for j in range(m):
-                                for k in range(m):
-                                    _fms(cpl[row, j], nx[d, k], lp[j, k])
-                    # ---- L_{t+1,t} = A L_tt^{-T}: row i is (L_tt^{-1} A[i]^T)^T
-                    lo1 = l1[g, t]
-                    for i in range(m):
-                        for k in range(m):
-                            _copy(lo1[i, k], cpl[i, k])
-                        _lower_solve(lc, rd, lo1[i])
-                    for k in range(R):
-                        _copy(pw_prev[k], pw_cur[k])
-            _central_back_sweep(chol[g], rdiag[g], l1[g], l2[g], R, wsol)
-            _store_lanes(wsol, b0, nl, 0, P, False, out)
-            _first_failed_steps(rdiag[g], b0, nl, failed_at)
-            if bad:
-                bad_input[g] = 1
+                            for k in range(m):
+                                _fms(cpl[row, j], nx[d, k], lp[j, k])
+                # ---- L_{t+1,t} = A L_tt^{-T}: row i is (L_tt^{-1} A[i]^T)^T
+                lo1 = l1[g, t]
+                for i in range(m):
+                    for k in range(m):
+                        _copy(lo1[i, k], cpl[i, k])
+                    _lower_solve(lc, rd, lo1[i])
+                for k in range(R):
+                    _copy(pw_prev[k], pw_cur[k])
+        _central_back_sweep(chol[g], rdiag[g], l1[g], l2[g], R, wsol)
+        _store_lanes(wsol, b0, nl, 0, P, False, out)
+        _first_failed_steps(rdiag[g], b0, nl, failed_at)
+        if bad:
+            bad_input[g] = 1
 
 
 # ------------------------------------------------------------------ backward
@@ -990,9 +1054,8 @@ def backward(
     N, T, m, P = x.shape
     Tc, E = coef.shape[1], coef.shape[2]
     Th, Tb, Su = steps.shape[1], rhs_eq.shape[1], grad_init.shape[1]
-    D, S, K = n_dims, n_init_steps, n_init_orders
+    D, K = n_dims, n_init_orders
     R = m // D
-    weq2, win2, ws2 = weights[0], weights[1], weights[2]
     Q = (P + LANES - 1) // LANES
     n_jobs = N * Q if columns else chol.shape[0]
     Pl = 1 if columns else P
@@ -1008,102 +1071,123 @@ def backward(
         gi = np.empty((Su, D * K, Pl, LANES), dtype=dt)
         y_prev, pw_prev, pw, tmp = _solve_scratch(lam, Pl, m, R)
         dpw = np.empty((R, LANES), dtype=dt)
-        alpha = np.empty(LANES, dtype=dt)
-        beta = np.empty(LANES, dtype=dt)
-        q = np.empty(LANES, dtype=dt)
-        sv = np.empty(LANES, dtype=dt)
-        gh = np.empty(LANES, dtype=dt)
+        vectors = np.empty((5, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, n_jobs)
-        for job in range(lo, hi):
-            g, b0, nl, c0, nc = _job_lanes(job, columns, N, P, Q)
-            # ---- lambda = M^{-1} g
-            _load_lanes(grad_out, b0, nl, c0, nc, columns, lam)
-            if central:
-                _central_solve_group(chol[g], rdiag[g], l1[g], l2[g], R, lam)
-            else:
-                _solve_group(
-                    chol[g], rdiag[g], steps, b0, nl, g2, ws2, lam, y_prev, pw_prev, pw, tmp
-                )
-            _load_lanes(x, b0, nl, c0, nc, columns, xs)
-            gc[:] = 0.0
-            gs[:] = 0.0
-            gb[:] = 0.0
-            gi[:] = 0.0
-            for t in range(T):
-                tc = t if Tc > 1 else 0
-                tb = t if Tb > 1 else 0
-                for l in range(LANES):
-                    bl = b0 + min(l, nl - 1)
-                    for e in range(E):
-                        for i in range(m):
-                            cl[e, i, l] = coef[bl, tc, e, i]
-                        for p in range(Pl):
-                            pc = c0 + min(l, nc - 1) if columns else p
-                            bv[e, p, l] = rhs_eq[bl, tb, e, pc]
-                # ---- equation rows: coefficients and right-hand sides
+        _backward_jobs(
+            lo, hi, grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1,
+            g2, weights, chol, rdiag, l1, l2, central, columns, grad_coef, grad_steps,
+            grad_rhs_eq, grad_init, lam, xs, cl, bv, gc, gs, gb, gi, y_prev, pw_prev, pw, tmp,
+            dpw, vectors,
+        )
+
+
+@_helper
+def _backward_jobs(
+    lo, hi, grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1, g2,
+    weights, chol, rdiag, l1, l2, central, columns, grad_coef, grad_steps, grad_rhs_eq, grad_init,
+    lam, xs, cl, bv, gc, gs, gb, gi, y_prev, pw_prev, pw, tmp, dpw, vectors,
+):
+    """Jobs [lo, hi) of :func:`backward` on one worker's scratch arrays (``lam`` ..
+    ``vectors`` (5, W))."""
+    N, T, m, P = x.shape
+    Tc, E = coef.shape[1], coef.shape[2]
+    Th, Tb, Su = steps.shape[1], rhs_eq.shape[1], grad_init.shape[1]
+    D, S, K = n_dims, n_init_steps, n_init_orders
+    R = m // D
+    weq2, win2, ws2 = weights[0], weights[1], weights[2]
+    Q = (P + LANES - 1) // LANES
+    Pl = 1 if columns else P
+    alpha, beta, q, sv, gh = vectors[0], vectors[1], vectors[2], vectors[3], vectors[4]
+    for job in range(lo, hi):
+        g, b0, nl, c0, nc = _job_lanes(job, columns, N, P, Q)
+        # ---- lambda = M^{-1} g
+        _load_lanes(grad_out, b0, nl, c0, nc, columns, lam)
+        if central:
+            _central_solve_group(chol[g], rdiag[g], l1[g], l2[g], R, lam)
+        else:
+            _solve_group(
+                chol[g], rdiag[g], steps, b0, nl, g2, ws2, lam, y_prev, pw_prev, pw, tmp
+            )
+        _load_lanes(x, b0, nl, c0, nc, columns, xs)
+        gc[:] = 0.0
+        gs[:] = 0.0
+        gb[:] = 0.0
+        gi[:] = 0.0
+        for t in range(T):
+            tc = t if Tc > 1 else 0
+            tb = t if Tb > 1 else 0
+            for l in range(LANES):
+                bl = b0 + min(l, nl - 1)
                 for e in range(E):
+                    for i in range(m):
+                        cl[e, i, l] = coef[bl, tc, e, i]
                     for p in range(Pl):
-                        _fill(beta, 0.0)
-                        _fill(alpha, 0.0)
-                        for i in range(m):
-                            _fma(beta, cl[e, i], lam[t, p, i])
-                            _fma(alpha, cl[e, i], xs[t, p, i])
-                        _subtract_from(alpha, bv[e, p])  # the equation residual b - C x
-                        _axpy(gb[tb, e, p], weq2, beta)
-                        for j in range(m):
-                            _scaled_product_minus(
-                                gc[tc, e, j], weq2, alpha, lam[t, p, j], beta, xs[t, p, j]
-                            )
-                # ---- initial-value rows
-                if t < S:
-                    su = t if Su > 1 else 0
-                    for d in range(D):
-                        for k in range(K):
+                        pc = c0 + min(l, nc - 1) if columns else p
+                        bv[e, p, l] = rhs_eq[bl, tb, e, pc]
+            # ---- equation rows: coefficients and right-hand sides
+            for e in range(E):
+                for p in range(Pl):
+                    _fill(beta, 0.0)
+                    _fill(alpha, 0.0)
+                    for i in range(m):
+                        _fma(beta, cl[e, i], lam[t, p, i])
+                        _fma(alpha, cl[e, i], xs[t, p, i])
+                    _subtract_from(alpha, bv[e, p])  # the equation residual b - C x
+                    _axpy(gb[tb, e, p], weq2, beta)
+                    for j in range(m):
+                        _scaled_product_minus(
+                            gc[tc, e, j], weq2, alpha, lam[t, p, j], beta, xs[t, p, j]
+                        )
+            # ---- initial-value rows
+            if t < S:
+                su = t if Su > 1 else 0
+                for d in range(D):
+                    for k in range(K):
+                        for p in range(Pl):
+                            _axpy(gi[su, d * K + k, p], win2, lam[t, p, d * R + k])
+            # ---- Taylor rows of interval t: d(e_i e_j)/dh = dpw_i pw_j + pw_i dpw_j
+            if t < T - 1:
+                th = t if Th > 1 else 0
+                for l in range(LANES):
+                    hv = steps[b0 + min(l, nl - 1), th]
+                    pw[0, l] = 1.0
+                    dpw[0, l] = 0.0
+                    for k in range(1, R):
+                        dpw[k, l] = k * pw[k - 1, l]
+                        pw[k, l] = pw[k - 1, l] * hv
+                _fill(gh, 0.0)
+                for d in range(D):
+                    o = d * R
+                    for i in range(R):
+                        a = o + i
+                        for j in range(R):
+                            b = o + j
+                            # G0, G1 and d(e_i e_j)/dh are symmetric in (i, j), so the
+                            # two halves of -sym(lambda x^T) contribute equally to the sum
+                            _fill(sv, 0.0)
+                            c0_, c1_, c2_ = g0[i, j], g1[i, j], g2[i, j]
                             for p in range(Pl):
-                                _axpy(gi[su, d * K + k, p], win2, lam[t, p, d * R + k])
-                # ---- Taylor rows of interval t: d(e_i e_j)/dh = dpw_i pw_j + pw_i dpw_j
-                if t < T - 1:
-                    th = t if Th > 1 else 0
-                    for l in range(LANES):
-                        hv = steps[b0 + min(l, nl - 1), th]
-                        pw[0, l] = 1.0
-                        dpw[0, l] = 0.0
-                        for k in range(1, R):
-                            dpw[k, l] = k * pw[k - 1, l]
-                            pw[k, l] = pw[k - 1, l] * hv
-                    _fill(gh, 0.0)
-                    for d in range(D):
-                        o = d * R
-                        for i in range(R):
-                            a = o + i
-                            for j in range(R):
-                                b = o + j
-                                # G0, G1 and d(e_i e_j)/dh are symmetric in (i, j), so the
-                                # two halves of -sym(lambda x^T) contribute equally to the sum
-                                _fill(sv, 0.0)
-                                c0_, c1_, c2_ = g0[i, j], g1[i, j], g2[i, j]
-                                for p in range(Pl):
-                                    _fma3(sv, c0_, lam[t, p, a], xs[t, p, b])
-                                    _fma3(sv, c1_, lam[t + 1, p, a], xs[t + 1, p, b])
-                                    _fma3(sv, c2_, lam[t + 1, p, a], xs[t, p, b])
-                                    _fma3(sv, c2_, xs[t + 1, p, a], lam[t, p, b])
-                                _fill(q, 0.0)
-                                _fma(q, dpw[i], pw[j])
-                                _fma(q, pw[i], dpw[j])
-                                _fms(gh, q, sv)
-                    _axpy(gs[th], ws2, gh)
-                if central and t < T - 2:
-                    _central_step_gradient(lam, xs, steps, b0, nl, t, R, ws2, gs, sv)
-            # ---- write the real lanes
-            if columns:
-                _store_column_gradients(gc, gs, gb, gi, job, b0, c0, nc, grad_coef, grad_steps,
-                                        grad_rhs_eq, grad_init)
-            else:
-                _store_system_gradients(gc, gs, gb, gi, b0, nl, grad_coef, grad_steps,
-                                        grad_rhs_eq, grad_init)
+                                _fma3(sv, c0_, lam[t, p, a], xs[t, p, b])
+                                _fma3(sv, c1_, lam[t + 1, p, a], xs[t + 1, p, b])
+                                _fma3(sv, c2_, lam[t + 1, p, a], xs[t, p, b])
+                                _fma3(sv, c2_, xs[t + 1, p, a], lam[t, p, b])
+                            _fill(q, 0.0)
+                            _fma(q, dpw[i], pw[j])
+                            _fma(q, pw[i], dpw[j])
+                            _fms(gh, q, sv)
+                _axpy(gs[th], ws2, gh)
+            if central and t < T - 2:
+                _central_step_gradient(lam, xs, steps, b0, nl, t, R, ws2, gs, sv)
+        # ---- write the real lanes
+        if columns:
+            _store_column_gradients(gc, gs, gb, gi, job, b0, c0, nc, grad_coef, grad_steps,
+                                    grad_rhs_eq, grad_init)
+        else:
+            _store_system_gradients(gc, gs, gb, gi, b0, nl, grad_coef, grad_steps,
+                                    grad_rhs_eq, grad_init)
 
 
-@njit(cache=True)
+@_helper
 def _central_step_gradient(lam, xs, steps, b0, nl, q, R, ws2, gs, tmp):
     """gs (Th, W) += dl/dh of central row q (section 5 block gradients, see :func:`backward`);
     ``tmp`` (W,) scratch."""
@@ -1141,7 +1225,7 @@ def _central_step_gradient(lam, xs, steps, b0, nl, q, R, ws2, gs, tmp):
         gs[q + 1 if Th > 1 else 0, l] += tmp[l]
 
 
-@njit(cache=True)
+@_helper
 def _store_system_gradients(gc, gs, gb, gi, b0, nl, grad_coef, grad_steps, grad_rhs_eq,
                             grad_init):
     """Lanes are systems: lane l's gradients belong to system b0 + l."""
@@ -1166,7 +1250,7 @@ def _store_system_gradients(gc, gs, gb, gi, b0, nl, grad_coef, grad_steps, grad_
                     grad_init[bl, su, i, p] = gi[su, i, p, l]
 
 
-@njit(cache=True)
+@_helper
 def _store_column_gradients(gc, gs, gb, gi, job, n, c0, nc, grad_coef, grad_steps, grad_rhs_eq,
                             grad_init):
     """Lanes are columns c0 + l of system n: right-hand-side gradients per column, coefficient

@@ -38,6 +38,7 @@ from smnn.experiments.kdv_evaluation import (
 from smnn.experiments.mnn_layer import MnnLayer
 from smnn.experiments.resnet1d import ResNet1D
 from smnn.io import atomic_torch_save
+from smnn.solver.banded import NonPositivePivotError
 from smnn.training import Trainer, TrainerSettings, seed_everything
 
 N_SPLITS, N_TIME, N_X, WINDOW = (6, 2, 2), 40, 32, 10
@@ -52,7 +53,7 @@ KDV_SECTION = {
     },
     "train": {
         "epochs": 4, "batch_size": 16, "lr": 3.0e-3, "plateau_factor": 0.5,
-        "plateau_patience": 2, "dtype": "float32", "windows_per_epoch": 64,
+        "plateau_patience": 2, "dtype": "float32", "windows_per_epoch": None,
     },
     "evaluate": {"n_trajectories": None, "sample_trajectories": 2},
 }  # fmt: skip
@@ -97,9 +98,16 @@ def store(tmp_path_factory):
     return write_store(tmp_path_factory.mktemp("kdv") / "kdv.zarr")
 
 
-def small_model(solver: str = "smnn", n_x: int = N_X) -> KdvModel:
+def small_model(solver: str = "smnn", n_x: int = N_X, persistence: bool = False) -> KdvModel:
+    """A small float64 model; its heads random unless ``persistence`` (the initial state)."""
     torch.manual_seed(0)
-    return KdvModel(n_x, WINDOW, 8, 5, 2, 1, 8, 1e-3, solver=solver).double()
+    model = KdvModel(n_x, WINDOW, 8, 5, 2, 1, 8, 1e-3, solver=solver).double()
+    if not persistence:
+        with torch.no_grad():
+            for head in (model.coefficient_head, model.rhs_head, model.init_head):
+                head.weight.normal_(0.0, 0.05)
+                head.bias.normal_(0.0, 0.3)
+    return model
 
 
 # ------------------------------------------------------------------ ResNet1D and the model
@@ -135,6 +143,9 @@ def test_model_shapes_initial_values_and_step():
     assert ode.steps.shape == (4, 1, 1)
     torch.testing.assert_close(ode.init_vars[:, :, 0, 0, 0], x[:, -1])  # order 0: last value
     torch.testing.assert_close(ode.steps, torch.full_like(ode.steps, STEP_INIT))
+    # the initial model is persistence: d4u/dt4 = 0 from the last value, zero derivatives
+    start = small_model(persistence=True)(x).solution
+    torch.testing.assert_close(start, x[:, -1:].expand_as(start), atol=1e-9, rtol=0)
     out = model(x)
     assert out.solution.shape == (4, WINDOW, N_X)
     assert out.orders.shape == (4, N_X, WINDOW, N_ORDERS)
@@ -190,7 +201,11 @@ def test_solve_matches_the_dense_reference_and_every_solver_runs():
         ref = dense_reference(ode.coefficients, ode.rhs, ode.init_vars,
                               ode.steps.expand(2, 16, WINDOW - 1))  # fmt: skip
     assert ref.shape == (2, 16, WINDOW, 1, N_ORDERS)
-    torch.testing.assert_close(u, ref[..., 0, :], atol=1e-6, rtol=0)
+    ref = ref[..., 0, :]
+    torch.testing.assert_close(u[..., 0], ref[..., 0], atol=1e-6, rtol=0)  # the solution
+    # every order to 1e-6 of its own scale (the top orders grow like h^-k)
+    scale = ref.abs().amax(dim=(0, 1, 2))
+    assert bool(((u - ref).abs().amax(dim=(0, 1, 2)) <= 1e-6 * scale).all())
     for solver in ("mnn_dense", "mnn_cg"):
         other = small_model(solver, n_x=16)
         other.load_state_dict(model.state_dict())
@@ -203,8 +218,13 @@ def test_solve_matches_the_dense_reference_and_every_solver_runs():
         x = x.detach()
 
 
-def test_layer_is_the_shared_mnn_layer():
+def test_layer_is_the_shared_mnn_layer_and_tiny_steps_fail_clearly():
     assert isinstance(small_model().layer, MnnLayer) and small_model("mnn_cg").solver == "mnn_cg"
+    model = small_model(n_x=16)
+    model.step_floor = 1e-4
+    torch.nn.init.constant_(model.step_head.bias, -20.0)  # the step at its floor
+    with pytest.raises(NonPositivePivotError, match=r"step sizes are 0\.0001 .*step_floor"):
+        model(torch.randn(2, WINDOW, 16, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------ settings
@@ -212,7 +232,7 @@ def test_layer_is_the_shared_mnn_layer():
 
 def test_settings_and_problems():
     s = KdvSettings.from_config(make_config())
-    assert s.window == WINDOW and s.windows_per_epoch == 64 and s.n_trajectories is None
+    assert s.window == WINDOW and s.windows_per_epoch is None and s.n_trajectories is None
     assert section_problems(KDV_SECTION) == []
     bad = json.loads(json.dumps(KDV_SECTION))
     bad["model"]["kernel_size"] = 4
@@ -227,6 +247,8 @@ def test_settings_and_problems():
         KdvSettings.from_config(make_config(**{"train.plateau_factor": 1.0}))
     with pytest.raises(ConfigError, match="kernel_size"):
         KdvSettings.from_config(make_config(**{"model.kernel_size": 6}))
+    with pytest.raises(ConfigError, match="step_floor"):
+        KdvSettings.from_config(make_config(**{"model.step_floor": 0.05}))
 
 
 def test_experiment_object():
@@ -271,7 +293,8 @@ def trained(store, tmp_path_factory):
 
 def test_training_reduces_the_loss_and_validates(trained):
     task, result = trained["task"], trained["result"]
-    assert task.n_samples == 64 and task.n_starts == N_TIME - 2 * WINDOW + 2
+    assert task.n_starts == N_TIME - 2 * WINDOW + 2
+    assert task.n_samples == N_SPLITS[0] * task.n_starts  # every window of every trajectory
     losses = [r["train_loss"] for r in result.history]
     assert len(losses) == 4 and all(np.isfinite(losses))
     assert losses[-1] < losses[0], losses
@@ -306,6 +329,11 @@ def test_windows_overlap_by_one_and_validation_subset_is_fixed(store):
         assert task.validation_loss() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(IndexError):
         gather_trajectory_windows(task.train, torch.tensor([0]), torch.tensor([30]), 19)
+    few = EXPERIMENT.build_task(make_config(**{"train.valid_windows": 5}), "smnn", store,
+                                torch.device("cpu"))  # fmt: skip
+    assert few.valid_starts.numel() == 5
+    assert set(zip(few.valid_trajectories.tolist(), few.valid_starts.tolist(),
+                   strict=True)) <= pairs  # fmt: skip
 
 
 def test_plateau_schedule_follows_the_validation_loss(store, tmp_path):

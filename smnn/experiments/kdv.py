@@ -24,9 +24,19 @@ point gets its own linear ODE in time of order 4 over the W output steps
   whole domain (the derivatives of a point may depend on all of it), as in the published model;
   it fixes ``n_x``.
 - step net: a :class:`ConvEncoder` of the same widths (kernel :data:`STEP_KERNEL`) and one
-  linear layer to a single number per sample, ``h = max(sigmoid(z), step_floor)``: one step size
-  per sample, shared by every grid point and time step. Its last layer starts with zero weights
-  and the bias ``logit(STEP_INIT)``, so training starts from the step :data:`STEP_INIT`.
+  linear layer to a single number ``z`` per sample, ``h = step_floor + (1 - step_floor)
+  sigmoid(z)``: one step size per sample in ``(step_floor, 1)``, shared by every grid point and
+  time step (a smooth floor: unlike a clip, it never stops the step's gradient). Its last layer
+  starts with zero weights and the bias that gives the step :data:`STEP_INIT`, so training starts
+  from it (``step_floor`` must be below it).
+
+Initialisation: the weights of the coefficient, right-hand-side and initial-derivative heads
+(their last layers) start at zero and their biases at ``c = (0, 0, 0, 0, 1)``, ``b = 0`` and
+derivatives 0, i.e. ``d^4u/dt^4 = 0`` from ``(u, 0, 0, 0)``: the solution of the initial model
+is the last input step held, exactly (persistence), and training learns the departures from it.
+  Steps below about 0.005 make the normal equations of the order-4 ODE lose positive
+  definiteness even in float64; the solve then fails naming the steps (raise ``step_floor``,
+  published 1e-3, or lower the learning rate).
 
 The ``B * n_x`` systems of ``T = W`` steps are solved by
 :class:`smnn.experiments.mnn_layer.MnnLayer` with the job's solver (batch dims ``(B, n_x)``, the
@@ -43,8 +53,8 @@ at random (trajectory and start uniform) from torch's global generator, which th
 and checkpoints (a resumed run redraws the same windows). Loss: the mean absolute error between
 the solution (order 0, all W steps) and the target. Adam with ``lr``, ``ReduceLROnPlateau``
 (``plateau_factor``, ``plateau_patience``) stepped on the validation loss: the same L1 loss on a
-fixed subset of at most :data:`VALID_WINDOWS` windows of the valid split (drawn once from the
-seed), computed after every epoch.
+fixed subset of at most ``kdv.train.valid_windows`` (default :data:`VALID_WINDOWS`) windows of
+the valid split (distinct, drawn once from the seed), computed after every epoch.
 
 Evaluation: :mod:`smnn.experiments.kdv_evaluation` (rollout, persistence, NMSE) and
 :mod:`smnn.experiments.kdv_figures` / :mod:`smnn.experiments.forecast_figures` (plots).
@@ -84,6 +94,7 @@ from smnn.experiments.kdv_figures import plot_spacetime, plot_training_curves
 from smnn.experiments.mnn_layer import MnnLayer
 from smnn.experiments.resnet1d import ResNet1D, circular_conv
 from smnn.io import atomic_write_json
+from smnn.solver.banded import NonPositivePivotError
 
 __all__ = [
     "EXPERIMENT",
@@ -112,7 +123,7 @@ STEP_INIT = 0.05  # the step size at initialisation
 # the solve's dtype whatever the model's: the normal equations of a fourth-order ODE at steps
 # near STEP_INIT are too ill-conditioned for a float32 Cholesky factorization
 SOLVE_DTYPE = torch.float64
-VALID_WINDOWS = 256  # the validation subset (at most)
+VALID_WINDOWS = 256  # the validation subset (at most) unless kdv.train.valid_windows says
 PAPER_PARAMETERS = 10_434_045  # parameters at the published sizes (n_x = 256, W = 10)
 MODEL_KIND = "kdv_mnn"
 SCORED = ("model", "persistence")
@@ -180,6 +191,7 @@ class KdvSettings:
     plateau_patience: int
     dtype: str
     windows_per_epoch: int | None
+    valid_windows: int
     n_trajectories: int | None
     sample_trajectories: int
     seed: int
@@ -202,6 +214,11 @@ class KdvSettings:
             plateau_patience=config.get_int(t + "plateau_patience", min_value=0),
             dtype=config.get_str(t + "dtype", choices=tuple(DTYPES)),
             windows_per_epoch=config.get_int(t + "windows_per_epoch", min_value=1, allow_none=True),
+            valid_windows=(
+                config.get_int(t + "valid_windows", min_value=1)
+                if config.has(t + "valid_windows")
+                else VALID_WINDOWS
+            ),  # fmt: skip
             n_trajectories=config.get_int(e + "n_trajectories", min_value=1, allow_none=True),
             sample_trajectories=config.get_int(e + "sample_trajectories", min_value=1),
             seed=config.get_int("seed", min_value=0),
@@ -212,10 +229,10 @@ class KdvSettings:
                 f"config key 'kdv.train.plateau_factor': must be in (0, 1), got "
                 f"{settings.plateau_factor}"
             )
-        if not settings.step_floor < 1:
+        if not settings.step_floor < STEP_INIT:
             problems.append(
-                f"config key 'kdv.model.step_floor': must be below 1 (the sigmoid's bound), got "
-                f"{settings.step_floor}"
+                f"config key 'kdv.model.step_floor': must be below the initial step {STEP_INIT}, "
+                f"got {settings.step_floor}"
             )
         if problems:
             raise ConfigError(f"{config.source}: " + "; ".join(problems))
@@ -401,8 +418,8 @@ class KdvModel(nn.Module):
         super().__init__()
         if window < 2 or n_x < 1:
             raise ValueError(f"need window >= 2 and n_x >= 1, got {window} and {n_x}")
-        if not 0 < step_floor < 1:
-            raise ValueError(f"step_floor must be in (0, 1), got {step_floor}")
+        if not 0 < step_floor < STEP_INIT:
+            raise ValueError(f"step_floor must be in (0, {STEP_INIT}), got {step_floor}")
         self.n_x, self.window, self.step_floor = n_x, window, step_floor
         resnet = (window, base_filters, kernel_size, n_blocks, double_every)
         self.coefficient_net = ResNet1D(*resnet)
@@ -415,13 +432,24 @@ class KdvModel(nn.Module):
         self.init_head = nn.Linear(self.init_net.n_features, n_x * (N_INIT_ORDERS - 1))
         self.step_net = ConvEncoder(window, init_hidden, STEP_KERNEL, n_x)
         self.step_head = nn.Linear(self.step_net.n_features, 1)
+        self._start_as_persistence()
         nn.init.zeros_(self.step_head.weight)
-        nn.init.constant_(self.step_head.bias, math.log(STEP_INIT / (1.0 - STEP_INIT)))
+        start = (STEP_INIT - step_floor) / (1.0 - step_floor)  # sigmoid of the first step
+        nn.init.constant_(self.step_head.bias, math.log(start / (1.0 - start)))
         self.layer = MnnLayer(solver)
 
     @property
     def solver(self) -> str:
         return self.layer.solver
+
+    @torch.no_grad()
+    def _start_as_persistence(self) -> None:
+        """Zero weights in the three heads, biases giving ``d^4u/dt^4 = 0`` with zero initial
+        derivatives: the initial model's solution is the last input step held (persistence)."""
+        for head in (self.coefficient_head, self.rhs_head, self.init_head):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        self.coefficient_head.bias.view(self.window, N_ORDERS)[:, N_ORDERS - 1] = 1.0
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 3 or x.shape[1:] != (self.window, self.n_x):
@@ -439,7 +467,8 @@ class KdvModel(nn.Module):
         rhs = self.rhs_head(self.rhs_net(x)).permute(0, 2, 1)  # (B, n_x, W)
         derivatives = self.init_head(self.init_net(x)).view(b, n, N_INIT_ORDERS - 1)
         init = torch.cat([x[:, -1].unsqueeze(-1), derivatives], dim=-1)  # (B, n_x, K)
-        steps = torch.sigmoid(self.step_head(self.step_net(x))).clamp(min=self.step_floor)
+        z = self.step_head(self.step_net(x))  # (B, 1)
+        steps = self.step_floor + (1.0 - self.step_floor) * torch.sigmoid(z)
         return KdvOde(
             coefficients=c[:, :, :, None, None, :],
             rhs=rhs.unsqueeze(-1),
@@ -451,10 +480,20 @@ class KdvModel(nn.Module):
         """Every order ``(B, n_x, W, 5)`` of the solutions of ``ode``, solved in
         :data:`SOLVE_DTYPE` and returned in the dtype of ``ode``."""
         d = SOLVE_DTYPE
-        u = self.layer(
-            ode.rhs.to(d), ode.init_vars.to(d), ode.coefficients.to(d), ode.steps.to(d),
-            n_steps=self.window,
-        )  # fmt: skip
+        try:
+            u = self.layer(
+                ode.rhs.to(d), ode.init_vars.to(d), ode.coefficients.to(d), ode.steps.to(d),
+                n_steps=self.window,
+            )  # fmt: skip
+        except NonPositivePivotError as exc:
+            h = ode.steps.detach()
+            raise NonPositivePivotError(
+                f"the KdV model's ODE could not be solved ({exc}); its step sizes are "
+                f"{float(h.min()):.3g} .. {float(h.max()):.3g} (floor {self.step_floor}): the "
+                f"normal equations of an order-{N_ORDERS - 1} ODE lose positive definiteness "
+                "at steps below about 0.005 even in float64, so raise kdv.model.step_floor or "
+                "lower kdv.train.lr"
+            ) from exc
         return u[..., 0, :].to(ode.rhs.dtype)
 
     def forward(self, x: torch.Tensor) -> KdvOutput:
@@ -512,11 +551,12 @@ class KdvTask:
         self._step_n = 0
 
     def _validation_subset(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """At most :data:`VALID_WINDOWS` distinct valid windows, drawn once from the seed."""
+        """At most ``valid_windows`` distinct valid windows, drawn once from the seed."""
         per = self.valid.shape[1] - 2 * self.settings.window + 2
         total = self.valid.shape[0] * per
         gen = seeded_generator(self.settings.seed, "kdv", "validation windows")
-        pick = torch.randperm(total, generator=gen)[: min(VALID_WINDOWS, total)].sort().values
+        n = min(self.settings.valid_windows, total)
+        pick = torch.randperm(total, generator=gen)[:n].sort().values
         return pick // per, pick % per
 
     def windows(

@@ -31,6 +31,8 @@ from smnn.data.kdv.generate import (
 )
 from smnn.data.kdv.lpsda import DEFAULT_FILES, KdvFileError, KdvLpsdaSettings, import_lpsda
 from smnn.data.kdv.spectral import (
+    ENERGY_TOL,
+    energy_drift,
     kdv_invariants,
     max_relative_error,
     output_times,
@@ -100,6 +102,23 @@ def test_etdrk4_agrees_with_radau():
     ref = solve_kdv(u0, params.length, t_end=t_end, n_times=26, method="radau")
     u = solve_kdv(u0, params.length, t_end=t_end, n_times=26)
     assert (max_relative_error(u, ref) < 1e-6).all()
+
+
+def test_energy_check_catches_a_late_instability():
+    """Trajectory 403 of the test split of seed 0 goes unstable near its end at the step of
+    the amplitude rule alone (12% off); the energy check solves it again with twice the steps,
+    which agrees with 4x the steps to 1e-5."""
+    params = sample_parameters(0, "test", [403])
+    u0 = initial_condition(params, 256)
+    times = output_times(params.t_end, 250)
+    rule = substeps_for(times[:, 1], u0, params.length)
+    raw = solve_kdv(u0, params.length, times, steps=rule)
+    auto = solve_kdv(u0, params.length, times)
+    fine = solve_kdv(u0, params.length, times, steps=4 * rule)
+    assert energy_drift(raw, u0, params.length)[0] > 100 * ENERGY_TOL
+    assert max_relative_error(raw, fine)[0] > 1e-2
+    assert energy_drift(auto, u0, params.length)[0] < ENERGY_TOL
+    assert max_relative_error(auto, fine)[0] < 1e-5
 
 
 def test_rows_are_independent_and_steps_per_row():

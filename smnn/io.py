@@ -8,6 +8,7 @@ The temporary file is removed again when writing fails.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -108,3 +109,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     import torch
 
     return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+HASH_BLOCK_BYTES = 4 * 2**20
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 (hex) of a file, read in blocks of 4 MiB (bounded memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()

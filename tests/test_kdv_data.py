@@ -39,8 +39,8 @@ from smnn.data.kdv.spectral import (
     solve_kdv,
     substeps_for,
 )
-from smnn.data.sst.preprocess import sha256_file
 from smnn.data.store import StoreError
+from smnn.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 # small generator settings: short solves, blocks that cut across the splits

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from smnn.config import Config, ConfigError, load_config
+from smnn.data.kdv.lpsda import KdvFileError
 from smnn.data.sst.download import DownloadError
 from smnn.data.sst.layout import SstFileError
 from smnn.training import CheckpointLocked
@@ -20,8 +21,10 @@ __all__ = ["setup_logging", "job_config", "apply_threads", "clean_errors", "USER
 
 # errors caused by the input (config, missing or damaged files, a checkpoint directory in use by
 # another job): reported in one line, exit code 2
+# (FloatingPointError: a generated trajectory blew up, e.g. an unstable KdV setting)
 USER_ERRORS = (
     ConfigError, StoreError, FileNotFoundError, CheckpointLocked, DownloadError, SstFileError,
+    KdvFileError, FloatingPointError,
 )  # fmt: skip
 
 

@@ -15,8 +15,6 @@ atomically, so a failed run leaves the previous store (if any) untouched.
 from __future__ import annotations
 
 import argparse
-import functools
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,23 +55,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_import)
 
 
-def _kdv_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Report the KdV data errors of the inputs (malformed LPSDA files, a trajectory that blew
-    up) as ``error: ...`` with exit code 2, as :func:`clean_errors` does for the shared ones."""
-
-    @functools.wraps(fn)
-    def wrapper(args: argparse.Namespace) -> int:
-        from smnn.data.kdv.lpsda import KdvFileError
-
-        try:
-            return fn(args)
-        except (KdvFileError, FloatingPointError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    return wrapper
-
-
 def _out_path(args: argparse.Namespace, config) -> Path:
     return Path(args.out) if args.out else Path(config.get_str("paths.data")) / "kdv.zarr"
 
@@ -99,7 +80,6 @@ def _phase_printer(start: float) -> Callable[[str], None]:
 
 
 @clean_errors
-@_kdv_errors
 def run_generate(args: argparse.Namespace) -> int:
     from smnn.data.kdv.generate import KdvGenerateSettings, generate_kdv
 
@@ -114,7 +94,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 @clean_errors
-@_kdv_errors
 def run_import(args: argparse.Namespace) -> int:
     from smnn.data.kdv.lpsda import KdvLpsdaSettings, import_lpsda
 

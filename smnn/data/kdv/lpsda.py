@@ -290,7 +290,7 @@ def import_lpsda(
     import dask.array as da
 
     from smnn import __version__
-    from smnn.data.sst.preprocess import sha256_file
+    from smnn.io import sha256_file
 
     say = on_phase or log.info
     out = Path(out)

@@ -36,7 +36,6 @@ the output directory at the same paths, e.g. a shared file system).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -60,6 +59,7 @@ from smnn.data.sst.layout import (
     check_sst_file,
 )
 from smnn.data.store import StoreError, open_dataset, write_dataset_atomic
+from smnn.io import sha256_file
 
 __all__ = [
     "LAND_MODES",
@@ -69,7 +69,6 @@ __all__ = [
     "STORE_ATTRS",
     "SstPreprocessSettings",
     "SstProvenance",
-    "sha256_file",
     "preprocess_sst",
     "open_sst_store",
 ]
@@ -95,7 +94,6 @@ STORE_ATTRS = (
 )
 # bytes of one block of whole weeks read from the NetCDF file in pass 1 (~64 weeks at 1 degree)
 READ_BLOCK_BYTES = 16 * 2**20
-HASH_BLOCK_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -179,15 +177,6 @@ class SstProvenance:
         source = config.get_str("sst.source", choices=SOURCES)
         url = config.get_str("sst.download.sst_url") if source == "noaa" else None
         return cls(source=source, source_url=url)
-
-
-def sha256_file(path: str | Path) -> str:
-    """The SHA-256 (hex) of a file, read in blocks (bounded memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------ preprocessing

@@ -54,11 +54,13 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
-# SST at the tiny scale of tests/configs/tiny.yaml (one definition), off unless a test enables it
-TINY_CONFIG["sst"] = {
-    **yaml.safe_load((Path(__file__).parent / "configs" / "tiny.yaml").read_text())["sst"],
-    "enabled": False,
-}
+# SST and KdV at the tiny scale of tests/configs/tiny.yaml (one definition), off unless a test
+# enables them
+for _name in ("sst", "kdv"):
+    TINY_CONFIG[_name] = {
+        **yaml.safe_load((Path(__file__).parent / "configs" / "tiny.yaml").read_text())[_name],
+        "enabled": False,
+    }
 
 
 def merge(base: dict, override: dict) -> dict:

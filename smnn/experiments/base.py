@@ -64,10 +64,11 @@ ENV_VAR = "SMNN_EXPERIMENTS"
 # results/<experiment>/<BASELINE_PREFIX><name>/ holds a trained baseline (never a solver name)
 BASELINE_PREFIX = "baseline_"
 
-# name -> module defining EXPERIMENT (KdV adds itself here)
+# name -> module defining EXPERIMENT
 BUILTIN_EXPERIMENTS: dict[str, str] = {
     "lorenz": "smnn.experiments.lorenz",
     "sst": "smnn.experiments.sst",
+    "kdv": "smnn.experiments.kdv",
 }
 
 

@@ -3,6 +3,9 @@
 #   kdv.source: generate   generate_kdv (seeded ETDRK4, parallel with Dask) -> data/kdv.zarr
 #   kdv.source: lpsda      import_kdv (LPSDA's HDF5 files, read with h5py)  -> data/kdv.zarr
 
+from smnn.data.kdv import SPLITS
+from smnn.data.kdv.lpsda import KdvLpsdaSettings
+
 
 if config["kdv"]["source"] == "generate":
 
@@ -27,6 +30,11 @@ if config["kdv"]["source"] == "generate":
 if config["kdv"]["source"] == "lpsda":
 
     rule import_kdv:
+        input:
+            [
+                str(KdvLpsdaSettings.from_config(Config(config, "configuration")).path(split))
+                for split in SPLITS
+            ],
         output:
             directory(data_path("kdv.zarr")),
         params:

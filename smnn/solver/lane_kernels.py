@@ -90,8 +90,13 @@ _FASTMATH = False
 # counting, before they call the per-worker loop) or returns an array, so nothing needs the
 # counters: the arrays outlive every call.
 _helper = njit(cache=True, fastmath=_FASTMATH, _nrt=False)
+# the same, inlined where called (numba's own inlining; LLVM leaves the larger ones as calls)
+_inline_helper = njit(cache=True, fastmath=_FASTMATH, _nrt=False, inline="always")
 
 LANES = 8  # the helpers below spell out exactly 8 lanes
+# values per lane in one chunk of inputs loaded into lanes (:func:`_load_chunk`): 32 KiB in
+# float64 for the 8 lanes, so that a chunk stays in the L1 cache while its steps are processed
+_CHUNK_VALUES = 512
 
 
 # Serialises kernel calls from several Python threads: the setting below is process-wide, and
@@ -259,7 +264,7 @@ def _group_range(worker, n_workers, n_groups):
 # ------------------------------------------------------------------ substitutions
 
 
-@_helper
+@_inline_helper
 def _pivot_solve(lc, rd, v):
     """In place: v (m, W) = D_t^{-1} v = L_t^{-T} L_t^{-1} v (``lc`` packed, ``rd`` reciprocals)."""
     m = rd.shape[0]
@@ -273,18 +278,80 @@ def _pivot_solve(lc, rd, v):
         _mul(v[i], rd[i])
 
 
-@_helper
-def _load_powers(steps, b0, nl, th, pw):
-    """pw (R, W): pw[k, l] = h^k for the step size h of interval ``th`` of system b0 + l."""
+@_inline_helper
+def _load_powers(hs, th, pw):
+    """pw (R, W): pw[k] = h^k for the lanes' step sizes h = ``hs[th]`` (W,) of interval ``th``."""
     R = pw.shape[0]
-    for l in range(LANES):
-        hv = steps[b0 + min(l, nl - 1), th]
-        pw[0, l] = 1.0
-        for k in range(1, R):
-            pw[k, l] = pw[k - 1, l] * hv
+    _fill(pw[0], 1.0)
+    for k in range(1, R):
+        _copy(pw[k], pw[k - 1])
+        _mul(pw[k], hs[th])
 
 
 @_helper
+def _load_step_sizes(steps, b0, nl, hs):
+    """hs (Th, W) = the step sizes of the lanes' systems (rows b0 .. b0 + nl - 1 of ``steps``
+    (N, Th), the last repeated), each row read in order; True if one is not positive and finite.
+    """
+    Th = steps.shape[1]
+    bad = False
+    for l in range(LANES):
+        r = b0 + min(l, nl - 1)
+        for t in range(Th):
+            h = steps[r, t]
+            bad |= not ((h > 0.0) & (h < np.inf))
+            hs[t, l] = h
+    return bad
+
+
+@_helper
+def _chunk_steps(n_steps, values_per_step):
+    """Steps per chunk of inputs loaded into lanes at once (:func:`_load_chunk`): as many as keep
+    a chunk within ``_CHUNK_VALUES`` values per lane, at least 1, at most ``n_steps``."""
+    return max(1, min(n_steps, _CHUNK_VALUES // max(1, values_per_step)))
+
+
+@_helper
+def _load_chunk(src, b0, nl, t0, t1, dst):
+    """dst[t - t0] (A, B, W) = src[row, t] (src (N, T', A, B)) for t0 <= t < t1 and the lanes'
+    rows b0 .. b0 + nl - 1 (the last repeated); with a size-1 step axis (T' = 1), its one step
+    into dst[0]. True if a value is not finite.
+
+    Each row's steps are read in order (one short sequential stream per lane, where loading one
+    step at a time for all lanes jumps between rows and missed the cache at every step)."""
+    A, B = src.shape[2], src.shape[3]
+    if src.shape[1] == 1:
+        t0, t1 = 0, 1
+    bad = False
+    for l in range(LANES):
+        r = b0 + min(l, nl - 1)
+        for t in range(t0, t1):
+            for a in range(A):
+                for b in range(B):
+                    v = src[r, t, a, b]
+                    bad |= not np.isfinite(v)
+                    dst[t - t0, a, b, l] = v
+    return bad
+
+
+@_helper
+def _load_column_chunk(src, n, c0, nc, t0, t1, dst):
+    """:func:`_load_chunk` with lanes as columns: dst[t - t0, a, 0, l] = src[n, t, a, c0 + l]
+    (the last of the nc columns repeated)."""
+    A = src.shape[2]
+    if src.shape[1] == 1:
+        t0, t1 = 0, 1
+    bad = False
+    for t in range(t0, t1):
+        for a in range(A):
+            for l in range(LANES):
+                v = src[n, t, a, c0 + min(l, nc - 1)]
+                bad |= not np.isfinite(v)
+                dst[t - t0, a, 0, l] = v
+    return bad
+
+
+@_inline_helper
 def _subtract_coupling(dst, v, pw, g2, ws2, transpose, tmp):
     """dst (m, W) -= M_{t+1,t} v, or M_{t+1,t}^T v when ``transpose``, for the interval whose
     powers are ``pw`` (R, W): per state, M_{t+1,t}[i, j] = w_s^2 h^i h^j G2[i, j]. ``tmp``: (R, W).
@@ -302,7 +369,7 @@ def _subtract_coupling(dst, v, pw, g2, ws2, transpose, tmp):
                 _fma3(dst[o + i], c, pw[i], tmp[j])
 
 
-@_helper
+@_inline_helper
 def _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp):
     """One step of the forward sweep for every column p: z_t = r_t - M_{t,t-1} y_{t-1} in
     ``wsol[t]`` (T, P, m, W), then y_prev (P, m, W) = D_t^{-1} z_t. ``pw_prev``: powers of
@@ -318,14 +385,14 @@ def _forward_sweep_step(lc, rd, wsol, t, y_prev, pw_prev, g2, ws2, tmp):
 
 
 @_helper
-def _back_sweep(chol, rdiag, steps, b0, nl, g2, ws2, wsol, pw, tmp):
+def _back_sweep(chol, rdiag, hs, g2, ws2, wsol, pw, tmp):
     """In place: ``wsol`` (T, P, m, W) holds z_t on entry and x_t on exit, where
     x_{T-1} = D_{T-1}^{-1} z_{T-1} and x_t = D_t^{-1} (z_t - M_{t+1,t}^T x_{t+1})."""
     T, P, m, _ = wsol.shape
-    Th = steps.shape[1]
+    Th = hs.shape[0]
     for t in range(T - 1, -1, -1):
         if t < T - 1:
-            _load_powers(steps, b0, nl, t if Th > 1 else 0, pw)
+            _load_powers(hs, t if Th > 1 else 0, pw)
         for p in range(P):
             xt = wsol[t, p]
             if t < T - 1:
@@ -334,16 +401,17 @@ def _back_sweep(chol, rdiag, steps, b0, nl, g2, ws2, wsol, pw, tmp):
 
 
 @_helper
-def _solve_group(chol, rdiag, steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp):
+def _solve_group(chol, rdiag, hs, g2, ws2, wsol, y_prev, pw_prev, pw, tmp):
     """In place: ``wsol`` (T, P, m, W) holds the right-hand sides on entry, M^{-1} of them on exit
-    (one group's factors ``chol`` (T, m(m-1)/2, W), ``rdiag`` (T, m, W))."""
+    (one group's factors ``chol`` (T, m(m-1)/2, W), ``rdiag`` (T, m, W), made from the lanes'
+    step sizes ``hs`` (Th, W))."""
     T = wsol.shape[0]
-    Th = steps.shape[1]
+    Th = hs.shape[0]
     for t in range(T):
         _forward_sweep_step(chol[t], rdiag[t], wsol, t, y_prev, pw_prev, g2, ws2, tmp)
         if t < T - 1:
-            _load_powers(steps, b0, nl, t if Th > 1 else 0, pw_prev)
-    _back_sweep(chol, rdiag, steps, b0, nl, g2, ws2, wsol, pw, tmp)
+            _load_powers(hs, t if Th > 1 else 0, pw_prev)
+    _back_sweep(chol, rdiag, hs, g2, ws2, wsol, pw, tmp)
 
 
 @njit(cache=True)
@@ -377,32 +445,62 @@ def _job_lanes(job, columns, N, P, n_column_groups):
 
 
 @_helper
+def _lane_rows(first, n_real):
+    """The rows (or columns) of the 8 lanes: first .. first + n_real - 1, the last repeated."""
+    last = n_real - 1
+    return (
+        first, first + min(1, last), first + min(2, last), first + min(3, last),
+        first + min(4, last), first + min(5, last), first + min(6, last), first + min(7, last),
+    )
+
+
+@_helper
 def _load_lanes(src, b0, nl, c0, nc, columns, dst):
-    """dst (T, Pl, m, W) = the lanes' columns of src (N, T, m, P) (see :func:`_job_lanes`)."""
+    """dst (T, Pl, m, W) = the lanes' columns of src (N, T, m, P) (see :func:`_job_lanes`).
+
+    Each lane vector is gathered from its 8 sources and stored at once (one vector store
+    rather than 8 strided scalar stores)."""
     T, Pl, m, _ = dst.shape
-    for l in range(LANES):
-        bl = b0 + min(l, nl - 1)
+    if columns:
+        c = _lane_rows(c0, nc)
         for t in range(T):
             for i in range(m):
-                if columns:
-                    dst[t, 0, i, l] = src[bl, t, i, c0 + min(l, nc - 1)]
-                else:
-                    for p in range(Pl):
-                        dst[t, p, i, l] = src[bl, t, i, p]
+                s = src[b0, t, i]
+                d = dst[t, 0, i]
+                d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7] = (
+                    s[c[0]], s[c[1]], s[c[2]], s[c[3]], s[c[4]], s[c[5]], s[c[6]], s[c[7]]
+                )
+    else:
+        r = _lane_rows(b0, nl)
+        for t in range(T):
+            for i in range(m):
+                for p in range(Pl):
+                    d = dst[t, p, i]
+                    d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7] = (
+                        src[r[0], t, i, p], src[r[1], t, i, p], src[r[2], t, i, p],
+                        src[r[3], t, i, p], src[r[4], t, i, p], src[r[5], t, i, p],
+                        src[r[6], t, i, p], src[r[7], t, i, p],
+                    )
 
 
 @_helper
 def _store_lanes(src, b0, nl, c0, nc, columns, dst):
     """The real lanes of src (T, Pl, m, W) into dst (N, T, m, P): inverse of :func:`_load_lanes`."""
     T, Pl, m, _ = src.shape
-    for l in range(nc if columns else nl):
+    if columns:
         for t in range(T):
             for i in range(m):
-                if columns:
-                    dst[b0, t, i, c0 + l] = src[t, 0, i, l]
-                else:
-                    for p in range(Pl):
-                        dst[b0 + l, t, i, p] = src[t, p, i, l]
+                s = src[t, 0, i]
+                d = dst[b0, t, i]
+                for l in range(nc):
+                    d[c0 + l] = s[l]
+    else:
+        for t in range(T):
+            for i in range(m):
+                for p in range(Pl):
+                    s = src[t, p, i]
+                    for l in range(nl):
+                        dst[b0 + l, t, i, p] = s[l]
 
 
 @_helper
@@ -487,11 +585,12 @@ def solve(
         cl = np.empty((E, m, LANES), dtype=dt)
         bv = np.empty((E, Pl, LANES), dtype=dt)
         u0 = np.empty((DK, Pl, LANES), dtype=dt)
+        hs = np.empty((steps.shape[1], LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, n_jobs)
         _solve_jobs(
             lo, hi, chol, rdiag, l1, l2, central, steps, coef, rhs_eq, init, rhs, n_init_steps,
             n_init_orders, g2, weights, columns, out, bad_input, wsol, y_prev, pw_prev, pw, tmp,
-            cl, bv, u0,
+            cl, bv, u0, hs,
         )
 
 
@@ -499,9 +598,9 @@ def solve(
 def _solve_jobs(
     lo, hi, chol, rdiag, l1, l2, central, steps, coef, rhs_eq, init, rhs, n_init_steps,
     n_init_orders, g2, weights, columns, out, bad_input, wsol, y_prev, pw_prev, pw, tmp, cl, bv,
-    u0,
+    u0, hs,
 ):
-    """Jobs [lo, hi) of :func:`solve` on one worker's scratch arrays (``wsol`` .. ``u0``)."""
+    """Jobs [lo, hi) of :func:`solve` on one worker's scratch arrays (``wsol`` .. ``hs``)."""
     N, T, m, P = out.shape
     R = g2.shape[0]
     S, K = n_init_steps, n_init_orders
@@ -524,9 +623,8 @@ def _solve_jobs(
         if central:
             _central_solve_group(chol[g], rdiag[g], l1[g], l2[g], R, wsol)
         else:
-            _solve_group(
-                chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, y_prev, pw_prev, pw, tmp
-            )
+            _load_step_sizes(steps, b0, nl, hs)  # checked when the factor was made
+            _solve_group(chol[g], rdiag[g], hs, g2, ws2, wsol, y_prev, pw_prev, pw, tmp)
         _store_lanes(wsol, b0, nl, c0, nc, columns, out)
 
 
@@ -567,70 +665,65 @@ def forward(
     R = m // D
     G = chol.shape[0]
     dt = chol.dtype
+    TB = _chunk_steps(T, E * m + E * P)
     for worker in prange(n_workers):
-        cl = np.empty((E, m, LANES), dtype=dt)
+        cl = np.empty((TB, E, m, LANES), dtype=dt)
         work = np.empty((m, m, LANES), dtype=dt)
         y_prev, pw_prev, pw, tmp = _solve_scratch(work, P, m, R)
         pw_cur = np.empty((R, LANES), dtype=dt)
         acc = np.empty(LANES, dtype=dt)
-        bv = np.empty((E, P, LANES), dtype=dt)
+        bv = np.empty((TB, E, P, LANES), dtype=dt)
         u0 = np.empty((D * K, P, LANES), dtype=dt)
         wsol = np.empty((T, P, m, LANES), dtype=dt)
         y_cpl = np.empty((m, m, LANES), dtype=dt)
+        hs = np.empty((steps.shape[1], LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
         _forward_groups(
             lo, hi, coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0,
             g1, g2, weights, chol, rdiag, out, failed_at, bad_input, cl, work, y_prev, pw_prev,
-            pw, tmp, pw_cur, acc, bv, u0, wsol, y_cpl,
+            pw, tmp, pw_cur, acc, bv, u0, wsol, y_cpl, hs,
         )
 
 
 @_helper
 def _forward_groups(
     lo, hi, coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2,
-    weights, chol, rdiag, out, failed_at, bad_input, cl, work, y_prev, pw_prev, pw, tmp, pw_cur,
-    acc, bv, u0, wsol, y_cpl,
+    weights, chol, rdiag, out, failed_at, bad_input, cl_chunk, work, y_prev, pw_prev, pw, tmp,
+    pw_cur, acc, bv_chunk, u0, wsol, y_cpl, hs,
 ):
-    """Groups [lo, hi) of :func:`forward` on one worker's scratch arrays (``cl`` .. ``y_cpl``)."""
+    """Groups [lo, hi) of :func:`forward` on one worker's scratch arrays (``cl_chunk`` ..
+    ``hs``): ``cl_chunk`` (TB, E, m, W) and ``bv_chunk`` (TB, E, P, W) hold chunks of TB steps
+    of the coefficients and right-hand sides in lanes, ``hs`` (Th, W) the step sizes."""
     N, Tc, E, m = coef.shape
     Th = steps.shape[1]
     Tb, P = rhs_eq.shape[1], rhs_eq.shape[3]
     Su = init.shape[1]
     T, D, S, K = n_steps, n_dims, n_init_steps, n_init_orders
     R = m // D
+    TB = cl_chunk.shape[0]
     weq2, win2, ws2 = weights[0], weights[1], weights[2]
     for g in range(lo, hi):
         b0 = g * LANES
         nl = min(LANES, N - b0)
-        bad = False
+        bad = _load_step_sizes(steps, b0, nl, hs)
         for t in range(T):
-            # ---- inputs of step t into lanes; powers h_t^k of interval t
-            tc = t if Tc > 1 else 0
-            tb = t if Tb > 1 else 0
-            for l in range(LANES):
-                bl = b0 + min(l, nl - 1)
-                for e in range(E):
-                    for i in range(m):
-                        v = coef[bl, tc, e, i]
-                        bad |= not np.isfinite(v)
-                        cl[e, i, l] = v
-                    for p in range(P):
-                        v = rhs_eq[bl, tb, e, p]
-                        bad |= not np.isfinite(v)
-                        bv[e, p, l] = v
-                if t < S:
-                    su = t if Su > 1 else 0
+            # ---- inputs of step t into lanes (a chunk of steps at a time); powers h_t^k
+            if t % TB == 0:
+                bad |= _load_chunk(coef, b0, nl, t, min(t + TB, T), cl_chunk)
+                bad |= _load_chunk(rhs_eq, b0, nl, t, min(t + TB, T), bv_chunk)
+            cl = cl_chunk[t % TB if Tc > 1 else 0]
+            bv = bv_chunk[t % TB if Tb > 1 else 0]
+            if t < S:
+                su = t if Su > 1 else 0
+                for l in range(LANES):
+                    bl = b0 + min(l, nl - 1)
                     for i in range(D * K):
                         for p in range(P):
                             v = init[bl, su, i, p]
                             bad |= not np.isfinite(v)
                             u0[i, p, l] = v
-                if t < T - 1:
-                    hv = steps[bl, t if Th > 1 else 0]
-                    bad |= not (hv > 0.0 and hv < np.inf)
-                    pw_cur[0, l] = 1.0
-                    for k in range(1, R):
-                        pw_cur[k, l] = pw_cur[k - 1, l] * hv
+            if t < T - 1:
+                _load_powers(hs, t if Th > 1 else 0, pw_cur)
             # ---- M_t (lower triangle): equation rows, initial rows, Taylor rows of t-1, t
             for i in range(m):
                 for j in range(i + 1):
@@ -706,7 +799,7 @@ def _forward_groups(
                         _mul(yij, rd[i])
                 for k in range(R):
                     _copy(pw_prev[k], pw_cur[k])
-        _back_sweep(chol[g], rdiag[g], steps, b0, nl, g2, ws2, wsol, pw, tmp)
+        _back_sweep(chol[g], rdiag[g], hs, g2, ws2, wsol, pw, tmp)
         _store_lanes(wsol, b0, nl, 0, P, False, out)
         _first_failed_steps(rdiag[g], b0, nl, failed_at)
         if bad:
@@ -730,7 +823,7 @@ def _forward_groups(
 # (G, T, D, m, W), l2[t][d] = row (d, R-2) of L_{t,t-2} (t >= 2; its only non-zero rows).
 
 
-@_helper
+@_inline_helper
 def _lower_solve(lc, rd, v):
     """In place: v (m, W) = L^{-1} v (``lc`` packed strictly lower triangle, ``rd`` reciprocals
     of the diagonal)."""
@@ -741,7 +834,7 @@ def _lower_solve(lc, rd, v):
         _mul(v[i], rd[i])
 
 
-@_helper
+@_inline_helper
 def _upper_solve(lc, rd, v):
     """In place: v (m, W) = L^{-T} v."""
     m = rd.shape[0]
@@ -1060,11 +1153,13 @@ def backward(
     n_jobs = N * Q if columns else chol.shape[0]
     Pl = 1 if columns else P
     dt = chol.dtype
+    TB = _chunk_steps(T, E * m + E * Pl)
     for worker in prange(n_workers):
         lam = np.empty((T, Pl, m, LANES), dtype=dt)
         xs = np.empty((T, Pl, m, LANES), dtype=dt)
-        cl = np.empty((E, m, LANES), dtype=dt)
-        bv = np.empty((E, Pl, LANES), dtype=dt)
+        cl = np.empty((TB, E, m, LANES), dtype=dt)
+        bv = np.empty((TB, E, Pl, LANES), dtype=dt)
+        hs = np.empty((Th, LANES), dtype=dt)
         gc = np.empty((Tc, E, m, LANES), dtype=dt)
         gs = np.empty((Th, LANES), dtype=dt)
         gb = np.empty((Tb, E, Pl, LANES), dtype=dt)
@@ -1077,7 +1172,7 @@ def backward(
             lo, hi, grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1,
             g2, weights, chol, rdiag, l1, l2, central, columns, grad_coef, grad_steps,
             grad_rhs_eq, grad_init, lam, xs, cl, bv, gc, gs, gb, gi, y_prev, pw_prev, pw, tmp,
-            dpw, vectors,
+            dpw, vectors, hs,
         )
 
 
@@ -1085,10 +1180,10 @@ def backward(
 def _backward_jobs(
     lo, hi, grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1, g2,
     weights, chol, rdiag, l1, l2, central, columns, grad_coef, grad_steps, grad_rhs_eq, grad_init,
-    lam, xs, cl, bv, gc, gs, gb, gi, y_prev, pw_prev, pw, tmp, dpw, vectors,
+    lam, xs, cl_chunk, bv_chunk, gc, gs, gb, gi, y_prev, pw_prev, pw, tmp, dpw, vectors, hs,
 ):
-    """Jobs [lo, hi) of :func:`backward` on one worker's scratch arrays (``lam`` ..
-    ``vectors`` (5, W))."""
+    """Jobs [lo, hi) of :func:`backward` on one worker's scratch arrays (``lam`` .. ``hs``; the
+    chunks and step sizes in lanes as in :func:`_forward_groups`, ``vectors`` (5, W))."""
     N, T, m, P = x.shape
     Tc, E = coef.shape[1], coef.shape[2]
     Th, Tb, Su = steps.shape[1], rhs_eq.shape[1], grad_init.shape[1]
@@ -1097,17 +1192,17 @@ def _backward_jobs(
     weq2, win2, ws2 = weights[0], weights[1], weights[2]
     Q = (P + LANES - 1) // LANES
     Pl = 1 if columns else P
+    TB = cl_chunk.shape[0]
     alpha, beta, q, sv, gh = vectors[0], vectors[1], vectors[2], vectors[3], vectors[4]
     for job in range(lo, hi):
         g, b0, nl, c0, nc = _job_lanes(job, columns, N, P, Q)
         # ---- lambda = M^{-1} g
         _load_lanes(grad_out, b0, nl, c0, nc, columns, lam)
+        _load_step_sizes(steps, b0, nl, hs)
         if central:
             _central_solve_group(chol[g], rdiag[g], l1[g], l2[g], R, lam)
         else:
-            _solve_group(
-                chol[g], rdiag[g], steps, b0, nl, g2, ws2, lam, y_prev, pw_prev, pw, tmp
-            )
+            _solve_group(chol[g], rdiag[g], hs, g2, ws2, lam, y_prev, pw_prev, pw, tmp)
         _load_lanes(x, b0, nl, c0, nc, columns, xs)
         gc[:] = 0.0
         gs[:] = 0.0
@@ -1116,14 +1211,14 @@ def _backward_jobs(
         for t in range(T):
             tc = t if Tc > 1 else 0
             tb = t if Tb > 1 else 0
-            for l in range(LANES):
-                bl = b0 + min(l, nl - 1)
-                for e in range(E):
-                    for i in range(m):
-                        cl[e, i, l] = coef[bl, tc, e, i]
-                    for p in range(Pl):
-                        pc = c0 + min(l, nc - 1) if columns else p
-                        bv[e, p, l] = rhs_eq[bl, tb, e, pc]
+            if t % TB == 0:  # the next chunk of coefficients and right-hand sides into lanes
+                _load_chunk(coef, b0, nl, t, min(t + TB, T), cl_chunk)
+                if columns:
+                    _load_column_chunk(rhs_eq, b0, c0, nc, t, min(t + TB, T), bv_chunk)
+                else:
+                    _load_chunk(rhs_eq, b0, nl, t, min(t + TB, T), bv_chunk)
+            cl = cl_chunk[t % TB if Tc > 1 else 0]
+            bv = bv_chunk[t % TB if Tb > 1 else 0]
             # ---- equation rows: coefficients and right-hand sides
             for e in range(E):
                 for p in range(Pl):
@@ -1149,7 +1244,7 @@ def _backward_jobs(
             if t < T - 1:
                 th = t if Th > 1 else 0
                 for l in range(LANES):
-                    hv = steps[b0 + min(l, nl - 1), th]
+                    hv = hs[th, l]
                     pw[0, l] = 1.0
                     dpw[0, l] = 0.0
                     for k in range(1, R):

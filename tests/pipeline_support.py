@@ -152,7 +152,34 @@ def expected_outputs(config: dict) -> list[str]:
             files.append(f"results/sst/baseline_{baseline}/model.pt")
         if config["sst"]["scaling"]["enabled"]:
             files += [f"results/sst/scaling/{n}" for n in ("scaling.csv", "scaling.md")]
+    if config["kdv"]["enabled"]:
+        files += ["data/kdv.zarr/zarr.json", "results/logs/kdv/generate.log"]
+        for solver in config["kdv"]["solvers"]:
+            files += [
+                f"results/kdv/{solver}/model.pt",
+                f"results/kdv/{solver}/eval/metrics.json",
+                f"results/logs/kdv/train_{solver}.log",
+            ]
     return files
+
+
+def check_kdv_outputs(workdir: Path, config: dict) -> None:
+    """KdV end to end: the rollout NMSE of the model and of persistence, finite and per step,
+    over the test trajectories asked for; plots."""
+    kdv = config["kdv"]
+    for solver in kdv["solvers"]:
+        ev = json.loads((workdir / f"results/kdv/{solver}/eval/metrics.json").read_text())
+        assert ev["experiment"] == "kdv" and ev["solver"] == solver
+        assert ev["source"] == kdv["source"]
+        assert set(ev["models"]) == {"model", "persistence"}, sorted(ev["models"])
+        n_scored = kdv["generate"]["n_kept"] - kdv["model"]["window"]
+        for name, score in ev["models"].items():
+            assert math.isfinite(score["nmse"]) and score["nmse"] > 0, (name, score)
+            assert len(score["nmse_by_step"]) == n_scored, (name, len(score["nmse_by_step"]))
+        wanted = kdv["evaluate"]["n_trajectories"] or kdv["generate"]["n_test"]
+        assert ev["data"]["n_trajectories_scored"] == wanted
+        plots = sorted((workdir / f"results/kdv/{solver}/eval/plots").glob("*.png"))
+        assert len(plots) >= 2, plots
 
 
 def check_sst_outputs(workdir: Path, config: dict) -> None:
@@ -244,6 +271,8 @@ def check_pipeline_outputs(workdir: Path, config: dict) -> dict:
 
     if config["sst"]["enabled"]:
         check_sst_outputs(workdir, config)
+    if config["kdv"]["enabled"]:
+        check_kdv_outputs(workdir, config)
 
     # lorenz: finite metrics, the sign pattern of every true term recovered
     evals = {}

@@ -110,6 +110,26 @@ def test_sst_runs_in_mlflow(pipeline):
     assert len(runs) == len(jobs) + 1
 
 
+def test_kdv_runs_in_mlflow(pipeline):
+    """KdV: one finished train and evaluate run per solver, with the step cost and the NMSE."""
+    from mlflow import MlflowClient
+
+    work, config = pipeline
+    client = MlflowClient(tracking_uri=f"sqlite:///{work / 'results' / 'mlflow.db'}")
+    experiments = {e.name: e for e in client.search_experiments()}
+    assert "kdv" in experiments, sorted(experiments)
+    runs = client.search_runs([experiments["kdv"].experiment_id], max_results=100)
+    for solver in config["kdv"]["solvers"]:
+        train = [r for r in runs if _tag(r, "rule") == "train" and _tag(r, "solver") == solver]
+        assert len(train) == 1 and train[0].info.status == "FINISHED"
+        for key in ("mean_step_time_ms", "step_peak_memory_mib", "final_valid_loss"):
+            assert key in train[0].data.metrics, (key, sorted(train[0].data.metrics))
+        ev = [r for r in runs if _tag(r, "rule") == "evaluate" and _tag(r, "solver") == solver]
+        assert len(ev) == 1 and math.isfinite(ev[0].data.metrics["nmse_model"])
+        assert math.isfinite(ev[0].data.metrics["nmse_persistence"])
+    assert len(runs) == 2 * len(config["kdv"]["solvers"])
+
+
 def _tag(run, name: str) -> str | None:
     tags = run.data.tags
     for key in (name, f"smnn.{name}"):
@@ -188,7 +208,10 @@ def test_report_contains_plots_with_captions(pipeline):
     assert "Standalone validation" in html
     assert "Evaluation of the <strong>lorenz</strong> experiment" in html
     # named report categories (no hand-kept numbers)
-    for category in ("Standalone ODEs", "Solver benchmark", "Experiment lorenz", "Experiment sst"):
+    for category in (
+        "Standalone ODEs", "Solver benchmark", "Experiment lorenz", "Experiment sst",
+        "Experiment kdv",
+    ):  # fmt: skip
         assert category in html
     assert "Solver scaling benchmark" in html
     assert "SST long-sequence study" in html and "scaling.png" in html
@@ -201,6 +224,7 @@ def test_paper_config_plans_every_solver(tmp_path):
     for solver in ("smnn", "mnn_dense", "mnn_cg"):
         assert f"results/lorenz/{solver}/model.pt" in run.output
         assert f"results/sst/{solver}/model.pt" in run.output
+        assert f"results/kdv/{solver}/model.pt" in run.output
     assert "smnn download-sst" in run.output and "results/sst/baseline_adagvae" in run.output
     bench = [line for line in run.output.splitlines() if "smnn bench" in line]
     assert bench and "--quick" not in bench[0], bench  # the full sweep

@@ -635,6 +635,11 @@ def _first_failed_steps(rdiag, b0, nl, failed_at):
     T, m, _ = rdiag.shape
     for l in range(nl):
         failed_at[b0 + l] = 0
+        last_ok = True  # NaN propagates to every later factor: a clean last step is enough
+        for i in range(m):
+            last_ok &= not np.isnan(rdiag[T - 1, i, l])
+        if last_ok:
+            continue
         for t in range(T):
             hit = False
             for i in range(m):

@@ -237,12 +237,12 @@ def test_settings_and_problems():
     assert s.window == WINDOW and s.windows_per_epoch is None and s.n_trajectories is None
     assert section_problems(KDV_SECTION) == []
     bad = json.loads(json.dumps(KDV_SECTION))
-    bad["model"]["kernel_size"] = 4
+    bad["model"].update(kernel_size=4, step_floor=0.05)
     bad["generate"] = {"n_kept": 15, "n_test": 3}
     bad["evaluate"] = {"n_trajectories": 5, "sample_trajectories": 4}
     problems = "\n".join(section_problems(bad))
-    for key in ("model.kernel_size", "generate.n_kept", "evaluate.n_trajectories",
-                "evaluate.sample_trajectories"):  # fmt: skip
+    for key in ("model.kernel_size", "model.step_floor", "generate.n_kept",
+                "evaluate.n_trajectories", "evaluate.sample_trajectories"):  # fmt: skip
         assert f"'kdv.{key}'" in problems
     assert EXPERIMENT.config_problems(bad)
     with pytest.raises(ConfigError, match="plateau_factor"):

@@ -29,14 +29,14 @@ point gets its own linear ODE in time of order 4 over the W output steps
   time step (a smooth floor: unlike a clip, it never stops the step's gradient). Its last layer
   starts with zero weights and the bias that gives the step :data:`STEP_INIT`, so training starts
   from it (``step_floor`` must be below it).
+  Steps below about 0.005 make the normal equations of the order-4 ODE lose positive
+  definiteness even in float64; the solve then fails naming the steps (raise ``step_floor``,
+  published 1e-3, or lower the learning rate).
 
 Initialisation: the weights of the coefficient, right-hand-side and initial-derivative heads
 (their last layers) start at zero and their biases at ``c = (0, 0, 0, 0, 1)``, ``b = 0`` and
 derivatives 0, i.e. ``d^4u/dt^4 = 0`` from ``(u, 0, 0, 0)``: the solution of the initial model
 is the last input step held, exactly (persistence), and training learns the departures from it.
-  Steps below about 0.005 make the normal equations of the order-4 ODE lose positive
-  definiteness even in float64; the solve then fails naming the steps (raise ``step_floor``,
-  published 1e-3, or lower the learning rate).
 
 The ``B * n_x`` systems of ``T = W`` steps are solved by
 :class:`smnn.experiments.mnn_layer.MnnLayer` with the job's solver (batch dims ``(B, n_x)``, the
@@ -156,6 +156,9 @@ def section_problems(section: Mapping[str, Any]) -> list[str]:
 
     if kernel is not None and kernel % 2 == 0:
         add("model.kernel_size", f"{kernel} must be odd (circular 'same' convolutions)")
+    floor = model.get("step_floor")
+    if isinstance(floor, (int, float)) and not isinstance(floor, bool) and floor >= STEP_INIT:
+        add("model.step_floor", f"{floor} must be below the initial step {STEP_INIT}")
     generated = section.get("source") == "generate"
     if generated and window is not None and n_kept is not None and n_kept < 2 * window - 1:
         add("generate.n_kept", f"{n_kept} stored steps are fewer than a training window of "
@@ -228,11 +231,6 @@ class KdvSettings:
             problems.append(
                 f"config key 'kdv.train.plateau_factor': must be in (0, 1), got "
                 f"{settings.plateau_factor}"
-            )
-        if not settings.step_floor < STEP_INIT:
-            problems.append(
-                f"config key 'kdv.model.step_floor': must be below the initial step {STEP_INIT}, "
-                f"got {settings.step_floor}"
             )
         if problems:
             raise ConfigError(f"{config.source}: " + "; ".join(problems))

@@ -275,7 +275,7 @@ def _train(task, directory, epochs=None):
     )  # fmt: skip
     trainer = Trainer(task, settings)
     with trainer:
-        trainer.restore()
+        trainer.attach_run(trainer.restore())  # run.json: what a resume needs
         return trainer.fit()
 
 
@@ -446,3 +446,25 @@ def test_model_file_errors(trained, store, tmp_path):
     with pytest.raises(ValueError, match="retrain"):
         EXPERIMENT.evaluate(make_config(**{"model.window": 8}), "smnn", store, trained["model"],
                             tmp_path / "w", torch.device("cpu"))  # fmt: skip
+
+
+def test_resume_redraws_the_same_random_windows(store, tmp_path):
+    """Two epochs in one go equal one epoch, a new process state, and the second epoch resumed
+    from the checkpoint (windows drawn from the checkpointed global generator)."""
+    config = make_config(**{"train.windows_per_epoch": 16, "train.epochs": 2})
+
+    def task():
+        seed_everything(3)
+        return EXPERIMENT.build_task(config, "smnn", store, torch.device("cpu"))
+
+    straight = task()
+    full = _train(straight, tmp_path / "straight")
+    first = task()
+    _train(first, tmp_path / "resumed", epochs=1)
+    seed_everything(99)  # another global state: the checkpoint restores it
+    second = task()
+    resumed = _train(second, tmp_path / "resumed")
+    assert resumed.resumed_from_epoch == 1
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[key]), key

@@ -105,6 +105,7 @@ __all__ = [
     "section_problems",
     "ConvEncoder",
     "KdvModel",
+    "KdvOde",
     "KdvOutput",
     "KdvTask",
     "build_task",

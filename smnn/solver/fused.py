@@ -561,9 +561,7 @@ class LaneLeftHandSide:
         T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
         batch = tuple(problem.batch_shape)
         folding = BatchFolding(batch, tuple(self.lhs_batch_shape))
-        rhs_eq, init = _fold_rhs_inputs(
-            problem, folding, problem.rhs_equation, problem.init_vars
-        )
+        rhs_eq, init = _fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
         x = _FactorSolve.apply(rhs_eq, init, self)
         if check_values and self.factor.bad_input:
             check_finite("rhs_equation", problem.rhs_equation)
@@ -588,4 +586,3 @@ def lane_factorize(
     if check_pivots:
         raise_if_failed(factor, lhs_batch)
     return LaneLeftHandSide(factor, coef, sizes, problem.lhs_batch_shape)
-

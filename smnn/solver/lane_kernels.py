@@ -123,6 +123,7 @@ def slp_vectorization():
 
 
 # ------------------------------------------------------------------ lane helpers (8 lanes)
+# fmt: off (one tuple assignment per helper, its 8 lanes on as few lines as fit)
 
 
 @_helper
@@ -135,7 +136,14 @@ def _fill(dst, v):
 def _copy(dst, a):
     """dst = a."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
-        a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        a[4],
+        a[5],
+        a[6],
+        a[7],
     )
 
 
@@ -143,8 +151,14 @@ def _copy(dst, a):
 def _fma(dst, a, b):
     """dst += a * b."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
-        dst[0] + a[0] * b[0], dst[1] + a[1] * b[1], dst[2] + a[2] * b[2], dst[3] + a[3] * b[3],
-        dst[4] + a[4] * b[4], dst[5] + a[5] * b[5], dst[6] + a[6] * b[6], dst[7] + a[7] * b[7],
+        dst[0] + a[0] * b[0],
+        dst[1] + a[1] * b[1],
+        dst[2] + a[2] * b[2],
+        dst[3] + a[3] * b[3],
+        dst[4] + a[4] * b[4],
+        dst[5] + a[5] * b[5],
+        dst[6] + a[6] * b[6],
+        dst[7] + a[7] * b[7],
     )
 
 
@@ -152,8 +166,14 @@ def _fma(dst, a, b):
 def _fms(dst, a, b):
     """dst -= a * b."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
-        dst[0] - a[0] * b[0], dst[1] - a[1] * b[1], dst[2] - a[2] * b[2], dst[3] - a[3] * b[3],
-        dst[4] - a[4] * b[4], dst[5] - a[5] * b[5], dst[6] - a[6] * b[6], dst[7] - a[7] * b[7],
+        dst[0] - a[0] * b[0],
+        dst[1] - a[1] * b[1],
+        dst[2] - a[2] * b[2],
+        dst[3] - a[3] * b[3],
+        dst[4] - a[4] * b[4],
+        dst[5] - a[5] * b[5],
+        dst[6] - a[6] * b[6],
+        dst[7] - a[7] * b[7],
     )
 
 
@@ -161,8 +181,14 @@ def _fms(dst, a, b):
 def _scale(dst, s):
     """dst *= s (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
-        dst[0] * s, dst[1] * s, dst[2] * s, dst[3] * s,
-        dst[4] * s, dst[5] * s, dst[6] * s, dst[7] * s,
+        dst[0] * s,
+        dst[1] * s,
+        dst[2] * s,
+        dst[3] * s,
+        dst[4] * s,
+        dst[5] * s,
+        dst[6] * s,
+        dst[7] * s,
     )
 
 
@@ -170,8 +196,14 @@ def _scale(dst, s):
 def _add_scalar(dst, s):
     """dst += s (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
-        dst[0] + s, dst[1] + s, dst[2] + s, dst[3] + s,
-        dst[4] + s, dst[5] + s, dst[6] + s, dst[7] + s,
+        dst[0] + s,
+        dst[1] + s,
+        dst[2] + s,
+        dst[3] + s,
+        dst[4] + s,
+        dst[5] + s,
+        dst[6] + s,
+        dst[7] + s,
     )
 
 
@@ -179,8 +211,14 @@ def _add_scalar(dst, s):
 def _axpy(dst, s, a):
     """dst += s * a (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
-        dst[0] + s * a[0], dst[1] + s * a[1], dst[2] + s * a[2], dst[3] + s * a[3],
-        dst[4] + s * a[4], dst[5] + s * a[5], dst[6] + s * a[6], dst[7] + s * a[7],
+        dst[0] + s * a[0],
+        dst[1] + s * a[1],
+        dst[2] + s * a[2],
+        dst[3] + s * a[3],
+        dst[4] + s * a[4],
+        dst[5] + s * a[5],
+        dst[6] + s * a[6],
+        dst[7] + s * a[7],
     )
 
 
@@ -188,8 +226,14 @@ def _axpy(dst, s, a):
 def _subtract_from(dst, a):
     """dst = a - dst."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
-        a[0] - dst[0], a[1] - dst[1], a[2] - dst[2], a[3] - dst[3],
-        a[4] - dst[4], a[5] - dst[5], a[6] - dst[6], a[7] - dst[7],
+        a[0] - dst[0],
+        a[1] - dst[1],
+        a[2] - dst[2],
+        a[3] - dst[3],
+        a[4] - dst[4],
+        a[5] - dst[5],
+        a[6] - dst[6],
+        a[7] - dst[7],
     )
 
 
@@ -197,9 +241,14 @@ def _subtract_from(dst, a):
 def _fma3(dst, s, a, b):
     """dst += s * a * b (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
-        dst[0] + s * a[0] * b[0], dst[1] + s * a[1] * b[1], dst[2] + s * a[2] * b[2],
-        dst[3] + s * a[3] * b[3], dst[4] + s * a[4] * b[4], dst[5] + s * a[5] * b[5],
-        dst[6] + s * a[6] * b[6], dst[7] + s * a[7] * b[7],
+        dst[0] + s * a[0] * b[0],
+        dst[1] + s * a[1] * b[1],
+        dst[2] + s * a[2] * b[2],
+        dst[3] + s * a[3] * b[3],
+        dst[4] + s * a[4] * b[4],
+        dst[5] + s * a[5] * b[5],
+        dst[6] + s * a[6] * b[6],
+        dst[7] + s * a[7] * b[7],
     )
 
 
@@ -207,8 +256,14 @@ def _fma3(dst, s, a, b):
 def _mul(dst, a):
     """dst *= a."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
-        dst[0] * a[0], dst[1] * a[1], dst[2] * a[2], dst[3] * a[3],
-        dst[4] * a[4], dst[5] * a[5], dst[6] * a[6], dst[7] * a[7],
+        dst[0] * a[0],
+        dst[1] * a[1],
+        dst[2] * a[2],
+        dst[3] * a[3],
+        dst[4] * a[4],
+        dst[5] * a[5],
+        dst[6] * a[6],
+        dst[7] * a[7],
     )
 
 
@@ -216,8 +271,14 @@ def _mul(dst, a):
 def _scaled_product(dst, s, a, b):
     """dst = s * a * b (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
-        s * a[0] * b[0], s * a[1] * b[1], s * a[2] * b[2], s * a[3] * b[3],
-        s * a[4] * b[4], s * a[5] * b[5], s * a[6] * b[6], s * a[7] * b[7],
+        s * a[0] * b[0],
+        s * a[1] * b[1],
+        s * a[2] * b[2],
+        s * a[3] * b[3],
+        s * a[4] * b[4],
+        s * a[5] * b[5],
+        s * a[6] * b[6],
+        s * a[7] * b[7],
     )
 
 
@@ -225,11 +286,18 @@ def _scaled_product(dst, s, a, b):
 def _scaled_product_minus(dst, s, a, b, c, d):
     """dst += s * (a * b - c * d) (s a scalar)."""
     dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
-        dst[0] + s * (a[0] * b[0] - c[0] * d[0]), dst[1] + s * (a[1] * b[1] - c[1] * d[1]),
-        dst[2] + s * (a[2] * b[2] - c[2] * d[2]), dst[3] + s * (a[3] * b[3] - c[3] * d[3]),
-        dst[4] + s * (a[4] * b[4] - c[4] * d[4]), dst[5] + s * (a[5] * b[5] - c[5] * d[5]),
-        dst[6] + s * (a[6] * b[6] - c[6] * d[6]), dst[7] + s * (a[7] * b[7] - c[7] * d[7]),
+        dst[0] + s * (a[0] * b[0] - c[0] * d[0]),
+        dst[1] + s * (a[1] * b[1] - c[1] * d[1]),
+        dst[2] + s * (a[2] * b[2] - c[2] * d[2]),
+        dst[3] + s * (a[3] * b[3] - c[3] * d[3]),
+        dst[4] + s * (a[4] * b[4] - c[4] * d[4]),
+        dst[5] + s * (a[5] * b[5] - c[5] * d[5]),
+        dst[6] + s * (a[6] * b[6] - c[6] * d[6]),
+        dst[7] + s * (a[7] * b[7] - c[7] * d[7]),
     )
+
+
+# fmt: on
 
 
 @_helper
@@ -449,8 +517,14 @@ def _lane_rows(first, n_real):
     """The rows (or columns) of the 8 lanes: first .. first + n_real - 1, the last repeated."""
     last = n_real - 1
     return (
-        first, first + min(1, last), first + min(2, last), first + min(3, last),
-        first + min(4, last), first + min(5, last), first + min(6, last), first + min(7, last),
+        first,
+        first + min(1, last),
+        first + min(2, last),
+        first + min(3, last),
+        first + min(4, last),
+        first + min(5, last),
+        first + min(6, last),
+        first + min(7, last),
     )
 
 
@@ -468,7 +542,14 @@ def _load_lanes(src, b0, nl, c0, nc, columns, dst):
                 s = src[b0, t, i]
                 d = dst[t, 0, i]
                 d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7] = (
-                    s[c[0]], s[c[1]], s[c[2]], s[c[3]], s[c[4]], s[c[5]], s[c[6]], s[c[7]]
+                    s[c[0]],
+                    s[c[1]],
+                    s[c[2]],
+                    s[c[3]],
+                    s[c[4]],
+                    s[c[5]],
+                    s[c[6]],
+                    s[c[7]],
                 )
     else:
         r = _lane_rows(b0, nl)
@@ -477,9 +558,14 @@ def _load_lanes(src, b0, nl, c0, nc, columns, dst):
                 for p in range(Pl):
                     d = dst[t, p, i]
                     d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7] = (
-                        src[r[0], t, i, p], src[r[1], t, i, p], src[r[2], t, i, p],
-                        src[r[3], t, i, p], src[r[4], t, i, p], src[r[5], t, i, p],
-                        src[r[6], t, i, p], src[r[7], t, i, p],
+                        src[r[0], t, i, p],
+                        src[r[1], t, i, p],
+                        src[r[2], t, i, p],
+                        src[r[3], t, i, p],
+                        src[r[4], t, i, p],
+                        src[r[5], t, i, p],
+                        src[r[6], t, i, p],
+                        src[r[7], t, i, p],
                     )
 
 
@@ -559,8 +645,24 @@ def _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol):
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def solve(
-    chol, rdiag, l1, l2, central, steps, coef, rhs_eq, init, rhs, n_init_steps, n_init_orders,
-    g2, weights, columns, out, bad_input, n_workers,
+    chol,
+    rdiag,
+    l1,
+    l2,
+    central,
+    steps,
+    coef,
+    rhs_eq,
+    init,
+    rhs,
+    n_init_steps,
+    n_init_orders,
+    g2,
+    weights,
+    columns,
+    out,
+    bad_input,
+    n_workers,
 ):
     """x = M^{-1} r with stored factors and the steps they were made from; x into ``out``
     (N, T, m, P).
@@ -588,17 +690,67 @@ def solve(
         hs = np.empty((steps.shape[1], LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, n_jobs)
         _solve_jobs(
-            lo, hi, chol, rdiag, l1, l2, central, steps, coef, rhs_eq, init, rhs, n_init_steps,
-            n_init_orders, g2, weights, columns, out, bad_input, wsol, y_prev, pw_prev, pw, tmp,
-            cl, bv, u0, hs,
+            lo,
+            hi,
+            chol,
+            rdiag,
+            l1,
+            l2,
+            central,
+            steps,
+            coef,
+            rhs_eq,
+            init,
+            rhs,
+            n_init_steps,
+            n_init_orders,
+            g2,
+            weights,
+            columns,
+            out,
+            bad_input,
+            wsol,
+            y_prev,
+            pw_prev,
+            pw,
+            tmp,
+            cl,
+            bv,
+            u0,
+            hs,
         )
 
 
 @_helper
 def _solve_jobs(
-    lo, hi, chol, rdiag, l1, l2, central, steps, coef, rhs_eq, init, rhs, n_init_steps,
-    n_init_orders, g2, weights, columns, out, bad_input, wsol, y_prev, pw_prev, pw, tmp, cl, bv,
-    u0, hs,
+    lo,
+    hi,
+    chol,
+    rdiag,
+    l1,
+    l2,
+    central,
+    steps,
+    coef,
+    rhs_eq,
+    init,
+    rhs,
+    n_init_steps,
+    n_init_orders,
+    g2,
+    weights,
+    columns,
+    out,
+    bad_input,
+    wsol,
+    y_prev,
+    pw_prev,
+    pw,
+    tmp,
+    cl,
+    bv,
+    u0,
+    hs,
 ):
     """Jobs [lo, hi) of :func:`solve` on one worker's scratch arrays (``wsol`` .. ``hs``)."""
     N, T, m, P = out.shape
@@ -655,8 +807,24 @@ def _first_failed_steps(rdiag, b0, nl, failed_at):
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def forward(
-    coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
-    chol, rdiag, out, failed_at, bad_input, n_workers,
+    coef,
+    steps,
+    rhs_eq,
+    init,
+    n_steps,
+    n_dims,
+    n_init_steps,
+    n_init_orders,
+    g0,
+    g1,
+    g2,
+    weights,
+    chol,
+    rdiag,
+    out,
+    failed_at,
+    bad_input,
+    n_workers,
 ):
     """Assemble, factorize and solve (module docstring).
 
@@ -684,17 +852,75 @@ def forward(
         hs = np.empty((steps.shape[1], LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
         _forward_groups(
-            lo, hi, coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0,
-            g1, g2, weights, chol, rdiag, out, failed_at, bad_input, cl, work, y_prev, pw_prev,
-            pw, tmp, pw_cur, acc, bv, u0, wsol, y_cpl, hs,
+            lo,
+            hi,
+            coef,
+            steps,
+            rhs_eq,
+            init,
+            n_steps,
+            n_dims,
+            n_init_steps,
+            n_init_orders,
+            g0,
+            g1,
+            g2,
+            weights,
+            chol,
+            rdiag,
+            out,
+            failed_at,
+            bad_input,
+            cl,
+            work,
+            y_prev,
+            pw_prev,
+            pw,
+            tmp,
+            pw_cur,
+            acc,
+            bv,
+            u0,
+            wsol,
+            y_cpl,
+            hs,
         )
 
 
 @_helper
 def _forward_groups(
-    lo, hi, coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2,
-    weights, chol, rdiag, out, failed_at, bad_input, cl_chunk, work, y_prev, pw_prev, pw, tmp,
-    pw_cur, acc, bv_chunk, u0, wsol, y_cpl, hs,
+    lo,
+    hi,
+    coef,
+    steps,
+    rhs_eq,
+    init,
+    n_steps,
+    n_dims,
+    n_init_steps,
+    n_init_orders,
+    g0,
+    g1,
+    g2,
+    weights,
+    chol,
+    rdiag,
+    out,
+    failed_at,
+    bad_input,
+    cl_chunk,
+    work,
+    y_prev,
+    pw_prev,
+    pw,
+    tmp,
+    pw_cur,
+    acc,
+    bv_chunk,
+    u0,
+    wsol,
+    y_cpl,
+    hs,
 ):
     """Groups [lo, hi) of :func:`forward` on one worker's scratch arrays (``cl_chunk`` ..
     ``hs``): ``cl_chunk`` (TB, E, m, W) and ``bv_chunk`` (TB, E, P, W) hold chunks of TB steps
@@ -916,8 +1142,26 @@ def _central_scalars(steps, b0, nl, q, R, ca, cb):
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def forward_central(
-    coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
-    chol, rdiag, l1, l2, out, failed_at, bad_input, n_workers,
+    coef,
+    steps,
+    rhs_eq,
+    init,
+    n_steps,
+    n_dims,
+    n_init_steps,
+    n_init_orders,
+    g0,
+    g1,
+    g2,
+    weights,
+    chol,
+    rdiag,
+    l1,
+    l2,
+    out,
+    failed_at,
+    bad_input,
+    n_workers,
 ):
     """:func:`forward` with central smoothness rows (block pentadiagonal M): assemble, factorize
     (``chol``, ``rdiag``, ``l1``, ``l2``) and solve. ``g0``, ``g1``, ``g2``: the Taylor Gram
@@ -944,17 +1188,77 @@ def forward_central(
         wsol = np.empty((T, P, m, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, G)
         _forward_central_groups(
-            lo, hi, coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0,
-            g1, g2, weights, chol, rdiag, l1, l2, out, failed_at, bad_input, cl, work, cpl, vec,
-            pw_cur, pw_prev, ca, cb, acc, bv, u0, wsol,
+            lo,
+            hi,
+            coef,
+            steps,
+            rhs_eq,
+            init,
+            n_steps,
+            n_dims,
+            n_init_steps,
+            n_init_orders,
+            g0,
+            g1,
+            g2,
+            weights,
+            chol,
+            rdiag,
+            l1,
+            l2,
+            out,
+            failed_at,
+            bad_input,
+            cl,
+            work,
+            cpl,
+            vec,
+            pw_cur,
+            pw_prev,
+            ca,
+            cb,
+            acc,
+            bv,
+            u0,
+            wsol,
         )
 
 
 @_helper
 def _forward_central_groups(
-    lo, hi, coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, g0, g1, g2,
-    weights, chol, rdiag, l1, l2, out, failed_at, bad_input, cl, work, cpl, vec, pw_cur, pw_prev,
-    ca, cb, acc, bv, u0, wsol,
+    lo,
+    hi,
+    coef,
+    steps,
+    rhs_eq,
+    init,
+    n_steps,
+    n_dims,
+    n_init_steps,
+    n_init_orders,
+    g0,
+    g1,
+    g2,
+    weights,
+    chol,
+    rdiag,
+    l1,
+    l2,
+    out,
+    failed_at,
+    bad_input,
+    cl,
+    work,
+    cpl,
+    vec,
+    pw_cur,
+    pw_prev,
+    ca,
+    cb,
+    acc,
+    bv,
+    u0,
+    wsol,
 ):
     """Groups [lo, hi) of :func:`forward_central` on one worker's scratch arrays (``cl`` ..
     ``wsol``)."""
@@ -1065,9 +1369,7 @@ def _forward_central_groups(
                     for d in range(D):
                         for k in range(K):
                             _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
-            _central_forward_step(
-                lc, rd, l1[g, t - 1 if t > 0 else 0], l2[g, t], t, R, wsol
-            )
+            _central_forward_step(lc, rd, l1[g, t - 1 if t > 0 else 0], l2[g, t], t, R, wsol)
             if t < T - 1:
                 # ---- L_{t+1,t-1} = M_{t+1,t-1} L_{t-1,t-1}^{-T}: row (d, R-2) is
                 # -w_s^2 a_{t-1}^2 (L_{t-1,t-1}^{-1} e_{(d, R-2)})^T
@@ -1089,9 +1391,7 @@ def _forward_central_groups(
                     o = d * R
                     for i in range(R):
                         for j in range(R):
-                            _scaled_product(
-                                cpl[o + i, o + j], ws2 * g2[i, j], pw_cur[i], pw_cur[j]
-                            )
+                            _scaled_product(cpl[o + i, o + j], ws2 * g2[i, j], pw_cur[i], pw_cur[j])
                     if t < T - 2:  # central row t: +a b at ((t+1, R-1), (t, R-2))
                         _fma3(cpl[o + i1, o + i2], ws2, ca[t % 3], cb[t % 3])
                     if t >= 1:  # central row t-1: -a b at ((t+1, R-2), (t, R-1))
@@ -1123,8 +1423,28 @@ def _forward_central_groups(
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
 def backward(
-    grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1, g2, weights,
-    chol, rdiag, l1, l2, central, columns, grad_coef, grad_steps, grad_rhs_eq, grad_init,
+    grad_out,
+    x,
+    coef,
+    steps,
+    rhs_eq,
+    n_dims,
+    n_init_steps,
+    n_init_orders,
+    g0,
+    g1,
+    g2,
+    weights,
+    chol,
+    rdiag,
+    l1,
+    l2,
+    central,
+    columns,
+    grad_coef,
+    grad_steps,
+    grad_rhs_eq,
+    grad_init,
     n_workers,
 ):
     """Gradients of all four inputs from g = ``grad_out`` and the solution ``x`` (N, T, m, P).
@@ -1174,18 +1494,89 @@ def backward(
         vectors = np.empty((5, LANES), dtype=dt)
         lo, hi = _group_range(worker, n_workers, n_jobs)
         _backward_jobs(
-            lo, hi, grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1,
-            g2, weights, chol, rdiag, l1, l2, central, columns, grad_coef, grad_steps,
-            grad_rhs_eq, grad_init, lam, xs, cl, bv, gc, gs, gb, gi, y_prev, pw_prev, pw, tmp,
-            dpw, vectors, hs,
+            lo,
+            hi,
+            grad_out,
+            x,
+            coef,
+            steps,
+            rhs_eq,
+            n_dims,
+            n_init_steps,
+            n_init_orders,
+            g0,
+            g1,
+            g2,
+            weights,
+            chol,
+            rdiag,
+            l1,
+            l2,
+            central,
+            columns,
+            grad_coef,
+            grad_steps,
+            grad_rhs_eq,
+            grad_init,
+            lam,
+            xs,
+            cl,
+            bv,
+            gc,
+            gs,
+            gb,
+            gi,
+            y_prev,
+            pw_prev,
+            pw,
+            tmp,
+            dpw,
+            vectors,
+            hs,
         )
 
 
 @_helper
 def _backward_jobs(
-    lo, hi, grad_out, x, coef, steps, rhs_eq, n_dims, n_init_steps, n_init_orders, g0, g1, g2,
-    weights, chol, rdiag, l1, l2, central, columns, grad_coef, grad_steps, grad_rhs_eq, grad_init,
-    lam, xs, cl_chunk, bv_chunk, gc, gs, gb, gi, y_prev, pw_prev, pw, tmp, dpw, vectors, hs,
+    lo,
+    hi,
+    grad_out,
+    x,
+    coef,
+    steps,
+    rhs_eq,
+    n_dims,
+    n_init_steps,
+    n_init_orders,
+    g0,
+    g1,
+    g2,
+    weights,
+    chol,
+    rdiag,
+    l1,
+    l2,
+    central,
+    columns,
+    grad_coef,
+    grad_steps,
+    grad_rhs_eq,
+    grad_init,
+    lam,
+    xs,
+    cl_chunk,
+    bv_chunk,
+    gc,
+    gs,
+    gb,
+    gi,
+    y_prev,
+    pw_prev,
+    pw,
+    tmp,
+    dpw,
+    vectors,
+    hs,
 ):
     """Jobs [lo, hi) of :func:`backward` on one worker's scratch arrays (``lam`` .. ``hs``; the
     chunks and step sizes in lanes as in :func:`_forward_groups`, ``vectors`` (5, W))."""
@@ -1280,11 +1671,13 @@ def _backward_jobs(
                 _central_step_gradient(lam, xs, steps, b0, nl, t, R, ws2, gs, sv)
         # ---- write the real lanes
         if columns:
-            _store_column_gradients(gc, gs, gb, gi, job, b0, c0, nc, grad_coef, grad_steps,
-                                    grad_rhs_eq, grad_init)
+            _store_column_gradients(
+                gc, gs, gb, gi, job, b0, c0, nc, grad_coef, grad_steps, grad_rhs_eq, grad_init
+            )
         else:
-            _store_system_gradients(gc, gs, gb, gi, b0, nl, grad_coef, grad_steps,
-                                    grad_rhs_eq, grad_init)
+            _store_system_gradients(
+                gc, gs, gb, gi, b0, nl, grad_coef, grad_steps, grad_rhs_eq, grad_init
+            )
 
 
 @_helper
@@ -1326,8 +1719,7 @@ def _central_step_gradient(lam, xs, steps, b0, nl, q, R, ws2, gs, tmp):
 
 
 @_helper
-def _store_system_gradients(gc, gs, gb, gi, b0, nl, grad_coef, grad_steps, grad_rhs_eq,
-                            grad_init):
+def _store_system_gradients(gc, gs, gb, gi, b0, nl, grad_coef, grad_steps, grad_rhs_eq, grad_init):
     """Lanes are systems: lane l's gradients belong to system b0 + l."""
     Tc, E, m, _ = gc.shape
     Th, Tb, Su = gs.shape[0], gb.shape[0], gi.shape[0]
@@ -1351,8 +1743,9 @@ def _store_system_gradients(gc, gs, gb, gi, b0, nl, grad_coef, grad_steps, grad_
 
 
 @_helper
-def _store_column_gradients(gc, gs, gb, gi, job, n, c0, nc, grad_coef, grad_steps, grad_rhs_eq,
-                            grad_init):
+def _store_column_gradients(
+    gc, gs, gb, gi, job, n, c0, nc, grad_coef, grad_steps, grad_rhs_eq, grad_init
+):
     """Lanes are columns c0 + l of system n: right-hand-side gradients per column, coefficient
     and step gradients summed over the lanes (in lane order) into the job's partial sums."""
     Tc, E, m, _ = gc.shape

@@ -1,9 +1,11 @@
 """The same config on the same machine with the same thread count gives the same bytes.
 
-The tiny Lorenz pipeline runs twice through the real `snakemake`, in two scratch directories:
-first with an empty numba cache (every kernel compiled in that run), then with the cache that run
-left behind (every kernel loaded from disk). Data, recovered equations and every evaluation
-metric must agree to the byte: numba's on-disk cache must not change what the kernels compute.
+The tiny pipeline of the experiments (Lorenz, SST, KdV) runs twice through the real `snakemake`,
+in two scratch directories: first with an empty numba cache (every kernel compiled in that run),
+then with the cache that run left behind (every kernel loaded from disk). Every experiment's
+metrics.json (recovered equations, forecast and rollout errors, all computed from the generated
+data and the trained models) must agree to the byte: numba's on-disk cache must not change what
+the kernels compute.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ def test_cold_and_warm_numba_cache_give_identical_results(tmp_path):
     config = tiny_config()
     config["standalone"]["enabled"] = False
     config["benchmark"]["enabled"] = False
-    cfg = tmp_path / "lorenz_only.yaml"
+    config["sst"]["scaling"]["enabled"] = False  # timings, not results
+    experiments = [name for name in ("lorenz", "sst", "kdv") if config[name]["enabled"]]
+    cfg = tmp_path / "experiments_only.yaml"
     cfg.write_text(yaml.safe_dump(config))
     cache = tmp_path / "numba-cache"
     cache.mkdir()
@@ -34,8 +38,12 @@ def test_cold_and_warm_numba_cache_give_identical_results(tmp_path):
             timeout=1200,
         )
         assert run.proc.returncode == 0, failure_report(work, run)
-        outputs.append(work / "results" / "lorenz" / "smnn" / "eval" / "metrics.json")
+        outputs.append(
+            {e: work / "results" / e / "smnn" / "eval" / "metrics.json" for e in experiments}
+        )
         if name == "cold":
             assert any(cache.rglob("*.nbi")), "the first run left no numba cache behind"
-    cold, warm = (p.read_bytes() for p in outputs)
-    assert cold == warm, "metrics.json differs between a cold and a warm numba cache"
+    assert experiments == ["lorenz", "sst", "kdv"]
+    for name in experiments:
+        cold, warm = (run[name].read_bytes() for run in outputs)
+        assert cold == warm, f"{name}: metrics.json differs between a cold and a warm numba cache"

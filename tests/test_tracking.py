@@ -71,7 +71,7 @@ def test_init_store_is_idempotent_and_creates_every_experiment(tmp_path):
     second = init_tracking_store(target)
     assert set(first) == set(mlflow_experiments()) and first == second
     # one MLflow experiment per registered experiment, none ahead of its code
-    assert set(first) == {"lorenz", "benchmark", "standalone"}
+    assert set(first) == {"lorenz", "sst", "kdv", "benchmark", "standalone"}
     assert (tmp_path / "mlflow.db").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no lock left
     tracker = RunTracker.start(target, "standalone", "probe", {"k": "v"})

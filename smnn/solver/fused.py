@@ -18,12 +18,13 @@ nothing else:
   backward pass solves once more with the stored factor: lambda = M^{-1} g, then
   dl/db = w_eq^2 C lambda and dl/du0 = w_in^2 lambda on the initial entries.
 
-Lane layout per call. The kernels work on lanes of ``LANES`` = 8 side by side. When the left-hand
+Lane layout per call. The kernels work on lanes of ``LANES`` = 32 side by side. When the left-hand
 side has many systems, the lanes are systems (each with all its right-hand-side columns). When it
 has few systems shared by many right-hand sides (shared coefficients and steps, the Lorenz
 pattern), lanes of systems would sit mostly empty and leave threads idle; then the lanes are
 *columns*: the factor is made once per system and replicated across the lanes, and each job
-substitutes 8 columns of one system (:func:`lanes_are_columns` decides by the work per thread).
+substitutes ``LANES`` columns of one system (:func:`lanes_are_columns` decides by the work per
+thread).
 
 Input values are checked inside the kernels while they read them (non-finite values, steps
 <= 0); when one is found, the usual checks of :func:`smnn.solver.inputs.check_values_of` run on
@@ -82,7 +83,7 @@ def n_workers(n_jobs: int) -> int:
 def lanes_are_columns(n_systems: int, n_columns: int) -> bool:
     """Lay the lanes out as columns of one system (True) or as systems (False)?
 
-    Lanes of systems: ceil(N / 8) jobs of P columns each. Lanes of columns: N * ceil(P / 8) jobs
+    Lanes of systems: ceil(N / W) jobs of P columns each. Lanes of columns: N * ceil(P / W) jobs
     of one column each. The substitutions cost about the same per column and lane in both, so
     compare the columns per thread (the busiest thread), with a margin for the column jobs'
     own factor loads.

@@ -19,9 +19,17 @@ Why lanes: the blocks are tiny (m = D*R = 2..15), so one system's recurrence is 
 scalar loops that cannot use the vector units. Every operation of the recurrence is the same for
 all systems, so each is done for ``LANES`` systems side by side, on arrays whose last axis is the
 lane. The lane operations are the small helpers below (``_fma`` etc.), written as one tuple
-assignment over the 8 lanes so that all loads come before all stores; LLVM's SLP vectoriser then
-turns each into vector instructions. Numba compiles with the SLP vectoriser off by default, so the
-callers compile these kernels inside :func:`slp_vectorization` (see :mod:`smnn.solver.fused`).
+assignment over the 32 lanes so that all loads come before all stores; LLVM's SLP vectoriser then
+turns each into vector instructions (four AVX-512 registers in float64). Numba compiles with the
+SLP vectoriser off by default, so the callers compile these kernels inside
+:func:`slp_vectorization` (see :mod:`smnn.solver.fused`).
+
+Why 32 lanes (4 vectors of 8 float64) rather than 8 (one vector): the recurrence is a chain of
+dependent operations (each pivot's square root and division, then the column that needs it), and
+every lane operation carries a dozen integer instructions of indexing. With 8 lanes the kernels
+waited on the chain and on that bookkeeping; 32 lanes issue four independent vector operations
+per index computation. Measured at the KdV shape (B=8192, T=10, R=5, float64, one thread):
+forward kernel 11.3 -> 7.7 ms, backward 12.8 -> 9.1 ms (16 lanes: about half of that gain).
 A group's working set (its factors and right-hand sides) stays in cache from assembly to
 substitution. The lanes of a job are either systems (each with all its P right-hand sides) or,
 for few systems shared by many right-hand sides, P columns of one system (:func:`_job_lanes`).
@@ -89,14 +97,20 @@ _FASTMATH = False
 # Nothing here allocates (the kernels allocate each worker's scratch arrays, with reference
 # counting, before they call the per-worker loop) or returns an array, so nothing needs the
 # counters: the arrays outlive every call.
-_helper = njit(cache=True, fastmath=_FASTMATH, _nrt=False)
+# ``error_model="numpy"``: a float division by zero gives inf or NaN (IEEE) instead of raising
+# ZeroDivisionError. Python's model put a compare and branch in front of every division, so the
+# divisions of a lane helper stayed scalar; the quotients are the same bits either way.
+_ERROR_MODEL = "numpy"
+_helper = njit(cache=True, fastmath=_FASTMATH, error_model=_ERROR_MODEL, _nrt=False)
 # the same, inlined where called (numba's own inlining; LLVM leaves the larger ones as calls)
-_inline_helper = njit(cache=True, fastmath=_FASTMATH, _nrt=False, inline="always")
+_inline_helper = njit(
+    cache=True, fastmath=_FASTMATH, error_model=_ERROR_MODEL, _nrt=False, inline="always"
+)
 
-LANES = 8  # the helpers below spell out exactly 8 lanes
+LANES = 32  # the helpers below spell out exactly 32 lanes
 # values per lane in one chunk of inputs loaded into lanes (:func:`_load_chunk`): 32 KiB in
-# float64 for the 8 lanes, so that a chunk stays in the L1 cache while its steps are processed
-_CHUNK_VALUES = 512
+# float64 for the 32 lanes, so that a chunk stays in the L1 cache while its steps are processed
+_CHUNK_VALUES = 128
 
 
 # Serialises kernel calls from several Python threads: the setting below is process-wide, and
@@ -122,20 +136,118 @@ def slp_vectorization():
             numba.config.SLP_VECTORIZE = previous
 
 
-# ------------------------------------------------------------------ lane helpers (8 lanes)
-# fmt: off (one tuple assignment per helper, its 8 lanes on as few lines as fit)
+# ------------------------------------------------------------------ lane helpers (32 lanes)
 
 
 @_helper
 def _fill(dst, v):
     """dst = v."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = v, v, v, v, v, v, v, v
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+        v,
+    )
 
 
 @_helper
 def _copy(dst, a):
     """dst = a."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
         a[0],
         a[1],
         a[2],
@@ -144,13 +256,70 @@ def _copy(dst, a):
         a[5],
         a[6],
         a[7],
+        a[8],
+        a[9],
+        a[10],
+        a[11],
+        a[12],
+        a[13],
+        a[14],
+        a[15],
+        a[16],
+        a[17],
+        a[18],
+        a[19],
+        a[20],
+        a[21],
+        a[22],
+        a[23],
+        a[24],
+        a[25],
+        a[26],
+        a[27],
+        a[28],
+        a[29],
+        a[30],
+        a[31],
     )
 
 
 @_helper
 def _fma(dst, a, b):
     """dst += a * b."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
         dst[0] + a[0] * b[0],
         dst[1] + a[1] * b[1],
         dst[2] + a[2] * b[2],
@@ -159,13 +328,70 @@ def _fma(dst, a, b):
         dst[5] + a[5] * b[5],
         dst[6] + a[6] * b[6],
         dst[7] + a[7] * b[7],
+        dst[8] + a[8] * b[8],
+        dst[9] + a[9] * b[9],
+        dst[10] + a[10] * b[10],
+        dst[11] + a[11] * b[11],
+        dst[12] + a[12] * b[12],
+        dst[13] + a[13] * b[13],
+        dst[14] + a[14] * b[14],
+        dst[15] + a[15] * b[15],
+        dst[16] + a[16] * b[16],
+        dst[17] + a[17] * b[17],
+        dst[18] + a[18] * b[18],
+        dst[19] + a[19] * b[19],
+        dst[20] + a[20] * b[20],
+        dst[21] + a[21] * b[21],
+        dst[22] + a[22] * b[22],
+        dst[23] + a[23] * b[23],
+        dst[24] + a[24] * b[24],
+        dst[25] + a[25] * b[25],
+        dst[26] + a[26] * b[26],
+        dst[27] + a[27] * b[27],
+        dst[28] + a[28] * b[28],
+        dst[29] + a[29] * b[29],
+        dst[30] + a[30] * b[30],
+        dst[31] + a[31] * b[31],
     )
 
 
 @_helper
 def _fms(dst, a, b):
     """dst -= a * b."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
         dst[0] - a[0] * b[0],
         dst[1] - a[1] * b[1],
         dst[2] - a[2] * b[2],
@@ -174,13 +400,70 @@ def _fms(dst, a, b):
         dst[5] - a[5] * b[5],
         dst[6] - a[6] * b[6],
         dst[7] - a[7] * b[7],
+        dst[8] - a[8] * b[8],
+        dst[9] - a[9] * b[9],
+        dst[10] - a[10] * b[10],
+        dst[11] - a[11] * b[11],
+        dst[12] - a[12] * b[12],
+        dst[13] - a[13] * b[13],
+        dst[14] - a[14] * b[14],
+        dst[15] - a[15] * b[15],
+        dst[16] - a[16] * b[16],
+        dst[17] - a[17] * b[17],
+        dst[18] - a[18] * b[18],
+        dst[19] - a[19] * b[19],
+        dst[20] - a[20] * b[20],
+        dst[21] - a[21] * b[21],
+        dst[22] - a[22] * b[22],
+        dst[23] - a[23] * b[23],
+        dst[24] - a[24] * b[24],
+        dst[25] - a[25] * b[25],
+        dst[26] - a[26] * b[26],
+        dst[27] - a[27] * b[27],
+        dst[28] - a[28] * b[28],
+        dst[29] - a[29] * b[29],
+        dst[30] - a[30] * b[30],
+        dst[31] - a[31] * b[31],
     )
 
 
 @_helper
 def _scale(dst, s):
     """dst *= s (s a scalar)."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
         dst[0] * s,
         dst[1] * s,
         dst[2] * s,
@@ -189,13 +472,70 @@ def _scale(dst, s):
         dst[5] * s,
         dst[6] * s,
         dst[7] * s,
+        dst[8] * s,
+        dst[9] * s,
+        dst[10] * s,
+        dst[11] * s,
+        dst[12] * s,
+        dst[13] * s,
+        dst[14] * s,
+        dst[15] * s,
+        dst[16] * s,
+        dst[17] * s,
+        dst[18] * s,
+        dst[19] * s,
+        dst[20] * s,
+        dst[21] * s,
+        dst[22] * s,
+        dst[23] * s,
+        dst[24] * s,
+        dst[25] * s,
+        dst[26] * s,
+        dst[27] * s,
+        dst[28] * s,
+        dst[29] * s,
+        dst[30] * s,
+        dst[31] * s,
     )
 
 
 @_helper
 def _add_scalar(dst, s):
     """dst += s (s a scalar)."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
         dst[0] + s,
         dst[1] + s,
         dst[2] + s,
@@ -204,13 +544,70 @@ def _add_scalar(dst, s):
         dst[5] + s,
         dst[6] + s,
         dst[7] + s,
+        dst[8] + s,
+        dst[9] + s,
+        dst[10] + s,
+        dst[11] + s,
+        dst[12] + s,
+        dst[13] + s,
+        dst[14] + s,
+        dst[15] + s,
+        dst[16] + s,
+        dst[17] + s,
+        dst[18] + s,
+        dst[19] + s,
+        dst[20] + s,
+        dst[21] + s,
+        dst[22] + s,
+        dst[23] + s,
+        dst[24] + s,
+        dst[25] + s,
+        dst[26] + s,
+        dst[27] + s,
+        dst[28] + s,
+        dst[29] + s,
+        dst[30] + s,
+        dst[31] + s,
     )
 
 
 @_helper
 def _axpy(dst, s, a):
     """dst += s * a (s a scalar)."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
         dst[0] + s * a[0],
         dst[1] + s * a[1],
         dst[2] + s * a[2],
@@ -219,13 +616,70 @@ def _axpy(dst, s, a):
         dst[5] + s * a[5],
         dst[6] + s * a[6],
         dst[7] + s * a[7],
+        dst[8] + s * a[8],
+        dst[9] + s * a[9],
+        dst[10] + s * a[10],
+        dst[11] + s * a[11],
+        dst[12] + s * a[12],
+        dst[13] + s * a[13],
+        dst[14] + s * a[14],
+        dst[15] + s * a[15],
+        dst[16] + s * a[16],
+        dst[17] + s * a[17],
+        dst[18] + s * a[18],
+        dst[19] + s * a[19],
+        dst[20] + s * a[20],
+        dst[21] + s * a[21],
+        dst[22] + s * a[22],
+        dst[23] + s * a[23],
+        dst[24] + s * a[24],
+        dst[25] + s * a[25],
+        dst[26] + s * a[26],
+        dst[27] + s * a[27],
+        dst[28] + s * a[28],
+        dst[29] + s * a[29],
+        dst[30] + s * a[30],
+        dst[31] + s * a[31],
     )
 
 
 @_helper
 def _subtract_from(dst, a):
     """dst = a - dst."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
         a[0] - dst[0],
         a[1] - dst[1],
         a[2] - dst[2],
@@ -234,13 +688,70 @@ def _subtract_from(dst, a):
         a[5] - dst[5],
         a[6] - dst[6],
         a[7] - dst[7],
+        a[8] - dst[8],
+        a[9] - dst[9],
+        a[10] - dst[10],
+        a[11] - dst[11],
+        a[12] - dst[12],
+        a[13] - dst[13],
+        a[14] - dst[14],
+        a[15] - dst[15],
+        a[16] - dst[16],
+        a[17] - dst[17],
+        a[18] - dst[18],
+        a[19] - dst[19],
+        a[20] - dst[20],
+        a[21] - dst[21],
+        a[22] - dst[22],
+        a[23] - dst[23],
+        a[24] - dst[24],
+        a[25] - dst[25],
+        a[26] - dst[26],
+        a[27] - dst[27],
+        a[28] - dst[28],
+        a[29] - dst[29],
+        a[30] - dst[30],
+        a[31] - dst[31],
     )
 
 
 @_helper
 def _fma3(dst, s, a, b):
     """dst += s * a * b (s a scalar)."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
         dst[0] + s * a[0] * b[0],
         dst[1] + s * a[1] * b[1],
         dst[2] + s * a[2] * b[2],
@@ -249,13 +760,70 @@ def _fma3(dst, s, a, b):
         dst[5] + s * a[5] * b[5],
         dst[6] + s * a[6] * b[6],
         dst[7] + s * a[7] * b[7],
+        dst[8] + s * a[8] * b[8],
+        dst[9] + s * a[9] * b[9],
+        dst[10] + s * a[10] * b[10],
+        dst[11] + s * a[11] * b[11],
+        dst[12] + s * a[12] * b[12],
+        dst[13] + s * a[13] * b[13],
+        dst[14] + s * a[14] * b[14],
+        dst[15] + s * a[15] * b[15],
+        dst[16] + s * a[16] * b[16],
+        dst[17] + s * a[17] * b[17],
+        dst[18] + s * a[18] * b[18],
+        dst[19] + s * a[19] * b[19],
+        dst[20] + s * a[20] * b[20],
+        dst[21] + s * a[21] * b[21],
+        dst[22] + s * a[22] * b[22],
+        dst[23] + s * a[23] * b[23],
+        dst[24] + s * a[24] * b[24],
+        dst[25] + s * a[25] * b[25],
+        dst[26] + s * a[26] * b[26],
+        dst[27] + s * a[27] * b[27],
+        dst[28] + s * a[28] * b[28],
+        dst[29] + s * a[29] * b[29],
+        dst[30] + s * a[30] * b[30],
+        dst[31] + s * a[31] * b[31],
     )
 
 
 @_helper
 def _mul(dst, a):
     """dst *= a."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
         dst[0] * a[0],
         dst[1] * a[1],
         dst[2] * a[2],
@@ -264,13 +832,70 @@ def _mul(dst, a):
         dst[5] * a[5],
         dst[6] * a[6],
         dst[7] * a[7],
+        dst[8] * a[8],
+        dst[9] * a[9],
+        dst[10] * a[10],
+        dst[11] * a[11],
+        dst[12] * a[12],
+        dst[13] * a[13],
+        dst[14] * a[14],
+        dst[15] * a[15],
+        dst[16] * a[16],
+        dst[17] * a[17],
+        dst[18] * a[18],
+        dst[19] * a[19],
+        dst[20] * a[20],
+        dst[21] * a[21],
+        dst[22] * a[22],
+        dst[23] * a[23],
+        dst[24] * a[24],
+        dst[25] * a[25],
+        dst[26] * a[26],
+        dst[27] * a[27],
+        dst[28] * a[28],
+        dst[29] * a[29],
+        dst[30] * a[30],
+        dst[31] * a[31],
     )
 
 
 @_helper
 def _scaled_product(dst, s, a, b):
     """dst = s * a * b (s a scalar)."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
         s * a[0] * b[0],
         s * a[1] * b[1],
         s * a[2] * b[2],
@@ -279,13 +904,70 @@ def _scaled_product(dst, s, a, b):
         s * a[5] * b[5],
         s * a[6] * b[6],
         s * a[7] * b[7],
+        s * a[8] * b[8],
+        s * a[9] * b[9],
+        s * a[10] * b[10],
+        s * a[11] * b[11],
+        s * a[12] * b[12],
+        s * a[13] * b[13],
+        s * a[14] * b[14],
+        s * a[15] * b[15],
+        s * a[16] * b[16],
+        s * a[17] * b[17],
+        s * a[18] * b[18],
+        s * a[19] * b[19],
+        s * a[20] * b[20],
+        s * a[21] * b[21],
+        s * a[22] * b[22],
+        s * a[23] * b[23],
+        s * a[24] * b[24],
+        s * a[25] * b[25],
+        s * a[26] * b[26],
+        s * a[27] * b[27],
+        s * a[28] * b[28],
+        s * a[29] * b[29],
+        s * a[30] * b[30],
+        s * a[31] * b[31],
     )
 
 
 @_helper
 def _scaled_product_minus(dst, s, a, b, c, d):
     """dst += s * (a * b - c * d) (s a scalar)."""
-    dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], dst[6], dst[7] = (
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
         dst[0] + s * (a[0] * b[0] - c[0] * d[0]),
         dst[1] + s * (a[1] * b[1] - c[1] * d[1]),
         dst[2] + s * (a[2] * b[2] - c[2] * d[2]),
@@ -294,31 +976,418 @@ def _scaled_product_minus(dst, s, a, b, c, d):
         dst[5] + s * (a[5] * b[5] - c[5] * d[5]),
         dst[6] + s * (a[6] * b[6] - c[6] * d[6]),
         dst[7] + s * (a[7] * b[7] - c[7] * d[7]),
+        dst[8] + s * (a[8] * b[8] - c[8] * d[8]),
+        dst[9] + s * (a[9] * b[9] - c[9] * d[9]),
+        dst[10] + s * (a[10] * b[10] - c[10] * d[10]),
+        dst[11] + s * (a[11] * b[11] - c[11] * d[11]),
+        dst[12] + s * (a[12] * b[12] - c[12] * d[12]),
+        dst[13] + s * (a[13] * b[13] - c[13] * d[13]),
+        dst[14] + s * (a[14] * b[14] - c[14] * d[14]),
+        dst[15] + s * (a[15] * b[15] - c[15] * d[15]),
+        dst[16] + s * (a[16] * b[16] - c[16] * d[16]),
+        dst[17] + s * (a[17] * b[17] - c[17] * d[17]),
+        dst[18] + s * (a[18] * b[18] - c[18] * d[18]),
+        dst[19] + s * (a[19] * b[19] - c[19] * d[19]),
+        dst[20] + s * (a[20] * b[20] - c[20] * d[20]),
+        dst[21] + s * (a[21] * b[21] - c[21] * d[21]),
+        dst[22] + s * (a[22] * b[22] - c[22] * d[22]),
+        dst[23] + s * (a[23] * b[23] - c[23] * d[23]),
+        dst[24] + s * (a[24] * b[24] - c[24] * d[24]),
+        dst[25] + s * (a[25] * b[25] - c[25] * d[25]),
+        dst[26] + s * (a[26] * b[26] - c[26] * d[26]),
+        dst[27] + s * (a[27] * b[27] - c[27] * d[27]),
+        dst[28] + s * (a[28] * b[28] - c[28] * d[28]),
+        dst[29] + s * (a[29] * b[29] - c[29] * d[29]),
+        dst[30] + s * (a[30] * b[30] - c[30] * d[30]),
+        dst[31] + s * (a[31] * b[31] - c[31] * d[31]),
     )
 
 
 # fmt: on
 
 
+# ------------------------------------------------------------------ lane values in registers
+#
+# The helpers above read and write their destination in memory, so a chain of them on one
+# destination (a dot product over k, as in the Cholesky and the substitutions) passes each partial
+# sum through a store and a load: LLVM cannot keep it in a register because the arrays may alias.
+# The helpers below work on lane *values* (tuples of the lanes, which LLVM holds in vector
+# registers):
+# ``acc = _lanes(dst)``, ``acc = _vfms(acc, a, b)`` for every k, ``_store(dst, acc)``.
+
+
 @_helper
-def _sqrt_pivot(x):
-    """sqrt(x) for a positive finite pivot, NaN otherwise (the failure marker)."""
-    return np.sqrt(x) if (x > 0.0 and x < np.inf) else np.nan
+def _lanes(a):
+    """The lanes of a (W,) as a value."""
+    return (
+        a[0],
+        a[1],
+        a[2],
+        a[3],
+        a[4],
+        a[5],
+        a[6],
+        a[7],
+        a[8],
+        a[9],
+        a[10],
+        a[11],
+        a[12],
+        a[13],
+        a[14],
+        a[15],
+        a[16],
+        a[17],
+        a[18],
+        a[19],
+        a[20],
+        a[21],
+        a[22],
+        a[23],
+        a[24],
+        a[25],
+        a[26],
+        a[27],
+        a[28],
+        a[29],
+        a[30],
+        a[31],
+    )
+
+
+@_helper
+def _store(dst, v):
+    """dst (W,) = the lane value v."""
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
+        v[0],
+        v[1],
+        v[2],
+        v[3],
+        v[4],
+        v[5],
+        v[6],
+        v[7],
+        v[8],
+        v[9],
+        v[10],
+        v[11],
+        v[12],
+        v[13],
+        v[14],
+        v[15],
+        v[16],
+        v[17],
+        v[18],
+        v[19],
+        v[20],
+        v[21],
+        v[22],
+        v[23],
+        v[24],
+        v[25],
+        v[26],
+        v[27],
+        v[28],
+        v[29],
+        v[30],
+        v[31],
+    )
+
+
+@_helper
+def _msub(c, a, b):
+    """c - a * b for one lane (two roundings, as in :func:`_fms`: an explicit FMA here, through
+    ``llvm.fma``, measured 7 % slower at the KdV shape: these chains are latency-bound, and an
+    FMA has a longer latency than the subtraction that ends a chain of multiply-subtracts)."""
+    return c - a * b
+
+
+@_helper
+def _madd(c, a, b):
+    """c + a * b for one lane."""
+    return c + a * b
+
+
+@_helper
+def _vfms(acc, a, b):
+    """acc - a * b (acc a lane value, a and b (W,))."""
+    return (
+        _msub(acc[0], a[0], b[0]),
+        _msub(acc[1], a[1], b[1]),
+        _msub(acc[2], a[2], b[2]),
+        _msub(acc[3], a[3], b[3]),
+        _msub(acc[4], a[4], b[4]),
+        _msub(acc[5], a[5], b[5]),
+        _msub(acc[6], a[6], b[6]),
+        _msub(acc[7], a[7], b[7]),
+        _msub(acc[8], a[8], b[8]),
+        _msub(acc[9], a[9], b[9]),
+        _msub(acc[10], a[10], b[10]),
+        _msub(acc[11], a[11], b[11]),
+        _msub(acc[12], a[12], b[12]),
+        _msub(acc[13], a[13], b[13]),
+        _msub(acc[14], a[14], b[14]),
+        _msub(acc[15], a[15], b[15]),
+        _msub(acc[16], a[16], b[16]),
+        _msub(acc[17], a[17], b[17]),
+        _msub(acc[18], a[18], b[18]),
+        _msub(acc[19], a[19], b[19]),
+        _msub(acc[20], a[20], b[20]),
+        _msub(acc[21], a[21], b[21]),
+        _msub(acc[22], a[22], b[22]),
+        _msub(acc[23], a[23], b[23]),
+        _msub(acc[24], a[24], b[24]),
+        _msub(acc[25], a[25], b[25]),
+        _msub(acc[26], a[26], b[26]),
+        _msub(acc[27], a[27], b[27]),
+        _msub(acc[28], a[28], b[28]),
+        _msub(acc[29], a[29], b[29]),
+        _msub(acc[30], a[30], b[30]),
+        _msub(acc[31], a[31], b[31]),
+    )
+
+
+@_helper
+def _vfma(acc, a, b):
+    """acc + a * b (acc a lane value, a and b (W,))."""
+    return (
+        _madd(acc[0], a[0], b[0]),
+        _madd(acc[1], a[1], b[1]),
+        _madd(acc[2], a[2], b[2]),
+        _madd(acc[3], a[3], b[3]),
+        _madd(acc[4], a[4], b[4]),
+        _madd(acc[5], a[5], b[5]),
+        _madd(acc[6], a[6], b[6]),
+        _madd(acc[7], a[7], b[7]),
+        _madd(acc[8], a[8], b[8]),
+        _madd(acc[9], a[9], b[9]),
+        _madd(acc[10], a[10], b[10]),
+        _madd(acc[11], a[11], b[11]),
+        _madd(acc[12], a[12], b[12]),
+        _madd(acc[13], a[13], b[13]),
+        _madd(acc[14], a[14], b[14]),
+        _madd(acc[15], a[15], b[15]),
+        _madd(acc[16], a[16], b[16]),
+        _madd(acc[17], a[17], b[17]),
+        _madd(acc[18], a[18], b[18]),
+        _madd(acc[19], a[19], b[19]),
+        _madd(acc[20], a[20], b[20]),
+        _madd(acc[21], a[21], b[21]),
+        _madd(acc[22], a[22], b[22]),
+        _madd(acc[23], a[23], b[23]),
+        _madd(acc[24], a[24], b[24]),
+        _madd(acc[25], a[25], b[25]),
+        _madd(acc[26], a[26], b[26]),
+        _madd(acc[27], a[27], b[27]),
+        _madd(acc[28], a[28], b[28]),
+        _madd(acc[29], a[29], b[29]),
+        _madd(acc[30], a[30], b[30]),
+        _madd(acc[31], a[31], b[31]),
+    )
+
+
+@_helper
+def _vfma3(acc, s, a, b):
+    """acc + s * a * b (acc a lane value, s a scalar, a and b (W,))."""
+    return (
+        _madd(acc[0], s * a[0], b[0]),
+        _madd(acc[1], s * a[1], b[1]),
+        _madd(acc[2], s * a[2], b[2]),
+        _madd(acc[3], s * a[3], b[3]),
+        _madd(acc[4], s * a[4], b[4]),
+        _madd(acc[5], s * a[5], b[5]),
+        _madd(acc[6], s * a[6], b[6]),
+        _madd(acc[7], s * a[7], b[7]),
+        _madd(acc[8], s * a[8], b[8]),
+        _madd(acc[9], s * a[9], b[9]),
+        _madd(acc[10], s * a[10], b[10]),
+        _madd(acc[11], s * a[11], b[11]),
+        _madd(acc[12], s * a[12], b[12]),
+        _madd(acc[13], s * a[13], b[13]),
+        _madd(acc[14], s * a[14], b[14]),
+        _madd(acc[15], s * a[15], b[15]),
+        _madd(acc[16], s * a[16], b[16]),
+        _madd(acc[17], s * a[17], b[17]),
+        _madd(acc[18], s * a[18], b[18]),
+        _madd(acc[19], s * a[19], b[19]),
+        _madd(acc[20], s * a[20], b[20]),
+        _madd(acc[21], s * a[21], b[21]),
+        _madd(acc[22], s * a[22], b[22]),
+        _madd(acc[23], s * a[23], b[23]),
+        _madd(acc[24], s * a[24], b[24]),
+        _madd(acc[25], s * a[25], b[25]),
+        _madd(acc[26], s * a[26], b[26]),
+        _madd(acc[27], s * a[27], b[27]),
+        _madd(acc[28], s * a[28], b[28]),
+        _madd(acc[29], s * a[29], b[29]),
+        _madd(acc[30], s * a[30], b[30]),
+        _madd(acc[31], s * a[31], b[31]),
+    )
+
+
+@_helper
+def _vmul(v, a):
+    """v * a (v a lane value, a (W,))."""
+    return (
+        v[0] * a[0],
+        v[1] * a[1],
+        v[2] * a[2],
+        v[3] * a[3],
+        v[4] * a[4],
+        v[5] * a[5],
+        v[6] * a[6],
+        v[7] * a[7],
+        v[8] * a[8],
+        v[9] * a[9],
+        v[10] * a[10],
+        v[11] * a[11],
+        v[12] * a[12],
+        v[13] * a[13],
+        v[14] * a[14],
+        v[15] * a[15],
+        v[16] * a[16],
+        v[17] * a[17],
+        v[18] * a[18],
+        v[19] * a[19],
+        v[20] * a[20],
+        v[21] * a[21],
+        v[22] * a[22],
+        v[23] * a[23],
+        v[24] * a[24],
+        v[25] * a[25],
+        v[26] * a[26],
+        v[27] * a[27],
+        v[28] * a[28],
+        v[29] * a[29],
+        v[30] * a[30],
+        v[31] * a[31],
+    )
+
+
+@_helper
+def _rsqrt_pivot(x):
+    """1 / sqrt(x) for a positive finite pivot x, NaN otherwise (the failure marker).
+
+    Computed for every x and then selected, without a branch, so that the lanes of
+    :func:`_reciprocal_sqrt_pivot` vectorise (with a branch per lane they were scalar square
+    roots and divisions, one lane at a time). The division is in float64 (``1.0`` is a float64)
+    for float32 pivots too."""
+    r = 1.0 / np.sqrt(x)
+    return r if (x > 0.0) & (x < np.inf) else np.nan
 
 
 @_helper
 def _reciprocal_sqrt_pivot(dst, s):
     """dst = 1 / sqrt(s), NaN where s is not a positive finite pivot."""
-    d0, d1, d2, d3 = _sqrt_pivot(s[0]), _sqrt_pivot(s[1]), _sqrt_pivot(s[2]), _sqrt_pivot(s[3])
-    d4, d5, d6, d7 = _sqrt_pivot(s[4]), _sqrt_pivot(s[5]), _sqrt_pivot(s[6]), _sqrt_pivot(s[7])
-    dst[0], dst[1], dst[2], dst[3] = 1.0 / d0, 1.0 / d1, 1.0 / d2, 1.0 / d3
-    dst[4], dst[5], dst[6], dst[7] = 1.0 / d4, 1.0 / d5, 1.0 / d6, 1.0 / d7
+    (
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        dst[4],
+        dst[5],
+        dst[6],
+        dst[7],
+        dst[8],
+        dst[9],
+        dst[10],
+        dst[11],
+        dst[12],
+        dst[13],
+        dst[14],
+        dst[15],
+        dst[16],
+        dst[17],
+        dst[18],
+        dst[19],
+        dst[20],
+        dst[21],
+        dst[22],
+        dst[23],
+        dst[24],
+        dst[25],
+        dst[26],
+        dst[27],
+        dst[28],
+        dst[29],
+        dst[30],
+        dst[31],
+    ) = (
+        _rsqrt_pivot(s[0]),
+        _rsqrt_pivot(s[1]),
+        _rsqrt_pivot(s[2]),
+        _rsqrt_pivot(s[3]),
+        _rsqrt_pivot(s[4]),
+        _rsqrt_pivot(s[5]),
+        _rsqrt_pivot(s[6]),
+        _rsqrt_pivot(s[7]),
+        _rsqrt_pivot(s[8]),
+        _rsqrt_pivot(s[9]),
+        _rsqrt_pivot(s[10]),
+        _rsqrt_pivot(s[11]),
+        _rsqrt_pivot(s[12]),
+        _rsqrt_pivot(s[13]),
+        _rsqrt_pivot(s[14]),
+        _rsqrt_pivot(s[15]),
+        _rsqrt_pivot(s[16]),
+        _rsqrt_pivot(s[17]),
+        _rsqrt_pivot(s[18]),
+        _rsqrt_pivot(s[19]),
+        _rsqrt_pivot(s[20]),
+        _rsqrt_pivot(s[21]),
+        _rsqrt_pivot(s[22]),
+        _rsqrt_pivot(s[23]),
+        _rsqrt_pivot(s[24]),
+        _rsqrt_pivot(s[25]),
+        _rsqrt_pivot(s[26]),
+        _rsqrt_pivot(s[27]),
+        _rsqrt_pivot(s[28]),
+        _rsqrt_pivot(s[29]),
+        _rsqrt_pivot(s[30]),
+        _rsqrt_pivot(s[31]),
+    )
 
 
 @_helper
 def _tri(i, k):
-    """Position of entry (i, k), k < i, of a strictly lower triangle packed by rows."""
-    return (i * (i - 1)) // 2 + k
+    """Position of entry (i, k), k < i, of a strictly lower triangle packed by rows.
+
+    Unsigned, so that indexing with it needs no wrap-around of negative indices (numba wraps
+    signed indices that LLVM cannot prove non-negative: a compare and select per index)."""
+    return np.uint64((i * (i - 1)) // 2 + k)
 
 
 @_helper
@@ -337,13 +1406,15 @@ def _pivot_solve(lc, rd, v):
     """In place: v (m, W) = D_t^{-1} v = L_t^{-T} L_t^{-1} v (``lc`` packed, ``rd`` reciprocals)."""
     m = rd.shape[0]
     for i in range(m):
+        acc = _lanes(v[i])
         for k in range(i):
-            _fms(v[i], lc[_tri(i, k)], v[k])
-        _mul(v[i], rd[i])
+            acc = _vfms(acc, lc[_tri(i, k)], v[k])
+        _store(v[i], _vmul(acc, rd[i]))
     for i in range(m - 1, -1, -1):
+        acc = _lanes(v[i])
         for k in range(i + 1, m):
-            _fms(v[i], lc[_tri(k, i)], v[k])
-        _mul(v[i], rd[i])
+            acc = _vfms(acc, lc[_tri(k, i)], v[k])
+        _store(v[i], _vmul(acc, rd[i]))
 
 
 @_inline_helper
@@ -432,9 +1503,11 @@ def _subtract_coupling(dst, v, pw, g2, ws2, transpose, tmp):
             _copy(tmp[j], pw[j])
             _mul(tmp[j], v[o + j])
         for i in range(R):
+            acc = _lanes(dst[o + i])
             for j in range(R):
                 c = -ws2 * (g2[j, i] if transpose else g2[i, j])
-                _fma3(dst[o + i], c, pw[i], tmp[j])
+                acc = _vfma3(acc, c, pw[i], tmp[j])
+            _store(dst[o + i], acc)
 
 
 @_inline_helper
@@ -514,7 +1587,7 @@ def _job_lanes(job, columns, N, P, n_column_groups):
 
 @_helper
 def _lane_rows(first, n_real):
-    """The rows (or columns) of the 8 lanes: first .. first + n_real - 1, the last repeated."""
+    """The rows (or columns) of the 32 lanes: first .. first + n_real - 1, the last repeated."""
     last = n_real - 1
     return (
         first,
@@ -525,6 +1598,30 @@ def _lane_rows(first, n_real):
         first + min(5, last),
         first + min(6, last),
         first + min(7, last),
+        first + min(8, last),
+        first + min(9, last),
+        first + min(10, last),
+        first + min(11, last),
+        first + min(12, last),
+        first + min(13, last),
+        first + min(14, last),
+        first + min(15, last),
+        first + min(16, last),
+        first + min(17, last),
+        first + min(18, last),
+        first + min(19, last),
+        first + min(20, last),
+        first + min(21, last),
+        first + min(22, last),
+        first + min(23, last),
+        first + min(24, last),
+        first + min(25, last),
+        first + min(26, last),
+        first + min(27, last),
+        first + min(28, last),
+        first + min(29, last),
+        first + min(30, last),
+        first + min(31, last),
     )
 
 
@@ -532,8 +1629,8 @@ def _lane_rows(first, n_real):
 def _load_lanes(src, b0, nl, c0, nc, columns, dst):
     """dst (T, Pl, m, W) = the lanes' columns of src (N, T, m, P) (see :func:`_job_lanes`).
 
-    Each lane vector is gathered from its 8 sources and stored at once (one vector store
-    rather than 8 strided scalar stores)."""
+    Each lane vector is gathered from its sources and stored at once (vector stores rather
+    than strided scalar stores)."""
     T, Pl, m, _ = dst.shape
     if columns:
         c = _lane_rows(c0, nc)
@@ -541,7 +1638,40 @@ def _load_lanes(src, b0, nl, c0, nc, columns, dst):
             for i in range(m):
                 s = src[b0, t, i]
                 d = dst[t, 0, i]
-                d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7] = (
+                (
+                    d[0],
+                    d[1],
+                    d[2],
+                    d[3],
+                    d[4],
+                    d[5],
+                    d[6],
+                    d[7],
+                    d[8],
+                    d[9],
+                    d[10],
+                    d[11],
+                    d[12],
+                    d[13],
+                    d[14],
+                    d[15],
+                    d[16],
+                    d[17],
+                    d[18],
+                    d[19],
+                    d[20],
+                    d[21],
+                    d[22],
+                    d[23],
+                    d[24],
+                    d[25],
+                    d[26],
+                    d[27],
+                    d[28],
+                    d[29],
+                    d[30],
+                    d[31],
+                ) = (
                     s[c[0]],
                     s[c[1]],
                     s[c[2]],
@@ -550,6 +1680,30 @@ def _load_lanes(src, b0, nl, c0, nc, columns, dst):
                     s[c[5]],
                     s[c[6]],
                     s[c[7]],
+                    s[c[8]],
+                    s[c[9]],
+                    s[c[10]],
+                    s[c[11]],
+                    s[c[12]],
+                    s[c[13]],
+                    s[c[14]],
+                    s[c[15]],
+                    s[c[16]],
+                    s[c[17]],
+                    s[c[18]],
+                    s[c[19]],
+                    s[c[20]],
+                    s[c[21]],
+                    s[c[22]],
+                    s[c[23]],
+                    s[c[24]],
+                    s[c[25]],
+                    s[c[26]],
+                    s[c[27]],
+                    s[c[28]],
+                    s[c[29]],
+                    s[c[30]],
+                    s[c[31]],
                 )
     else:
         r = _lane_rows(b0, nl)
@@ -557,7 +1711,40 @@ def _load_lanes(src, b0, nl, c0, nc, columns, dst):
             for i in range(m):
                 for p in range(Pl):
                     d = dst[t, p, i]
-                    d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7] = (
+                    (
+                        d[0],
+                        d[1],
+                        d[2],
+                        d[3],
+                        d[4],
+                        d[5],
+                        d[6],
+                        d[7],
+                        d[8],
+                        d[9],
+                        d[10],
+                        d[11],
+                        d[12],
+                        d[13],
+                        d[14],
+                        d[15],
+                        d[16],
+                        d[17],
+                        d[18],
+                        d[19],
+                        d[20],
+                        d[21],
+                        d[22],
+                        d[23],
+                        d[24],
+                        d[25],
+                        d[26],
+                        d[27],
+                        d[28],
+                        d[29],
+                        d[30],
+                        d[31],
+                    ) = (
                         src[r[0], t, i, p],
                         src[r[1], t, i, p],
                         src[r[2], t, i, p],
@@ -566,6 +1753,30 @@ def _load_lanes(src, b0, nl, c0, nc, columns, dst):
                         src[r[5], t, i, p],
                         src[r[6], t, i, p],
                         src[r[7], t, i, p],
+                        src[r[8], t, i, p],
+                        src[r[9], t, i, p],
+                        src[r[10], t, i, p],
+                        src[r[11], t, i, p],
+                        src[r[12], t, i, p],
+                        src[r[13], t, i, p],
+                        src[r[14], t, i, p],
+                        src[r[15], t, i, p],
+                        src[r[16], t, i, p],
+                        src[r[17], t, i, p],
+                        src[r[18], t, i, p],
+                        src[r[19], t, i, p],
+                        src[r[20], t, i, p],
+                        src[r[21], t, i, p],
+                        src[r[22], t, i, p],
+                        src[r[23], t, i, p],
+                        src[r[24], t, i, p],
+                        src[r[25], t, i, p],
+                        src[r[26], t, i, p],
+                        src[r[27], t, i, p],
+                        src[r[28], t, i, p],
+                        src[r[29], t, i, p],
+                        src[r[30], t, i, p],
+                        src[r[31], t, i, p],
                     )
 
 
@@ -643,7 +1854,7 @@ def _rhs_step(cl, bv, u0, t, S, R, K, weq2, win2, wsol):
                     _axpy(wsol[t, p, d * R + k], win2, u0[d * K + k, p])
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH, error_model=_ERROR_MODEL)
 def solve(
     chol,
     rdiag,
@@ -805,7 +2016,7 @@ def _first_failed_steps(rdiag, b0, nl, failed_at):
 # ------------------------------------------------------------------ forward
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH, error_model=_ERROR_MODEL)
 def forward(
     coef,
     steps,
@@ -980,22 +2191,24 @@ def _forward_groups(
                 y = y_cpl
                 for i in range(m):
                     for j in range(i + 1):
+                        v = _lanes(work[i, j])
                         for k in range(m):
-                            _fms(work[i, j], y[k, i], y[k, j])
+                            v = _vfms(v, y[k, i], y[k, j])
+                        _store(work[i, j], v)
             # ---- Cholesky D_t = L L^T
             lc = chol[g, t]
             rd = rdiag[g, t]
             for j in range(m):
-                _copy(acc, work[j, j])
+                v = _lanes(work[j, j])
                 for k in range(j):
-                    _fms(acc, lc[_tri(j, k)], lc[_tri(j, k)])
+                    v = _vfms(v, lc[_tri(j, k)], lc[_tri(j, k)])
+                _store(acc, v)
                 _reciprocal_sqrt_pivot(rd[j], acc)
                 for i in range(j + 1, m):
-                    lij = lc[_tri(i, j)]
-                    _copy(lij, work[i, j])
+                    v = _lanes(work[i, j])
                     for k in range(j):
-                        _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
-                    _mul(lij, rd[j])
+                        v = _vfms(v, lc[_tri(i, k)], lc[_tri(j, k)])
+                    _store(lc[_tri(i, j)], _vmul(v, rd[j]))
             # ---- right-hand side r_t (the operations of _rhs_step, written out: a call
             # here costs ~15 % of the kernel), forward sweep (z_t, y_t = D_t^{-1} z_t)
             for p in range(P):
@@ -1025,9 +2238,10 @@ def _forward_groups(
                             _scaled_product(yij, ws2 * g2[a, i - o], pw_cur[a], pw_cur[i - o])
                         else:
                             _fill(yij, 0.0)
+                        v = _lanes(yij)
                         for k in range(o, i):
-                            _fms(yij, lc[_tri(i, k)], y[k, j])
-                        _mul(yij, rd[i])
+                            v = _vfms(v, lc[_tri(i, k)], y[k, j])
+                        _store(yij, _vmul(v, rd[i]))
                 for k in range(R):
                     _copy(pw_prev[k], pw_cur[k])
         _back_sweep(chol[g], rdiag[g], hs, g2, ws2, wsol, pw, tmp)
@@ -1060,9 +2274,10 @@ def _lower_solve(lc, rd, v):
     of the diagonal)."""
     m = rd.shape[0]
     for i in range(m):
+        acc = _lanes(v[i])
         for k in range(i):
-            _fms(v[i], lc[_tri(i, k)], v[k])
-        _mul(v[i], rd[i])
+            acc = _vfms(acc, lc[_tri(i, k)], v[k])
+        _store(v[i], _vmul(acc, rd[i]))
 
 
 @_inline_helper
@@ -1070,9 +2285,10 @@ def _upper_solve(lc, rd, v):
     """In place: v (m, W) = L^{-T} v."""
     m = rd.shape[0]
     for i in range(m - 1, -1, -1):
+        acc = _lanes(v[i])
         for k in range(i + 1, m):
-            _fms(v[i], lc[_tri(k, i)], v[k])
-        _mul(v[i], rd[i])
+            acc = _vfms(acc, lc[_tri(k, i)], v[k])
+        _store(v[i], _vmul(acc, rd[i]))
 
 
 @_helper
@@ -1140,7 +2356,7 @@ def _central_scalars(steps, b0, nl, q, R, ca, cb):
         cb[l] = s ** (R - 2)
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH, error_model=_ERROR_MODEL)
 def forward_central(
     coef,
     steps,
@@ -1347,16 +2563,16 @@ def _forward_central_groups(
             lc = chol[g, t]
             rd = rdiag[g, t]
             for j in range(m):
-                _copy(acc, work[j, j])
+                v = _lanes(work[j, j])
                 for k in range(j):
-                    _fms(acc, lc[_tri(j, k)], lc[_tri(j, k)])
+                    v = _vfms(v, lc[_tri(j, k)], lc[_tri(j, k)])
+                _store(acc, v)
                 _reciprocal_sqrt_pivot(rd[j], acc)
                 for i in range(j + 1, m):
-                    lij = lc[_tri(i, j)]
-                    _copy(lij, work[i, j])
+                    v = _lanes(work[i, j])
                     for k in range(j):
-                        _fms(lij, lc[_tri(i, k)], lc[_tri(j, k)])
-                    _mul(lij, rd[j])
+                        v = _vfms(v, lc[_tri(i, k)], lc[_tri(j, k)])
+                    _store(lc[_tri(i, j)], _vmul(v, rd[j]))
             # ---- right-hand side r_t (as in forward), forward substitution
             for p in range(P):
                 for i in range(m):
@@ -1421,7 +2637,7 @@ def _forward_central_groups(
 # ------------------------------------------------------------------ backward
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
+@njit(cache=True, parallel=True, fastmath=_FASTMATH, error_model=_ERROR_MODEL)
 def backward(
     grad_out,
     x,
@@ -1620,9 +2836,12 @@ def _backward_jobs(
                 for p in range(Pl):
                     _fill(beta, 0.0)
                     _fill(alpha, 0.0)
+                    vb, va = _lanes(beta), _lanes(alpha)
                     for i in range(m):
-                        _fma(beta, cl[e, i], lam[t, p, i])
-                        _fma(alpha, cl[e, i], xs[t, p, i])
+                        vb = _vfma(vb, cl[e, i], lam[t, p, i])
+                        va = _vfma(va, cl[e, i], xs[t, p, i])
+                    _store(beta, vb)
+                    _store(alpha, va)
                     _subtract_from(alpha, bv[e, p])  # the equation residual b - C x
                     _axpy(gb[tb, e, p], weq2, beta)
                     for j in range(m):
@@ -1647,6 +2866,7 @@ def _backward_jobs(
                         dpw[k, l] = k * pw[k - 1, l]
                         pw[k, l] = pw[k - 1, l] * hv
                 _fill(gh, 0.0)
+                vg = _lanes(gh)
                 for d in range(D):
                     o = d * R
                     for i in range(R):
@@ -1656,16 +2876,19 @@ def _backward_jobs(
                             # G0, G1 and d(e_i e_j)/dh are symmetric in (i, j), so the
                             # two halves of -sym(lambda x^T) contribute equally to the sum
                             _fill(sv, 0.0)
+                            vs = _lanes(sv)
                             c0_, c1_, c2_ = g0[i, j], g1[i, j], g2[i, j]
                             for p in range(Pl):
-                                _fma3(sv, c0_, lam[t, p, a], xs[t, p, b])
-                                _fma3(sv, c1_, lam[t + 1, p, a], xs[t + 1, p, b])
-                                _fma3(sv, c2_, lam[t + 1, p, a], xs[t, p, b])
-                                _fma3(sv, c2_, xs[t + 1, p, a], lam[t, p, b])
+                                vs = _vfma3(vs, c0_, lam[t, p, a], xs[t, p, b])
+                                vs = _vfma3(vs, c1_, lam[t + 1, p, a], xs[t + 1, p, b])
+                                vs = _vfma3(vs, c2_, lam[t + 1, p, a], xs[t, p, b])
+                                vs = _vfma3(vs, c2_, xs[t + 1, p, a], lam[t, p, b])
+                            _store(sv, vs)
                             _fill(q, 0.0)
-                            _fma(q, dpw[i], pw[j])
-                            _fma(q, pw[i], dpw[j])
-                            _fms(gh, q, sv)
+                            vq = _vfma(_lanes(q), dpw[i], pw[j])
+                            _store(q, _vfma(vq, pw[i], dpw[j]))
+                            vg = _vfms(vg, q, sv)
+                _store(gh, vg)
                 _axpy(gs[th], ws2, gh)
             if central and t < T - 2:
                 _central_step_gradient(lam, xs, steps, b0, nl, t, R, ws2, gs, sv)

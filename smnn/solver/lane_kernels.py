@@ -35,8 +35,9 @@ substitution. The lanes of a job are either systems (each with all its P right-h
 for few systems shared by many right-hand sides, P columns of one system (:func:`_job_lanes`).
 
 Determinism: no fast-math licences (see ``_FASTMATH``), so the results do not depend on how a
-kernel was compiled (cold or warm numba cache); each job's work does not depend on the number of
-threads, and sums over jobs run in job order.
+kernel was compiled (cold or warm numba cache); jobs go to the workers as they become free
+(:func:`_claim_job`), but each job's work does not depend on which worker runs it or on the number
+of threads, and sums over jobs run in job order.
 
 The factorization is the block LDL^T of docs/solver.md section 4, with each pivot block D_t kept
 as its Cholesky factor D_t = L_t L_t^T. With Y_t = L_t^{-1} M_{t+1,t}^T,
@@ -78,6 +79,8 @@ from contextlib import contextmanager
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
 
 # No fast-math licences (contraction into FMAs, reassociation, no signed zeros, reciprocals):
 # with them, the results depended on how a kernel had been compiled. A process that compiles the
@@ -1390,12 +1393,24 @@ def _tri(i, k):
     return np.uint64((i * (i - 1)) // 2 + k)
 
 
-@_helper
-def _group_range(worker, n_workers, n_groups):
-    """Groups [lo, hi) handled by one worker (a contiguous, near-equal share)."""
-    lo = (worker * n_groups) // n_workers
-    hi = ((worker + 1) * n_groups) // n_workers
-    return lo, hi
+@intrinsic
+def _claim_job(typingctx, next_job):
+    """The next job for the calling worker: ``next_job[0]`` (an int64 (1,) array shared by the
+    workers), incremented atomically (``atomicrmw add``), so every job goes to exactly one worker.
+
+    Jobs go to whichever worker is free, one at a time: with a fixed contiguous share per worker
+    the slower thread (the other thread busy with something else, or slower memory) decided the
+    time of every kernel. Each job writes only its own outputs, so the results do not depend on
+    which worker ran it."""
+    if not (isinstance(next_job, types.Array) and next_job.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        one = context.get_constant(types.int64, 1)
+        return builder.atomic_rmw("add", array.data, one, "monotonic")
+
+    return types.int64(next_job), codegen
 
 
 # ------------------------------------------------------------------ substitutions
@@ -1457,19 +1472,23 @@ def _load_chunk(src, b0, nl, t0, t1, dst):
     into dst[0]. True if a value is not finite.
 
     Each row's steps are read in order (one short sequential stream per lane, where loading one
-    step at a time for all lanes jumps between rows and missed the cache at every step)."""
-    A, B = src.shape[2], src.shape[3]
-    if src.shape[1] == 1:
+    step at a time for all lanes jumps between rows and missed the cache at every step), as one
+    flat loop over the (t, a, b) of the chunk: with the three nested loops, the innermost one
+    (B = 1..5 values) ran as LLVM's scalar remainder loop, 8 % of the forward kernel at the KdV
+    shape."""
+    N, Ts, A, B = src.shape
+    if Ts == 1:
         t0, t1 = 0, 1
+    flat_src = src.reshape((N, Ts * A * B))
+    flat_dst = dst.reshape((dst.shape[0] * A * B, LANES))
+    j0, n = t0 * A * B, (t1 - t0) * A * B
     bad = False
     for l in range(LANES):
-        r = b0 + min(l, nl - 1)
-        for t in range(t0, t1):
-            for a in range(A):
-                for b in range(B):
-                    v = src[r, t, a, b]
-                    bad |= not np.isfinite(v)
-                    dst[t - t0, a, b, l] = v
+        row = flat_src[b0 + min(l, nl - 1)]
+        for j in range(n):
+            v = row[j0 + j]
+            bad |= not np.isfinite(v)
+            flat_dst[j, l] = v
     return bad
 
 
@@ -1629,8 +1648,8 @@ def _lane_rows(first, n_real):
 def _load_lanes(src, b0, nl, c0, nc, columns, dst):
     """dst (T, Pl, m, W) = the lanes' columns of src (N, T, m, P) (see :func:`_job_lanes`).
 
-    Each lane vector is gathered from its sources and stored at once (vector stores rather
-    than strided scalar stores)."""
+    With lanes as columns each lane vector is gathered from its sources and stored at once
+    (vector stores rather than strided scalar stores)."""
     T, Pl, m, _ = dst.shape
     if columns:
         c = _lane_rows(c0, nc)
@@ -1706,78 +1725,14 @@ def _load_lanes(src, b0, nl, c0, nc, columns, dst):
                     s[c[31]],
                 )
     else:
-        r = _lane_rows(b0, nl)
-        for t in range(T):
-            for i in range(m):
-                for p in range(Pl):
-                    d = dst[t, p, i]
-                    (
-                        d[0],
-                        d[1],
-                        d[2],
-                        d[3],
-                        d[4],
-                        d[5],
-                        d[6],
-                        d[7],
-                        d[8],
-                        d[9],
-                        d[10],
-                        d[11],
-                        d[12],
-                        d[13],
-                        d[14],
-                        d[15],
-                        d[16],
-                        d[17],
-                        d[18],
-                        d[19],
-                        d[20],
-                        d[21],
-                        d[22],
-                        d[23],
-                        d[24],
-                        d[25],
-                        d[26],
-                        d[27],
-                        d[28],
-                        d[29],
-                        d[30],
-                        d[31],
-                    ) = (
-                        src[r[0], t, i, p],
-                        src[r[1], t, i, p],
-                        src[r[2], t, i, p],
-                        src[r[3], t, i, p],
-                        src[r[4], t, i, p],
-                        src[r[5], t, i, p],
-                        src[r[6], t, i, p],
-                        src[r[7], t, i, p],
-                        src[r[8], t, i, p],
-                        src[r[9], t, i, p],
-                        src[r[10], t, i, p],
-                        src[r[11], t, i, p],
-                        src[r[12], t, i, p],
-                        src[r[13], t, i, p],
-                        src[r[14], t, i, p],
-                        src[r[15], t, i, p],
-                        src[r[16], t, i, p],
-                        src[r[17], t, i, p],
-                        src[r[18], t, i, p],
-                        src[r[19], t, i, p],
-                        src[r[20], t, i, p],
-                        src[r[21], t, i, p],
-                        src[r[22], t, i, p],
-                        src[r[23], t, i, p],
-                        src[r[24], t, i, p],
-                        src[r[25], t, i, p],
-                        src[r[26], t, i, p],
-                        src[r[27], t, i, p],
-                        src[r[28], t, i, p],
-                        src[r[29], t, i, p],
-                        src[r[30], t, i, p],
-                        src[r[31], t, i, p],
-                    )
+        # one lane (one system, a contiguous row of src) at a time: gathering each lane vector
+        # from 32 rows (vgatherqpd) took a quarter of the backward kernel at the Lorenz shape
+        for l in range(LANES):
+            r = b0 + min(l, nl - 1)
+            for t in range(T):
+                for i in range(m):
+                    for p in range(Pl):
+                        dst[t, p, i, l] = src[r, t, i, p]
 
 
 @_helper
@@ -1791,6 +1746,16 @@ def _store_lanes(src, b0, nl, c0, nc, columns, dst):
                 d = dst[b0, t, i]
                 for l in range(nc):
                     d[c0 + l] = s[l]
+    elif Pl == 1:
+        # one system's row of dst at a time, written in order, as one flat loop over (t, i):
+        # writing each (t, i) to all lanes' rows in turn (and the short loops over i) cost 8 %
+        # of the forward kernel at the KdV shape
+        flat_src = src.reshape((T * m, LANES))
+        flat_dst = dst.reshape((dst.shape[0], T * m))
+        for l in range(nl):
+            row = flat_dst[b0 + l]
+            for j in range(T * m):
+                row[j] = flat_src[j, l]
     else:
         for t in range(T):
             for i in range(m):
@@ -1892,44 +1857,47 @@ def solve(
     n_jobs = N * Q if columns else chol.shape[0]
     Pl = 1 if columns else P
     dt = chol.dtype
-    for worker in prange(n_workers):
+    next_job = np.zeros(1, dtype=np.int64)  # the first job no worker has claimed
+    for _worker in prange(n_workers):
         wsol = np.empty((T, Pl, m, LANES), dtype=dt)
         y_prev, pw_prev, pw, tmp = _solve_scratch(wsol, Pl, m, R)
         cl = np.empty((E, m, LANES), dtype=dt)
         bv = np.empty((E, Pl, LANES), dtype=dt)
         u0 = np.empty((DK, Pl, LANES), dtype=dt)
         hs = np.empty((steps.shape[1], LANES), dtype=dt)
-        lo, hi = _group_range(worker, n_workers, n_jobs)
-        _solve_jobs(
-            lo,
-            hi,
-            chol,
-            rdiag,
-            l1,
-            l2,
-            central,
-            steps,
-            coef,
-            rhs_eq,
-            init,
-            rhs,
-            n_init_steps,
-            n_init_orders,
-            g2,
-            weights,
-            columns,
-            out,
-            bad_input,
-            wsol,
-            y_prev,
-            pw_prev,
-            pw,
-            tmp,
-            cl,
-            bv,
-            u0,
-            hs,
-        )
+        job = _claim_job(next_job)
+        while job < n_jobs:
+            _solve_jobs(
+                job,
+                job + 1,
+                chol,
+                rdiag,
+                l1,
+                l2,
+                central,
+                steps,
+                coef,
+                rhs_eq,
+                init,
+                rhs,
+                n_init_steps,
+                n_init_orders,
+                g2,
+                weights,
+                columns,
+                out,
+                bad_input,
+                wsol,
+                y_prev,
+                pw_prev,
+                pw,
+                tmp,
+                cl,
+                bv,
+                u0,
+                hs,
+            )
+            job = _claim_job(next_job)
 
 
 @_helper
@@ -2050,7 +2018,8 @@ def forward(
     G = chol.shape[0]
     dt = chol.dtype
     TB = _chunk_steps(T, E * m + E * P)
-    for worker in prange(n_workers):
+    next_job = np.zeros(1, dtype=np.int64)  # the first job no worker has claimed
+    for _worker in prange(n_workers):
         cl = np.empty((TB, E, m, LANES), dtype=dt)
         work = np.empty((m, m, LANES), dtype=dt)
         y_prev, pw_prev, pw, tmp = _solve_scratch(work, P, m, R)
@@ -2061,41 +2030,43 @@ def forward(
         wsol = np.empty((T, P, m, LANES), dtype=dt)
         y_cpl = np.empty((m, m, LANES), dtype=dt)
         hs = np.empty((steps.shape[1], LANES), dtype=dt)
-        lo, hi = _group_range(worker, n_workers, G)
-        _forward_groups(
-            lo,
-            hi,
-            coef,
-            steps,
-            rhs_eq,
-            init,
-            n_steps,
-            n_dims,
-            n_init_steps,
-            n_init_orders,
-            g0,
-            g1,
-            g2,
-            weights,
-            chol,
-            rdiag,
-            out,
-            failed_at,
-            bad_input,
-            cl,
-            work,
-            y_prev,
-            pw_prev,
-            pw,
-            tmp,
-            pw_cur,
-            acc,
-            bv,
-            u0,
-            wsol,
-            y_cpl,
-            hs,
-        )
+        job = _claim_job(next_job)
+        while job < G:
+            _forward_groups(
+                job,
+                job + 1,
+                coef,
+                steps,
+                rhs_eq,
+                init,
+                n_steps,
+                n_dims,
+                n_init_steps,
+                n_init_orders,
+                g0,
+                g1,
+                g2,
+                weights,
+                chol,
+                rdiag,
+                out,
+                failed_at,
+                bad_input,
+                cl,
+                work,
+                y_prev,
+                pw_prev,
+                pw,
+                tmp,
+                pw_cur,
+                acc,
+                bv,
+                u0,
+                wsol,
+                y_cpl,
+                hs,
+            )
+            job = _claim_job(next_job)
 
 
 @_helper
@@ -2389,7 +2360,8 @@ def forward_central(
     R = m // D
     G = chol.shape[0]
     dt = chol.dtype
-    for worker in prange(n_workers):
+    next_job = np.zeros(1, dtype=np.int64)  # the first job no worker has claimed
+    for _worker in prange(n_workers):
         cl = np.empty((E, m, LANES), dtype=dt)
         work = np.empty((m, m, LANES), dtype=dt)
         cpl = np.empty((m, m, LANES), dtype=dt)
@@ -2402,42 +2374,44 @@ def forward_central(
         bv = np.empty((E, P, LANES), dtype=dt)
         u0 = np.empty((D * K, P, LANES), dtype=dt)
         wsol = np.empty((T, P, m, LANES), dtype=dt)
-        lo, hi = _group_range(worker, n_workers, G)
-        _forward_central_groups(
-            lo,
-            hi,
-            coef,
-            steps,
-            rhs_eq,
-            init,
-            n_steps,
-            n_dims,
-            n_init_steps,
-            n_init_orders,
-            g0,
-            g1,
-            g2,
-            weights,
-            chol,
-            rdiag,
-            l1,
-            l2,
-            out,
-            failed_at,
-            bad_input,
-            cl,
-            work,
-            cpl,
-            vec,
-            pw_cur,
-            pw_prev,
-            ca,
-            cb,
-            acc,
-            bv,
-            u0,
-            wsol,
-        )
+        job = _claim_job(next_job)
+        while job < G:
+            _forward_central_groups(
+                job,
+                job + 1,
+                coef,
+                steps,
+                rhs_eq,
+                init,
+                n_steps,
+                n_dims,
+                n_init_steps,
+                n_init_orders,
+                g0,
+                g1,
+                g2,
+                weights,
+                chol,
+                rdiag,
+                l1,
+                l2,
+                out,
+                failed_at,
+                bad_input,
+                cl,
+                work,
+                cpl,
+                vec,
+                pw_cur,
+                pw_prev,
+                ca,
+                cb,
+                acc,
+                bv,
+                u0,
+                wsol,
+            )
+            job = _claim_job(next_job)
 
 
 @_helper
@@ -2695,7 +2669,8 @@ def backward(
     Pl = 1 if columns else P
     dt = chol.dtype
     TB = _chunk_steps(T, E * m + E * Pl)
-    for worker in prange(n_workers):
+    next_job = np.zeros(1, dtype=np.int64)  # the first job no worker has claimed
+    for _worker in prange(n_workers):
         lam = np.empty((T, Pl, m, LANES), dtype=dt)
         xs = np.empty((T, Pl, m, LANES), dtype=dt)
         cl = np.empty((TB, E, m, LANES), dtype=dt)
@@ -2708,48 +2683,50 @@ def backward(
         y_prev, pw_prev, pw, tmp = _solve_scratch(lam, Pl, m, R)
         dpw = np.empty((R, LANES), dtype=dt)
         vectors = np.empty((5, LANES), dtype=dt)
-        lo, hi = _group_range(worker, n_workers, n_jobs)
-        _backward_jobs(
-            lo,
-            hi,
-            grad_out,
-            x,
-            coef,
-            steps,
-            rhs_eq,
-            n_dims,
-            n_init_steps,
-            n_init_orders,
-            g0,
-            g1,
-            g2,
-            weights,
-            chol,
-            rdiag,
-            l1,
-            l2,
-            central,
-            columns,
-            grad_coef,
-            grad_steps,
-            grad_rhs_eq,
-            grad_init,
-            lam,
-            xs,
-            cl,
-            bv,
-            gc,
-            gs,
-            gb,
-            gi,
-            y_prev,
-            pw_prev,
-            pw,
-            tmp,
-            dpw,
-            vectors,
-            hs,
-        )
+        job = _claim_job(next_job)
+        while job < n_jobs:
+            _backward_jobs(
+                job,
+                job + 1,
+                grad_out,
+                x,
+                coef,
+                steps,
+                rhs_eq,
+                n_dims,
+                n_init_steps,
+                n_init_orders,
+                g0,
+                g1,
+                g2,
+                weights,
+                chol,
+                rdiag,
+                l1,
+                l2,
+                central,
+                columns,
+                grad_coef,
+                grad_steps,
+                grad_rhs_eq,
+                grad_init,
+                lam,
+                xs,
+                cl,
+                bv,
+                gc,
+                gs,
+                gb,
+                gi,
+                y_prev,
+                pw_prev,
+                pw,
+                tmp,
+                dpw,
+                vectors,
+                hs,
+            )
+            job = _claim_job(next_job)
 
 
 @_helper

@@ -35,7 +35,6 @@ from smnn.solver.fused import (
     lanes_are_columns,
 )
 from smnn.solver.inputs import prepare_problem
-from smnn.solver.lane_kernels import LANES
 from smnn.solver.reference import build_dense_system, dense_reference
 
 F64 = torch.float64
@@ -511,7 +510,8 @@ def test_lane_factor_solve_matches_dense_normal_equations():
     m = D * R
     assert isinstance(factor, LaneFactor)
     assert (factor.n_systems, factor.n_steps, factor.block_size) == (N, T, m)
-    assert factor.chol.shape[0] == -(-N // LANES)
+    assert factor.chol.shape[0] == -(-N // factor.width)  # groups of the chosen lane width
+    assert factor.width == 8  # few systems: the narrow kernels (tests/test_lane_widths.py)
     assert not bool(factor.failed().any())
 
     A, beta = build_dense_system(

@@ -31,7 +31,7 @@ torch.set_num_threads(int(os.environ["SMNN_TEST_THREADS"]))
 from conftest import random_problem
 
 from smnn import factorize, ode_forward
-from smnn.solver import lane_kernels
+from smnn.solver import lane_kernels, narrow_lanes
 
 digests = {}
 raw = bytearray()
@@ -58,6 +58,9 @@ cases = {
         dict(batch=(19, 3), T=8, D=2, E=2, K=2, c_batch=(19, 1), h_batch=(19, 1)),
         dict(enable_central_smoothness=True),
     ),
+    # the cases above have fewer than 64 systems (8-lane kernels); these run at 32 lanes
+    "wide": (dict(batch=(70,), T=6), {}),
+    "wide_central": (dict(batch=(66,), T=6, D=2, E=2, K=2), dict(enable_central_smoothness=True)),
 }
 for name, (pk, kw) in cases.items():
     inputs = [x.requires_grad_() for x in random_problem(**pk, seed=3)]
@@ -73,13 +76,12 @@ u = fac.solve(b, u0)
 record("factorize", (u, *torch.autograd.grad(u.square().sum(), [b, u0])))
 
 stats = {
-    name: [sum(getattr(kernel.stats, kind).values()) for kind in ("cache_hits", "cache_misses")]
-    for name, kernel in (
-        ("forward", lane_kernels.forward),
-        ("backward", lane_kernels.backward),
-        ("forward_central", lane_kernels.forward_central),
-        ("solve", lane_kernels.solve),
-    )
+    f"{name} ({module.LANES} lanes)": [
+        sum(getattr(getattr(module, name).stats, kind).values())
+        for kind in ("cache_hits", "cache_misses")
+    ]
+    for module in (lane_kernels, narrow_lanes.kernels())
+    for name in ("forward", "backward", "forward_central", "solve")
 }
 with open(sys.argv[1], "wb") as f:
     f.write(bytes(raw))

@@ -24,7 +24,9 @@ has few systems shared by many right-hand sides (shared coefficients and steps, 
 pattern), lanes of systems would sit mostly empty and leave threads idle; then the lanes are
 *columns*: the factor is made once per system and replicated across the lanes, and each job
 substitutes ``LANES`` columns of one system (:func:`lanes_are_columns` decides by the work per
-thread).
+thread). With fewer than 64 systems (or columns) the padding of 32-lane groups would cost as much
+as real lanes: such calls run the same kernels compiled at 8 lanes (:func:`kernels_for`,
+:mod:`smnn.solver.narrow_lanes`); ``ode_forward`` gives the same bits at either width.
 
 Input values are checked inside the kernels while they read them (non-finite values, steps
 <= 0); when one is found, the usual checks of :func:`smnn.solver.inputs.check_values_of` run on
@@ -35,12 +37,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numba
 import torch
 from torch.autograd.function import once_differentiable
 
-from smnn.solver import hugepages, lane_kernels
+from smnn.solver import hugepages, lane_kernels, narrow_lanes
 from smnn.solver.banded import raise_if_failed
 from smnn.solver.blocks import taylor_gram_matrices
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
@@ -51,6 +54,7 @@ __all__ = [
     "LaneLeftHandSide",
     "fused_ode_forward",
     "fused_path_applies",
+    "kernels_for",
     "lane_factorize",
     "lanes_are_columns",
 ]
@@ -80,7 +84,7 @@ def n_workers(n_jobs: int) -> int:
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n_jobs))
 
 
-def lanes_are_columns(n_systems: int, n_columns: int) -> bool:
+def lanes_are_columns(n_systems: int, n_columns: int, width: int = LANES) -> bool:
     """Lay the lanes out as columns of one system (True) or as systems (False)?
 
     Lanes of systems: ceil(N / W) jobs of P columns each. Lanes of columns: N * ceil(P / W) jobs
@@ -89,11 +93,26 @@ def lanes_are_columns(n_systems: int, n_columns: int) -> bool:
     own factor loads.
     """
     N, P = n_systems, n_columns
-    groups = -(-N // LANES)
-    column_jobs = N * -(-P // LANES)
+    groups = -(-N // width)
+    column_jobs = N * -(-P // width)
     per_thread_systems = -(-groups // n_workers(groups)) * P
     per_thread_columns = -(-column_jobs // n_workers(column_jobs))
     return _COLUMN_JOB_OVERHEAD * per_thread_columns < per_thread_systems
+
+
+def kernels_for(n_systems: int, n_columns: int):
+    """The lane kernels for a call: the wide ones (:mod:`lane_kernels`, ``LANES`` lanes) when
+    the lanes' items (systems, or columns when :func:`lanes_are_columns`) fill at least two wide
+    groups, else the same kernels at 8 lanes (:mod:`smnn.solver.narrow_lanes`; 8 systems of
+    T = 65,536 steps: 136 ms against 424 ms at 32 lanes; from 64 systems on, 32 lanes are as fast
+    or faster). The choice does not depend on the thread count. Lanes of systems give the same
+    bits at either width; with lanes as columns, the gradients of shared coefficients and steps
+    are sums over jobs, whose number depends on the width (equal to rounding)."""
+    N, P = n_systems, n_columns
+    items = N * P if lanes_are_columns(N, P) else N
+    if items >= 2 * LANES:
+        return lane_kernels
+    return narrow_lanes.kernels()
 
 
 def _run_kernel(kernel, n_jobs: int, *args) -> None:
@@ -175,7 +194,13 @@ class LaneFactor:
     failed_at: torch.Tensor
     l1: torch.Tensor | None = None
     l2: torch.Tensor | None = None
+    kernels: ModuleType = lane_kernels
     _replicated: tuple | None = field(default=None, repr=False)
+
+    @property
+    def width(self) -> int:
+        """W, the lanes per group of the factor's kernels (``kernels.LANES``)."""
+        return self.kernels.LANES
 
     @property
     def central(self) -> bool:
@@ -201,7 +226,7 @@ class LaneFactor:
         if not columns:
             return arrays
         if self._replicated is None:
-            N, W = self.n_systems, LANES
+            N, W = self.n_systems, self.width
             if N == 1:
                 self._replicated = arrays  # one system: already in every lane
             else:
@@ -218,7 +243,7 @@ class LaneFactor:
     def _couplings(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.central:
             return self.l1, self.l2
-        placeholder = torch.empty((0, 0, 0, 0, LANES), dtype=self.chol.dtype)
+        placeholder = torch.empty((0, 0, 0, 0, self.width), dtype=self.chol.dtype)
         return placeholder, placeholder
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -253,14 +278,15 @@ class LaneFactor:
             P = rhs_eq.shape[3]
             rhs = _empty(dtype, 0, T, m, P)
             S, K = sizes.n_init_steps, sizes.n_init_orders
-        columns = lanes_are_columns(N, P)
+        W = self.width
+        columns = lanes_are_columns(N, P, W)
         chol, rdiag, l1, l2 = self.layout(columns)
-        n_jobs = N * -(-P // LANES) if columns else chol.shape[0]
+        n_jobs = N * -(-P // W) if columns else chol.shape[0]
         out = hugepages.empty((N, T, m, P), dtype)
         bad_input = torch.zeros(max(n_jobs, 1), dtype=torch.int64)
         if P > 0:
             _run_kernel(
-                lane_kernels.solve,
+                self.kernels.solve,
                 n_jobs,
                 chol.numpy(),
                 rdiag.numpy(),
@@ -295,11 +321,13 @@ class _Outcome:
     bad_input: bool = False
 
 
-def _factor_kernel(coef, steps, rhs_eq, init, sizes: _Sizes, x: torch.Tensor) -> LaneFactor:
-    """Run the forward kernel (``x`` (N, T, m, P); P = 0: factorize only). Returns the factor
-    with ``bad_input`` set."""
+def _factor_kernel(
+    coef, steps, rhs_eq, init, sizes: _Sizes, x: torch.Tensor, kernels: ModuleType = lane_kernels
+) -> LaneFactor:
+    """Run the forward kernel of ``kernels`` (``x`` (N, T, m, P); P = 0: factorize only).
+    Returns the factor with ``bad_input`` set."""
     N, m = coef.shape[0], coef.shape[3]
-    T, W, D = sizes.n_steps, LANES, sizes.n_dims
+    T, W, D = sizes.n_steps, kernels.LANES, sizes.n_dims
     G = -(-N // W)
     dtype = coef.dtype
     constants = sizes.constants(dtype)
@@ -310,6 +338,7 @@ def _factor_kernel(coef, steps, rhs_eq, init, sizes: _Sizes, x: torch.Tensor) ->
         constants=constants,
         n_systems=N,
         failed_at=torch.empty(N, dtype=torch.int64),
+        kernels=kernels,
     )
     couplings = ()
     if sizes.central:
@@ -318,7 +347,7 @@ def _factor_kernel(coef, steps, rhs_eq, init, sizes: _Sizes, x: torch.Tensor) ->
         couplings = (factor.l1.numpy(), factor.l2.numpy())
     bad_input = torch.zeros(G, dtype=torch.int64)
     _run_kernel(
-        lane_kernels.forward_central if sizes.central else lane_kernels.forward,
+        kernels.forward_central if sizes.central else kernels.forward,
         G,
         coef.numpy(),
         steps.numpy(),
@@ -358,16 +387,18 @@ class _FusedLaneSolve(torch.autograd.Function):
         init = init.detach().contiguous()
         N, m, P = coef.shape[0], coef.shape[3], rhs_eq.shape[3]
         T, dtype = sizes.n_steps, coef.dtype
-        columns = lanes_are_columns(N, P)
+        kernels = kernels_for(N, P)
+        columns = lanes_are_columns(N, P, kernels.LANES)
         if columns:
             no_rhs = (_empty(dtype, N, 1, rhs_eq.shape[2], 0), _empty(dtype, N, 1, 0, 0))
-            factor = _factor_kernel(coef, steps, *no_rhs, sizes, _empty(dtype, N, T, m, 0))
+            x_none = _empty(dtype, N, T, m, 0)
+            factor = _factor_kernel(coef, steps, *no_rhs, sizes, x_none, kernels)
             bad_lhs = factor.bad_input
             x = factor._solve(coef=coef, rhs_eq=rhs_eq, init=init, sizes=sizes)
             outcome.bad_input = bad_lhs or factor.bad_input
         else:
             x = hugepages.empty((N, T, m, P), dtype)
-            factor = _factor_kernel(coef, steps, rhs_eq, init, sizes, x)
+            factor = _factor_kernel(coef, steps, rhs_eq, init, sizes, x, kernels)
             outcome.bad_input = factor.bad_input
         outcome.factor = factor
         ctx.sizes = sizes
@@ -383,7 +414,7 @@ class _FusedLaneSolve(torch.autograd.Function):
         sizes, factor, columns = ctx.sizes, ctx.factor, ctx.columns
         grad_x = grad_x.detach().to(coef.dtype).contiguous()
         N, P = coef.shape[0], rhs_eq.shape[3]
-        Q = -(-P // LANES)
+        Q = -(-P // factor.width)
         n_jobs = N * Q if columns else factor.chol.shape[0]
         J = N * Q if columns else N
         grad_coef = hugepages.empty((J, *coef.shape[1:]), coef.dtype)
@@ -393,7 +424,7 @@ class _FusedLaneSolve(torch.autograd.Function):
         chol, rdiag, l1, l2 = factor.layout(columns)
         if P > 0:
             _run_kernel(
-                lane_kernels.backward,
+                factor.kernels.backward,
                 n_jobs,
                 grad_x.numpy(),
                 x.numpy(),

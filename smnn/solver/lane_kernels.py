@@ -30,6 +30,9 @@ every lane operation carries a dozen integer instructions of indexing. With 8 la
 waited on the chain and on that bookkeeping; 32 lanes issue four independent vector operations
 per index computation. Measured at the KdV shape (B=8192, T=10, R=5, float64, one thread):
 forward kernel 11.3 -> 7.7 ms, backward 12.8 -> 9.1 ms (16 lanes: about half of that gain).
+Calls with fewer than 64 systems (or columns) run this source compiled at 8 lanes
+(:mod:`smnn.solver.narrow_lanes` generates it by keeping lanes 0-7 of every helper): keep each
+lane of a helper on a line of its own (tests/test_lane_widths.py checks the generated source).
 A group's working set (its factors and right-hand sides) stays in cache from assembly to
 substitution. The lanes of a job are either systems (each with all its P right-hand sides) or,
 for few systems shared by many right-hand sides, P columns of one system (:func:`_job_lanes`).

@@ -105,7 +105,8 @@ def kernels_for(n_systems: int, n_columns: int):
     the lanes' items (systems, or columns when :func:`lanes_are_columns`) fill at least two wide
     groups, else the same kernels at 8 lanes (:mod:`smnn.solver.narrow_lanes`; 8 systems of
     T = 65,536 steps: 136 ms against 424 ms at 32 lanes; from 64 systems on, 32 lanes are as fast
-    or faster). The choice does not depend on the thread count. Lanes of systems give the same
+    or faster). Given the layout (:func:`lanes_are_columns`, which weighs the threads), the width
+    does not depend on the thread count. Lanes of systems give the same
     bits at either width; with lanes as columns, the gradients of shared coefficients and steps
     are sums over jobs, whose number depends on the width (equal to rounding)."""
     N, P = n_systems, n_columns

@@ -1,0 +1,267 @@
+"""The Triton engine (smnn.solver.triton_engine): values, gradients, failures, dispatch.
+
+Where no CUDA device is present the kernels run under Triton's interpreter on CPU tensors:
+``TRITON_INTERPRET=1`` is set below, before anything imports the kernels (triton reads it when a
+kernel is defined). Where CUDA is present the variable is left alone, the interpreter tests skip
+and the ``cuda``-marked tests run the compiled kernels (``pytest -m cuda tests/test_triton.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from conftest import random_problem, rel_err  # noqa: E402
+
+from smnn import NonPositivePivotError, ode_forward  # noqa: E402
+from smnn.solver.inputs import prepare_problem  # noqa: E402
+from smnn.solver.reference import dense_reference  # noqa: E402
+from smnn.solver.triton_engine import (  # noqa: E402
+    interpreter_on,
+    triton_available,
+    triton_factorize,
+    triton_ode_forward,
+    triton_path_applies,
+)
+
+F64 = torch.float64
+LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
+CPU = torch.device("cpu")
+
+interp = pytest.mark.skipif(
+    torch.cuda.is_available() or not interpreter_on(),
+    reason="interpreter tests run where no CUDA device is present (TRITON_INTERPRET=1)",
+)
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _problem(inputs, pk):
+    return prepare_problem(*inputs, pk.get("T", 7), pk.get("S", 1), False)
+
+
+def _weights(fk) -> tuple[float, float, float]:
+    return (
+        float(fk.get("weight_equation", 1.0)),
+        float(fk.get("weight_init_var", 1.0)),
+        float(fk.get("weight_smooth", 1.0)),
+    )
+
+
+def _triton(inputs, pk, fk, check_pivots=True):
+    central = fk.get("enable_central_smoothness", False)
+    return triton_ode_forward(_problem(inputs, pk), _weights(fk), True, check_pivots, central)
+
+
+def _loss_weight(shape, seed=7) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+CENTRAL = dict(enable_central_smoothness=True, weight_smooth=0.7)
+CASES = [
+    ("N5", dict(batch=(5,), T=6), {}),
+    ("multi_state", dict(batch=(3,), T=6, E=3, D=2, R=4, S=2, K=2), {}),
+    # left-hand side shared over the last batch dim: 3 systems with P=2 right-hand sides each
+    ("lhs_shared_P2", dict(batch=(3, 2), T=5, E=2, D=2, c_batch=(3, 1), h_batch=(3, 1)), {}),
+    # one system for the whole batch (N=1, P=4), shared coefficient step axis
+    ("lhs_shared_all", dict(batch=(4,), T=5, E=2, D=2, c_batch=(), h_batch=(), c_time=1), {}),
+    # coefficients shared over the batch, steps per entry: gradient of c summed over systems
+    ("coef_shared", dict(batch=(4,), T=5, c_batch=(), b_time=1, u_time=1, S=2), {}),
+    (
+        "weights",
+        dict(batch=(3,), T=5, E=2, D=2, S=2, K=2),
+        dict(weight_equation=1.7, weight_init_var=0.4, weight_smooth=2.3),
+    ),
+    ("central", dict(batch=(3,), T=6, E=2, D=2, S=2, K=2), CENTRAL),
+    ("central_odd_T", dict(batch=(2,), T=7), CENTRAL),
+    ("central_R5", dict(batch=(2,), T=5, E=2, D=2, R=5, S=2, K=4), CENTRAL),
+    ("central_shared", dict(batch=(4,), T=5, c_batch=(), h_batch=()), CENTRAL),
+]
+
+
+@interp
+@pytest.mark.parametrize("pk,fk", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_values_and_gradients_match_dense_reference(pk, fk):
+    inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
+    u = _triton(inputs, pk, fk)
+    ref = dense_reference(*inputs, n_steps=pk.get("T", 7), n_init_var_steps=pk.get("S", 1), **fk)
+    assert u.shape == ref.shape
+    assert rel_err(u, ref) < 1e-10
+    weight = _loss_weight(ref.shape)
+    grads = torch.autograd.grad((u * weight).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), inputs)
+    for label, x, g, rg in zip(LABELS, inputs, grads, ref_grads, strict=True):
+        assert g.shape == x.shape, label
+        assert float(rg.abs().max()) > 0, label
+        assert rel_err(g, rg) < 1e-9, label
+
+
+@interp
+@pytest.mark.parametrize("central", [False, True])
+def test_equals_cpu_lane_engine_to_rounding_both_dtypes(central):
+    """float64 and float32 against the CPU lane engine (numba) on the same inputs: values and
+    every gradient; float32 to float32 rounding of this well-conditioned problem."""
+    pk = dict(batch=(6,), T=6, E=2, D=2, S=2, K=2)
+    fk = CENTRAL if central else {}
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-4)):
+        inputs = tuple(x.requires_grad_() for x in random_problem(**pk, dtype=dtype))
+        u = _triton(inputs, pk, fk)
+        lane = ode_forward(*inputs, n_steps=6, n_init_var_steps=2, backend="numba", **fk)
+        assert u.dtype == dtype
+        assert rel_err(u, lane) < tol
+        weight = _loss_weight(u.shape).to(dtype)
+        grads = torch.autograd.grad((u * weight).sum(), inputs)
+        lane_grads = torch.autograd.grad((lane * weight).sum(), inputs)
+        for label, g, lg in zip(LABELS, grads, lane_grads, strict=True):
+            assert g.dtype == dtype
+            assert rel_err(g, lg) < 20 * tol, (label, dtype)
+
+
+@interp
+def test_same_bits_on_rerun():
+    pk = dict(batch=(3, 2), T=5, E=2, D=2, c_batch=(3, 1), h_batch=(3, 1))
+    runs = []
+    for _ in range(2):
+        inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
+        u = _triton(inputs, pk, CENTRAL)
+        grads = torch.autograd.grad((u * _loss_weight(u.shape)).sum(), inputs)
+        runs.append((u.detach(), *grads))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@interp
+@pytest.mark.parametrize("central", [False, True])
+def test_factorize_then_solve_many(central):
+    """One factorization, two right-hand sides; each equals the one-call forward, and the
+    gradients reach rhs_equation and init_vars (against the dense reference)."""
+    pk = dict(batch=(3,), T=6, E=2, D=2, S=2, K=2)
+    fk = CENTRAL if central else {}
+    c, b, u0, h = random_problem(**pk)
+    lhs = triton_factorize(_problem((c, b, u0, h), pk), _weights(fk), True, central)
+    assert lhs.factor.failed_at.tolist() == [0, 0, 0]
+    for seed in (1, 2):
+        _, b2, u02, _ = random_problem(**pk, seed=seed)
+        b2.requires_grad_()
+        u02.requires_grad_()
+        u = lhs.solve(_problem((c, b2, u02, h), pk), check_values=True)
+        ref = dense_reference(c, b2, u02, h, **fk)
+        assert rel_err(u, ref) < 1e-10
+        assert rel_err(u, _triton((c, b2, u02, h), pk, fk)) < 1e-13
+        weight = _loss_weight(u.shape)
+        grads = torch.autograd.grad((u * weight).sum(), (b2, u02))
+        ref_grads = torch.autograd.grad((ref * weight).sum(), (b2, u02))
+        for g, rg in zip(grads, ref_grads, strict=True):
+            assert rel_err(g, rg) < 1e-9
+
+
+def _pivot_problem(n: int, failing: dict[int, int], T: int = 6):
+    """Entry i of ``failing`` has an exactly singular normal matrix from block ``failing[i]``
+    on (steps of 1e-170 make h^2 underflow, and order 2 leaves the equations there)."""
+    c, b, u0, h = random_problem(batch=(n,), T=T, E=2, D=1, R=3, K=1, seed=21)
+    for i, step in failing.items():
+        h[i] = 1e-170
+        c[i, step:, :, 0, 2] = 0.0
+    return c, b, u0, h
+
+
+@interp
+def test_non_positive_pivot_raises_like_torch_path():
+    failing = {1: 2, 4: 0}
+    c, b, u0, h = _pivot_problem(5, failing)
+    pk = dict(T=6, S=1)
+    with pytest.raises(NonPositivePivotError) as info:
+        _triton((c, b, u0, h), pk, {})
+    with pytest.raises(NonPositivePivotError) as torch_info:
+        ode_forward(c, b, u0, h, backend="torch")
+    assert str(info.value) == str(torch_info.value)
+    u = _triton((c, b, u0, h), pk, {}, check_pivots=False)
+    good = [0, 2, 3]
+    assert torch.isnan(u[[1, 4]]).all()
+    assert rel_err(u[good], dense_reference(c[good], b[good], u0[good], h[good])) < 1e-10
+
+
+@interp
+def test_bad_values_raise_the_usual_error():
+    c, b, u0, h = random_problem(batch=(2,), T=5)
+    h[1, 2] = -0.1
+    with pytest.raises(ValueError, match="steps") as info:
+        _triton((c, b, u0, h), dict(T=5), {})
+    with pytest.raises(ValueError) as torch_info:
+        ode_forward(c, b, u0, h, backend="torch")
+    assert str(info.value) == str(torch_info.value)
+
+
+def test_triton_available_and_dispatch_rule():
+    ok, why = triton_available()
+    assert ok == (torch.cuda.is_available() or interpreter_on()), why
+    plain = (1.0, 1.0, 1.0)
+    cuda_dev = torch.device("cuda")
+    # CPU tensors never go to Triton by themselves; CUDA ones do when triton can run
+    assert not triton_path_applies(CPU, "auto", "auto", plain, None)
+    assert not triton_path_applies(CPU, "torch", "auto", plain, None)
+    assert triton_path_applies(cuda_dev, "auto", "sequential", plain, None) == ok
+    assert not triton_path_applies(cuda_dev, "auto", "cyclic", plain, None)
+    assert not triton_path_applies(cuda_dev, "auto", "auto", None, None)
+    assert not triton_path_applies(cuda_dev, "torch", "auto", plain, None)
+    # backend='triton' runs or says why not
+    for method, weights, graphs, match in (
+        ("cyclic", plain, None, "method='cyclic'"),
+        ("auto", None, None, "weights that need gradients"),
+        ("auto", plain, object(), "cuda_graphs"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            triton_path_applies(cuda_dev, "triton", method, weights, graphs)
+    if interpreter_on():
+        assert triton_path_applies(CPU, "triton", "auto", plain, None)
+    else:
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            triton_path_applies(CPU, "triton", "auto", plain, None)
+    with pytest.raises(ValueError, match="on meta"):
+        triton_path_applies(torch.device("meta"), "triton", "auto", plain, None)
+
+
+# ------------------------------------------------------------------ on a GPU
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("central", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_matches_cpu_and_repeats_bits(central, dtype):
+    """Compiled kernels on the GPU against the torch path on CPU (float64 reference): values
+    and gradients, then the same bits on a rerun."""
+    pk = dict(batch=(300,), T=40, E=3, D=3, R=3, S=1, K=2)
+    fk = CENTRAL if central else {}
+    cpu_inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
+    ref = ode_forward(*cpu_inputs, backend="torch", **fk)
+    weight = _loss_weight(ref.shape)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), cpu_inputs)
+    tol = 1e-9 if dtype == torch.float64 else 2e-3
+    runs = []
+    for _ in range(2):
+        inputs = tuple(x.detach().to("cuda", dtype).requires_grad_() for x in cpu_inputs)
+        u = _triton(inputs, pk, fk)
+        grads = torch.autograd.grad((u * weight.to("cuda", dtype)).sum(), inputs)
+        runs.append((u.detach(), *grads))
+    u, *grads = runs[0]
+    assert rel_err(u.cpu().double(), ref) < tol
+    for label, g, rg in zip(LABELS, grads, ref_grads, strict=True):
+        assert rel_err(g.cpu().double(), rg) < 10 * tol, label
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b)
+
+
+@cuda
+@needs_cuda
+def test_cuda_pivot_failure_raises():
+    c, b, u0, h = (x.cuda() for x in _pivot_problem(5, {1: 2}))
+    with pytest.raises(NonPositivePivotError, match=r"batch index \(1,\) at block 2"):
+        _triton((c, b, u0, h), dict(T=6, S=1), {})

@@ -1,0 +1,792 @@
+"""Numba kernels of the orthogonal (QR) least-squares solve on lanes (docs/solver.md section 10).
+
+The torch side is :mod:`smnn.solver.qr_lanes`. Every kernel works on groups of W lanes side by
+side, W a run-time value (8 or 32; the scratch arrays' last axis): all innermost loops run over
+the lanes, ``for l in range(W)``, so LLVM vectorises them, the same compiled kernel serves every
+width, and each lane's arithmetic is the same whatever the width (lanes never mix), so both widths
+give the same bits.
+
+A lane holds one *item*: a system n and one right-hand-side column p of it (item i = n * P + p),
+or, in :func:`factor` (no right-hand side), one system.
+
+Blocks. Without central rows a block is one step (G = 1, nb = n = D*R unknowns); with central
+rows a block pairs steps 2k and 2k+1 (G = 2, nb = 2n; an odd T gets a padding step fixed to zero
+by identity rows), so that every row touches one block and the next only. Block t stacks, per
+lane, the rows [carried triangle C_t (nb rows) ; every row whose first step lies in block t]
+(:func:`_build_rows`: equation rows, initial-value rows, Taylor rows of the intervals that start
+in the block, central rows that start in it) over the columns [u_t (nb) | u_{t+1} (nb) | rhs].
+Householder reflections triangularise the first 2nb columns (nb on the last block):
+rows 0..nb-1 become [R_t | S_t | z_t], rows nb..2nb-1 the triangle C_{t+1} carried to the next
+block with its right-hand side. Back substitution: u_t = R_t^{-1} (z_t - S_t u_{t+1}).
+
+Rank check: block t fails when |R_t[j, j]| <= nb * eps * ||X_t[:, j]|| for some j, with X_t the
+stacked rows on u_t before the reflections (the carried triangle included), or when R_t[j, j] is
+not finite. The threshold is relative to each column's own norm, so scaling an unknown (the
+Taylor rows scale order k by h^k) does not change the verdict; a column whose stacked rows
+vanish (an unknown no row constrains) gives R_t[j, j] = 0 and fails. A failed block and every
+later one get NaN on the diagonal of R_t, so the whole system comes back as NaN.
+
+Arrays (C-contiguous, float32 or float64): inputs ``coef`` (N, Tc, E, m), ``steps`` (N, Th),
+``rhs_eq`` (N, Tb, E, P), ``init`` (N, Su, D*K, P) (a size-1 step axis is shared by all steps);
+``rs`` (Gr, TB, nb, 2nb, W): [R_t | S_t] of each block (R_t upper triangular), by groups of items
+(``by_system`` False) or of systems; ``refl`` (Gs, TB, pmax, 2nb, W) and ``taus`` (Gs, TB, 2nb, W):
+the Householder vectors (below the diagonal, unit diagonal implied) and factors of
+:func:`factor`, by groups of systems. u, gradients of u: (N, T, m, P).
+
+Determinism: no fast-math licences, jobs claimed dynamically (:func:`_claim_job`) but each job's
+results depend only on its own lanes, sums run in a fixed order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+from numba.core import types
+from numba.extending import intrinsic
+
+_OPTS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
+_helper = njit(**_OPTS)
+_kernel = njit(parallel=True, **_OPTS)
+
+# row kinds of _build_rows (the backward pass chains each kind to its input)
+EQUATION, INITIAL, TAYLOR, CENTRAL, PADDING, CARRIED = 0, 1, 2, 3, 4, 5
+
+
+@intrinsic
+def _claim_job(typingctx, next_job):
+    """The next job for the calling worker: ``next_job[0]`` incremented atomically (so each job
+    goes to exactly one worker, whichever is free)."""
+    if not (isinstance(next_job, types.Array) and next_job.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        one = context.get_constant(types.int64, 1)
+        return builder.atomic_rmw("add", array.data, one, "monotonic")
+
+    return types.int64(next_job), codegen
+
+
+@_helper
+def block_sizes(n_steps, n_dims, n_orders, n_eq, n_init_orders, central):
+    """(G, nb, TB, pmax): steps per block, unknowns per block, blocks, most stacked rows."""
+    G = 2 if central else 1
+    n = n_dims * n_orders
+    nT = n_orders - 1 if central else n_orders
+    per_step = n_eq + n_dims * n_init_orders + 2 * n_dims * nT + (n_dims if central else 0)
+    return G, G * n, (n_steps + G - 1) // G, G * n + G * per_step + n
+
+
+@_helper
+def _lanes(g, W, n_items, P, sysl, coll):
+    """Items of group g: system and column of each lane (lanes past the end repeat the last)."""
+    for l in range(W):
+        i = min(g * W + l, n_items - 1)
+        sysl[l] = i // P
+        coll[l] = i % P
+
+
+@_helper
+def _ipow(x, k):
+    """x ** k for an integer k (negative too), by repeated products."""
+    r = x * 0 + 1
+    for _ in range(abs(k)):
+        r = r * x
+    if k < 0:
+        r = 1 / r
+    return r
+
+
+@_helper
+def _build_rows(
+    t, q0, T, D, R, S, K, central, coef, steps, rhs_eq, init, sysl, coll, wts, finv,
+    a, da, kind, aux, chk, with_rhs, with_deriv, rc,
+):  # fmt: skip
+    """Write the rows of block t from row q0 on into ``a`` (pmax, 2nb+1, W) (columns: the block's
+    unknowns, the next block's, the right-hand side at ``rc``); with ``with_deriv`` the
+    derivative of each entry with respect to its step size into ``da`` (Taylor rows) or to
+    h_s + h_{s+1} (central rows). Sets ``kind`` and ``aux`` (pmax, 2) per row (the same for
+    every lane) and accumulates v * 0 of every input value read into ``chk`` (NaN when one was
+    not finite); a step size <= 0 or not finite sets ``chk`` to NaN. Returns the row count."""
+    W = sysl.shape[0]
+    n = D * R
+    G = 2 if central else 1
+    nT = R - 1 if central else R
+    ncol = a.shape[1]
+    Tc, Tb, Th, Su = coef.shape[1], rhs_eq.shape[1], steps.shape[1], init.shape[1]
+    E = coef.shape[2]
+    w_eq, w_in, w_s = wts[0], wts[1], wts[2]
+    dt = a.dtype
+    h = np.empty(W, dtype=dt)
+    hp = np.empty((R + 1, W), dtype=dt)
+    hn = np.empty((R + 1, W), dtype=dt)
+    q = q0
+    for gs in range(G):
+        s = t * G + gs
+        cs = gs * n
+        if s >= T:
+            # padding step of an odd T with central rows: its unknowns fixed to 0
+            for j in range(n):
+                for c in range(ncol):
+                    for l in range(W):
+                        a[q, c, l] = 0
+                for l in range(W):
+                    a[q, cs + j, l] = 1
+                kind[q, 0] = PADDING
+                q += 1
+            continue
+        tc, tb = min(s, Tc - 1), min(s, Tb - 1)
+        for e in range(E):
+            for c in range(ncol):
+                for l in range(W):
+                    a[q, c, l] = 0
+            for j in range(n):
+                for l in range(W):
+                    v = coef[sysl[l], tc, e, j]
+                    chk[l] += v * 0
+                    a[q, cs + j, l] = w_eq * v
+            if with_rhs:
+                for l in range(W):
+                    v = rhs_eq[sysl[l], tb, e, coll[l]]
+                    chk[l] += v * 0
+                    a[q, rc, l] = w_eq * v
+            kind[q, 0] = EQUATION
+            aux[q, 0] = s
+            aux[q, 1] = e
+            q += 1
+        if s < S:
+            tu = min(s, Su - 1)
+            for d in range(D):
+                for k in range(K):
+                    for c in range(ncol):
+                        for l in range(W):
+                            a[q, c, l] = 0
+                    for l in range(W):
+                        a[q, cs + d * R + k, l] = w_in
+                    if with_rhs:
+                        for l in range(W):
+                            v = init[sysl[l], tu, d * K + k, coll[l]]
+                            chk[l] += v * 0
+                            a[q, rc, l] = w_in * v
+                    kind[q, 0] = INITIAL
+                    aux[q, 0] = s
+                    aux[q, 1] = d * K + k
+                    q += 1
+        if s + 1 < T:
+            th = min(s, Th - 1)
+            for l in range(W):
+                hv = steps[sysl[l], th]
+                if not (hv > 0 and hv < np.inf):
+                    chk[l] = np.nan
+                h[l] = hv
+                hp[0, l] = 1
+                hn[0, l] = 1
+            for o in range(1, R + 1):
+                for l in range(W):
+                    hp[o, l] = hp[o - 1, l] * h[l]
+                    hn[o, l] = -hn[o - 1, l] * h[l]
+            c1 = cs + n
+            for d in range(D):
+                for k in range(nT):
+                    # forward: sum_{o>=k} h^o/(o-k)! u[s,d,o] - h^k u[s+1,d,k]
+                    for c in range(ncol):
+                        for l in range(W):
+                            a[q, c, l] = 0
+                    for o in range(k, R):
+                        f = w_s * finv[o - k]
+                        for l in range(W):
+                            a[q, cs + d * R + o, l] = f * hp[o, l]
+                    for l in range(W):
+                        a[q, c1 + d * R + k, l] = -w_s * hp[k, l]
+                    if with_deriv:
+                        for c in range(ncol):
+                            for l in range(W):
+                                da[q, c, l] = 0
+                        for o in range(max(k, 1), R):
+                            f = w_s * finv[o - k] * o
+                            for l in range(W):
+                                da[q, cs + d * R + o, l] = f * hp[o - 1, l]
+                        if k > 0:
+                            for l in range(W):
+                                da[q, c1 + d * R + k, l] = -w_s * k * hp[k - 1, l]
+                    kind[q, 0] = TAYLOR
+                    aux[q, 0] = s
+                    q += 1
+                    # backward: sum_{o>=k} (-h)^o/(o-k)! u[s+1,d,o] - (-h)^k u[s,d,k]
+                    for c in range(ncol):
+                        for l in range(W):
+                            a[q, c, l] = 0
+                    for o in range(k, R):
+                        f = w_s * finv[o - k]
+                        for l in range(W):
+                            a[q, c1 + d * R + o, l] = f * hn[o, l]
+                    for l in range(W):
+                        a[q, cs + d * R + k, l] = -w_s * hn[k, l]
+                    if with_deriv:
+                        for c in range(ncol):
+                            for l in range(W):
+                                da[q, c, l] = 0
+                        for o in range(max(k, 1), R):
+                            f = -w_s * finv[o - k] * o
+                            for l in range(W):
+                                da[q, c1 + d * R + o, l] = f * hn[o - 1, l]
+                        if k > 0:
+                            for l in range(W):
+                                da[q, cs + d * R + k, l] = w_s * k * hn[k - 1, l]
+                    kind[q, 0] = TAYLOR
+                    aux[q, 0] = s
+                    q += 1
+        if central and s + 2 < T:
+            # s^(R-3) u[s,d,R-2] + s^(R-2) u[s+1,d,R-1] - s^(R-3) u[s+2,d,R-2], s = h_s + h_{s+1}
+            th0, th1 = min(s, Th - 1), min(s + 1, Th - 1)
+            for d in range(D):
+                for c in range(ncol):
+                    for l in range(W):
+                        a[q, c, l] = 0
+                if with_deriv:
+                    for c in range(ncol):
+                        for l in range(W):
+                            da[q, c, l] = 0
+                for l in range(W):
+                    sc = steps[sysl[l], th0] + steps[sysl[l], th1]
+                    p3 = _ipow(sc, R - 3)
+                    p2 = _ipow(sc, R - 2)
+                    a[q, cs + d * R + R - 2, l] = w_s * p3
+                    a[q, cs + n + d * R + R - 1, l] = w_s * p2
+                    a[q, cs + 2 * n + d * R + R - 2, l] = -w_s * p3
+                    if with_deriv:
+                        p4 = _ipow(sc, R - 4)
+                        da[q, cs + d * R + R - 2, l] = w_s * (R - 3) * p4
+                        da[q, cs + n + d * R + R - 1, l] = w_s * (R - 2) * p3
+                        da[q, cs + 2 * n + d * R + R - 2, l] = -w_s * (R - 3) * p4
+                kind[q, 0] = CENTRAL
+                aux[q, 0] = s
+                q += 1
+    return q
+
+
+@_helper
+def _reflect_column(a, j, q, c, tau):
+    """Apply the reflector stored in column j of ``a`` (rows j+1..q-1, unit at j) to column c."""
+    W = a.shape[2]
+    dt = a.dtype
+    s = np.empty(W, dtype=dt)
+    for l in range(W):
+        s[l] = a[j, c, l]
+    for i in range(j + 1, q):
+        for l in range(W):
+            s[l] += a[i, j, l] * a[i, c, l]
+    for l in range(W):
+        s[l] *= tau[l]
+        a[j, c, l] -= s[l]
+    for i in range(j + 1, q):
+        for l in range(W):
+            a[i, c, l] -= s[l] * a[i, j, l]
+
+
+@_helper
+def _reflector(a, j, q, tau):
+    """Householder reflector of column j, rows j..q-1 of ``a``: writes beta = +-norm at (j, j),
+    the vector (unit first entry implied) below it and tau (W,). A zero column gives tau = 0."""
+    W = a.shape[2]
+    dt = a.dtype
+    sig = np.zeros(W, dtype=dt)
+    for i in range(j + 1, q):
+        for l in range(W):
+            sig[l] += a[i, j, l] * a[i, j, l]
+    for l in range(W):
+        alpha = a[j, j, l]
+        nrm = np.sqrt(alpha * alpha + sig[l])
+        beta = -nrm if alpha >= 0 else nrm
+        ok = nrm > 0
+        tau[l] = (beta - alpha) / beta if ok else 0
+        sig[l] = 1 / (alpha - beta) if ok else 0  # reused: the scale of the vector
+        a[j, j, l] = beta
+    for i in range(j + 1, q):
+        for l in range(W):
+            a[i, j, l] *= sig[l]
+
+
+@_helper
+def _triangularise(a, q, ncx, rc, taus, with_rhs):
+    """Reflect columns 0..ncx-1 of rows 0..q-1 of ``a`` to upper triangular form, applying each
+    reflector to the later columns and (``with_rhs``) to the right-hand side at ``rc``."""
+    for j in range(min(ncx, q)):
+        _reflector(a, j, q, taus[j])
+        for c in range(j + 1, ncx):
+            _reflect_column(a, j, q, c, taus[j])
+        if with_rhs:
+            _reflect_column(a, j, q, rc, taus[j])
+
+
+@_helper
+def _factor_group(
+    g, coef, steps, rhs_eq, init, T, D, S, K, central, wts, finv, with_rhs,
+    rs, refl, taus_out, failed_at, bad_input, out,
+    a, da, kind, aux, chk, taus, cn2, carried, dead, wsol, ux, sysl, coll, sg, sl,
+):  # fmt: skip
+    """One group of :func:`forward` or :func:`factor` (see there)."""
+    W = sysl.shape[0]
+    m = coef.shape[3]
+    R = m // D
+    P = rhs_eq.shape[3] if with_rhs else 1
+    n_items = coef.shape[0] * P
+    G, nb, TB, pmax = block_sizes(T, D, R, coef.shape[2], K, central)
+    n = D * R
+    rc = 2 * nb
+    dt = a.dtype
+    eps = np.finfo(dt).eps
+    store = refl.shape[0] > 0
+    _lanes(g, W, n_items, P, sysl, coll)
+    for l in range(W):
+        chk[l] = 0
+        dead[l] = 0
+    for i in range(nb):
+        for j in range(nb + 1):
+            for l in range(W):
+                carried[i, j, l] = 0
+    for t in range(TB):
+        # carried triangle (zero at t = 0)
+        for i in range(nb):
+            for c in range(2 * nb + 1):
+                for l in range(W):
+                    a[i, c, l] = 0
+            for j in range(i, nb):
+                for l in range(W):
+                    a[i, j, l] = carried[i, j, l]
+            for l in range(W):
+                a[i, rc, l] = carried[i, nb, l]
+        q = _build_rows(
+            t, nb, T, D, R, S, K, central, coef, steps, rhs_eq, init, sysl, coll, wts, finv,
+            a, da, kind, aux, chk, with_rhs, False, rc,
+        )  # fmt: skip
+        ncx = nb if t == TB - 1 else 2 * nb
+        for j in range(nb):
+            for l in range(W):
+                cn2[j, l] = 0
+            for i in range(q):
+                for l in range(W):
+                    cn2[j, l] += a[i, j, l] * a[i, j, l]
+        _triangularise(a, q, ncx, rc, taus, with_rhs)
+        # rank check, then R_t, S_t (NaN diagonal from a failed block on)
+        for j in range(nb):
+            for l in range(W):
+                d = a[j, j, l]
+                bad = not (abs(d) > nb * eps * np.sqrt(cn2[j, l]) and abs(d) < np.inf)
+                if bad and dead[l] == 0:
+                    dead[l] = t + 1
+        for i in range(nb):
+            for c in range(2 * nb):
+                for l in range(W):
+                    rs[g, t, i, c, l] = a[i, c, l] if c >= i else 0
+            for l in range(W):
+                if dead[l] > 0:
+                    rs[g, t, i, i, l] = np.nan
+        if store:
+            for i in range(q):
+                for j in range(ncx):
+                    for l in range(W):
+                        refl[g, t, i, j, l] = a[i, j, l] if i > j else 0
+            for j in range(ncx):
+                for l in range(W):
+                    taus_out[g, t, j, l] = taus[j, l]
+        if with_rhs:
+            for i in range(nb):
+                for l in range(W):
+                    wsol[t, i, l] = a[i, rc, l]
+        if t < TB - 1:
+            for i in range(nb):
+                for j in range(i, nb):
+                    for l in range(W):
+                        carried[i, j, l] = a[nb + i, nb + j, l]
+                for l in range(W):
+                    carried[i, nb, l] = a[nb + i, rc, l]
+    for l in range(W):
+        if g * W + l < n_items:
+            failed_at[g * W + l] = dead[l]
+        if not (chk[l] == 0):
+            bad_input[g] = 1
+    if with_rhs:
+        _sources(g, W, False, W, sysl, sg, sl)
+        _back_substitute(rs, sg, sl, wsol, ux, TB)
+        _write_solution(out, ux, g, T, n, n_items, P, sysl, coll)
+
+
+@_helper
+def _back_substitute(rs, sg, sl, wsol, ux, TB):
+    """ux (TB, nb, W) = the solution of the block bidiagonal [R_t | S_t] system with right-hand
+    sides ``wsol`` (TB, nb, W); lane l reads ``rs[sg[l], :, :, :, sl[l]]``."""
+    W = ux.shape[2]
+    nb = ux.shape[1]
+    dt = ux.dtype
+    acc = np.empty(W, dtype=dt)
+    for t in range(TB - 1, -1, -1):
+        for i in range(nb - 1, -1, -1):
+            for l in range(W):
+                acc[l] = wsol[t, i, l]
+            if t < TB - 1:
+                for j in range(nb):
+                    for l in range(W):
+                        acc[l] -= rs[sg[l], t, i, nb + j, sl[l]] * ux[t + 1, j, l]
+            for j in range(i + 1, nb):
+                for l in range(W):
+                    acc[l] -= rs[sg[l], t, i, j, sl[l]] * ux[t, j, l]
+            for l in range(W):
+                ux[t, i, l] = acc[l] / rs[sg[l], t, i, i, sl[l]]
+
+
+@_helper
+def _adjoint_sweep(rs, sg, sl, gv, w, TB):
+    """In place: w (TB, nb, W) = R^{-T} gv, the forward sweep R_t^T w_t = gv_t - S_{t-1}^T
+    w_{t-1} (``gv`` (TB, nb, W) is left unchanged)."""
+    W = w.shape[2]
+    nb = w.shape[1]
+    dt = w.dtype
+    acc = np.empty(W, dtype=dt)
+    for t in range(TB):
+        for j in range(nb):
+            for l in range(W):
+                acc[l] = gv[t, j, l]
+            if t > 0:
+                for i in range(nb):
+                    for l in range(W):
+                        acc[l] -= rs[sg[l], t - 1, i, nb + j, sl[l]] * w[t - 1, i, l]
+            for i in range(j):
+                for l in range(W):
+                    acc[l] -= rs[sg[l], t, i, j, sl[l]] * w[t, i, l]
+            for l in range(W):
+                w[t, j, l] = acc[l] / rs[sg[l], t, j, j, sl[l]]
+
+
+@_helper
+def _sources(g, W, by_system, Wr, sysl, sg, sl):
+    """Where lane l of group g finds its factor: ``rs[sg[l], ..., sl[l]]``."""
+    for l in range(W):
+        if by_system:
+            sg[l] = sysl[l] // Wr
+            sl[l] = sysl[l] % Wr
+        else:
+            sg[l] = g
+            sl[l] = l
+
+
+@_helper
+def _write_solution(out, ux, g, T, n, n_items, P, sysl, coll):
+    W = sysl.shape[0]
+    for l in range(W):
+        if g * W + l >= n_items:
+            continue
+        for s in range(T):
+            G = ux.shape[1] // n
+            t, gs = s // G, s % G
+            for j in range(n):
+                out[sysl[l], s, j, coll[l]] = ux[t, gs * n + j, l]
+
+
+def _inverse_factorials(R, dtype):
+    f = np.empty(R, dtype=dtype)
+    acc = 1.0
+    for k in range(R):
+        f[k] = 1.0 / acc
+        acc *= k + 1
+    return f
+
+
+@_helper
+def _read_block(src, t, G, n, T, sysl, coll, dst):
+    """dst (nb, W) = the values of ``src`` (N, T, m, P) on block t (0 on a padding step)."""
+    W = sysl.shape[0]
+    for gs in range(G):
+        s = t * G + gs
+        for j in range(n):
+            if s < T:
+                for l in range(W):
+                    dst[gs * n + j, l] = src[sysl[l], s, j, coll[l]]
+            else:
+                for l in range(W):
+                    dst[gs * n + j, l] = 0
+
+
+@_kernel
+def forward(
+    coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, central, wts, finv,
+    width, with_rhs, out, rs, refl, taus_out, failed_at, bad_input, n_workers,
+):  # fmt: skip
+    """Assemble and triangularise block by block; with ``with_rhs`` also solve.
+
+    With ``with_rhs`` (the fused forward): lanes of items, ``out`` (N, T, m, P) written, ``rs``
+    (Gi, TB, nb, 2nb, W) by groups of items. Without (factorize): lanes of systems (P = 1, the
+    right-hand sides unused), ``rs`` by groups of systems, and where ``refl`` is not empty the
+    reflectors (``refl``, ``taus_out``) are kept for :func:`solve`. Always: ``failed_at``
+    (items,) = 1 + the first failed block (0 if none); ``bad_input[g] = 1`` where group g read
+    a non-finite input or a step <= 0. ``n_workers`` parallel workers claim the groups."""
+    T, D, S, K, W = n_steps, n_dims, n_init_steps, n_init_orders, width
+    m = coef.shape[3]
+    R = m // D
+    P = rhs_eq.shape[3] if with_rhs else 1
+    n_items = coef.shape[0] * P
+    G, nb, TB, pmax = block_sizes(T, D, R, coef.shape[2], K, central)
+    n_groups = (n_items + W - 1) // W
+    dt = rs.dtype
+    next_job = np.zeros(1, dtype=np.int64)
+    for _worker in prange(n_workers):
+        a = np.empty((pmax, 2 * nb + 1, W), dtype=dt)
+        da = np.empty((0, 2 * nb + 1, W), dtype=dt)
+        kind = np.empty((pmax, 2), dtype=np.int64)
+        aux = np.empty((pmax, 2), dtype=np.int64)
+        chk = np.empty(W, dtype=dt)
+        taus = np.empty((2 * nb, W), dtype=dt)
+        cn2 = np.empty((nb, W), dtype=dt)
+        carried = np.empty((nb, nb + 1, W), dtype=dt)
+        dead = np.empty(W, dtype=np.int64)
+        nsol = TB if with_rhs else 0
+        wsol = np.empty((nsol, nb, W), dtype=dt)
+        ux = np.empty((nsol, nb, W), dtype=dt)
+        sysl = np.empty(W, dtype=np.int64)
+        coll = np.empty(W, dtype=np.int64)
+        sg = np.empty(W, dtype=np.int64)
+        sl = np.empty(W, dtype=np.int64)
+        g = _claim_job(next_job)
+        while g < n_groups:
+            _factor_group(
+                g, coef, steps, rhs_eq, init, T, D, S, K, central, wts, finv, with_rhs,
+                rs, refl, taus_out, failed_at, bad_input, out,
+                a, da, kind, aux, chk, taus, cn2, carried, dead, wsol, ux, sysl, coll, sg, sl,
+            )  # fmt: skip
+            g = _claim_job(next_job)
+
+
+@_kernel
+def solve(
+    coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, central, wts, finv,
+    width, rs, refl, taus_in, out, bad_input, n_workers,
+):  # fmt: skip
+    """u (N, T, m, P) for the right-hand sides of (``rhs_eq``, ``init``) with the reflectors and
+    [R | S] of :func:`forward` without right-hand sides (by groups of systems): each block's
+    right-hand side is assembled by :func:`_build_rows` and reflected exactly as in the fused
+    forward kernel, so both give the same bits. Lanes of items; ``bad_input[g] = 1`` where
+    group g read a non-finite value."""
+    T, D, S, K, W = n_steps, n_dims, n_init_steps, n_init_orders, width
+    m = coef.shape[3]
+    R = m // D
+    n = m
+    P = rhs_eq.shape[3]
+    n_items = coef.shape[0] * P
+    G, nb, TB, pmax = block_sizes(T, D, R, coef.shape[2], K, central)
+    Wr = rs.shape[4]
+    rc = 2 * nb
+    n_groups = (n_items + W - 1) // W
+    dt = rs.dtype
+    next_job = np.zeros(1, dtype=np.int64)
+    for _worker in prange(n_workers):
+        a = np.empty((pmax, 2 * nb + 1, W), dtype=dt)
+        da = np.empty((0, 2 * nb + 1, W), dtype=dt)
+        kind = np.empty((pmax, 2), dtype=np.int64)
+        aux = np.empty((pmax, 2), dtype=np.int64)
+        chk = np.empty(W, dtype=dt)
+        tau = np.empty(W, dtype=dt)
+        s = np.empty(W, dtype=dt)
+        wsol = np.empty((TB, nb, W), dtype=dt)
+        ux = np.empty((TB, nb, W), dtype=dt)
+        sysl = np.empty(W, dtype=np.int64)
+        coll = np.empty(W, dtype=np.int64)
+        sg = np.empty(W, dtype=np.int64)
+        sl = np.empty(W, dtype=np.int64)
+        g = _claim_job(next_job)
+        while g < n_groups:
+            _lanes(g, W, n_items, P, sysl, coll)
+            _sources(g, W, True, Wr, sysl, sg, sl)
+            for l in range(W):
+                chk[l] = 0
+            for t in range(TB):
+                for i in range(nb):
+                    for l in range(W):
+                        a[i, rc, l] = a[nb + i, rc, l] if t > 0 else 0
+                q = _build_rows(
+                    t, nb, T, D, R, S, K, central, coef, steps, rhs_eq, init, sysl, coll,
+                    wts, finv, a, da, kind, aux, chk, True, False, rc,
+                )  # fmt: skip
+                ncx = nb if t == TB - 1 else 2 * nb
+                for j in range(min(ncx, q)):
+                    for l in range(W):
+                        tau[l] = taus_in[sg[l], t, j, sl[l]]
+                        s[l] = a[j, rc, l]
+                    for i in range(j + 1, q):
+                        for l in range(W):
+                            s[l] += refl[sg[l], t, i, j, sl[l]] * a[i, rc, l]
+                    for l in range(W):
+                        s[l] *= tau[l]
+                        a[j, rc, l] -= s[l]
+                    for i in range(j + 1, q):
+                        for l in range(W):
+                            a[i, rc, l] -= s[l] * refl[sg[l], t, i, j, sl[l]]
+                for i in range(nb):
+                    for l in range(W):
+                        wsol[t, i, l] = a[i, rc, l]
+            for l in range(W):
+                if not (chk[l] == 0):
+                    bad_input[g] = 1
+            _back_substitute(rs, sg, sl, wsol, ux, TB)
+            _write_solution(out, ux, g, T, n, n_items, P, sysl, coll)
+            g = _claim_job(next_job)
+
+
+@_kernel
+def solve_normal(rs, rhs, n_dims, central, width, out, n_workers):
+    """x (N, T, m, P) = (R^T R)^{-1} rhs = (A^T A)^{-1} rhs for ``rhs`` (N, T, m, P), with
+    ``rs`` by groups of systems (a forward sweep with R^T, then back substitution)."""
+    W = width
+    N, T, m, P = rhs.shape
+    G = 2 if central else 1
+    nb = G * m
+    TB = (T + G - 1) // G
+    Wr = rs.shape[4]
+    n_items = N * P
+    n_groups = (n_items + W - 1) // W
+    dt = rs.dtype
+    next_job = np.zeros(1, dtype=np.int64)
+    for _worker in prange(n_workers):
+        gv = np.empty((TB, nb, W), dtype=dt)
+        w = np.empty((TB, nb, W), dtype=dt)
+        ux = np.empty((TB, nb, W), dtype=dt)
+        sysl = np.empty(W, dtype=np.int64)
+        coll = np.empty(W, dtype=np.int64)
+        sg = np.empty(W, dtype=np.int64)
+        sl = np.empty(W, dtype=np.int64)
+        g = _claim_job(next_job)
+        while g < n_groups:
+            _lanes(g, W, n_items, P, sysl, coll)
+            _sources(g, W, True, Wr, sysl, sg, sl)
+            for t in range(TB):
+                _read_block(rhs, t, G, m, T, sysl, coll, gv[t])
+            _adjoint_sweep(rs, sg, sl, gv, w, TB)
+            _back_substitute(rs, sg, sl, w, ux, TB)
+            _write_solution(out, ux, g, T, m, n_items, P, sysl, coll)
+            g = _claim_job(next_job)
+
+
+@_kernel
+def backward(
+    grad, x, coef, steps, rhs_eq, init, n_dims, n_init_steps, n_init_orders, central, wts, finv,
+    width, rs, by_system, g_coef, g_steps, g_rhs, g_init, n_workers,
+):  # fmt: skip
+    """Gradients of the least-squares solution x (N, T, m, P) for the upstream gradient ``grad``
+    (same shape): lambda = (A^T A)^{-1} grad with [R | S] (``rs`` by groups of items, or of
+    systems with ``by_system``), residual r = beta - A x rebuilt row by row, and per row i
+    dl/dbeta_i = (A lambda)_i, dl/dA_ij = r_i lambda_j - (A lambda)_i x_j, chained to the inputs.
+
+    Writes ``g_coef`` (N * P, Tc, E, m) and ``g_steps`` (N * P, Th) per item (the caller sums
+    over P), ``g_rhs`` (N, Tb, E, P) and ``g_init`` (N, Su, D*K, P) (size-1 step axes summed)."""
+    W = width
+    N, T, m, P = x.shape
+    D, S, K = n_dims, n_init_steps, n_init_orders
+    R = m // D
+    n = m
+    E, Tc = coef.shape[2], coef.shape[1]
+    Tb, Th, Su = rhs_eq.shape[1], steps.shape[1], init.shape[1]
+    G, nb, TB, pmax = block_sizes(T, D, R, E, K, central)
+    Wr = rs.shape[4]
+    rc = 2 * nb
+    n_items = N * P
+    n_groups = (n_items + W - 1) // W
+    dt = rs.dtype
+    w_eq, w_in = wts[0], wts[1]
+    next_job = np.zeros(1, dtype=np.int64)
+    for _worker in prange(n_workers):
+        a = np.empty((pmax, 2 * nb + 1, W), dtype=dt)
+        da = np.empty((pmax, 2 * nb + 1, W), dtype=dt)
+        kind = np.empty((pmax, 2), dtype=np.int64)
+        aux = np.empty((pmax, 2), dtype=np.int64)
+        chk = np.empty(W, dtype=dt)
+        gv = np.empty((TB, nb, W), dtype=dt)
+        lam = np.empty((TB, nb, W), dtype=dt)
+        w = np.empty((TB, nb, W), dtype=dt)
+        ux = np.empty((TB, nb, W), dtype=dt)
+        ul = np.empty((2 * nb, W), dtype=dt)
+        ll = np.empty((2 * nb, W), dtype=dt)
+        au = np.empty(W, dtype=dt)
+        al = np.empty(W, dtype=dt)
+        res = np.empty(W, dtype=dt)
+        acc = np.empty(W, dtype=dt)
+        sysl = np.empty(W, dtype=np.int64)
+        coll = np.empty(W, dtype=np.int64)
+        sg = np.empty(W, dtype=np.int64)
+        sl = np.empty(W, dtype=np.int64)
+        g = _claim_job(next_job)
+        while g < n_groups:
+            _lanes(g, W, n_items, P, sysl, coll)
+            _sources(g, W, by_system, Wr, sysl, sg, sl)
+            for t in range(TB):
+                _read_block(grad, t, G, n, T, sysl, coll, gv[t])
+                _read_block(x, t, G, n, T, sysl, coll, ux[t])
+            _adjoint_sweep(rs, sg, sl, gv, w, TB)
+            _back_substitute(rs, sg, sl, w, lam, TB)
+            nl = min(W, n_items - g * W)  # real lanes
+            for l in range(nl):
+                i_item, ns, ps = g * W + l, sysl[l], coll[l]
+                g_coef[i_item] = 0
+                g_steps[i_item] = 0
+                g_rhs[ns, :, :, ps] = 0
+                g_init[ns, :, :, ps] = 0
+            for t in range(TB):
+                for c in range(nb):
+                    for l in range(W):
+                        ul[c, l] = ux[t, c, l]
+                        ll[c, l] = lam[t, c, l]
+                        ul[nb + c, l] = ux[t + 1, c, l] if t + 1 < TB else 0
+                        ll[nb + c, l] = lam[t + 1, c, l] if t + 1 < TB else 0
+                q = _build_rows(
+                    t, 0, T, D, R, S, K, central, coef, steps, rhs_eq, init, sysl, coll,
+                    wts, finv, a, da, kind, aux, chk, True, True, rc,
+                )  # fmt: skip
+                for r in range(q):
+                    for l in range(W):
+                        au[l] = 0
+                        al[l] = 0
+                    for c in range(2 * nb):
+                        for l in range(W):
+                            au[l] += a[r, c, l] * ul[c, l]
+                            al[l] += a[r, c, l] * ll[c, l]
+                    for l in range(W):
+                        res[l] = a[r, rc, l] - au[l]
+                    k = kind[r, 0]
+                    s = aux[r, 0]
+                    if k == EQUATION:
+                        e = aux[r, 1]
+                        c0 = (s - t * G) * n
+                        tc, tb = min(s, Tc - 1), min(s, Tb - 1)
+                        for l in range(nl):
+                            i_item, ns, ps = g * W + l, sysl[l], coll[l]
+                            for j in range(n):
+                                g_coef[i_item, tc, e, j] += w_eq * (
+                                    res[l] * ll[c0 + j, l] - al[l] * ul[c0 + j, l]
+                                )
+                            g_rhs[ns, tb, e, ps] += w_eq * al[l]
+                    elif k == INITIAL:
+                        tu = min(s, Su - 1)
+                        for l in range(nl):
+                            g_init[sysl[l], tu, aux[r, 1], coll[l]] += w_in * al[l]
+                    elif k == TAYLOR or k == CENTRAL:
+                        for l in range(W):
+                            acc[l] = 0
+                        for c in range(2 * nb):
+                            for l in range(W):
+                                acc[l] += da[r, c, l] * (res[l] * ll[c, l] - al[l] * ul[c, l])
+                        for l in range(nl):
+                            g_steps[g * W + l, min(s, Th - 1)] += acc[l]
+                            if k == CENTRAL:
+                                g_steps[g * W + l, min(s + 1, Th - 1)] += acc[l]
+            g = _claim_job(next_job)
+
+
+@_helper
+def sum_items(partials, n_columns, out):
+    """out[n] = sum over p (in order) of partials[n * P + p], P = ``n_columns``: (N * P, k) ->
+    (N, k)."""
+    N, k = out.shape
+    for i in range(N):
+        for j in range(k):
+            out[i, j] = partials[i * n_columns, j]
+        for p in range(1, n_columns):
+            for j in range(k):
+                out[i, j] += partials[i * n_columns + p, j]

@@ -1,0 +1,501 @@
+"""The orthogonal (QR) least-squares solve on the CPU lane engine (docs/solver.md section 10).
+
+``method="qr"`` on CPU with numba: the least-squares problem min ||A u - beta|| is solved by
+Householder reflections of the stacked rows of A, block by block along T, never forming A^T A,
+so the error grows with cond(A) instead of cond(A)^2 (float32 becomes usable). The kernels are
+in :mod:`smnn.solver.qr_lane_kernels`; this module lays the lanes out and wraps them for
+autograd.
+
+- :func:`qr_lane_ode_forward`: u with gradients to every input. One forward kernel assembles,
+  triangularises and back-substitutes; one backward kernel solves the adjoint
+  lambda = (R^T R)^{-1} g with the stored triangular factor and chains the least-squares
+  gradients (dl/dA = r lambda^T - (A lambda) u^T, dl/dbeta = A lambda, with the residual r
+  rebuilt from the inputs) to coefficients, rhs_equation, init_vars and steps. No Q is kept.
+- :func:`qr_lane_factorize`: the left-hand side triangularised once, *with its Householder
+  reflectors kept* (not the semi-normal equations: those square the condition number of the
+  right-hand side's path unless refined, and the reflectors cost only O(T n (p + n)) memory
+  per system); every ``solve`` assembles the new right-hand side with the same code as the
+  forward kernel, reflects it with the stored reflectors in the same order and
+  back-substitutes, so ``factorize(...).solve`` equals :func:`qr_lane_ode_forward` to the bit.
+
+Lanes. A lane holds one *item*: system n (a left-hand side) with one right-hand-side column p.
+With one column per system (P = 1) the fused forward kernel runs on lanes of systems. With
+P > 1 (a left-hand side shared by several right-hand sides: shared coefficients and steps) the
+left-hand sides are triangularised once (lanes of systems, reflectors kept) and the columns are
+reflected and solved on lanes of items; the backward pass runs on lanes of items and sums the
+per-item gradients of the shared coefficients and steps in a fixed order. Groups of W = 32
+lanes, or 8 below 64 items; lanes never mix, so the width does not change the bits.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from smnn.solver import qr_lane_kernels as kernels
+from smnn.solver.banded import raise_if_failed
+from smnn.solver.fused import n_workers
+from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
+from smnn.solver.lane_kernels import slp_vectorization
+from smnn.solver.layout import BatchFolding
+
+__all__ = ["QrLaneFactor", "QrLaneLeftHandSide", "qr_lane_factorize", "qr_lane_ode_forward"]
+
+WIDE, NARROW = 32, 8
+
+
+def lane_width(n_items: int) -> int:
+    """Lanes per group: 32, or 8 when fewer than two groups of 32 would be filled."""
+    return WIDE if n_items >= 2 * WIDE else NARROW
+
+
+def _run(kernel, n_jobs: int, *args) -> None:
+    """Call a kernel (compiling it with SLP vectorisation on) on as many threads as torch uses,
+    at most ``n_jobs``; torch's thread count is put back afterwards (numba's OpenMP layer
+    shares it)."""
+    workers = n_workers(n_jobs)
+    torch_threads = torch.get_num_threads()
+    with slp_vectorization():
+        previous = numba.get_num_threads()
+        numba.set_num_threads(workers)
+        try:
+            kernel(*args, workers)
+        finally:
+            numba.set_num_threads(previous)
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    n_steps: int
+    n_dims: int
+    n_orders: int
+    n_init_steps: int
+    n_init_orders: int
+    weights: tuple[float, float, float]  # w_eq, w_in, w_s
+    central: bool
+
+    def args(self, dtype: torch.dtype) -> tuple:
+        """(T, D, S, K, central, weights array, inverse factorials array) for the kernels."""
+        wts, finv = _constants(self.n_orders, self.weights, dtype)
+        T, D = self.n_steps, self.n_dims
+        return T, D, self.n_init_steps, self.n_init_orders, self.central, wts, finv
+
+    def blocks(self, n_equations: int) -> tuple[int, int, int, int]:
+        """(G, nb, TB, pmax) of :func:`qr_lane_kernels.block_sizes`."""
+        return kernels.block_sizes(
+            self.n_steps,
+            self.n_dims,
+            self.n_orders,
+            n_equations,
+            self.n_init_orders,
+            self.central,
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(n_orders: int, weights: tuple, dtype: torch.dtype):
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    wts = np.array(weights, dtype=np_dtype)
+    finv = np.array([1.0 / np.prod(np.arange(1, k + 1)) for k in range(n_orders)], np_dtype)
+    return wts, finv
+
+
+def _sizes(problem: OdeProblem, weights, central: bool) -> _Sizes:
+    return _Sizes(
+        problem.n_steps,
+        problem.n_dims,
+        problem.n_orders,
+        problem.n_init_var_steps,
+        problem.n_init_orders,
+        tuple(float(w) for w in weights),
+        bool(central),
+    )
+
+
+def _fold_lhs(problem: OdeProblem) -> tuple[torch.Tensor, torch.Tensor]:
+    """coefficients (N, Tc, E, m) and steps (N, Th) at the left-hand side's batch shape."""
+    lhs_batch = tuple(problem.lhs_batch_shape)
+    c, h = problem.coefficients, problem.steps
+    N = BatchFolding(tuple(problem.batch_shape), lhs_batch).n_systems
+    coef = c.expand(*lhs_batch, *c.shape[-4:]).reshape(N, c.shape[-4], problem.n_equations, -1)
+    steps = h.expand(*lhs_batch, h.shape[-1]).reshape(N, h.shape[-1])
+    return coef, steps
+
+
+def _fold_rhs(problem: OdeProblem, folding: BatchFolding):
+    """rhs_equation (N, Tb, E, P) and init_vars (N, Su, D*K, P)."""
+    batch = tuple(problem.batch_shape)
+    D, K = problem.n_dims, problem.n_init_orders
+    b, u0 = problem.rhs_equation, problem.init_vars
+    rhs_eq = folding.fold_rhs(b.expand(*batch, *b.shape[-2:]))
+    u0 = u0.expand(*batch, *u0.shape[-3:]).reshape(*batch, u0.shape[-3], D * K)
+    return rhs_eq, folding.fold_rhs(u0)
+
+
+def _empty(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+@dataclass
+class QrLaneFactor:
+    """Triangular factors (and Householder reflectors) of N least-squares systems.
+
+    Attributes:
+        rs: ``(Gs, TB, nb, 2nb, W)``, [R_t | S_t] of every block (R_t upper triangular,
+            A^T A = R^T R), by groups of W systems; nb = D*R unknowns per block (2 D*R with
+            central rows, whose blocks pair steps).
+        refl: ``(Gs, TB, pmax, 2nb, W)`` Householder vectors; taus: ``(Gs, TB, 2nb, W)``.
+        coef: ``(N, Tc, E, m)``, steps: ``(N, Th)``: the inputs of the left-hand side.
+        failed_at: ``(N,)`` int64, 1 + the first block whose R_t failed the rank check
+            (:mod:`qr_lane_kernels`), 0 where none.
+    """
+
+    rs: torch.Tensor
+    refl: torch.Tensor
+    taus: torch.Tensor
+    coef: torch.Tensor
+    steps: torch.Tensor
+    sizes: _Sizes
+    failed_at: torch.Tensor
+    bad_input: bool = False
+
+    @property
+    def n_systems(self) -> int:
+        return self.coef.shape[0]
+
+    @property
+    def n_steps(self) -> int:
+        return self.sizes.n_steps
+
+    @property
+    def block_size(self) -> int:
+        return self.coef.shape[3]
+
+    def failed(self) -> torch.Tensor:
+        """``(N,)`` bool: systems whose factor failed the rank check."""
+        return self.failed_at > 0
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """x = (A^T A)^{-1} rhs = R^{-1} R^{-T} rhs for ``rhs`` ``(N, T, m, P)``."""
+        N, T, m = self.n_systems, self.n_steps, self.block_size
+        if rhs.dim() != 4 or tuple(rhs.shape[:3]) != (N, T, m):
+            raise ValueError(
+                f"rhs must have shape (N={N}, T={T}, m={m}, P), got {tuple(rhs.shape)}"
+            )
+        rhs = rhs.detach().to(self.rs.dtype).contiguous()
+        out = torch.empty(rhs.shape, dtype=rhs.dtype)
+        P = rhs.shape[3]
+        W = lane_width(N * P)
+        n_jobs = -(-N * P // W)
+        if P > 0:
+            _run(
+                kernels.solve_normal,
+                n_jobs,
+                self.rs.numpy(),
+                rhs.numpy(),
+                self.sizes.n_dims,
+                self.sizes.central,
+                W,
+                out.numpy(),
+            )
+        return out
+
+    def solve_rhs(self, rhs_eq: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+        """u ``(N, T, m, P)`` for right-hand sides ``rhs_eq`` (N, Tb, E, P) and ``init``
+        (N, Su, D*K, P) (contiguous); sets ``bad_input`` where a value was not finite."""
+        N, P = self.n_systems, rhs_eq.shape[3]
+        T, m = self.n_steps, self.block_size
+        dtype = self.rs.dtype
+        out = torch.empty((N, T, m, P), dtype=dtype)
+        W = lane_width(N * P)
+        n_jobs = -(-N * P // W)
+        bad = torch.zeros(max(n_jobs, 1), dtype=torch.int64)
+        if P > 0:
+            _run(
+                kernels.solve,
+                n_jobs,
+                self.coef.numpy(),
+                self.steps.numpy(),
+                rhs_eq.numpy(),
+                init.numpy(),
+                *self.sizes.args(dtype)[:5],
+                *self.sizes.args(dtype)[5:],
+                W,
+                self.rs.numpy(),
+                self.refl.numpy(),
+                self.taus.numpy(),
+                out.numpy(),
+                bad.numpy(),
+            )
+        self.bad_input = bool(bad.any())
+        return out
+
+
+def _factorize(coef: torch.Tensor, steps: torch.Tensor, sizes: _Sizes) -> QrLaneFactor:
+    """Triangularise the left-hand sides (lanes of systems), keeping the reflectors."""
+    N, E = coef.shape[0], coef.shape[2]
+    dtype = coef.dtype
+    _, nb, TB, pmax = sizes.blocks(E)
+    W = lane_width(N)
+    Gs = -(-N // W)
+    factor = QrLaneFactor(
+        rs=torch.empty((Gs, TB, nb, 2 * nb, W), dtype=dtype),
+        refl=torch.empty((Gs, TB, pmax, 2 * nb, W), dtype=dtype),
+        taus=torch.empty((Gs, TB, 2 * nb, W), dtype=dtype),
+        coef=coef,
+        steps=steps,
+        sizes=sizes,
+        failed_at=torch.zeros(N, dtype=torch.int64),
+    )
+    bad = torch.zeros(Gs, dtype=torch.int64)
+    _run(
+        kernels.forward,
+        Gs,
+        coef.numpy(),
+        steps.numpy(),
+        _empty(dtype, N, 1, E, 0).numpy(),
+        _empty(dtype, N, 1, 0, 0).numpy(),
+        *sizes.args(dtype),
+        W,
+        False,
+        _empty(dtype, N, sizes.n_steps, coef.shape[3], 0).numpy(),
+        factor.rs.numpy(),
+        factor.refl.numpy(),
+        factor.taus.numpy(),
+        factor.failed_at.numpy(),
+        bad.numpy(),
+    )
+    factor.bad_input = bool(bad.any())
+    return factor
+
+
+@dataclass
+class _Outcome:
+    """What the forward pass reports besides u."""
+
+    failed_at: torch.Tensor | None = None
+    bad_input: bool = False
+
+    def failed(self) -> torch.Tensor:
+        return self.failed_at > 0
+
+
+class _QrLaneSolve(torch.autograd.Function):
+    """u = argmin ||A(c, h) u - beta(c, b, u0)|| in one forward and one backward kernel.
+
+    forward(coef (N, Tc, E, m), steps (N, Th), rhs_eq (N, Tb, E, P), init (N, Su, D*K, P),
+    sizes, outcome) -> x (N, T, m, P). Saved for backward: the inputs, x and [R | S]."""
+
+    @staticmethod
+    def forward(ctx, coef, steps, rhs_eq, init, sizes: _Sizes, outcome: _Outcome):
+        coef, steps, rhs_eq, init = (t.detach().contiguous() for t in (coef, steps, rhs_eq, init))
+        N, E, m, P = coef.shape[0], coef.shape[2], coef.shape[3], rhs_eq.shape[3]
+        dtype = coef.dtype
+        if P > 1:
+            factor = _factorize(coef, steps, sizes)
+            x = factor.solve_rhs(rhs_eq, init)
+            rs, by_system = factor.rs, True
+            outcome.failed_at = factor.failed_at
+            outcome.bad_input = factor.bad_input or factor.bad_input
+        else:
+            _, nb, TB, _ = sizes.blocks(E)
+            W = lane_width(N * P)
+            Gi = -(-N * P // W)
+            x = torch.empty((N, sizes.n_steps, m, P), dtype=dtype)
+            rs = torch.empty((Gi, TB, nb, 2 * nb, W), dtype=dtype)
+            failed_at = torch.zeros(N * P, dtype=torch.int64)
+            bad = torch.zeros(max(Gi, 1), dtype=torch.int64)
+            if P > 0:
+                _run(
+                    kernels.forward,
+                    Gi,
+                    coef.numpy(),
+                    steps.numpy(),
+                    rhs_eq.numpy(),
+                    init.numpy(),
+                    *sizes.args(dtype),
+                    W,
+                    True,
+                    x.numpy(),
+                    rs.numpy(),
+                    _empty(dtype, 0, 1, 1, 1, 1).numpy(),
+                    _empty(dtype, 0, 1, 1, 1).numpy(),
+                    failed_at.numpy(),
+                    bad.numpy(),
+                )
+            by_system = False
+            outcome.failed_at = failed_at
+            outcome.bad_input = bool(bad.any())
+        ctx.sizes, ctx.rs, ctx.by_system = sizes, rs, by_system
+        ctx.save_for_backward(coef, steps, rhs_eq, init, x)
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x):
+        coef, steps, rhs_eq, init, x = ctx.saved_tensors
+        sizes = ctx.sizes
+        dtype = coef.dtype
+        grad_x = grad_x.detach().to(dtype).contiguous()
+        N, P = coef.shape[0], rhs_eq.shape[3]
+        W = lane_width(N * P)
+        g_coef = torch.empty((N * P, *coef.shape[1:]), dtype=dtype)
+        g_steps = torch.empty((N * P, steps.shape[1]), dtype=dtype)
+        g_rhs = torch.empty(rhs_eq.shape, dtype=dtype)
+        g_init = torch.empty(init.shape, dtype=dtype)
+        T, D, S, K, central, wts, finv = sizes.args(dtype)
+        if P > 0:
+            _run(
+                kernels.backward,
+                -(-N * P // W),
+                grad_x.numpy(),
+                x.numpy(),
+                coef.numpy(),
+                steps.numpy(),
+                rhs_eq.numpy(),
+                init.numpy(),
+                D,
+                S,
+                K,
+                central,
+                wts,
+                finv,
+                W,
+                ctx.rs.numpy(),
+                ctx.by_system,
+                g_coef.numpy(),
+                g_steps.numpy(),
+                g_rhs.numpy(),
+                g_init.numpy(),
+            )
+        if P != 1:
+            g_coef, g_steps = (_sum_items(g, N, P) for g in (g_coef, g_steps))
+        grads = (g_coef, g_steps, g_rhs, g_init)
+        needed = ctx.needs_input_grad[:4]
+        return (*(g if need else None for g, need in zip(grads, needed, strict=True)), None, None)
+
+
+def _sum_items(partials: torch.Tensor, N: int, P: int) -> torch.Tensor:
+    """(N * P, ...) per-item gradients -> (N, ...), summed over p in order (deterministic)."""
+    out = torch.zeros((N, *partials.shape[1:]), dtype=partials.dtype)
+    if P > 0:
+        kernels.sum_items(partials.reshape(N * P, -1).numpy(), P, out.view(N, -1).numpy())
+    return out
+
+
+def qr_lane_ode_forward(
+    problem: OdeProblem,
+    plain_weights: tuple[float, float, float],
+    check_inputs: bool,
+    check_pivots: bool,
+    central: bool,
+) -> torch.Tensor:
+    """u ``(*batch, T, D, R)``, the least-squares solution by the orthogonal lane solve,
+    differentiable w.r.t. coefficients, rhs_equation, init_vars and steps.
+
+    Args:
+        problem: shapes checked by :func:`~smnn.solver.inputs.prepare_problem` (CPU tensors).
+        plain_weights: (w_eq, w_in, w_s) as python floats.
+        check_inputs: raise the usual ValueError for non-finite inputs or steps <= 0 (checked
+            inside the kernels while they read the inputs).
+        check_pivots: raise :class:`~smnn.solver.banded.NonPositivePivotError` naming the
+            systems whose stacked rows are rank deficient (rank check of
+            :mod:`qr_lane_kernels`); else those systems come back as NaN.
+        central: central smoothness rows on.
+    """
+    T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
+    batch, lhs_batch = tuple(problem.batch_shape), tuple(problem.lhs_batch_shape)
+    folding = BatchFolding(batch, lhs_batch)
+    coef, steps = _fold_lhs(problem)
+    rhs_eq, init = _fold_rhs(problem, folding)
+    outcome = _Outcome()
+    sizes = _sizes(problem, plain_weights, central)
+    x = _QrLaneSolve.apply(coef, steps, rhs_eq, init, sizes, outcome)
+    if check_inputs and outcome.bad_input:
+        check_values_of(
+            problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
+        )
+    if check_pivots:
+        raise_if_failed(outcome, lhs_batch)
+    return folding.unfold(x).reshape(*batch, T, D, R)
+
+
+class _QrFactorSolve(torch.autograd.Function):
+    """u = A^+ beta(b, u0) with a stored :class:`QrLaneFactor` (coefficients frozen).
+
+    forward(rhs_eq (N, Tb, E, P), init (N, Su, D*K, P), lhs) -> x (N, T, m, P). Backward:
+    lambda = (R^T R)^{-1} g, dl/db_t = w_eq^2 C_t lambda_t, dl/du0_t = w_in^2 lambda_t on the
+    initial entries (summed over a size-1 step axis)."""
+
+    @staticmethod
+    def forward(ctx, rhs_eq, init, lhs: QrLaneLeftHandSide):
+        rhs_eq, init = rhs_eq.detach().contiguous(), init.detach().contiguous()
+        x = lhs.factor.solve_rhs(rhs_eq, init)
+        ctx.lhs = lhs
+        ctx.shapes = (tuple(rhs_eq.shape), tuple(init.shape))
+        return x
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_x):
+        lhs = ctx.lhs
+        sizes = lhs.factor.sizes
+        (N, Tb, E, P), (_, Su, _, _) = ctx.shapes
+        T, D, R = sizes.n_steps, sizes.n_dims, sizes.n_orders
+        S, K = sizes.n_init_steps, sizes.n_init_orders
+        w_eq, w_in = sizes.weights[0], sizes.weights[1]
+        lam = lhs.factor.solve(grad_x)  # (N, T, m, P)
+        grad_rhs_eq = grad_init = None
+        if ctx.needs_input_grad[0]:
+            coef = lhs.factor.coef.expand(N, T, E, D * R)
+            g = torch.einsum("ntem,ntmp->ntep", coef, lam) * (w_eq * w_eq)
+            grad_rhs_eq = g if Tb == T else g.sum(1, keepdim=True)
+        if ctx.needs_input_grad[1]:
+            lam_init = lam[:, :S].reshape(N, S, D, R, P)[:, :, :, :K].reshape(N, S, D * K, P)
+            g = lam_init * (w_in * w_in)
+            grad_init = g if Su == S else g.sum(1, keepdim=True)
+        return grad_rhs_eq, grad_init, None
+
+
+@dataclass
+class QrLaneLeftHandSide:
+    """A left-hand side triangularised on the lane engine (what ``factorize`` keeps for
+    ``method="qr"``): the factor and the left-hand side's batch shape."""
+
+    factor: QrLaneFactor
+    lhs_batch_shape: torch.Size
+
+    def solve(self, problem: OdeProblem, check_values: bool) -> torch.Tensor:
+        """u ``(*batch, T, D, R)`` for the right-hand sides of ``problem`` (same left-hand
+        side), with gradients to rhs_equation and init_vars."""
+        T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
+        batch = tuple(problem.batch_shape)
+        folding = BatchFolding(batch, tuple(self.lhs_batch_shape))
+        rhs_eq, init = _fold_rhs(problem, folding)
+        x = _QrFactorSolve.apply(rhs_eq, init, self)
+        if check_values and self.factor.bad_input:
+            check_finite("rhs_equation", problem.rhs_equation)
+            check_finite("init_vars", problem.init_vars)
+        return folding.unfold(x).reshape(*batch, T, D, R)
+
+
+def qr_lane_factorize(
+    problem: OdeProblem,
+    plain_weights: tuple[float, float, float],
+    check_pivots: bool,
+    central: bool,
+) -> QrLaneLeftHandSide:
+    """Triangularise the left-hand side of ``problem`` (values checked by the caller) on the
+    lane engine, keeping the reflectors; the right-hand sides of ``problem`` are not used."""
+    coef, steps = (x.detach().contiguous() for x in _fold_lhs(problem))
+    factor = _factorize(coef, steps, _sizes(problem, plain_weights, central))
+    if check_pivots:
+        raise_if_failed(factor, tuple(problem.lhs_batch_shape))
+    return QrLaneLeftHandSide(factor, problem.lhs_batch_shape)

@@ -27,10 +27,11 @@ from smnn.solver.inputs import (
     prepare_problem,
 )
 from smnn.solver.layout import BatchFolding, pair_rhs, pair_steps, unpair_solution
+from smnn.solver.qr import qr_factorize_problem, qr_ode_forward
 
 __all__ = ["ode_forward", "factorize", "OdeFactorization", "METHODS"]
 
-METHODS = ("auto", "sequential", "cyclic")
+METHODS = ("auto", "sequential", "cyclic", "qr")
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
@@ -41,20 +42,45 @@ def _check_options(method: str, dtype: torch.dtype) -> None:
         raise ValueError(f"inputs must be float32 or float64, got {dtype}")
 
 
-def choose_method(method: str, n_steps: int, cuda_graphs=None) -> str:
-    """Resolve ``method='auto'`` on the torch path (the lane engine is always sequential).
+def choose_method(
+    method: str, n_steps: int, cuda_graphs=None, dtype: torch.dtype | None = None
+) -> str:
+    """Resolve ``method='auto'``.
 
-    The rule comes from the benchmark (README, "Performance"): on the torch path (CUDA, CPU
-    without numba or with ``backend='torch'``, weights that need gradients) the sequential
-    sweep's T dependent steps each cost a few kernel launches, and cyclic reduction (ceil(log2 T)
-    levels) wins once there are more than a handful of steps; CUDA graphs replay the sequential
-    one.
+    - An explicit ``cuda_graphs`` pool: 'sequential' (the only method it replays).
+    - float32 (``dtype``): 'qr', always. The normal equations square cond(A): in float32 they
+      lose every digit on stiff, long or growing problems (docs/solver.md, "The orthogonal
+      (QR) solve", accuracy table), where the QR sweep keeps about 1e-6.
+    - float64: the normal equations (LDL^T), because they cost less than QR everywhere it was
+      measured and lose nothing that matters at cond(A)^2 * 1e-16 on these problems. QR would
+      be chosen where it costs at most 1.3x the LDL^T time; on the torch path it costs more at
+      every named shape (docs/solver.md, "The orthogonal (QR) solve", time table, CPU torch
+      path, scaled-down shapes: QR / best LDL^T = 1.9x to 9x), and the CPU default runs LDL^T
+      on the lane engine, which is faster still.
+    - Among the LDL^T methods on the torch path (CUDA, CPU without numba or with
+      ``backend='torch'``, weights that need gradients; the lane engine is always sequential):
+      the sequential sweep's T dependent steps each cost a few kernel launches, and cyclic
+      reduction (ceil(log2 T) levels) wins once there are more than a handful of steps
+      (README, "Performance").
     """
     if method != "auto":
         return method
     if cuda_graphs is not None:
         return "sequential"
+    if dtype == torch.float32:
+        return "qr"
     return "cyclic" if n_steps > 8 else "sequential"
+
+
+def _runs_qr(method: str, problem: OdeProblem, cuda_graphs=None) -> bool:
+    """Whether this call runs the QR sweep (:mod:`smnn.solver.qr`)."""
+    dtype = problem.coefficients.dtype
+    if method == "qr" and cuda_graphs is not None:
+        raise ValueError(
+            "cuda_graphs replays the sequential LDL^T path only; method='qr' does not use it "
+            "(pass cuda_graphs=None)"
+        )
+    return choose_method(method, problem.n_steps, cuda_graphs, dtype) == "qr"
 
 
 def _torch_factor(diag: torch.Tensor, sub: torch.Tensor, method: str, cuda_graphs=None) -> Factor:
@@ -194,9 +220,7 @@ def _frozen_version(value) -> int:
     try:
         v = operator.index(value)
     except TypeError:
-        raise ValueError(
-            f"frozen_lhs_cache_version must be an int >= 0, got {value!r}"
-        ) from None
+        raise ValueError(f"frozen_lhs_cache_version must be an int >= 0, got {value!r}") from None
     if v < 0:
         raise ValueError(f"frozen_lhs_cache_version must be an int >= 0, got {v}")
     return v
@@ -276,12 +300,17 @@ def ode_forward(
             it); later calls only substitute. Gradients then reach ``rhs_equation`` and
             ``init_vars`` only, in every call with ``v > 0``. ``0`` (default): no caching.
         method: 'sequential' (block LDL^T, T dependent steps), 'cyclic' (block cyclic
-            reduction, ceil(log2 T) dependent levels) or 'auto' (see :func:`choose_method`).
+            reduction, ceil(log2 T) dependent levels), 'qr' (the orthogonal solve of
+            :mod:`smnn.solver.qr`: never forms A^T A, error grows with cond(A) instead of
+            cond(A)^2; batched torch ops on any device) or 'auto' (see :func:`choose_method`:
+            'qr' for float32, LDL^T for float64).
         backend: 'auto' (compiled numba kernels on CPU when numba imports, batched torch ops
             otherwise), 'numba' or 'torch'.
         check_inputs: validate values (finite, steps > 0); shapes are always checked.
         check_pivots: raise :class:`~smnn.solver.banded.NonPositivePivotError` naming the batch
-            entries whose normal matrix is not positive definite; off: those come back NaN.
+            entries whose normal matrix is not numerically positive definite (an LDL^T pivot
+            below n * eps of its diagonal entry) or, with 'qr', whose problem is numerically
+            rank deficient; off: those come back NaN.
         cuda_graphs: a caller-owned :class:`~smnn.solver.cuda_graphs.CudaGraphPool`: replay
             the sequential torch path from captured CUDA graphs (CUDA tensors only).
 
@@ -324,7 +353,7 @@ def _default_graphs(problem, weights, central, method, backend):
         return None
     T = problem.n_steps
     T_canonical = (T + 1) // 2 if central else T
-    if choose_method(method, T_canonical) != "sequential":
+    if choose_method(method, T_canonical, dtype=problem.coefficients.dtype) != "sequential":
         return None
     from smnn.solver.cuda_graphs import default_pool
 
@@ -359,6 +388,13 @@ def _solve_problem(
     problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs
 ):
     _check_central(problem, central)
+    if _runs_qr(method, problem, cuda_graphs):
+        resolve_backend(backend, problem.coefficients.device)  # validates the name
+        if check_inputs:
+            check_values_of(
+                problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
+            )
+        return qr_ode_forward(problem, weights, central, check_pivots)
     if _uses_lanes(problem, weights, central, method, backend, cuda_graphs):
         from smnn.solver.fused import fused_ode_forward
 
@@ -451,7 +487,9 @@ def factorize(
         factorization (on the CPU lane engine to the bit: the same kernels assemble the
         right-hand side and substitute). Gradients reach ``rhs_equation`` and ``init_vars``
         only. The factorization runs where ``ode_forward`` with the same options would run (the
-        lane engine on CPU with numba, the torch path otherwise).
+        lane engine on CPU with numba, the torch path otherwise; ``method='qr'``, and 'auto'
+        in float32, keeps the Householder reflectors of every step and rotates each new
+        right-hand side by them: QR accuracy, no normal equations).
     """
     if not isinstance(n_init_orders, int) or n_init_orders < 0:
         raise ValueError(f"n_init_orders must be an int >= 0, got {n_init_orders!r}")
@@ -477,6 +515,11 @@ def factorize(
     central = bool(enable_central_smoothness)
     _check_options(method, problem.coefficients.dtype)
     _check_central(problem, central)
+    if _runs_qr(method, problem):
+        resolve_backend(backend, problem.coefficients.device)  # validates the name
+        return OdeFactorization(
+            problem, qr_factorize_problem(problem, weights, central, check_pivots)
+        )
     if _uses_lanes(problem, weights, central, method, backend, None):
         from smnn.solver.fused import lane_factorize
 

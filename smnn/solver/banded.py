@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "NonPositivePivotError",
     "BlockTridiagonalFactor",
+    "pivot_tolerance",
     "factorize_block_tridiagonal",
     "numba_available",
     "resolve_backend",
@@ -30,7 +31,24 @@ BACKENDS = ("auto", "numba", "torch")
 
 
 class NonPositivePivotError(ValueError):
-    """The normal matrix of some batch entries is not numerically positive definite."""
+    """The normal matrix of some batch entries is not numerically positive definite (an LDL^T
+    pivot below :func:`pivot_tolerance` of its diagonal entry), or, for ``method='qr'``, their
+    least-squares problem is numerically rank deficient (a diagonal of R negligible against its
+    column, :func:`smnn.solver.qr.rank_tolerance`)."""
+
+
+def pivot_tolerance(n: int, dtype: torch.dtype) -> float:
+    """Relative pivot threshold of the LDL^T paths for blocks of size ``n``: a scalar pivot
+    below ``n * eps`` times the original diagonal entry M_jj of its unknown is a failure.
+
+    A pivot is M_jj minus the eliminated part; computed in working precision it carries an
+    error of about eps * M_jj, so a pivot below n * eps * M_jj (n the block size) is rounding
+    noise, and the solution built on it is garbage (float32 normal equations of stiff or
+    long problems; docs/solver.md section 7). A pivot p_j equals R_jj^2 of the QR factor, so
+    this is the criterion |R_jj| < sqrt(n * eps) ||a_j||: stricter than the QR path's, as it
+    must be for a method whose errors scale with cond(A)^2.
+    """
+    return n * torch.finfo(dtype).eps
 
 
 def numba_available() -> bool:
@@ -68,7 +86,8 @@ class BlockTridiagonalFactor:
     Attributes:
         lmul: ``(N, T-1, n, n)``, lmul[:, t] = M_{t+1,t} D_t^{-1}.
         dchol: ``(N, T, n, n)``, lower Cholesky factor of each pivot block D_t.
-        failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot, 0 where none.
+        failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot (or one below
+            :func:`pivot_tolerance`), 0 where none.
         graphs: a :class:`~smnn.solver.cuda_graphs.CudaGraphPool` that replays the
             substitutions, or None.
     """
@@ -114,21 +133,37 @@ def factorize_block_tridiagonal(diag: torch.Tensor, sub: torch.Tensor) -> BlockT
     return _factor_torch(diag, sub)
 
 
-def raise_if_failed(factor, batch_shape: tuple[int, ...]) -> None:
-    """Raise :class:`NonPositivePivotError` naming the failed entries of ``batch_shape``."""
-    failed = factor.failed()
+def raise_if_failed(factor, batch_shape: tuple[int, ...], rank: bool = False) -> None:
+    """Raise :class:`NonPositivePivotError` naming the failed entries of ``batch_shape``.
+
+    Args:
+        factor: a :class:`~smnn.solver.factor.Factor`, or its ``failed_at`` tensor ``(N,)``.
+        rank: word the message for the QR path (rank deficiency) instead of the normal
+            equations (a pivot that is not positive).
+    """
+    failed_at = factor if isinstance(factor, torch.Tensor) else factor.failed_at
+    failed = failed_at > 0
     if not bool(failed.any()):
         return
     idx = torch.nonzero(failed).flatten().cpu()
-    steps = factor.failed_at[failed].cpu() - 1
+    steps = failed_at[failed].cpu() - 1
     entries = []
     for flat, step in zip(idx[:10].tolist(), steps[:10].tolist(), strict=False):
         pos = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), batch_shape))
         entries.append(f"batch index {pos} at block {step}")
     more = f" (and {len(idx) - 10} more)" if len(idx) > 10 else ""
+    if rank:
+        what = (
+            f"the least-squares problem is numerically rank deficient for {len(idx)} of "
+            f"{failed.numel()} batch entries: negligible diagonal of R in"
+        )
+    else:
+        what = (
+            f"the normal matrix is not positive definite for {len(idx)} of {failed.numel()} "
+            "batch entries: non-positive (or negligible) pivot in"
+        )
     raise NonPositivePivotError(
-        f"the normal matrix is not positive definite for {len(idx)} of {failed.numel()} batch "
-        f"entries: non-positive pivot in {', '.join(entries)}{more}. Check for all-zero "
+        f"{what} {', '.join(entries)}{more}. Check for all-zero "
         "coefficients, huge or tiny steps, or zero weights; pass check_pivots=False to skip "
         "this check (those entries then come back as NaN)."
     )
@@ -144,10 +179,13 @@ def _factor_torch(diag: torch.Tensor, sub: torch.Tensor) -> BlockTridiagonalFact
     lmul = diag.new_empty(N, T - 1, n, n)
     dchol = diag.new_empty(N, T, n, n)
     failed_at = torch.zeros(N, dtype=torch.int64, device=diag.device)
+    # a pivot below n * eps of its original diagonal entry is rounding noise: a failure
+    floor = pivot_tolerance(n, diag.dtype) * diag.diagonal(dim1=-2, dim2=-1)  # (N, T, n)
     pivot = diag[:, 0]
     for t in range(T):
         chol, info = torch.linalg.cholesky_ex(pivot)
-        bad = (info > 0) & (failed_at == 0)
+        small = ~(chol.diagonal(dim1=-2, dim2=-1).square() > floor[:, t]).all(dim=-1)
+        bad = ((info > 0) | small) & (failed_at == 0)
         failed_at = torch.where(bad, torch.full_like(failed_at, t + 1), failed_at)
         dchol[:, t] = chol
         if t == T - 1:

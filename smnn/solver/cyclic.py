@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from smnn.solver.banded import pivot_tolerance
 from smnn.solver.smallblocks import cholesky_lower, cholesky_solve
 
 __all__ = ["CyclicReductionFactor", "factorize_cyclic"]
@@ -118,6 +119,9 @@ def factorize_cyclic(diag: torch.Tensor, sub: torch.Tensor) -> CyclicReductionFa
     failed_at = torch.zeros(N, dtype=torch.int64, device=diag.device)
     levels: list[_Level] = []
     a, b = diag, sub
+    # original diagonal entries of the steps at this level: a pivot below n * eps of its
+    # entry is rounding noise, a failure (smnn.solver.banded.pivot_tolerance)
+    floor = pivot_tolerance(n, diag.dtype) * diag.diagonal(dim1=-2, dim2=-1)  # (N, T, n)
     stride = 1  # original-step distance between neighbouring steps at this level
     while a.shape[1] > 1:
         steps = a.shape[1]
@@ -128,6 +132,7 @@ def factorize_cyclic(diag: torch.Tensor, sub: torch.Tensor) -> CyclicReductionFa
         if b_right.shape[1] < n_odd:
             b_right = F.pad(b_right, (0, 0, 0, 0, 0, 1))
         chol_odd, bad = cholesky_lower(a_odd)
+        bad = bad | _negligible(chol_odd, floor[:, 1::2])
         _record_failures(failed_at, bad, first_step=stride, stride=2 * stride)
         u = cholesky_solve(chol_odd, b_left)
         v = cholesky_solve(chol_odd, b_right.transpose(-1, -2))
@@ -137,10 +142,19 @@ def factorize_cyclic(diag: torch.Tensor, sub: torch.Tensor) -> CyclicReductionFa
         b_new = -(b_right @ u)[:, : n_even - 1]
         levels.append(_Level(chol_odd, u, v, b_left, b_right, steps))
         a, b = a_new, b_new
+        floor = floor[:, 0::2]
         stride *= 2
     chol_last, bad = cholesky_lower(a[:, 0])
+    bad = bad | _negligible(chol_last, floor[:, 0])
     _record_failures(failed_at, bad[:, None], first_step=0, stride=1)
+    if bool((failed_at > 0).any()):  # finite factors of a negligible pivot: make them NaN
+        chol_last = chol_last.masked_fill((failed_at > 0)[:, None, None], float("nan"))
     return CyclicReductionFactor(levels, chol_last, failed_at, T)
+
+
+def _negligible(chol: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """``(...)`` bool: a pivot diag(chol)^2 of the block is not above its ``floor`` ``(..., n)``."""
+    return ~(chol.diagonal(dim1=-2, dim2=-1).square() > floor).all(dim=-1)
 
 
 def _record_failures(failed_at: torch.Tensor, bad: torch.Tensor, first_step: int, stride: int):

@@ -130,7 +130,8 @@ def test_solver_dependencies_are_lean():
 
 def test_extras():
     extras = _pyproject()["project"]["optional-dependencies"]
-    assert set(extras) == {"workflow", "dev"}
+    assert set(extras) == {"workflow", "dev", "gpu"}
+    assert _lower_bounds(extras["gpu"], "gpu extra") == {"triton": "3.0"}
     workflow = _lower_bounds(extras["workflow"], "workflow extra")
     assert set(workflow) == WORKFLOW_PACKAGES
     assert all(bound for bound in workflow.values()), "every workflow package needs a lower bound"

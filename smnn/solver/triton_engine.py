@@ -27,6 +27,7 @@ launch kernels (:func:`triton_available` tries the import).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -52,14 +53,15 @@ __all__ = [
 
 # methods the Triton engine runs ('auto' means the sequential block factorization)
 TRITON_METHODS = ("auto", "sequential")
-# elements of one [BLOCK, NP, NP] tile a program holds per step
-_TILE_ELEMENTS = 2048
+# elements of one [BLOCK, NP, NP] tile a program holds per step (4 per thread of 4 warps):
+# small tiles make many programs, and the sweep over T is latency-bound (not yet tuned on a GPU)
+_TILE_ELEMENTS = 512
 
 
 def interpreter_on() -> bool:
     """Whether Triton's interpreter is requested (``TRITON_INTERPRET=1``): kernels then run
     on CPU tensors. Triton reads the variable when it is first imported."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def triton_available() -> tuple[bool, str]:
@@ -131,6 +133,16 @@ def triton_path_applies(
     )
 
 
+def _launching():
+    """Context of a kernel launch: under the interpreter, numpy's warnings for the NaN of a
+    failed pivot are silenced (a compiled kernel makes the same NaN silently)."""
+    if not interpreter_on():
+        return contextlib.nullcontext()
+    import numpy as np
+
+    return np.errstate(invalid="ignore", divide="ignore")
+
+
 def _block_config(n: int) -> tuple[int, int]:
     """(NP, BLOCK): the padded tile size (a power of two >= n) and the lanes per program."""
     NP = max(2, 1 << (n - 1).bit_length())
@@ -184,9 +196,10 @@ class TritonFactor:
         if N * P > 0:
             NP, BLOCK = _block_config(n)
             grid = (triton_cdiv(N * P, BLOCK),)
-            block_solve_kernel[grid](
-                self.cinv, self.wmul, lanes, out, N, P, T, NB=n, NP=NP, BLOCK=BLOCK
-            )
+            with _launching():
+                block_solve_kernel[grid](
+                    self.cinv, self.wmul, lanes, out, N, P, T, NB=n, NP=NP, BLOCK=BLOCK
+                )
         return out.permute(2, 0, 1, 3)
 
 
@@ -214,7 +227,8 @@ def factorize_blocks(diag: torch.Tensor, sub: torch.Tensor) -> TritonFactor:
     if N > 0:
         NP, BLOCK = _block_config(n)
         grid = (triton_cdiv(N, BLOCK),)
-        block_cholesky_kernel[grid](d, s, cinv, wmul, failed_at, N, T, NB=n, NP=NP, BLOCK=BLOCK)
+        with _launching():
+            block_cholesky_kernel[grid](d, s, cinv, wmul, failed_at, N, T, NB=n, NP=NP, BLOCK=BLOCK)
     return TritonFactor(cinv, wmul, failed_at)
 
 

@@ -46,6 +46,9 @@ from numba.extending import intrinsic
 
 _OPTS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 _helper = njit(**_OPTS)
+# helpers that allocate nothing run without reference counting of their array arguments (each
+# view or argument would cost an atomic increment and decrement); scratch comes from the caller
+_leaf = njit(_nrt=False, **_OPTS)
 _kernel = njit(parallel=True, **_OPTS)
 
 # row kinds of _build_rows (the backward pass chains each kind to its input)
@@ -77,7 +80,7 @@ def block_sizes(n_steps, n_dims, n_orders, n_eq, n_init_orders, central):
     return G, G * n, (n_steps + G - 1) // G, G * n + G * per_step + n
 
 
-@_helper
+@_leaf
 def _lanes(g, W, n_items, P, sysl, coll):
     """Items of group g: system and column of each lane (lanes past the end repeat the last)."""
     for l in range(W):
@@ -86,28 +89,30 @@ def _lanes(g, W, n_items, P, sysl, coll):
         coll[l] = i % P
 
 
-@_helper
-def _ipow(x, k):
-    """x ** k for an integer k (negative too), by repeated products."""
-    r = x * 0 + 1
+@_leaf
+def _ipow(x, k, one):
+    """x ** k for an integer k (negative too), by repeated products (``one``: 1 in x's type)."""
+    r = one
     for _ in range(abs(k)):
         r = r * x
     if k < 0:
-        r = 1 / r
+        r = one / r
     return r
 
 
-@_helper
+@_leaf
 def _build_rows(
     t, q0, T, D, R, S, K, central, coef, steps, rhs_eq, init, sysl, coll, wts, finv,
-    a, da, kind, aux, chk, with_rhs, with_deriv, rc,
+    a, da, kind, aux, chk, with_rhs, with_deriv, rc, sv, ordv,
 ):  # fmt: skip
     """Write the rows of block t from row q0 on into ``a`` (pmax, 2nb+1, W) (columns: the block's
     unknowns, the next block's, the right-hand side at ``rc``); with ``with_deriv`` the
     derivative of each entry with respect to its step size into ``da`` (Taylor rows) or to
     h_s + h_{s+1} (central rows). Sets ``kind`` and ``aux`` (pmax, 2) per row (the same for
     every lane) and accumulates v * 0 of every input value read into ``chk`` (NaN when one was
-    not finite); a step size <= 0 or not finite sets ``chk`` to NaN. Returns the row count."""
+    not finite); a step size <= 0 or not finite sets ``chk`` to NaN. Scratch: ``sv``
+    (>= 2R + 3, W); ``ordv`` (R + 4,) holds 0, 1, 2, ... in the working type. Returns the row
+    count."""
     W = sysl.shape[0]
     n = D * R
     G = 2 if central else 1
@@ -116,10 +121,7 @@ def _build_rows(
     Tc, Tb, Th, Su = coef.shape[1], rhs_eq.shape[1], steps.shape[1], init.shape[1]
     E = coef.shape[2]
     w_eq, w_in, w_s = wts[0], wts[1], wts[2]
-    dt = a.dtype
-    h = np.empty(W, dtype=dt)
-    hp = np.empty((R + 1, W), dtype=dt)
-    hn = np.empty((R + 1, W), dtype=dt)
+    one = ordv[1]
     q = q0
     for gs in range(G):
         s = t * G + gs
@@ -143,12 +145,12 @@ def _build_rows(
             for j in range(n):
                 for l in range(W):
                     v = coef[sysl[l], tc, e, j]
-                    chk[l] += v * 0
+                    chk[l] += v - v
                     a[q, cs + j, l] = w_eq * v
             if with_rhs:
                 for l in range(W):
                     v = rhs_eq[sysl[l], tb, e, coll[l]]
-                    chk[l] += v * 0
+                    chk[l] += v - v
                     a[q, rc, l] = w_eq * v
             kind[q, 0] = EQUATION
             aux[q, 0] = s
@@ -166,7 +168,7 @@ def _build_rows(
                     if with_rhs:
                         for l in range(W):
                             v = init[sysl[l], tu, d * K + k, coll[l]]
-                            chk[l] += v * 0
+                            chk[l] += v - v
                             a[q, rc, l] = w_in * v
                     kind[q, 0] = INITIAL
                     aux[q, 0] = s
@@ -178,13 +180,13 @@ def _build_rows(
                 hv = steps[sysl[l], th]
                 if not (hv > 0 and hv < np.inf):
                     chk[l] = np.nan
-                h[l] = hv
-                hp[0, l] = 1
-                hn[0, l] = 1
+                sv[0, l] = hv
+                sv[1, l] = one
+                sv[R + 2, l] = one
             for o in range(1, R + 1):
                 for l in range(W):
-                    hp[o, l] = hp[o - 1, l] * h[l]
-                    hn[o, l] = -hn[o - 1, l] * h[l]
+                    sv[1 + o, l] = sv[o, l] * sv[0, l]
+                    sv[R + 2 + o, l] = -sv[R + 1 + o, l] * sv[0, l]
             c1 = cs + n
             for d in range(D):
                 for k in range(nT):
@@ -195,20 +197,20 @@ def _build_rows(
                     for o in range(k, R):
                         f = w_s * finv[o - k]
                         for l in range(W):
-                            a[q, cs + d * R + o, l] = f * hp[o, l]
+                            a[q, cs + d * R + o, l] = f * sv[1 + o, l]
                     for l in range(W):
-                        a[q, c1 + d * R + k, l] = -w_s * hp[k, l]
+                        a[q, c1 + d * R + k, l] = -w_s * sv[1 + k, l]
                     if with_deriv:
                         for c in range(ncol):
                             for l in range(W):
                                 da[q, c, l] = 0
                         for o in range(max(k, 1), R):
-                            f = w_s * finv[o - k] * o
+                            f = w_s * finv[o - k] * ordv[o]
                             for l in range(W):
-                                da[q, cs + d * R + o, l] = f * hp[o - 1, l]
+                                da[q, cs + d * R + o, l] = f * sv[1 + o - 1, l]
                         if k > 0:
                             for l in range(W):
-                                da[q, c1 + d * R + k, l] = -w_s * k * hp[k - 1, l]
+                                da[q, c1 + d * R + k, l] = -w_s * ordv[k] * sv[1 + k - 1, l]
                     kind[q, 0] = TAYLOR
                     aux[q, 0] = s
                     q += 1
@@ -219,20 +221,20 @@ def _build_rows(
                     for o in range(k, R):
                         f = w_s * finv[o - k]
                         for l in range(W):
-                            a[q, c1 + d * R + o, l] = f * hn[o, l]
+                            a[q, c1 + d * R + o, l] = f * sv[R + 2 + o, l]
                     for l in range(W):
-                        a[q, cs + d * R + k, l] = -w_s * hn[k, l]
+                        a[q, cs + d * R + k, l] = -w_s * sv[R + 2 + k, l]
                     if with_deriv:
                         for c in range(ncol):
                             for l in range(W):
                                 da[q, c, l] = 0
                         for o in range(max(k, 1), R):
-                            f = -w_s * finv[o - k] * o
+                            f = -w_s * finv[o - k] * ordv[o]
                             for l in range(W):
-                                da[q, c1 + d * R + o, l] = f * hn[o - 1, l]
+                                da[q, c1 + d * R + o, l] = f * sv[R + 2 + o - 1, l]
                         if k > 0:
                             for l in range(W):
-                                da[q, cs + d * R + k, l] = w_s * k * hn[k - 1, l]
+                                da[q, cs + d * R + k, l] = w_s * ordv[k] * sv[R + 2 + k - 1, l]
                     kind[q, 0] = TAYLOR
                     aux[q, 0] = s
                     q += 1
@@ -249,48 +251,50 @@ def _build_rows(
                             da[q, c, l] = 0
                 for l in range(W):
                     sc = steps[sysl[l], th0] + steps[sysl[l], th1]
-                    p3 = _ipow(sc, R - 3)
-                    p2 = _ipow(sc, R - 2)
+                    p3 = _ipow(sc, R - 3, one)
+                    p2 = _ipow(sc, R - 2, one)
                     a[q, cs + d * R + R - 2, l] = w_s * p3
                     a[q, cs + n + d * R + R - 1, l] = w_s * p2
                     a[q, cs + 2 * n + d * R + R - 2, l] = -w_s * p3
                     if with_deriv:
-                        p4 = _ipow(sc, R - 4)
-                        da[q, cs + d * R + R - 2, l] = w_s * (R - 3) * p4
-                        da[q, cs + n + d * R + R - 1, l] = w_s * (R - 2) * p3
-                        da[q, cs + 2 * n + d * R + R - 2, l] = -w_s * (R - 3) * p4
+                        p4 = _ipow(sc, R - 4, one)
+                        c3, c2 = ordv[R] - ordv[3], ordv[R] - ordv[2]  # R - 3, R - 2
+                        da[q, cs + d * R + R - 2, l] = w_s * c3 * p4
+                        da[q, cs + n + d * R + R - 1, l] = w_s * c2 * p3
+                        da[q, cs + 2 * n + d * R + R - 2, l] = -w_s * c3 * p4
                 kind[q, 0] = CENTRAL
                 aux[q, 0] = s
                 q += 1
     return q
 
 
-@_helper
-def _reflect_column(a, j, q, c, tau):
-    """Apply the reflector stored in column j of ``a`` (rows j+1..q-1, unit at j) to column c."""
+@_leaf
+def _reflect_column(a, j, q, c, taus, s):
+    """Apply the reflector stored in column j of ``a`` (rows j+1..q-1, unit at j; factor
+    ``taus[j]``) to column c (``s`` (W,) scratch)."""
     W = a.shape[2]
-    dt = a.dtype
-    s = np.empty(W, dtype=dt)
     for l in range(W):
         s[l] = a[j, c, l]
     for i in range(j + 1, q):
         for l in range(W):
             s[l] += a[i, j, l] * a[i, c, l]
     for l in range(W):
-        s[l] *= tau[l]
+        s[l] *= taus[j, l]
         a[j, c, l] -= s[l]
     for i in range(j + 1, q):
         for l in range(W):
             a[i, c, l] -= s[l] * a[i, j, l]
 
 
-@_helper
-def _reflector(a, j, q, tau):
+@_leaf
+def _reflector(a, j, q, taus, sig, one):
     """Householder reflector of column j, rows j..q-1 of ``a``: writes beta = +-norm at (j, j),
-    the vector (unit first entry implied) below it and tau (W,). A zero column gives tau = 0."""
+    the vector (unit first entry implied) below it and ``taus[j]`` (W,). A zero column gives
+    tau = 0. ``sig`` (W,) scratch; ``one``: 1 in the working type."""
     W = a.shape[2]
-    dt = a.dtype
-    sig = np.zeros(W, dtype=dt)
+    zero = one - one
+    for l in range(W):
+        sig[l] = zero
     for i in range(j + 1, q):
         for l in range(W):
             sig[l] += a[i, j, l] * a[i, j, l]
@@ -299,31 +303,31 @@ def _reflector(a, j, q, tau):
         nrm = np.sqrt(alpha * alpha + sig[l])
         beta = -nrm if alpha >= 0 else nrm
         ok = nrm > 0
-        tau[l] = (beta - alpha) / beta if ok else 0
-        sig[l] = 1 / (alpha - beta) if ok else 0  # reused: the scale of the vector
+        taus[j, l] = (beta - alpha) / beta if ok else zero
+        sig[l] = one / (alpha - beta) if ok else zero  # reused: the scale of the vector
         a[j, j, l] = beta
     for i in range(j + 1, q):
         for l in range(W):
             a[i, j, l] *= sig[l]
 
 
-@_helper
-def _triangularise(a, q, ncx, rc, taus, with_rhs):
+@_leaf
+def _triangularise(a, q, ncx, rc, taus, with_rhs, s, one):
     """Reflect columns 0..ncx-1 of rows 0..q-1 of ``a`` to upper triangular form, applying each
     reflector to the later columns and (``with_rhs``) to the right-hand side at ``rc``."""
     for j in range(min(ncx, q)):
-        _reflector(a, j, q, taus[j])
+        _reflector(a, j, q, taus, s, one)
         for c in range(j + 1, ncx):
-            _reflect_column(a, j, q, c, taus[j])
+            _reflect_column(a, j, q, c, taus, s)
         if with_rhs:
-            _reflect_column(a, j, q, rc, taus[j])
+            _reflect_column(a, j, q, rc, taus, s)
 
 
-@_helper
+@_leaf
 def _factor_group(
     g, coef, steps, rhs_eq, init, T, D, S, K, central, wts, finv, with_rhs,
     rs, refl, taus_out, failed_at, bad_input, out,
-    a, da, kind, aux, chk, taus, cn2, carried, dead, wsol, ux, sysl, coll, sg, sl,
+    a, da, kind, aux, chk, taus, cn2, carried, dead, wsol, ux, sysl, coll, sg, sl, sv, ordv,
 ):  # fmt: skip
     """One group of :func:`forward` or :func:`factor` (see there)."""
     W = sysl.shape[0]
@@ -358,7 +362,7 @@ def _factor_group(
                 a[i, rc, l] = carried[i, nb, l]
         q = _build_rows(
             t, nb, T, D, R, S, K, central, coef, steps, rhs_eq, init, sysl, coll, wts, finv,
-            a, da, kind, aux, chk, with_rhs, False, rc,
+            a, da, kind, aux, chk, with_rhs, False, rc, sv, ordv,
         )  # fmt: skip
         ncx = nb if t == TB - 1 else 2 * nb
         for j in range(nb):
@@ -367,7 +371,7 @@ def _factor_group(
             for i in range(q):
                 for l in range(W):
                     cn2[j, l] += a[i, j, l] * a[i, j, l]
-        _triangularise(a, q, ncx, rc, taus, with_rhs)
+        _triangularise(a, q, ncx, rc, taus, with_rhs, sv[0], ordv[1])
         # rank check, then R_t, S_t (NaN diagonal from a failed block on)
         for j in range(nb):
             for l in range(W):
@@ -408,18 +412,16 @@ def _factor_group(
             bad_input[g] = 1
     if with_rhs:
         _sources(g, W, False, W, sysl, sg, sl)
-        _back_substitute(rs, sg, sl, wsol, ux, TB)
+        _back_substitute(rs, sg, sl, wsol, ux, TB, sv[0])
         _write_solution(out, ux, g, T, n, n_items, P, sysl, coll)
 
 
-@_helper
-def _back_substitute(rs, sg, sl, wsol, ux, TB):
+@_leaf
+def _back_substitute(rs, sg, sl, wsol, ux, TB, acc):
     """ux (TB, nb, W) = the solution of the block bidiagonal [R_t | S_t] system with right-hand
     sides ``wsol`` (TB, nb, W); lane l reads ``rs[sg[l], :, :, :, sl[l]]``."""
     W = ux.shape[2]
     nb = ux.shape[1]
-    dt = ux.dtype
-    acc = np.empty(W, dtype=dt)
     for t in range(TB - 1, -1, -1):
         for i in range(nb - 1, -1, -1):
             for l in range(W):
@@ -435,14 +437,12 @@ def _back_substitute(rs, sg, sl, wsol, ux, TB):
                 ux[t, i, l] = acc[l] / rs[sg[l], t, i, i, sl[l]]
 
 
-@_helper
-def _adjoint_sweep(rs, sg, sl, gv, w, TB):
+@_leaf
+def _adjoint_sweep(rs, sg, sl, gv, w, TB, acc):
     """In place: w (TB, nb, W) = R^{-T} gv, the forward sweep R_t^T w_t = gv_t - S_{t-1}^T
     w_{t-1} (``gv`` (TB, nb, W) is left unchanged)."""
     W = w.shape[2]
     nb = w.shape[1]
-    dt = w.dtype
-    acc = np.empty(W, dtype=dt)
     for t in range(TB):
         for j in range(nb):
             for l in range(W):
@@ -458,7 +458,7 @@ def _adjoint_sweep(rs, sg, sl, gv, w, TB):
                 w[t, j, l] = acc[l] / rs[sg[l], t, j, j, sl[l]]
 
 
-@_helper
+@_leaf
 def _sources(g, W, by_system, Wr, sysl, sg, sl):
     """Where lane l of group g finds its factor: ``rs[sg[l], ..., sl[l]]``."""
     for l in range(W):
@@ -470,7 +470,7 @@ def _sources(g, W, by_system, Wr, sysl, sg, sl):
             sl[l] = l
 
 
-@_helper
+@_leaf
 def _write_solution(out, ux, g, T, n, n_items, P, sysl, coll):
     W = sysl.shape[0]
     for l in range(W):
@@ -492,7 +492,17 @@ def _inverse_factorials(R, dtype):
     return f
 
 
-@_helper
+@njit(cache=True)
+def _scratch(R, W, dt):
+    """Per-worker scratch of the helpers: ``sv`` (2R + 4, W) and ``ordv`` (R + 4,) = 0, 1, 2..
+    in the working type."""
+    ordv = np.empty(R + 4, dtype=dt)
+    for o in range(R + 4):
+        ordv[o] = o
+    return np.empty((2 * R + 4, W), dtype=dt), ordv
+
+
+@_leaf
 def _read_block(src, t, G, n, T, sysl, coll, dst):
     """dst (nb, W) = the values of ``src`` (N, T, m, P) on block t (0 on a padding step)."""
     W = sysl.shape[0]
@@ -546,12 +556,14 @@ def forward(
         coll = np.empty(W, dtype=np.int64)
         sg = np.empty(W, dtype=np.int64)
         sl = np.empty(W, dtype=np.int64)
+        sv, ordv = _scratch(R, W, dt)
         g = _claim_job(next_job)
         while g < n_groups:
             _factor_group(
                 g, coef, steps, rhs_eq, init, T, D, S, K, central, wts, finv, with_rhs,
                 rs, refl, taus_out, failed_at, bad_input, out,
                 a, da, kind, aux, chk, taus, cn2, carried, dead, wsol, ux, sysl, coll, sg, sl,
+                sv, ordv,
             )  # fmt: skip
             g = _claim_job(next_job)
 
@@ -592,6 +604,7 @@ def solve(
         coll = np.empty(W, dtype=np.int64)
         sg = np.empty(W, dtype=np.int64)
         sl = np.empty(W, dtype=np.int64)
+        sv, ordv = _scratch(R, W, dt)
         g = _claim_job(next_job)
         while g < n_groups:
             _lanes(g, W, n_items, P, sysl, coll)
@@ -604,7 +617,7 @@ def solve(
                         a[i, rc, l] = a[nb + i, rc, l] if t > 0 else 0
                 q = _build_rows(
                     t, nb, T, D, R, S, K, central, coef, steps, rhs_eq, init, sysl, coll,
-                    wts, finv, a, da, kind, aux, chk, True, False, rc,
+                    wts, finv, a, da, kind, aux, chk, True, False, rc, sv, ordv,
                 )  # fmt: skip
                 ncx = nb if t == TB - 1 else 2 * nb
                 for j in range(min(ncx, q)):
@@ -626,7 +639,7 @@ def solve(
             for l in range(W):
                 if not (chk[l] == 0):
                     bad_input[g] = 1
-            _back_substitute(rs, sg, sl, wsol, ux, TB)
+            _back_substitute(rs, sg, sl, wsol, ux, TB, sv[0])
             _write_solution(out, ux, g, T, n, n_items, P, sysl, coll)
             g = _claim_job(next_job)
 
@@ -637,6 +650,7 @@ def solve_normal(rs, rhs, n_dims, central, width, out, n_workers):
     ``rs`` by groups of systems (a forward sweep with R^T, then back substitution)."""
     W = width
     N, T, m, P = rhs.shape
+    R = m // n_dims
     G = 2 if central else 1
     nb = G * m
     TB = (T + G - 1) // G
@@ -653,14 +667,15 @@ def solve_normal(rs, rhs, n_dims, central, width, out, n_workers):
         coll = np.empty(W, dtype=np.int64)
         sg = np.empty(W, dtype=np.int64)
         sl = np.empty(W, dtype=np.int64)
+        sv, ordv = _scratch(R, W, dt)
         g = _claim_job(next_job)
         while g < n_groups:
             _lanes(g, W, n_items, P, sysl, coll)
             _sources(g, W, True, Wr, sysl, sg, sl)
             for t in range(TB):
                 _read_block(rhs, t, G, m, T, sysl, coll, gv[t])
-            _adjoint_sweep(rs, sg, sl, gv, w, TB)
-            _back_substitute(rs, sg, sl, w, ux, TB)
+            _adjoint_sweep(rs, sg, sl, gv, w, TB, sv[0])
+            _back_substitute(rs, sg, sl, w, ux, TB, sv[0])
             _write_solution(out, ux, g, T, m, n_items, P, sysl, coll)
             g = _claim_job(next_job)
 
@@ -712,6 +727,7 @@ def backward(
         coll = np.empty(W, dtype=np.int64)
         sg = np.empty(W, dtype=np.int64)
         sl = np.empty(W, dtype=np.int64)
+        sv, ordv = _scratch(R, W, dt)
         g = _claim_job(next_job)
         while g < n_groups:
             _lanes(g, W, n_items, P, sysl, coll)
@@ -719,8 +735,8 @@ def backward(
             for t in range(TB):
                 _read_block(grad, t, G, n, T, sysl, coll, gv[t])
                 _read_block(x, t, G, n, T, sysl, coll, ux[t])
-            _adjoint_sweep(rs, sg, sl, gv, w, TB)
-            _back_substitute(rs, sg, sl, w, lam, TB)
+            _adjoint_sweep(rs, sg, sl, gv, w, TB, sv[0])
+            _back_substitute(rs, sg, sl, w, lam, TB, sv[0])
             nl = min(W, n_items - g * W)  # real lanes
             for l in range(nl):
                 i_item, ns, ps = g * W + l, sysl[l], coll[l]
@@ -737,7 +753,7 @@ def backward(
                         ll[nb + c, l] = lam[t + 1, c, l] if t + 1 < TB else 0
                 q = _build_rows(
                     t, 0, T, D, R, S, K, central, coef, steps, rhs_eq, init, sysl, coll,
-                    wts, finv, a, da, kind, aux, chk, True, True, rc,
+                    wts, finv, a, da, kind, aux, chk, True, True, rc, sv, ordv,
                 )  # fmt: skip
                 for r in range(q):
                     for l in range(W):

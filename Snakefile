@@ -28,7 +28,7 @@ report: "workflow/report/workflow.rst"
 wildcard_constraints:
     solver="|".join(SOLVERS),
     experiment="|".join(EXPERIMENTS),
-    baseline="|".join(ALL_BASELINES) or "(?!x)x",
+    variant="|".join(VARIANTS),
 
 
 include: "workflow/rules/standalone.smk"

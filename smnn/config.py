@@ -18,13 +18,24 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "flatten_config", "config_hash"]
+from smnn.errors import UserError
+
+__all__ = ["Config", "ConfigError", "SettingsError", "load_config", "flatten_config", "config_hash"]
 
 _MISSING = object()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, of the wrong type or out of range."""
+
+
+class SettingsError(ConfigError):
+    """Keys of a config that contradict each other (found when an experiment's settings are
+    built); ``problems`` holds one message per key (``config key 'sst.model.n_dct': ...``)."""
+
+    def __init__(self, source: str, problems: Sequence[str]):
+        self.problems = tuple(problems)
+        super().__init__(f"{source}: " + "; ".join(self.problems))
 
 
 class Config:

@@ -4,19 +4,21 @@ The schema is assembled from two parts, so that it always matches the registered
 
 - ``smnn/schemas/config.schema.yaml``: the global keys (``device``, ``seed``, ``threads``,
   ``paths``, ``mlflow``) and the ``standalone`` and ``benchmark`` sections, with shared
-  definitions under ``$defs`` (e.g. ``solver``: the names of :mod:`smnn.solver.registry`);
+  definitions under ``$defs`` (``solver``: its names are filled in from
+  :func:`smnn.solver.registry.solver_names`);
 - one section per experiment of :func:`smnn.experiments.base.experiments`, from its ``schema``.
 
-:func:`validate_config` checks a merged configuration against it (plus each experiment's own
-cross-key checks, such as a Lorenz window longer than the trajectory) and raises one
-:class:`~smnn.config.ConfigError` listing every problem, one line each::
+:func:`check_config` checks a merged configuration against it, then (when the schema is
+satisfied) builds every experiment's settings once, which holds the cross-key checks (such as a
+Lorenz window longer than the trajectory), and raises one :class:`~smnn.config.ConfigError`
+listing every problem, one line each::
 
     Invalid configuration (see config/README.md):
       config key 'lorenz.model.hiden' is not allowed (allowed here: hidden, latent, threshold)
       config key 'lorenz.train.lr': 'fast' is not of type 'number'
 
 The Snakefile calls it before any job starts; ``smnn`` commands call it on the file they are
-given (:func:`smnn.commands.common.job_config`), so a hand-run stage gets the same messages.
+given (:func:`smnn.jobs.job_config`), so a hand-run stage gets the same messages.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ import yaml
 
 from smnn.config import ConfigError
 
-__all__ = ["config_schema", "validate_config", "config_problems", "coerce_overrides"]
+__all__ = [
+    "config_schema",
+    "validate_config",
+    "check_config",
+    "config_problems",
+    "coerce_overrides",
+]
 
 HINT = "see config/README.md"
 
@@ -44,8 +52,10 @@ def _base_schema() -> dict[str, Any]:
 def config_schema(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The JSON schema of the whole configuration for the registered experiments."""
     from smnn.experiments.base import experiments
+    from smnn.solver.registry import solver_names
 
     schema = _base_schema()
+    schema["$defs"]["solver"]["enum"] = list(solver_names())
     for name, exp in experiments(environ).items():
         schema["properties"][name] = copy.deepcopy(dict(exp.schema))
         schema["required"].append(name)
@@ -115,7 +125,8 @@ def coerce_overrides(value: Any, schema: Any, overrides: Any, root: dict | None 
 def config_problems(
     data: Any, schema: dict[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> list[str]:
-    """Every problem of ``data`` as one line naming the dotted key (sorted, no duplicates)."""
+    """Every problem the schema finds in ``data`` (and solvers an experiment does not
+    support), one line each naming the dotted key (sorted, no duplicates)."""
     from jsonschema import Draft202012Validator
 
     from smnn.experiments.base import experiments
@@ -143,7 +154,6 @@ def config_problems(
         for name, exp in experiments(environ).items():
             section = data.get(name)
             if isinstance(section, dict):
-                problems += exp.config_problems(section)
                 solvers = section.get("solvers")
                 listed = solvers if isinstance(solvers, list) else []
                 bad = [s for s in listed if s in solver_names() and s not in exp.solvers]
@@ -155,13 +165,17 @@ def config_problems(
     return sorted(set(problems))
 
 
-def validate_config(
+def check_config(
     data: Any,
     overrides: Any = None,
     source: str = "configuration",
     environ: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """The validated configuration (plain JSON types; command-line overrides re-typed).
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The validated configuration (plain JSON types; command-line overrides re-typed) and the
+    settings of every experiment built from it (name -> frozen settings tree).
+
+    The schema first (:func:`config_problems`); when it is satisfied, each experiment's
+    settings are built once, and their cross-key problems join the message.
 
     Args:
         data: the merged configuration (a mapping).
@@ -172,11 +186,34 @@ def validate_config(
     Raises:
         ConfigError: ``Invalid <source> (see config/README.md):`` and one line per problem.
     """
+    from smnn.config import Config, SettingsError
+    from smnn.experiments.base import experiments
+
     schema = config_schema(environ)
     plain = json.loads(json.dumps(data, default=str))
     if overrides:
         plain = coerce_overrides(plain, schema, json.loads(json.dumps(overrides, default=dict)))
     problems = config_problems(plain, schema, environ)
+    settings: dict[str, Any] = {}
+    if not problems:
+        config = Config(plain, source=source)
+        for name, exp in experiments(environ).items():
+            try:
+                settings[name] = exp.settings(config)
+            except SettingsError as exc:
+                problems += exc.problems
+            except ConfigError as exc:
+                problems.append(str(exc))
     if problems:
-        raise ConfigError(f"Invalid {source} ({HINT}):\n  " + "\n  ".join(problems))
-    return plain
+        raise ConfigError(f"Invalid {source} ({HINT}):\n  " + "\n  ".join(sorted(set(problems))))
+    return plain, settings
+
+
+def validate_config(
+    data: Any,
+    overrides: Any = None,
+    source: str = "configuration",
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The validated configuration of :func:`check_config` (without the settings)."""
+    return check_config(data, overrides, source, environ)[0]

@@ -40,15 +40,15 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
 
 
 def mark_quick(fig: Figure, note: str = QUICK_NOTE) -> Figure:
-    """Stamp ``note`` (default :data:`QUICK_NOTE`) into the lower-right corner of every axes of
-    ``fig`` (on a white box, above the data), so no panel of a quick run is mistaken for a
-    measurement at full size; returns ``fig``.
+    """Stamp ``note`` (default :data:`QUICK_NOTE`) just above the upper-right corner of every
+    axes of ``fig``, outside the plotting area (so it never covers data or a legend entry), so no
+    panel of a quick run is mistaken for a measurement at full size; returns ``fig``.
 
     Each stamp is an axes text (``ax.texts``) with the attribute ``smnn_quick = True``.
     """
     for ax in fig.axes:
-        text = ax.text(0.99, 0.015, note, transform=ax.transAxes, ha="right", va="bottom",
+        text = ax.text(1.0, 1.005, note, transform=ax.transAxes, ha="right", va="bottom",
                        fontsize=7, color=QUICK_NOTE_COLOR, fontweight="bold", zorder=10,
-                       bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=1.5))
+                       clip_on=False)  # fmt: skip
         text.smnn_quick = True
     return fig

@@ -1,8 +1,15 @@
-"""Helpers for the workflow tests: a scratch working directory, running the real `snakemake`
-command in it, and the checks that a finished tiny pipeline must pass (local or SLURM)."""
+"""Helpers for the workflow and command tests: the tiny config, a scratch working directory,
+running the real `snakemake` and `smnn` commands, and the checks that a finished tiny pipeline
+must pass (local or SLURM).
+
+One config: tests/configs/tiny.yaml (:data:`TINY_CONFIG`, every stage real, the pipeline in
+minutes). The command tests (one `smnn` job at a time) use it at a smaller scale:
+:data:`CLI_CONFIG`, the same file with :data:`CLI_SCALE` (Lorenz in seconds, SST and KdV off).
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -12,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -53,9 +61,75 @@ def tiny_config() -> dict:
         return yaml.safe_load(f)
 
 
-def write_config(path: Path, data: dict) -> Path:
+def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Recursive dict merge (override wins), on a deep copy of ``base``."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+# the command tests' scale: a Lorenz job finishes in seconds on one core; SST and KdV off
+CLI_SCALE: dict[str, Any] = {
+    "benchmark": {"time_budget": 10},
+    "lorenz": {
+        "data": {"n_points": 400},
+        "model": {"hidden": 16, "latent": 8, "threshold": 0.1},
+        "train": {"cycles": 2, "epochs_per_cycle": 3, "batch_size": 32, "lr": 1.0e-3,
+                  "max_windows": 96},
+        "evaluate": {"simulate_points": 300},
+    },
+    "sst": {"enabled": False},
+    "kdv": {"enabled": False},
+}  # fmt: skip
+CLI_CONFIG: dict[str, Any] = merge(tiny_config(), CLI_SCALE)
+
+
+def write_config(directory: Path, override: dict | None = None, name: str = "config.yaml") -> Path:
+    """Write :data:`CLI_CONFIG` (merged with ``override``) with paths inside ``directory``."""
+    cfg = merge(CLI_CONFIG, override or {})
+    cfg["paths"] = {"data": str(directory / "data"), "results": str(directory / "results")}
+    path = directory / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def smnn_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: no inherited MLflow URI, one thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def smnn_command(*args: str | Path) -> list[str]:
+    return [sys.executable, "-m", "smnn", *map(str, args)]
+
+
+def run_smnn(*args: str | Path, env: dict[str, str] | None = None, timeout: float = 300):
+    """Run ``python -m smnn ARGS`` to completion; returns the CompletedProcess (text)."""
+    return subprocess.run(
+        smnn_command(*args),
+        env=env or smnn_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def train_args(config: Path, data: Path, out: Path, solver: str = "smnn", *extra: str) -> list:
+    return [
+        "train", "--experiment", "lorenz", "--solver", solver, "--config", config,
+        "--data", data, "--out", out, *extra,
+    ]  # fmt: skip
 
 
 def snakemake_env() -> dict[str, str]:

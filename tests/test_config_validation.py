@@ -17,7 +17,7 @@ from pipeline_support import (
     make_workdir,
     run_snakemake,
     tiny_config,
-    write_config,
+    write_yaml,
 )
 
 from smnn.config import ConfigError
@@ -46,7 +46,7 @@ def _with(data: dict, dotted: str, value) -> dict:
 
 def _run_with_config(tmp_path, data: dict, extra: list[str] = ()):
     work = make_workdir(tmp_path / "work")
-    cfg = write_config(tmp_path / "bad.yaml", data)
+    cfg = write_yaml(tmp_path / "bad.yaml", data)
     run = run_snakemake(work, ["--cores", "1", "--configfile", str(cfg), *extra], timeout=300)
     return work, run
 
@@ -146,9 +146,9 @@ def test_shipped_configs_are_valid():
 
 def test_hand_run_command_gives_the_same_message(tmp_path):
     """`smnn` commands validate their --config file with the same messages."""
-    from pipeline_helpers import run_smnn
+    from pipeline_support import run_smnn
 
-    cfg = write_config(tmp_path / "bad.yaml", _with(tiny_config(), "lorenz.model.hiden", 1))
+    cfg = write_yaml(tmp_path / "bad.yaml", _with(tiny_config(), "lorenz.model.hiden", 1))
     proc = run_smnn("generate-lorenz", "--config", cfg, "--out", tmp_path / "x.zarr")
     assert proc.returncode == 2, proc.stderr
     assert "'lorenz.model.hiden' is not allowed" in proc.stderr

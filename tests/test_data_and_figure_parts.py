@@ -1,6 +1,6 @@
 """Shared parts of the SST and KdV stages, tested directly: the Dask scheduler choice
-(smnn.data.dask_scheduler), the SST data commands' module (smnn.commands.sst_data) and the
-figure modules (smnn.experiments.forecast_figures, sst_figures, kdv_figures)."""
+(smnn.data.dask_scheduler), the SST data commands' module (smnn.experiments.sst.commands) and
+the figure modules (smnn.experiments.forecast_figures, sst.figures, kdv.figures)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from smnn.commands import sst_data
 from smnn.config import ConfigError
 from smnn.data.dask_scheduler import check_scheduler, dask_scheduler
-from smnn.experiments import forecast_figures, kdv_figures, sst_figures
+from smnn.experiments import forecast_figures
+from smnn.experiments.kdv import figures as kdv_figures
+from smnn.experiments.sst import commands as sst_data
+from smnn.experiments.sst import figures as sst_figures
+from smnn.jobs import peak_rss_mb
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -51,17 +54,19 @@ def test_unreachable_address_is_a_config_error():
 # ------------------------------------------------------------------ sst_data (commands)
 
 
-def test_sst_data_registers_both_commands_and_reports_peak_rss():
+def test_sst_data_registers_its_commands_and_peak_rss_is_the_processes():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     sst_data.add_parser(sub)
     args = parser.parse_args(["preprocess-sst", "--config", "c.yaml", "--out", "s.zarr"])
     assert args.func is sst_data.run_preprocess
-    args = parser.parse_args(["synthesize-sst", "--config", "c.yaml"])
-    assert args.func is sst_data.run_synthesize
+    args = parser.parse_args(["synthesize-sst", "--config", "c.yaml", "--threads", "2"])
+    assert args.func is sst_data.run_synthesize and args.threads == 2
+    args = parser.parse_args(["download-sst", "--config", "c.yaml"])
+    assert args.func is sst_data.run_download and args.threads is None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     expected = peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
-    assert sst_data.peak_rss_mb() >= expected * 0.99 and sst_data.peak_rss_mb() > 10
+    assert peak_rss_mb() >= expected * 0.99 and peak_rss_mb() > 10
 
 
 def test_sst_data_bad_config_exits_2(tmp_path, capsys):
@@ -115,6 +120,9 @@ def test_kdv_figures_write_pngs(tmp_path):
     t = np.tile(np.linspace(20, 50, 30), (2, 1))
     out = kdv_figures.plot_spacetime(truth, truth + 0.01, x, t, 10, tmp_path / "st.png")
     assert out.read_bytes()[:8] == PNG
+    fig = kdv_figures.spacetime_figure(truth, truth + 0.01, x, t, 10)
+    bars = [ax.get_ylabel() for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert bars == ["u", "u", "u error"] * 2  # every colour bar says what it shows
     history = [
         {"epoch": e, "train_loss": 1.0 / (e + 1), "valid_loss": 1.2 / (e + 1), "lr": 1e-3}
         for e in range(4)

@@ -19,16 +19,17 @@ pytestmark = pytest.mark.slow
 MODULE = '''
 """A toy experiment: learn k in y' = -k y from one decaying series, through the MNN layer."""
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
 
-from smnn.experiments.base import Evaluation
+from smnn.experiments.base import Evaluation, Experiment
 from smnn.experiments.mnn_layer import MnnLayer
 from smnn.io import atomic_write_json
-from smnn.zarr_io import open_dataset, write_dataset_atomic
+from smnn.data.store import open_dataset, write_dataset_atomic
 
 T = 20
 
@@ -61,7 +62,13 @@ class Task:
         return {"k": float(self.model.log_k.exp())}
 
 
-class Toy:
+@dataclass(frozen=True)
+class ToySettings:
+    k: float
+    lr: float
+
+
+class Toy(Experiment):
     name = title = mlflow_experiment = "toy"
     solvers = ("smnn", "mnn_dense")
     data_store = "toy.zarr"
@@ -75,25 +82,29 @@ class Toy:
     resources = {"train": {"mem_mb": 1000, "runtime": 10},
                  "evaluate": {"mem_mb": 1000, "runtime": 10}}
 
-    def config_problems(self, section):
-        return []
+    def settings(self, config):
+        return ToySettings(config.get_float("toy.k"), config.get_float("toy.lr", positive=True))
 
-    def summary(self, config):
+    def describe(self, settings):
         return "toy decay"
 
-    def build_task(self, config, solver, data_path, device):
+    def build_task(self, settings, solver, data_path, device):
         y = torch.from_numpy(open_dataset(data_path, ("y",))["y"].values)
-        return Task(y, solver, config.get_float("toy.lr", positive=True))
+        return Task(y, solver, settings.lr)
 
     def model_payload(self, task):
         return {"state_dict": task.model.state_dict(), "k": float(task.model.log_k.exp())}
 
-    def evaluate(self, config, solver, data_path, model_path, out_dir, device):
+    def evaluate(self, settings, solver, data_path, model_path, out_dir, device,
+                 baseline_models=None):
         k = float(torch.load(model_path, weights_only=False)["k"])
-        metrics = {"k": k, "k_error": abs(k - config.get_float("toy.k"))}
+        metrics = {"k": k, "k_error": abs(k - settings.k)}
         atomic_write_json({"metrics": metrics}, Path(out_dir) / "metrics.json")
         (Path(out_dir) / "plots").mkdir(parents=True, exist_ok=True)
         return Evaluation(metrics, {"metrics": metrics}, [])
+
+    def summary_lines(self, document):
+        return [f"toy decay rate {document['metrics']['k']:.3f}"]
 
 
 EXPERIMENT = Toy()
@@ -104,7 +115,7 @@ if __name__ == "__main__":  # the data stage: python toy_experiment.py OUT K
     write_dataset_atomic(ds, sys.argv[1])
 '''
 
-RULES = '''
+RULES = """
 rule generate_toy:
     output:
         directory(data_path("toy.zarr")),
@@ -112,7 +123,7 @@ rule generate_toy:
         k=config["toy"]["k"],
     shell:
         "python {workflow.basedir}/../toy/toy_experiment.py {output} {params.k}"
-'''
+"""
 
 
 def test_a_new_experiment_runs_through_the_generic_rules(tmp_path):
@@ -133,6 +144,8 @@ def test_a_new_experiment_runs_through_the_generic_rules(tmp_path):
     env = {"SMNN_EXPERIMENTS": "toy_experiment", "PYTHONPATH": str(plugin)}
     run = run_snakemake(work, ["--cores", "2", "--configfile", str(cfg)], env=env, timeout=900)
     assert run.proc.returncode == 0, failure_report(work, run)
+    # the closing summary prints the experiment's headline (its summary_lines)
+    assert run.output.count("toy decay rate 0.") == 2, run.output[-3000:]
 
     for solver in ("smnn", "mnn_dense"):
         doc = json.loads((work / "results" / "toy" / solver / "eval" / "metrics.json").read_text())
@@ -146,6 +159,9 @@ def test_a_new_experiment_runs_through_the_generic_rules(tmp_path):
     runs = client.search_runs([names["toy"]])
     rules = sorted((r.data.tags["smnn.rule"], r.data.tags["solver"]) for r in runs)
     assert rules == [
-        ("evaluate", "mnn_dense"), ("evaluate", "smnn"), ("train", "mnn_dense"), ("train", "smnn")
+        ("evaluate", "mnn_dense"),
+        ("evaluate", "smnn"),
+        ("train", "mnn_dense"),
+        ("train", "smnn"),
     ]
     assert all(r.info.status == "FINISHED" for r in runs)

@@ -348,18 +348,13 @@ def test_open_kdv_store_errors(tmp_path):
 
 
 def _cli_config(tmp_path: Path, extra: dict) -> Path:
-    """tests/configs/tiny.yaml with a kdv section; skips while the schema has none yet."""
+    """tests/configs/tiny.yaml with ``extra`` in its kdv section (validated)."""
     from smnn.config_validation import validate_config
 
     data = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
     data["paths"] = {**data.get("paths", {}), "data": str(tmp_path / "data")}
-    data.setdefault("kdv", {}).update(extra)
-    try:
-        validate_config(data, source="kdv test config")
-    except ConfigError as exc:
-        if "'kdv' is not allowed" in str(exc):
-            pytest.skip("the config schema has no kdv section yet")
-        raise
+    data["kdv"].update(extra)
+    validate_config(data, source="kdv test config")
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -15,26 +15,26 @@ from smnn.config import Config, ConfigError
 from smnn.data.kdv import build_kdv_dataset, write_kdv_store
 from smnn.data.windows import gather_trajectory_windows
 from smnn.experiments.base import Experiment
-from smnn.experiments.kdv import (
-    EXPERIMENT,
+from smnn.experiments.kdv import EXPERIMENT
+from smnn.experiments.kdv.evaluation import (
+    persistence_forecast,
+    rollout,
+    rollout_plan,
+    score_rollout,
+)
+from smnn.experiments.kdv.models import KdvModel
+from smnn.experiments.kdv.settings import (
     INIT_KERNEL,
     N_INIT_ORDERS,
     N_ORDERS,
     PAPER_PARAMETERS,
     STEP_INIT,
     STEP_KERNEL,
-    KdvModel,
     KdvSettings,
-    load_model,
-    open_store,
     section_problems,
 )
-from smnn.experiments.kdv_evaluation import (
-    persistence_forecast,
-    rollout,
-    rollout_plan,
-    score_rollout,
-)
+from smnn.experiments.kdv.store import open_store
+from smnn.experiments.kdv.tasks import load_model
 from smnn.experiments.mnn_layer import MnnLayer
 from smnn.experiments.resnet1d import ResNet1D
 from smnn.io import atomic_torch_save
@@ -68,6 +68,15 @@ def make_config(**overrides) -> Config:
             node = node.setdefault(p, {})
         node[last] = value
     return Config({"seed": 3, "device": "cpu", "kdv": section}, source="test")
+
+
+def settings_of(config: Config) -> KdvSettings:
+    return EXPERIMENT.settings(config)
+
+
+def make_settings(**overrides) -> KdvSettings:
+    """The experiment's settings of :func:`make_config` (what the job's edge builds)."""
+    return EXPERIMENT.settings(make_config(**overrides))
 
 
 def write_store(path, seed: int = 0):
@@ -244,7 +253,9 @@ def test_settings_and_problems():
     for key in ("model.kernel_size", "model.step_floor", "generate.n_kept",
                 "evaluate.n_trajectories", "evaluate.sample_trajectories"):  # fmt: skip
         assert f"'kdv.{key}'" in problems
-    assert EXPERIMENT.config_problems(bad)
+    bad_config = make_config()
+    bad_config.data["kdv"] = bad
+    assert EXPERIMENT.config_problems(bad_config) == section_problems(bad)
     with pytest.raises(ConfigError, match="plateau_factor"):
         KdvSettings.from_config(make_config(**{"train.plateau_factor": 1.0}))
     with pytest.raises(ConfigError, match="kernel_size"):
@@ -260,9 +271,9 @@ def test_experiment_object():
     )  # fmt: skip
     assert EXPERIMENT.solvers == ("smnn", "mnn_dense", "mnn_cg")
     assert EXPERIMENT.data_rules == ("generate_kdv", "import_kdv")
-    assert not hasattr(EXPERIMENT, "baselines")
+    assert EXPERIMENT.baselines == ()
     assert set(EXPERIMENT.schema["required"]) >= {"enabled", "solvers", "model", "train"}
-    assert "rolls out all test trajectories" in EXPERIMENT.summary(make_config())
+    assert "rolls out all test trajectories" in EXPERIMENT.describe(make_settings())
 
 
 # ------------------------------------------------------------------ training
@@ -284,7 +295,7 @@ def trained(store, tmp_path_factory):
     d = tmp_path_factory.mktemp("trained")
     config = make_config()
     seed_everything(3)
-    task = EXPERIMENT.build_task(config, "smnn", store, torch.device("cpu"))
+    task = EXPERIMENT.build_task(settings_of(config), "smnn", store, torch.device("cpu"))
     result = _train(task, d / "ck")
     payload = EXPERIMENT.model_payload(task)
     payload.update(history=result.history, step_losses=result.step_losses,
@@ -310,7 +321,7 @@ def test_training_reduces_the_loss_and_validates(trained):
 
 def test_windows_overlap_by_one_and_validation_subset_is_fixed(store):
     seed_everything(0)
-    task = EXPERIMENT.build_task(make_config(), "smnn", store, torch.device("cpu"))
+    task = EXPERIMENT.build_task(make_settings(), "smnn", store, torch.device("cpu"))
     data = open_store(store).read("train", dtype=torch.float32)
     last = task.n_starts - 1  # the last start: the target ends with the trajectory
     x, y = task.windows(task.train, torch.tensor([1, 4]), torch.tensor([0, last]))
@@ -322,7 +333,7 @@ def test_windows_overlap_by_one_and_validation_subset_is_fixed(store):
     pairs = set(zip(task.valid_trajectories.tolist(), task.valid_starts.tolist(), strict=True))
     assert len(pairs) == n_valid
     seed_everything(1)
-    again = EXPERIMENT.build_task(make_config(), "smnn", store, torch.device("cpu"))
+    again = EXPERIMENT.build_task(make_settings(), "smnn", store, torch.device("cpu"))
     assert torch.equal(again.valid_starts, task.valid_starts)
     # the validation loss is the L1 loss of those windows
     with torch.no_grad():
@@ -332,7 +343,7 @@ def test_windows_overlap_by_one_and_validation_subset_is_fixed(store):
         assert task.validation_loss() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(IndexError):
         gather_trajectory_windows(task.train, torch.tensor([0]), torch.tensor([30]), 19)
-    few = EXPERIMENT.build_task(make_config(**{"train.valid_windows": 5}), "smnn", store,
+    few = EXPERIMENT.build_task(make_settings(**{"train.valid_windows": 5}), "smnn", store,
                                 torch.device("cpu"))  # fmt: skip
     assert few.valid_starts.numel() == 5
     assert set(zip(few.valid_trajectories.tolist(), few.valid_starts.tolist(),
@@ -343,7 +354,7 @@ def test_plateau_schedule_follows_the_validation_loss(store, tmp_path):
     config = make_config(**{"train.lr": 1.0e-12, "train.plateau_patience": 0,
                             "train.windows_per_epoch": 16, "train.epochs": 3})  # fmt: skip
     seed_everything(3)
-    task = EXPERIMENT.build_task(config, "smnn", store, torch.device("cpu"))
+    task = EXPERIMENT.build_task(settings_of(config), "smnn", store, torch.device("cpu"))
     _, scheduler = task.configure_optimizers()
     assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     assert (scheduler.factor, scheduler.patience) == (0.5, 0)
@@ -383,7 +394,7 @@ def _numpy_nmse(pred, truth, given):
 
 def test_evaluate_metrics_persistence_and_byte_identical_rerun(trained, store, tmp_path):
     config = trained["config"]
-    ev = EXPERIMENT.evaluate(config, "smnn", store, trained["model"], tmp_path / "a",
+    ev = EXPERIMENT.evaluate(settings_of(config), "smnn", store, trained["model"], tmp_path / "a",
                              torch.device("cpu"))  # fmt: skip
     text = (tmp_path / "a" / "metrics.json").read_text()
     doc = json.loads(text)
@@ -408,11 +419,11 @@ def test_evaluate_metrics_persistence_and_byte_identical_rerun(trained, store, t
     assert all(f.stat().st_size > 0 for f in ev.plots)
     assert "run-kdv" not in text
     # rerun: the same bytes
-    EXPERIMENT.evaluate(config, "smnn", store, trained["model"], tmp_path / "b",
+    EXPERIMENT.evaluate(settings_of(config), "smnn", store, trained["model"], tmp_path / "b",
                         torch.device("cpu"))  # fmt: skip
     assert (tmp_path / "b" / "metrics.json").read_bytes() == text.encode()
     # one trajectory only
-    one = EXPERIMENT.evaluate(make_config(**{"evaluate.n_trajectories": 1,
+    one = EXPERIMENT.evaluate(make_settings(**{"evaluate.n_trajectories": 1,
                                           "evaluate.sample_trajectories": 1}), "smnn", store,
                               trained["model"], tmp_path / "c", torch.device("cpu"))  # fmt: skip
     assert one.document["data"]["n_trajectories_scored"] == 1
@@ -444,7 +455,7 @@ def test_model_file_errors(trained, store, tmp_path):
     model, payload = load_model(trained["model"])
     assert payload["n_parameters"] == sum(p.numel() for p in model.parameters())
     with pytest.raises(ValueError, match="retrain"):
-        EXPERIMENT.evaluate(make_config(**{"model.window": 8}), "smnn", store, trained["model"],
+        EXPERIMENT.evaluate(make_settings(**{"model.window": 8}), "smnn", store, trained["model"],
                             tmp_path / "w", torch.device("cpu"))  # fmt: skip
 
 
@@ -455,7 +466,7 @@ def test_resume_redraws_the_same_random_windows(store, tmp_path):
 
     def task():
         seed_everything(3)
-        return EXPERIMENT.build_task(config, "smnn", store, torch.device("cpu"))
+        return EXPERIMENT.build_task(settings_of(config), "smnn", store, torch.device("cpu"))
 
     straight = task()
     full = _train(straight, tmp_path / "straight")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from pipeline_helpers import merge, run_smnn, train_args, write_config
+from pipeline_support import merge, run_smnn, train_args, write_config
 
 from smnn.config import Config, ConfigError
 from smnn.data.lorenz import (
@@ -19,16 +19,15 @@ from smnn.data.lorenz import (
     lorenz_rhs,
     window_starts,
 )
+from smnn.data.store import StoreError, open_dataset, write_dataset_atomic
 from smnn.experiments.library import PolynomialLibrary
-from smnn.experiments.lorenz import (
+from smnn.experiments.lorenz.evaluation import coefficient_metrics, simulate
+from smnn.experiments.lorenz.models import (
     LorenzModel,
     WindowOde,
-    coefficient_metrics,
     lorenz_library,
-    simulate,
     true_coefficients,
 )
-from smnn.zarr_io import StoreError, open_dataset, write_dataset_atomic
 
 # ------------------------------------------------------------------ data store
 

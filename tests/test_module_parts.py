@@ -16,14 +16,14 @@ from smnn.benchmark.catalog import (
     make_inputs,
 )
 from smnn.data.lorenz import LorenzParams
-from smnn.experiments.lorenz import lorenz_library, true_coefficients
-from smnn.experiments.lorenz_evaluation import coefficient_metrics, simulation_metrics
-from smnn.experiments.lorenz_figures import (
+from smnn.experiments.lorenz.evaluation import coefficient_metrics, simulation_metrics
+from smnn.experiments.lorenz.figures import (
     plot_coefficients,
     plot_losses,
     plot_time_series,
     plot_trajectories,
 )
+from smnn.experiments.lorenz.models import lorenz_library, true_coefficients
 from smnn.solver.reference import dense_reference
 from smnn.solver.registry import solver_names
 
@@ -88,8 +88,9 @@ def test_lorenz_figures_write_pngs(tmp_path):
     lib = lorenz_library()
     truth = true_coefficients(lib, LorenzParams())
     traj = np.cumsum(np.random.default_rng(0).normal(size=(100, 3)), axis=0)
-    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "loss_solution": 0.5 / (e + 1)}
-               for e in range(6)]
+    history = [
+        {"epoch": e, "train_loss": 1.0 / (e + 1), "loss_solution": 0.5 / (e + 1)} for e in range(6)
+    ]
     files = [
         plot_trajectories(traj, traj[:80], tmp_path / "a.png", "solver smnn"),
         plot_time_series(traj, traj[:80], 0.01, tmp_path / "b.png"),

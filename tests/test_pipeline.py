@@ -7,6 +7,7 @@ rerun behaviour, the lint and the HTML report.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -35,18 +36,33 @@ def pipeline(tmp_path_factory):
     run = run_snakemake(work, ["--cores", "2", *TINY])
     assert run.proc.returncode == 0, failure_report(work, run)
     print(f"\ntiny pipeline (local, 2 cores): {run.seconds:.0f} s")
-    return work, tiny_config()
+    return work, tiny_config(), run.output
 
 
 def test_outputs_and_metrics(pipeline):
-    work, config = pipeline
+    work, config, _ = pipeline
     check_pipeline_outputs(work, config)
+
+
+def test_closing_summary_gives_every_experiments_headline(pipeline):
+    """The summary at the end of the run: the Lorenz equations, the SST forecast MSE beside
+    climatology and persistence with a plain verdict, the KdV rollout NMSE beside persistence."""
+    work, _, output = pipeline
+    summary = output[output.index("smnn: the pipeline finished") :]
+    sst = json.loads((work / "results/sst/smnn/eval/metrics.json").read_text())["models"]
+    mi, clim = sst["mechanistic_identifier"]["mse_norm"], sst["climatology"]["mse_norm"]
+    verdict = "beats" if mi < clim else "loses to"
+    assert f"the Mechanistic Identifier {verdict} climatology ({mi:.4g} vs {clim:.4g})" in summary
+    assert "persistence" in summary and "forecast MSE (normalised)" in summary
+    assert re.search(r"dx/dt = .*x", summary), summary
+    kdv = json.loads((work / "results/kdv/smnn/eval/metrics.json").read_text())["models"]
+    assert f"model {kdv['model']['nmse']:.4g}, persistence" in summary, summary
 
 
 def test_mlflow_has_one_run_per_job(pipeline):
     from mlflow import MlflowClient
 
-    work, config = pipeline
+    work, config, _ = pipeline
     db = work / "results" / "mlflow.db"
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     experiments = {e.name: e for e in client.search_experiments()}
@@ -85,18 +101,18 @@ def test_mlflow_has_one_run_per_job(pipeline):
 
 
 def test_sst_runs_in_mlflow(pipeline):
-    """SST: one run per job (train per solver, train_baseline per baseline, evaluate, the
-    long-sequence study), finished, with metrics, and the synthetic data named in the tags."""
+    """SST: one run per job (train per solver and per baseline, evaluate, the long-sequence
+    study), finished, with metrics, and the synthetic data named in the tags."""
     from mlflow import MlflowClient
 
-    work, config = pipeline
+    work, config, _ = pipeline
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'results' / 'mlflow.db'}")
     experiments = {e.name: e for e in client.search_experiments()}
     assert "sst" in experiments, sorted(experiments)
     runs = client.search_runs([experiments["sst"].experiment_id], max_results=100)
     sst = config["sst"]
     jobs = [("train", "solver", s) for s in sst["solvers"]]
-    jobs += [("train_baseline", "baseline", b) for b in sst["baselines"]]
+    jobs += [("train", "baseline", b) for b in sst["baselines"]]
     jobs += [("evaluate", "solver", s) for s in sst["solvers"]]
     for rule, key, value in jobs:
         mine = [r for r in runs if _tag(r, "rule") == rule and _tag(r, key) == value]
@@ -114,7 +130,7 @@ def test_kdv_runs_in_mlflow(pipeline):
     """KdV: one finished train and evaluate run per solver, with the step cost and the NMSE."""
     from mlflow import MlflowClient
 
-    work, config = pipeline
+    work, config, _ = pipeline
     client = MlflowClient(tracking_uri=f"sqlite:///{work / 'results' / 'mlflow.db'}")
     experiments = {e.name: e for e in client.search_experiments()}
     assert "kdv" in experiments, sorted(experiments)
@@ -153,7 +169,7 @@ def _artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
 
 
 def test_rerun_is_a_no_op_and_config_changes_rerun_only_dependents(pipeline):
-    work, config = pipeline
+    work, config, _ = pipeline
     again = run_snakemake(work, ["-n", *TINY])
     assert again.proc.returncode == 0, again.output
     assert "Nothing to be done" in again.output, again.output
@@ -174,9 +190,7 @@ def test_rerun_is_a_no_op_and_config_changes_rerun_only_dependents(pipeline):
     # SST: a new land handling reruns preprocessing and everything after it, not the raw files
     changed = run_snakemake(work, ["-n", *TINY, "--config", "sst={preprocess: {land: ocean}}"])
     assert changed.proc.returncode == 0, changed.output
-    assert _planned_jobs(changed.output) == {
-        "preprocess_sst", "train", "train_baseline", "evaluate", "all"
-    }  # fmt: skip
+    assert _planned_jobs(changed.output) == {"preprocess_sst", "train", "evaluate", "all"}
 
 
 def _planned_jobs(output: str) -> set[str]:
@@ -193,7 +207,7 @@ def test_lint_is_clean(tmp_path):
 
 
 def test_report_contains_plots_with_captions(pipeline):
-    work, config = pipeline
+    work, config, _ = pipeline
     report = work / "results" / "report.html"
     run = run_snakemake(work, ["--report", str(report), *TINY])
     assert run.proc.returncode == 0, failure_report(work, run)

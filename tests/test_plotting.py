@@ -42,3 +42,21 @@ def test_mark_quick_stamps_every_axes(tmp_path):
     unmarked, _ = new_figure()
     assert _stamps(unmarked) == []
     save_figure(fig, tmp_path / "q.png", dpi=40)  # the stamps render
+
+
+def test_quick_stamp_covers_no_legend_entry():
+    """The stamp sits outside the plotting area, so a legend anywhere inside stays readable."""
+    for loc in ("lower right", "upper right", "best"):
+        fig, ax = new_figure()
+        for i in range(4):
+            ax.plot([0, 1], [i, i + 1], label=f"series {i}")
+        legend = ax.legend(loc=loc)
+        mark_quick(fig)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)  # the constrained layout places axes, legend and stamp
+        stamp = next(t for t in ax.texts if getattr(t, "smnn_quick", False))
+        box = stamp.get_window_extent(renderer)
+        assert not box.overlaps(legend.get_window_extent(renderer)), loc
+        assert box.y0 >= ax.get_window_extent(renderer).y1 - 0.5, loc  # above the axes

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from http_server import FileServer, free_port
-from pipeline_helpers import merge, run_smnn, smnn_env, write_config
+from pipeline_support import merge, run_smnn, smnn_env, write_config
 
 from smnn.config import Config
 from smnn.data.sst.download import (

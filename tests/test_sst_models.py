@@ -21,19 +21,15 @@ from smnn.data.windows import (
     seeded_generator,
 )
 from smnn.experiments.dct import Dct, dct_matrix
-from smnn.experiments.sst import (
-    EXPERIMENT,
-    AdaGVAE,
-    MechanisticIdentifier,
-    SstSettings,
-    open_store,
-    section_problems,
-)
-from smnn.experiments.sst_evaluation import (
+from smnn.experiments.sst import EXPERIMENT
+from smnn.experiments.sst.evaluation import (
     persistence_forecast,
     seasonal_climatology,
     week_of_year,
 )
+from smnn.experiments.sst.models import AdaGVAE, MechanisticIdentifier
+from smnn.experiments.sst.settings import SstSettings, section_problems
+from smnn.experiments.sst.store import open_store
 from smnn.io import atomic_torch_save
 from smnn.training import Trainer, TrainerSettings, seed_everything
 
@@ -57,6 +53,7 @@ SST_SECTION = {
         "beta": 1.0, "dtype": "float64", "windows_per_epoch": None,
     },
     "evaluate": {"encode_weeks": WINDOW, "forecast_weeks": WINDOW, "sample_cells": 2},
+    "scaling": {"enabled": False},
 }  # fmt: skip
 
 
@@ -69,6 +66,15 @@ def make_config(**overrides) -> Config:
             node = node[p]
         node[last] = value
     return Config({"seed": 3, "device": "cpu", "sst": section}, source="test")
+
+
+def settings_of(config: Config) -> SstSettings:
+    return EXPERIMENT.settings(config)
+
+
+def make_settings(**overrides) -> SstSettings:
+    """The experiment's settings of :func:`make_config` (what the job's edge builds)."""
+    return settings_of(make_config(**overrides))
 
 
 def write_store(path, land: str = "all", seed: int = 0):
@@ -280,9 +286,12 @@ def test_settings_and_problems():
         assert f"'sst.{key}'" in problems
     with pytest.raises(ConfigError, match="n_dct"):
         SstSettings.from_config(make_config(**{"model.n_dct": 40}))
-    assert EXPERIMENT.config_problems(bad)
-    assert EXPERIMENT.extra_targets({"scaling": {"enabled": False}}) == []
-    assert "sst/scaling/scaling.csv" in EXPERIMENT.extra_targets({"scaling": {"enabled": True}})
+    bad_config = make_config()
+    bad_config.data["sst"] = bad
+    assert EXPERIMENT.config_problems(bad_config) == section_problems(bad)
+    assert EXPERIMENT.extra_targets(make_settings()) == []
+    with_study = make_settings(**{"scaling.enabled": True})
+    assert "sst/scaling/scaling.csv" in EXPERIMENT.extra_targets(with_study)
 
 
 # ------------------------------------------------------------------ training
@@ -313,10 +322,11 @@ def trained(store_ocean, tmp_path_factory):
     d = tmp_path_factory.mktemp("trained")
     config = make_config(**{"preprocess.land": "ocean"})
     seed_everything(3)
-    mi_task = EXPERIMENT.build_task(config, "smnn", store_ocean, torch.device("cpu"))
+    mi_task = EXPERIMENT.build_task(settings_of(config), "smnn", store_ocean, torch.device("cpu"))
     mi_result = _train(mi_task, d / "mi", None)
     seed_everything(3)
-    vae_task = EXPERIMENT.build_baseline_task(config, "adagvae", store_ocean, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    vae_task = EXPERIMENT.build_baseline_task(settings_of(config), "adagvae", store_ocean, cpu)
     vae_result = _train(vae_task, d / "vae", None)
     return {
         "config": config, "store": store_ocean, "dir": d,
@@ -342,7 +352,7 @@ def test_training_loss_decreases(trained):
 def test_sampler_draws_pairs_from_training_period(store_all):
     config = make_config()
     seed_everything(0)
-    task = EXPERIMENT.build_task(config, "smnn", store_all, torch.device("cpu"))
+    task = EXPERIMENT.build_task(settings_of(config), "smnn", store_all, torch.device("cpu"))
     store = open_store(store_all)
     assert task.sampler.series.shape == (N_WEEKS - TEST_WEEKS, N_LAT * N_LON)
     torch.manual_seed(5)
@@ -363,7 +373,7 @@ def test_sampler_draws_pairs_from_training_period(store_all):
 
 
 def test_model_payload_and_load(trained):
-    from smnn.experiments.sst import load_model
+    from smnn.experiments.sst.tasks import load_model
 
     task, _, path = trained["mi"]
     model, payload = load_model(path, "mechanistic_identifier", solver="smnn")
@@ -383,7 +393,7 @@ def test_evaluate_metrics_and_baselines(trained, tmp_path):
     config, store_path = trained["config"], trained["store"]
     out = tmp_path / "eval"
     ev = EXPERIMENT.evaluate(
-        config, "smnn", store_path, trained["mi"][2], out, torch.device("cpu"),
+        settings_of(config), "smnn", store_path, trained["mi"][2], out, torch.device("cpu"),
         baseline_models={"adagvae": trained["vae"][2]},
     )  # fmt: skip
     doc = json.loads((out / "metrics.json").read_text())
@@ -421,7 +431,7 @@ def test_evaluate_metrics_and_baselines(trained, tmp_path):
     # the same again: byte-identical metrics.json
     first_bytes = (out / "metrics.json").read_bytes()
     EXPERIMENT.evaluate(
-        config, "smnn", store_path, trained["mi"][2], out, torch.device("cpu"),
+        settings_of(config), "smnn", store_path, trained["mi"][2], out, torch.device("cpu"),
         baseline_models={"adagvae": trained["vae"][2]},
     )  # fmt: skip
     assert (out / "metrics.json").read_bytes() == first_bytes
@@ -431,7 +441,7 @@ def test_evaluate_without_baseline_on_every_cell(trained, store_all, tmp_path):
     """land: all: every cell is forecast (the ocean ones reported apart); a forecast window
     shorter than the model's; a missing Ada-GVAE file leaves it out with a warning."""
     ev = EXPERIMENT.evaluate(
-        make_config(**{"evaluate.forecast_weeks": 20}), "smnn", store_all, trained["mi"][2],
+        make_settings(**{"evaluate.forecast_weeks": 20}), "smnn", store_all, trained["mi"][2],
         tmp_path / "e", torch.device("cpu"), baseline_models={"adagvae": tmp_path / "missing.pt"},
     )  # fmt: skip
     doc = ev.document
@@ -471,7 +481,7 @@ def test_resume_mid_epoch_redraws_the_same_windows(store_all, tmp_path):
 
     def run(directory, stop_at: int | None):
         seed_everything(3)
-        task = EXPERIMENT.build_task(config, "smnn", store_all, cpu)
+        task = EXPERIMENT.build_task(settings_of(config), "smnn", store_all, cpu)
         calls = [0]
         step = task.training_step
 
@@ -506,8 +516,8 @@ def test_store_errors(store_all, tmp_path):
     with pytest.raises(StoreError, match="preprocess_sst"):
         open_store(tmp_path / "missing.zarr")
     with pytest.raises(StoreError, match="test_weeks"):
-        open_store(store_all, make_config(**{"preprocess.test_weeks": 100}))
+        open_store(store_all, make_settings(**{"preprocess.test_weeks": 100}))
     with pytest.raises(StoreError, match="land"):
         EXPERIMENT.build_task(
-            make_config(**{"preprocess.land": "ocean"}), "smnn", store_all, torch.device("cpu")
+            make_settings(**{"preprocess.land": "ocean"}), "smnn", store_all, torch.device("cpu")
         )

@@ -1,5 +1,5 @@
 """The per-solver step cost (smnn.experiments.step_cost) and the SST long-sequence study
-(smnn.experiments.sst_scaling, ``smnn sst-scaling``): real models, real solvers, a real MLflow
+(smnn.experiments.sst.scaling, ``smnn sst-scaling``): real models, real solvers, a real MLflow
 SQLite store in a temporary directory."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from pipeline_helpers import TINY_CONFIG, merge
+from pipeline_support import CLI_CONFIG, merge
 
 from smnn.benchmark.catalog import Shape, make_inputs
 from smnn.config import Config
-from smnn.experiments.sst_scaling import (
+from smnn.experiments.sst.scaling import (
     COLUMNS,
     OUTPUT_FILES,
     ScalingSettings,
@@ -304,16 +304,12 @@ def test_settings_errors():
 
 
 def test_command_end_to_end(tmp_path, capsys):
-    """``smnn sst-scaling`` as the rule runs it, through the CLI's parser in this process (needs
-    the sst section in the config schema)."""
+    """``smnn sst-scaling`` as the rule runs it, through the CLI's parser in this process."""
     from smnn.cli import main
-    from smnn.experiments.base import experiments
 
-    if "sst" not in experiments():
-        pytest.skip("the sst experiment is not registered yet (no sst config schema)")
     section = copy.deepcopy(SST_SECTION)
     section["scaling"].update(lengths=[16], solvers=["smnn", "mnn_dense"], repeats=1)
-    cfg = merge(TINY_CONFIG, {"sst": section})
+    cfg = merge(CLI_CONFIG, {"sst": section})
     cfg["paths"] = {"data": str(tmp_path / "data"), "results": str(tmp_path / "results")}
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import run_smnn, smnn_command, smnn_env, train_args, write_config
+from pipeline_support import run_smnn, smnn_command, smnn_env, train_args, write_config
 
 from smnn.config import load_config
 from smnn.tracking import resolve_tracking

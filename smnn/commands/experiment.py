@@ -1,9 +1,9 @@
 """``smnn train`` and ``smnn evaluate``: one experiment's training and evaluation jobs.
 
-Both work for every registered experiment (:mod:`smnn.experiments.base`): the experiment builds
-its training task, says what ``model.pt`` holds and evaluates; everything else here (seeds, the
-shared training loop with checkpoints and resume, MLflow runs, the output files) is the same for
-all of them.
+Both work for every registered experiment (:mod:`smnn.experiments.base`): the experiment parses
+its settings, builds its training task, says what ``model.pt`` holds and evaluates; everything
+else here (the run context, the shared training loop with checkpoints and resume, MLflow runs,
+the output files) is the same for all of them.
 
 Train outputs (in ``--out``, written at the end, atomically): ``model.pt`` and
 ``train_metrics.json``. Resumable state lives in ``--out/checkpoints`` (not a workflow output,
@@ -20,25 +20,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from smnn.commands.common import apply_threads, clean_errors, job_config, setup_logging
 from smnn.config import Config, ConfigError, config_hash
 from smnn.experiments.base import (
     BASELINE_PREFIX,
     Experiment,
-    baselines_of,
     experiments,
     get_experiment,
 )
 from smnn.io import atomic_torch_save, atomic_write_json
+from smnn.jobs import (
+    RunContext,
+    add_job_arguments,
+    clean_errors,
+    job_settings,
+    run_context,
+    setup_logging,
+)
 from smnn.solver.registry import solver_names
 from smnn.tracking import RunTracker, job_tags, resolve_tracking
-from smnn.training import (
-    Trainer,
-    TrainerSettings,
-    TrainingInterrupted,
-    resolve_device,
-    seed_everything,
-)
+from smnn.training import Trainer, TrainerSettings, TrainingInterrupted, seed_everything
 
 __all__ = ["add_parser", "run_train", "run_evaluate", "experiment_hash"]
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     registered = experiments()
     names = sorted(registered)
-    baseline_names = sorted({b for exp in registered.values() for b in baselines_of(exp)})
+    baseline_names = sorted({b for exp in registered.values() for b in exp.baselines})
     for name, helptext in (
         ("train", "train one experiment with one solver (resumable, tracked in MLflow)"),
         ("evaluate", "evaluate a trained model: metrics.json and plots, tracked in MLflow"),
@@ -65,13 +65,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         )  # fmt: skip
         which.add_argument(
             "--baseline", choices=baseline_names,
-            help="a trained baseline without a solver instead (e.g. sst's adagvae)",
+            help="a trained baseline without a solver instead (one of the experiment's baselines)",
         )  # fmt: skip
-        p.add_argument(
-            "--config", required=True,
-            help="a complete YAML config, e.g. config/config.yaml or the workflow's "
-            "results/config/effective.yaml",
-        )  # fmt: skip
+        add_job_arguments(p)
         p.add_argument("--data", required=True, help="the experiment's Zarr store")
         p.add_argument(
             "--out", required=True,
@@ -102,14 +98,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
-
-
-def _device(config: Config):
-    """The torch device for ``device`` (a missing GPU is a config error)."""
-    try:
-        return resolve_device(config.get_str("device", choices=("auto", "cpu", "cuda")))
-    except RuntimeError as exc:
-        raise ConfigError(f"{config.source}: device: {exc}") from exc
 
 
 def experiment_hash(config: Config, experiment: str) -> str:
@@ -171,38 +159,39 @@ class _MetricSync:
             self.next_step = len(step_losses)
 
 
-def _start_job(args: argparse.Namespace) -> tuple[Config, Experiment, Any]:
-    """What every train/evaluate job does first: logging, the config, the experiment (checked
-    against the solver), the thread count and the device."""
+def _start_job(args: argparse.Namespace) -> tuple[Config, Experiment, Any, RunContext]:
+    """What every train/evaluate job does first: logging, the config and the experiment's
+    settings (parsed once), the experiment (checked against the solver), the run context
+    (threads, device, seed)."""
     setup_logging()
-    config = job_config(args.config)
+    config, all_settings = job_settings(args.config, args.threads)
     experiment = get_experiment(args.experiment)
     if args.solver is not None and args.solver not in experiment.solvers:
         raise ConfigError(
             f"experiment {args.experiment} supports solvers {', '.join(experiment.solvers)}, "
             f"not {args.solver!r}"
         )
-    if args.baseline is not None and args.baseline not in baselines_of(experiment):
-        offered = ", ".join(baselines_of(experiment)) or "none"
+    if args.baseline is not None and args.baseline not in experiment.baselines:
+        offered = ", ".join(experiment.baselines) or "none"
         raise ConfigError(
             f"experiment {args.experiment} has no baseline {args.baseline!r} (baselines: {offered})"
         )
-    apply_threads(config)
-    device = _device(config)
-    log.info("%s", experiment.summary(config))
-    return config, experiment, device
+    context = run_context(config)
+    settings = all_settings[experiment.name]
+    log.info("%s", experiment.describe(settings))
+    return config, experiment, settings, context
 
 
 @clean_errors
 def run_train(args: argparse.Namespace) -> int:
-    config, experiment, device = _start_job(args)
-    seed = config.get_int("seed", min_value=0)
+    config, experiment, settings, context = _start_job(args)
+    seed, device = context.seed, context.device
     out = Path(args.out)
     seed_everything(seed)
     if args.baseline is not None:
-        task = experiment.build_baseline_task(config, args.baseline, Path(args.data), device)
+        task = experiment.build_baseline_task(settings, args.baseline, Path(args.data), device)
     else:
-        task = experiment.build_task(config, args.solver, Path(args.data), device)
+        task = experiment.build_task(settings, args.solver, Path(args.data), device)
     out.mkdir(parents=True, exist_ok=True)
     identity = {
         "experiment": args.experiment,
@@ -291,7 +280,7 @@ def _train(args, config, experiment, device, task, trainer, identity, out) -> in
         "final_metrics": result.final_metrics,
         "history": result.history,
         "step_losses": result.step_losses,
-        **{k: payload[k] for k in ("equations", "coefficients", "terms") if k in payload},
+        **experiment.train_document(payload),
     }
     atomic_write_json(document, out / "train_metrics.json")
     tracker.log_metrics(result.final_metrics, step=len(result.history))
@@ -319,10 +308,10 @@ def _baseline_models(items: list[str], experiment: Experiment) -> dict[str, Path
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise ConfigError(f"--baseline-model {item!r}: expected NAME=PATH")
-        if name not in baselines_of(experiment):
+        if name not in experiment.baselines:
             raise ConfigError(
                 f"--baseline-model {item!r}: {experiment.name} has no baseline {name!r} "
-                f"(baselines: {', '.join(baselines_of(experiment))})"
+                f"(baselines: {', '.join(experiment.baselines)})"
             )
         if not Path(path).is_file():
             raise FileNotFoundError(
@@ -335,8 +324,9 @@ def _baseline_models(items: list[str], experiment: Experiment) -> dict[str, Path
 
 @clean_errors
 def run_evaluate(args: argparse.Namespace) -> int:
-    config, experiment, device = _start_job(args)
-    seed_everything(config.get_int("seed", min_value=0))
+    config, experiment, settings, context = _start_job(args)
+    device = context.device
+    seed_everything(context.seed)
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"model file {args.model} does not exist (train first)")
     target = resolve_tracking(config)
@@ -346,11 +336,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"evaluate a solver's model: the baselines of {args.experiment} are evaluated "
             "beside it (--baseline-model NAME=PATH)"
         )
-    extra = {}
-    if baselines_of(experiment):
-        extra["baseline_models"] = _baseline_models(args.baseline_model, experiment)
-    elif args.baseline_model:
+    if args.baseline_model and not experiment.baselines:
         raise ConfigError(f"experiment {args.experiment} has no baselines (--baseline-model)")
+    baseline_models = _baseline_models(args.baseline_model, experiment)
     tracker = _open_run(
         target, experiment.mlflow_experiment, f"{args.experiment}-{args.solver}-evaluate", None,
         tags,
@@ -359,7 +347,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     with tracker:  # FINISHED, or FAILED when evaluation raises
         tracker.log_config(config.data)
         result = experiment.evaluate(
-            config, args.solver, Path(args.data), Path(args.model), out, device, **extra
+            settings, args.solver, Path(args.data), Path(args.model), out, device, baseline_models
         )
         tracker.set_tags(result.tags)
         tracker.log_metrics(result.metrics)

@@ -1,10 +1,10 @@
 """``smnn standalone``: the solvers on linear ODEs with closed-form solutions
-(:mod:`smnn.standalone`, docs/experiments.md section 1).
+(:mod:`smnn.standalone`, docs/experiments.md, standalone validation).
 
 Settings come from ``--config`` (``threads``, ``device``, ``standalone.solvers`` when present,
 ``mlflow.*``); a flag given overrides its key. Without ``--config`` the built-in defaults apply
 (every solver of the registry, CPU). The cases are fixed and deterministic, so ``seed`` plays
-no part. MLflow: one run in the experiment ``standalone`` (:mod:`smnn.commands.options`).
+no part. MLflow: one run in the experiment ``standalone`` (:mod:`smnn.job_options`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from smnn.commands.common import apply_threads, job_config
-from smnn.commands.options import add_tracking_arguments, prepare_output_dir, tracking_target
 from smnn.config import Config
+from smnn.job_options import add_tracking_arguments, prepare_output_dir, tracking_target
+from smnn.jobs import apply_threads, job_config
 from smnn.solver.registry import SOLVERS
 from smnn.standalone.validate import OUTPUT_FILES, check_solvers, run_standalone
 from smnn.tracking import job_tags
@@ -30,7 +30,7 @@ config keys read with --config (a flag given overrides its key):
 MLflow: with --config, resolved as every job does (config, then MLFLOW_TRACKING_URI, then
 <paths.results>/mlflow.db); without it, only when MLFLOW_TRACKING_URI is set.
 
-outputs in --out: {', '.join(OUTPUT_FILES)}
+outputs in --out: {", ".join(OUTPUT_FILES)}
 """
 
 
@@ -45,15 +45,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output directory (created if missing)")
-    p.add_argument("--config", default=None,
-                   help="the pipeline's YAML config (keys below); default: built-in defaults")
-    p.add_argument("--solvers", default=None,
-                   help=f"comma-separated subset of {','.join(SOLVERS)} (default: "
-                        "standalone.solvers, else all)")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
-                   help="where the solves run (default: device, else cpu)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: threads, else torch's default)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the pipeline's YAML config (keys below); default: built-in defaults",
+    )
+    p.add_argument(
+        "--solvers",
+        default=None,
+        help=f"comma-separated subset of {','.join(SOLVERS)} (default: "
+        "standalone.solvers, else all)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=("auto", "cpu", "cuda"),
+        help="where the solves run (default: device, else cpu)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: threads, else torch's default)",
+    )
     add_tracking_arguments(p, "standalone")
     p.set_defaults(func=run_command)
 
@@ -100,8 +114,14 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"smnn standalone: error: {exc}", file=sys.stderr)
         return 2
     tags = job_tags("standalone", args.rule, args.config, device=str(device))
-    metrics = run_standalone(out, solvers, device=device, tracking=target, tags=tags,
-                             config_data=config.data if config is not None else None)
+    metrics = run_standalone(
+        out,
+        solvers,
+        device=device,
+        tracking=target,
+        tags=tags,
+        config_data=config.data if config is not None else None,
+    )
     print((out / "errors.md").read_text(), end="")
     n = sum(1 for c in metrics["cases"] if c["solver"] != "closed_form")
     print(f"{n} solves; outputs in {out}: {', '.join(OUTPUT_FILES)}")

@@ -23,7 +23,7 @@ import torch
 import xarray as xr
 from scipy.integrate import solve_ivp
 
-from smnn.config import Config, ConfigError
+from smnn.config import Config, SettingsError
 from smnn.data.store import StoreError, open_dataset, write_dataset_atomic
 
 __all__ = [
@@ -77,9 +77,12 @@ class LorenzParams:
             noise=config.get_float(p + "noise", non_negative=True),
         )
         if params.window > params.n_points:
-            raise ConfigError(
-                f"{config.source}: lorenz.data.window ({params.window}) must not exceed "
-                f"lorenz.data.n_points ({params.n_points})"
+            raise SettingsError(
+                config.source,
+                [
+                    f"config key 'lorenz.data.window': {params.window} is larger than "
+                    f"lorenz.data.n_points ({params.n_points})"
+                ],
             )
         return params
 

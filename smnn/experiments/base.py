@@ -1,35 +1,39 @@
 """What an experiment is, and the one registry of them.
 
-An experiment (Lorenz, later SST and KdV) is an object satisfying :class:`Experiment`: its name
-(the config section, the ``{experiment}`` wildcard of the generic ``train`` and ``evaluate``
-rules, the ``--experiment`` choice of ``smnn train``), its MLflow experiment, the solvers it
-supports, where its data store lives and which rule file writes it, the JSON schema of its config
-section, and the three things a job does with it: build a training task, say what ``model.pt``
-holds, and evaluate a trained model.
+An experiment (Lorenz, SST, KdV, or a user's own) is an instance of a subclass of
+:class:`Experiment`. :data:`MEMBERS` lists every member the generic code uses, in one place;
+:data:`REQUIRED` are those a subclass must define, the others have defaults here:
 
-Everything generic reads :func:`experiments` and nothing else: the CLI choices, ``smnn
-tracking-init`` (one MLflow experiment each), the config schema (one section each), the workflow's
-targets and rule files, and the tests. Adding an experiment is its module (defining an object of
-this protocol and listing it in :data:`BUILTIN_EXPERIMENTS`), its data rules and its config
-section.
+- ``name``: the config section, the ``{experiment}`` wildcard of the generic ``train`` and
+  ``evaluate`` rules, the ``--experiment`` choice of ``smnn train``;
+- ``title``, ``mlflow_experiment``, ``solvers`` (names of :mod:`smnn.solver.registry`);
+- ``data_store`` (file name under ``paths.data`` that training and evaluation read), the
+  ``data_rules`` that write it and the ``rule_file`` holding them;
+- ``schema``: the JSON schema of its config section (it must require ``enabled`` and
+  ``solvers``); ``resources``: Snakemake resources of its ``train`` and ``evaluate`` jobs;
+- ``settings(config)``: its config section (and the global keys it needs) parsed once, at the
+  job's edge, into a frozen settings tree; the cross-key checks live there and raise
+  :class:`SettingsError` naming every key; everything below takes the settings;
+- ``describe(settings)``, ``build_task``, ``model_payload``, ``evaluate``: what a job does.
 
-Trained baselines. An experiment may also compare against models that use no solver (SST's
-Ada-GVAE). It then lists them in ``baselines`` and builds their tasks with
-``build_baseline_task(config, name, data_path, device)``; its config section names the ones to
-train in a ``baselines`` list (beside ``solvers``), the generic ``train_baseline`` rule trains each
-into ``results/<experiment>/baseline_<name>/`` and ``evaluate`` receives their ``model.pt`` files
-as ``baseline_models`` (name -> path). Experiments without baselines (Lorenz) need none of this:
-:func:`baselines_of` reads the attribute with an empty default.
-
-Extra results. An experiment may define ``extra_targets(section) -> list[str]``: files (relative
-to ``paths.results``) its own rule file writes and the default target builds, given its config
-section (SST's long-sequence study).
+Optional members (defaults here): ``baselines`` (trained models without a solver, e.g. SST's
+Ada-GVAE; the generic ``train`` rule trains each into ``results/<experiment>/baseline_<name>/``
+with ``build_baseline_task``, and ``evaluate`` receives their ``model.pt`` files as
+``baseline_models``), ``extra_targets`` (files its own rule file writes that the default target
+builds), ``commands`` (its own ``smnn`` subcommands, declared by name and module so that the
+CLI imports a module only when its subcommand runs), ``train_document`` (what of ``model.pt``
+goes into ``train_metrics.json``), ``summary_lines`` (its headline result in the workflow's
+closing summary) and ``config_problems`` (the cross-key problems of a config, for the
+validation message).
 
 Experiments outside the package (a user's own, or the tests') are registered by naming their
 modules in the environment variable ``SMNN_EXPERIMENTS`` (comma-separated, importable modules);
-each such module defines ``EXPERIMENT``, an object of this protocol. The variable is read when
-:func:`experiments` is called, so the Snakemake process and every job it starts (locally or on
-SLURM, which pass the environment on) see the same registry.
+each such module defines ``EXPERIMENT``, an instance of an :class:`Experiment` subclass. The
+variable is read when :func:`experiments` is called, so the Snakemake process and every job it
+starts (locally or on SLURM, which pass the environment on) see the same registry.
+
+This module and the packages' ``__init__`` modules import nothing heavy (no torch): the CLI
+reads the registry to list the commands.
 """
 
 from __future__ import annotations
@@ -39,7 +43,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
+
+from smnn.config import ConfigError, SettingsError
+from smnn.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -50,13 +57,17 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 __all__ = [
     "Experiment",
     "Evaluation",
+    "Command",
     "ExperimentError",
     "BUILTIN_EXPERIMENTS",
     "ENV_VAR",
+    "MEMBERS",
+    "REQUIRED",
+    "RESERVED_SECTIONS",
     "experiments",
+    "experiment_commands",
     "get_experiment",
-    "experiment_names",
-    "baselines_of",
+    "load_schema",
     "BASELINE_PREFIX",
 ]
 
@@ -71,9 +82,28 @@ BUILTIN_EXPERIMENTS: dict[str, str] = {
     "kdv": "smnn.experiments.kdv",
 }
 
+# top-level config sections that are not experiments
+RESERVED_SECTIONS = ("device", "seed", "threads", "paths", "mlflow", "standalone", "benchmark")
 
-class ExperimentError(ValueError):
+
+class ExperimentError(UserError, ValueError):
     """An unknown experiment, or one whose module does not satisfy :class:`Experiment`."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """An ``smnn`` subcommand of an experiment.
+
+    Attributes:
+        name: the subcommand (``generate-lorenz``).
+        module: the module whose ``add_parser(subparsers)`` adds it (imported only when the
+            subcommand runs; one module may add several subcommands).
+        help: the one line ``smnn --help`` shows.
+    """
+
+    name: str
+    module: str
+    help: str
 
 
 @dataclass
@@ -95,25 +125,21 @@ class Evaluation:
     summary: list[str] = field(default_factory=list)
 
 
-@runtime_checkable
-class Experiment(Protocol):
-    """One of the paper's experiments, as the generic commands and rules see it.
+def load_schema(package_file: str) -> dict[str, Any]:
+    """The ``schema.yaml`` beside ``package_file`` (an experiment package's ``__file__``)."""
+    import yaml
 
-    Attributes:
-        name: config section, wildcard value and CLI choice (``lorenz``).
-        title: human name for reports and logs (``Lorenz``).
-        mlflow_experiment: the MLflow experiment its runs go to.
-        solvers: the solver names (:mod:`smnn.solver.registry`) it can train with.
-        data_store: file name under ``paths.data`` that training and evaluation read
-            (``lorenz.zarr``); its data rules (in ``rule_file``) write it.
-        data_rules: the names of those rules (for the docs, the SLURM profile and the tests).
-        rule_file: the Snakemake file with the data rules (included by the Snakefile).
-        schema: the JSON schema (a mapping) of its config section; it must require ``enabled``
-            (boolean) and ``solvers`` (list of solver names), which the generic targets read.
-        resources: Snakemake resources of its ``train`` and ``evaluate`` jobs, e.g.
-            ``{"train": {"mem_mb": 8000, "runtime": 720}, "evaluate": {...}}``.
+    return yaml.safe_load(Path(package_file).with_name("schema.yaml").read_text())
+
+
+class Experiment:
+    """One experiment, as the generic commands and rules see it (see the module docstring).
+
+    Subclasses set the class attributes of :data:`REQUIRED` and define its methods; the other
+    members of :data:`MEMBERS` have the defaults below.
     """
 
+    # ------------------------------------------------------------ required
     name: str
     title: str
     mlflow_experiment: str
@@ -121,52 +147,101 @@ class Experiment(Protocol):
     data_store: str
     data_rules: tuple[str, ...]
     rule_file: Path
-    schema: Mapping[str, Any]
     resources: Mapping[str, Mapping[str, int]]
 
-    def summary(self, config: Config) -> str:
-        """One paragraph on what a job of this experiment does with ``config`` (for logs)."""
-        ...
+    @property
+    def schema(self) -> Mapping[str, Any]:
+        """The JSON schema of the config section (usually :func:`load_schema`)."""
+        raise NotImplementedError
+
+    def settings(self, config: Config) -> Any:
+        """The experiment's settings: a frozen tree parsed from the (schema-valid) ``config``.
+
+        Raises:
+            SettingsError: keys that contradict each other, one message per key.
+        """
+        raise NotImplementedError
+
+    def describe(self, settings: Any) -> str:
+        """One paragraph on what a job does with ``settings`` (for logs)."""
+        raise NotImplementedError
 
     def build_task(
-        self, config: Config, solver: str, data_path: Path, device: torch.device
+        self, settings: Any, solver: str, data_path: Path, device: torch.device
     ) -> TrainingTask:
         """The training task (:class:`smnn.training.TrainingTask`) for one solver."""
-        ...
+        raise NotImplementedError
 
     def model_payload(self, task: TrainingTask) -> dict[str, Any]:
-        """What ``model.pt`` holds besides the training history; must include
-        ``state_dict``. May include ``summary`` (lines printed after training)."""
-        ...
+        """What ``model.pt`` holds besides the training history; must include ``state_dict``.
+        May include ``summary`` (lines printed after training)."""
+        raise NotImplementedError
 
     def evaluate(
         self,
-        config: Config,
+        settings: Any,
         solver: str,
         data_path: Path,
         model_path: Path,
         out_dir: Path,
         device: torch.device,
+        baseline_models: Mapping[str, Path] | None = None,
     ) -> Evaluation:
         """Evaluate a trained model: write ``out_dir/metrics.json`` and ``out_dir/plots/*.png``.
 
         ``metrics.json`` holds only what the config and data determine (no run ids, no
-        timings), so the same config on the same machine gives the same bytes. An experiment
-        with ``baselines`` also takes the keyword ``baseline_models`` (name -> ``model.pt`` of
-        each trained baseline the config enables).
+        timings), so the same config on the same machine gives the same bytes.
+        ``baseline_models``: name -> ``model.pt`` of each trained baseline the config enables
+        (None or empty for an experiment without baselines).
         """
-        ...
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ optional, with defaults
+    baselines: tuple[str, ...] = ()
+    commands: tuple[Command, ...] = ()
+
+    def build_baseline_task(
+        self, settings: Any, baseline: str, data_path: Path, device: torch.device
+    ) -> TrainingTask:
+        """The training task of the trained baseline ``baseline`` (one of ``baselines``)."""
+        raise ExperimentError(
+            f"experiment {self.name} has no trained baseline {baseline!r} "
+            f"(baselines: {', '.join(self.baselines) or 'none'})"
+        )
+
+    def extra_targets(self, settings: Any) -> list[str]:
+        """Files (relative to ``paths.results``) its own rule file writes and the default
+        target builds (SST's long-sequence study)."""
+        return []
+
+    def train_document(self, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """What of ``model.pt``'s payload also goes into ``train_metrics.json``."""
+        return {}
+
+    def summary_lines(self, document: Mapping[str, Any]) -> list[str]:
+        """The headline result of one evaluation (its ``metrics.json``) for the workflow's
+        closing summary, a few short lines."""
+        return []
+
+    def config_problems(self, config: Config) -> list[str]:
+        """The cross-key problems of ``config`` (schema-valid): those :meth:`settings` raises."""
+        try:
+            self.settings(config)
+        except SettingsError as exc:
+            return list(exc.problems)
+        except ConfigError as exc:
+            return [str(exc)]
+        return []
 
 
-def baselines_of(experiment: Experiment) -> tuple[str, ...]:
-    """The trained baselines an experiment offers (empty for most; see the module docstring)."""
-    return tuple(getattr(experiment, "baselines", ()))
-
-
-_REQUIRED = (
+# every member the generic code uses; REQUIRED: those without a default
+MEMBERS = (
     "name", "title", "mlflow_experiment", "solvers", "data_store", "data_rules", "rule_file",
-    "schema", "resources", "summary", "build_task", "model_payload", "evaluate",
+    "resources", "schema", "settings", "describe", "build_task", "model_payload", "evaluate",
+    "baselines", "commands", "build_baseline_task", "extra_targets", "train_document",
+    "summary_lines", "config_problems",
 )  # fmt: skip
+REQUIRED = MEMBERS[:14]
 
 
 def _load(module_name: str) -> Experiment:
@@ -177,11 +252,23 @@ def _load(module_name: str) -> Experiment:
             f"cannot import experiment module {module_name!r} ({exc}); check {ENV_VAR}"
         ) from exc
     exp = getattr(module, "EXPERIMENT", None)
-    missing = [a for a in _REQUIRED if exp is None or not hasattr(exp, a)]
+    if not isinstance(exp, Experiment):
+        raise ExperimentError(
+            f"module {module_name} must define EXPERIMENT, an instance of a subclass of "
+            "smnn.experiments.base.Experiment"
+        )
+    missing = []
+    for member in REQUIRED:
+        default = Experiment.__dict__.get(member)
+        if default is None:  # an attribute without a default
+            if not hasattr(exp, member):
+                missing.append(member)
+        elif getattr(type(exp), member, None) is default:  # a method not overridden
+            missing.append(member)
     if missing:
         raise ExperimentError(
-            f"module {module_name} must define EXPERIMENT, an smnn.experiments.base.Experiment; "
-            f"missing: {', '.join(missing)}"
+            f"experiment module {module_name} does not define {', '.join(missing)} "
+            "(see smnn.experiments.base.REQUIRED)"
         )
     return exp
 
@@ -192,15 +279,7 @@ def _module_names(environ: Mapping[str, str] | None = None) -> list[str]:
     return [*BUILTIN_EXPERIMENTS.values(), *extra]
 
 
-def experiments(environ: Mapping[str, str] | None = None) -> dict[str, Experiment]:
-    """Every registered experiment by name: the built-in ones, then those of ``SMNN_EXPERIMENTS``.
-
-    Raises:
-        ExperimentError: a module cannot be imported, lacks ``EXPERIMENT``, or two experiments
-            share a name (or take a reserved config section name).
-    """
-    from smnn.solver.registry import solver_names
-
+def _loaded(environ: Mapping[str, str] | None) -> dict[str, Experiment]:
     found: dict[str, Experiment] = {}
     for module_name in _module_names(environ):
         exp = _load(module_name)
@@ -210,23 +289,35 @@ def experiments(environ: Mapping[str, str] | None = None) -> dict[str, Experimen
             raise ExperimentError(
                 f"experiment name {exp.name!r} ({module_name}) is a reserved config section"
             )
-        unknown = [s for s in exp.solvers if s not in solver_names()]
-        if unknown:
-            raise ExperimentError(f"experiment {exp.name} names unknown solvers {unknown}")
-        clash = [b for b in baselines_of(exp) if b in solver_names()]
-        if clash:
-            raise ExperimentError(f"experiment {exp.name}: baselines {clash} are solver names")
-        if baselines_of(exp) and not hasattr(exp, "build_baseline_task"):
-            raise ExperimentError(
-                f"experiment {exp.name} ({module_name}) lists baselines but has no "
-                "build_baseline_task"
-            )
         found[exp.name] = exp
     return found
 
 
-def experiment_names(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    return tuple(experiments(environ))
+def experiments(environ: Mapping[str, str] | None = None) -> dict[str, Experiment]:
+    """Every registered experiment by name: the built-in ones, then those of ``SMNN_EXPERIMENTS``.
+
+    Raises:
+        ExperimentError: a module cannot be imported, lacks ``EXPERIMENT`` or a required member,
+            two experiments share a name (or take a reserved config section name), or an
+            experiment names unknown solvers or baselines that are solver names.
+    """
+    from smnn.solver.registry import solver_names
+
+    found = _loaded(environ)
+    for exp in found.values():
+        unknown = [s for s in exp.solvers if s not in solver_names()]
+        if unknown:
+            raise ExperimentError(f"experiment {exp.name} names unknown solvers {unknown}")
+        clash = [b for b in exp.baselines if b in solver_names()]
+        if clash:
+            raise ExperimentError(f"experiment {exp.name}: baselines {clash} are solver names")
+    return found
+
+
+def experiment_commands(environ: Mapping[str, str] | None = None) -> list[Command]:
+    """The ``smnn`` subcommands of every registered experiment (imports no experiment code
+    beyond the packages' light ``__init__`` modules)."""
+    return [cmd for exp in _loaded(environ).values() for cmd in exp.commands]
 
 
 def get_experiment(name: str, environ: Mapping[str, str] | None = None) -> Experiment:
@@ -238,7 +329,3 @@ def get_experiment(name: str, environ: Mapping[str, str] | None = None) -> Exper
             f"(add your own through {ENV_VAR})"
         )
     return found[name]
-
-
-# top-level config sections that are not experiments
-RESERVED_SECTIONS = ("device", "seed", "threads", "paths", "mlflow", "standalone", "benchmark")

@@ -1,16 +1,16 @@
 """The MNN layer every experiment's model ends in: coefficients, right-hand sides, initial values
 and step sizes in, the solution u of the linear ODEs out, through the solver chosen by name.
 
-A model decodes its inputs into the four tensors of the solver (docs/solver.md section 1) and
+A model decodes its inputs into the four tensors of the solver (docs/solver.md, layout) and
 calls the layer; the layer hides which solver (:mod:`smnn.solver.registry`) runs:
 
 - ``MnnLayer("smnn")(c, b, u0, h)`` solves with :func:`smnn.ode_forward` (or ``mnn_dense``,
   ``mnn_cg``): gradients reach all four inputs.
 - When the left-hand side is constant (fixed coefficients and steps, as in the Lorenz model),
   :meth:`MnnLayer.freeze_lhs` fixes it once: a solver that can factorize (``can_factorize`` in
-  the registry) factorizes it there and every call only substitutes (docs/solver.md section 8);
-  the others are called with the frozen tensors. Gradients then reach the right-hand sides and
-  initial values only.
+  the registry) factorizes it there and every call only substitutes (docs/solver.md, frozen
+  left-hand sides); the others are called with the frozen tensors. Gradients then reach the
+  right-hand sides and initial values only.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class MnnLayer:
 
     Args:
         solver: a name of :mod:`smnn.solver.registry` (``smnn``, ``mnn_dense``, ``mnn_cg``).
-        weight_equation, weight_init_var, weight_smooth: the row weights (docs/solver.md
-            section 2), passed to every solve.
+        weight_equation, weight_init_var, weight_smooth: the row weights (docs/solver.md,
+            row weights), passed to every solve.
     """
 
     def __init__(

@@ -1,5 +1,5 @@
 """A one-dimensional residual CNN over a periodic axis (the KdV model's coefficient and
-right-hand-side nets; docs/experiments.md section 3).
+right-hand-side nets; docs/experiments.md, KdV).
 
 :class:`ResNet1D` maps ``(B, C_in, N)`` to ``(B, C_out, N)`` on a periodic grid of ``N`` points:
 every convolution pads circularly and has stride 1, so the output has the input's length and the

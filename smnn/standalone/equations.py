@@ -254,8 +254,13 @@ def ivp_solution(ode: LinearOde, ic: tuple[float, ...], t: np.ndarray) -> np.nda
         return np.concatenate([z[1:], [ode.top_derivative(z, c)]])
 
     sol = solve_ivp(
-        rhs, (t[0], t[-1]), np.asarray(ic, float), t_eval=t, method="DOP853",
-        rtol=IVP_RTOL, atol=IVP_ATOL,
+        rhs,
+        (t[0], t[-1]),
+        np.asarray(ic, float),
+        t_eval=t,
+        method="DOP853",
+        rtol=IVP_RTOL,
+        atol=IVP_ATOL,
     )
     if not sol.success:
         raise RuntimeError(f"solve_ivp failed on {ode.key}: {sol.message}")

@@ -45,14 +45,16 @@ def solutions_figure(
     iterative solver did not converge)."""
     notes = notes or {}
     labels = ("y", "y'", "y''")
-    fig, axes = new_figure(3, len(EQUATIONS), size=(3.2 * len(EQUATIONS), 7.8), sharex=True,
-                           squeeze=False)
+    fig, axes = new_figure(
+        3, len(EQUATIONS), size=(3.2 * len(EQUATIONS), 7.8), sharex=True, squeeze=False
+    )
     styles = solver_styles(solvers)
     for j, ode in enumerate(EQUATIONS):
         for k in range(3):
             ax = axes[k, j]
-            ax.plot(t, curves[("closed", ode.key, 0)][k], color="0.75", lw=4.5,
-                    label=CLOSED_FORM_LABEL)
+            ax.plot(
+                t, curves[("closed", ode.key, 0)][k], color="0.75", lw=4.5, label=CLOSED_FORM_LABEL
+            )
             for solver in solvers:
                 label = solver_info(solver).label
                 if notes.get(solver):
@@ -65,8 +67,11 @@ def solutions_figure(
             if k == 2:
                 ax.set_xlabel("t")
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle("Closed form and every solver's solution (first initial condition, "
-                 "T = 1000, step 0.01, float64)", fontsize=10)
+    fig.suptitle(
+        "Closed form and every solver's solution (first initial condition, "
+        "T = 1000, step 0.01, float64)",
+        fontsize=10,
+    )
     return fig
 
 

@@ -168,34 +168,52 @@ def run_standalone(
             closed = ode.closed_form(t, ic, ode.constants)
             ivp = ivp_solution(ode, ic, t)
             curves[("closed", ode.key, i)] = closed
-            base = {"equation": ode.key, "ode_id": ode.ode_id, "initial_condition": i,
-                    "initial_values": list(ic)}
+            base = {
+                "equation": ode.key,
+                "ode_id": ode.ode_id,
+                "initial_condition": i,
+                "initial_values": list(ic),
+            }
             cases.append({**base, "solver": "closed_form", "vs_ivp": error_stats(closed, ivp)})
             for solver in solvers:
                 approx, seconds, info = solve_case(solver, ode, ic, dev)
                 curves[(solver, ode.key, i)] = approx
                 errors = error_stats(approx, closed)
-                cases.append({
-                    **base,
-                    "solver": solver,
-                    "solve_time_s": seconds,
-                    "vs_closed_form": errors,
-                    "vs_ivp": error_stats(approx, ivp),
-                    **info,
-                })
-                say(f"[standalone] {solver_info(solver).label} {ode.key} ic{i}: max |error| "
+                cases.append(
+                    {
+                        **base,
+                        "solver": solver,
+                        "solve_time_s": seconds,
+                        "vs_closed_form": errors,
+                        "vs_ivp": error_stats(approx, ivp),
+                        **info,
+                    }
+                )
+                say(
+                    f"[standalone] {solver_info(solver).label} {ode.key} ic{i}: max |error| "
                     f"y {errors['y']['max']:.2e}, y' {errors['dy']['max']:.2e}, "
-                    f"y'' {errors['ddy']['max']:.2e} ({1e3 * seconds:.1f} ms)")
+                    f"y'' {errors['ddy']['max']:.2e} ({1e3 * seconds:.1f} ms)"
+                )
 
     metrics = {
         "config": {
-            "step": STEP, "n_steps": N_STEPS, "n_orders": N_ORDERS, "dtype": "float64",
-            "solvers": solvers, "device": str(dev),
+            "step": STEP,
+            "n_steps": N_STEPS,
+            "n_orders": N_ORDERS,
+            "dtype": "float64",
+            "solvers": solvers,
+            "device": str(dev),
             "ivp": {"method": "DOP853", "rtol": IVP_RTOL, "atol": IVP_ATOL},
             "equations": [
-                {"key": o.key, "ode_id": o.ode_id, "name": o.name, "equation": o.equation,
-                 "constants": list(o.constants), "n_states": o.order,
-                 "initial_conditions": [list(ic) for ic in o.initial_conditions]}
+                {
+                    "key": o.key,
+                    "ode_id": o.ode_id,
+                    "name": o.name,
+                    "equation": o.equation,
+                    "constants": list(o.constants),
+                    "n_states": o.order,
+                    "initial_conditions": [list(ic) for ic in o.initial_conditions],
+                }
                 for o in EQUATIONS
             ],
         },
@@ -209,10 +227,14 @@ def run_standalone(
     write_solutions_figure(t, curves, solvers, out / "solutions.png", notes)
     if tracking is not None:
         run_id = _log_mlflow(tracking, out, metrics, tags, config_data)
-        say(f"[standalone] MLflow run {run_id} in experiment {EXPERIMENT} at "
-            f"{tracking.tracking_uri}")
-    say(f"[standalone] {len(cases) - sum(c['solver'] == 'closed_form' for c in cases)} solves; "
-        f"outputs in {out.resolve()}: {', '.join(OUTPUT_FILES)}")
+        say(
+            f"[standalone] MLflow run {run_id} in experiment {EXPERIMENT} at "
+            f"{tracking.tracking_uri}"
+        )
+    say(
+        f"[standalone] {len(cases) - sum(c['solver'] == 'closed_form' for c in cases)} solves; "
+        f"outputs in {out.resolve()}: {', '.join(OUTPUT_FILES)}"
+    )
     return metrics
 
 
@@ -223,18 +245,20 @@ def _csv_rows(cases: list[dict]) -> list[dict]:
             if reference not in case:
                 continue
             for order, stats in case[reference].items():
-                rows.append({
-                    "solver": case["solver"],
-                    "equation": case["equation"],
-                    "ode_id": case["ode_id"],
-                    "initial_condition": case["initial_condition"],
-                    "reference": reference.removeprefix("vs_"),
-                    "order": order,
-                    "max_abs_err": stats["max"],
-                    "mean_abs_err": stats["mean"],
-                    "solve_time_s": case.get("solve_time_s", float("nan")),
-                    "converged": case.get("converged", ""),
-                })
+                rows.append(
+                    {
+                        "solver": case["solver"],
+                        "equation": case["equation"],
+                        "ode_id": case["ode_id"],
+                        "initial_condition": case["initial_condition"],
+                        "reference": reference.removeprefix("vs_"),
+                        "order": order,
+                        "max_abs_err": stats["max"],
+                        "mean_abs_err": stats["mean"],
+                        "solve_time_s": case.get("solve_time_s", float("nan")),
+                        "converged": case.get("converged", ""),
+                    }
+                )
     return rows
 
 
@@ -262,8 +286,11 @@ def markdown_table(cases: list[dict], solvers: Sequence[str]) -> str:
             note = ""
             if "converged" in case:
                 residual = case.get("relative_residual")
-                note = "converged" if case["converged"] else (
-                    "not converged" + (f" (residual {residual:.1e})" if residual else ""))
+                note = (
+                    "converged"
+                    if case["converged"]
+                    else ("not converged" + (f" (residual {residual:.1e})" if residual else ""))
+                )
             lines.append(
                 f"| {solver_info(solver).label} | {case['equation']} "
                 f"| {case['initial_condition']} "
@@ -278,12 +305,16 @@ def _log_mlflow(target: TrackingTarget, out: Path, metrics: dict, tags, config_d
         if config_data is not None:
             tracker.log_config(config_data)
         settings = metrics["config"]
-        tracker.log_params({
-            "standalone.step": settings["step"], "standalone.n_steps": settings["n_steps"],
-            "standalone.n_orders": settings["n_orders"], "standalone.dtype": settings["dtype"],
-            "standalone.run_solvers": ",".join(settings["solvers"]),
-            "standalone.run_device": settings["device"],
-        })
+        tracker.log_params(
+            {
+                "standalone.step": settings["step"],
+                "standalone.n_steps": settings["n_steps"],
+                "standalone.n_orders": settings["n_orders"],
+                "standalone.dtype": settings["dtype"],
+                "standalone.run_solvers": ",".join(settings["solvers"]),
+                "standalone.run_device": settings["device"],
+            }
+        )
         values: dict[str, float] = {}
         for case in metrics["cases"]:
             if case["solver"] == "closed_form":

@@ -32,5 +32,5 @@ rule benchmark_solver:
     conda:
         "../../environment.yml"
     shell:
-        "smnn bench --config {params.config} --out {params.out} --rule benchmark_solver"
+        "smnn bench --config {params.config} --threads {threads} --out {params.out} --rule benchmark_solver"
         " 2>&1 | tee {log}"

@@ -10,15 +10,18 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from smnn.config import Config, ConfigError
-from smnn.config_validation import validate_config
-from smnn.experiments.base import BASELINE_PREFIX, baselines_of, experiments
+from smnn.config_validation import check_config
+from smnn.experiments.base import BASELINE_PREFIX, experiments
 from smnn.io import atomic_write_text
 from smnn.solver.registry import solver_names
 from smnn.tracking import resolve_tracking
 
 SOLVERS = list(solver_names())
 EXPERIMENTS = experiments()  # name -> smnn.experiments.base.Experiment
-ALL_BASELINES = sorted({b for exp in EXPERIMENTS.values() for b in baselines_of(exp)})
+ALL_BASELINES = sorted({b for exp in EXPERIMENTS.values() for b in exp.baselines})
+# what `train` trains into results/{experiment}/{variant}/: a solver's model or a baseline
+VARIANTS = SOLVERS + [f"{BASELINE_PREFIX}{b}" for b in ALL_BASELINES]
+SETTINGS = {}  # experiment name -> its settings, built once by validate_workflow_config
 # keys of an experiment section that do not change what training computes
 NOT_TRAINING_KEYS = ("enabled", "solvers", "baselines", "evaluate")
 
@@ -27,14 +30,17 @@ NOT_TRAINING_KEYS = ("enabled", "solvers", "baselines", "evaluate")
 
 
 def validate_workflow_config(cfg):
-    """Validate the merged config in place (`--config` strings re-typed) or stop the run."""
+    """Validate the merged config in place (`--config` strings re-typed) and build every
+    experiment's settings (SETTINGS), or stop the run."""
     overrides = dict(workflow.config_settings.config or {})
     try:
-        checked = validate_config(cfg, overrides, source="configuration")
+        checked, built = check_config(cfg, overrides, source="configuration")
     except ConfigError as exc:
         raise WorkflowError(str(exc)) from None
     cfg.clear()
     cfg.update(checked)
+    SETTINGS.clear()
+    SETTINGS.update(built)
 
 
 # ------------------------------------------------------------------ paths and settings
@@ -92,7 +98,7 @@ def experiment_store(experiment):
 
 def baseline_models(experiment):
     """{name: model.pt} of the trained baselines that the config enables for `experiment`."""
-    names = config[experiment].get("baselines", []) if baselines_of(EXPERIMENTS[experiment]) else []
+    names = config[experiment].get("baselines", []) if EXPERIMENTS[experiment].baselines else []
     return {
         name: results_path(experiment, f"{BASELINE_PREFIX}{name}", "model.pt") for name in names
     }
@@ -103,6 +109,13 @@ def baseline_options(experiment):
     return " ".join(
         f"--baseline-model {name}={path}" for name, path in baseline_models(experiment).items()
     )
+
+
+def variant_option(variant):
+    """The `smnn train` option that picks `variant`: `--solver NAME` or `--baseline NAME`."""
+    if variant.startswith(BASELINE_PREFIX):
+        return f"--baseline {variant[len(BASELINE_PREFIX):]}"
+    return f"--solver {variant}"
 
 
 def experiment_resource(experiment, job, name):
@@ -135,9 +148,8 @@ def experiment_targets(experiment):
         results_path(experiment, solver, "eval", "metrics.json")
         for solver in config[experiment]["solvers"]
     ]
-    extra = getattr(EXPERIMENTS[experiment], "extra_targets", None)
-    own = [results_path(p) for p in extra(config[experiment])] if extra else []
-    return evaluations + own
+    own = EXPERIMENTS[experiment].extra_targets(SETTINGS[experiment])
+    return evaluations + [results_path(p) for p in own]
 
 
 def all_targets():
@@ -175,7 +187,8 @@ def write_effective_config(cfg, path):
 
 
 def print_summary():
-    """Where the results are, the recovered equations and how to look at the MLflow runs."""
+    """Where the results are, each experiment's headline result (its `summary_lines`) and how
+    to look at the MLflow runs."""
     lines = ["", "smnn: the pipeline finished. Results:"]
     if config["standalone"]["enabled"]:
         lines.append(f"  standalone check:  {results_path('standalone', 'errors.md')}")
@@ -191,8 +204,8 @@ def print_summary():
                 document = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            for equation in document.get("equations", []):
-                lines.append(f"      {equation}")
+            for line in EXPERIMENTS[name].summary_lines(document):
+                lines.append(f"      {line}")
     lines.append(
         f"  HTML report:  snakemake --report {results_path('report.html')}"
         " (then open it in a browser)"

@@ -1,22 +1,24 @@
-# The generic stages of every experiment: train with one solver, evaluate the trained model.
-# {experiment} is a registered experiment (smnn.experiments.base), {solver} a solver name; the
-# experiment's own rule file writes the data store both read. An experiment with trained
-# baselines (no solver; smnn.experiments.base) trains each with `train_baseline` into
-# results/{experiment}/baseline_{baseline}/, and `evaluate` compares them with the solver's model.
+# The generic stages of every experiment: train a model, evaluate it.
+# {experiment} is a registered experiment (smnn.experiments.base); `train` trains a {variant}:
+# a solver name (results/{experiment}/{solver}/) or a trained baseline without a solver,
+# baseline_<name> (results/{experiment}/baseline_<name>/, e.g. SST's Ada-GVAE), so that
+# `snakemake -R train` retrains both. `evaluate` evaluates a solver's model and compares it with
+# the baselines. The experiment's own rule file writes the data store both read.
 
 
 rule train:
     input:
         data=lambda wildcards: experiment_store(wildcards.experiment),
     output:
-        model=results_path("{experiment}", "{solver}", "model.pt"),
-        metrics=results_path("{experiment}", "{solver}", "train_metrics.json"),
+        model=results_path("{experiment}", "{variant}", "model.pt"),
+        metrics=results_path("{experiment}", "{variant}", "train_metrics.json"),
     params:
         config=effective_config_path(),
         out=lambda wildcards, output: os.path.dirname(output.model),
         settings=lambda wildcards: train_settings(wildcards.experiment),
+        which=lambda wildcards: variant_option(wildcards.variant),
     log:
-        results_path("logs", "{experiment}", "train_{solver}.log"),
+        results_path("logs", "{experiment}", "train_{variant}.log"),
     threads: config["threads"]
     resources:
         mem_mb=lambda wildcards: experiment_resource(wildcards.experiment, "train", "mem_mb"),
@@ -24,33 +26,9 @@ rule train:
     conda:
         "../../environment.yml"
     shell:
-        "smnn train --experiment {wildcards.experiment} --solver {wildcards.solver}"
-        " --config {params.config} --data {input.data} --out {params.out} --rule train"
-        " 2>&1 | tee {log}"
-
-
-rule train_baseline:
-    input:
-        data=lambda wildcards: experiment_store(wildcards.experiment),
-    output:
-        model=results_path("{experiment}", "baseline_{baseline}", "model.pt"),
-        metrics=results_path("{experiment}", "baseline_{baseline}", "train_metrics.json"),
-    params:
-        config=effective_config_path(),
-        out=lambda wildcards, output: os.path.dirname(output.model),
-        settings=lambda wildcards: train_settings(wildcards.experiment),
-    log:
-        results_path("logs", "{experiment}", "train_baseline_{baseline}.log"),
-    threads: config["threads"]
-    resources:
-        mem_mb=lambda wildcards: experiment_resource(wildcards.experiment, "train", "mem_mb"),
-        runtime=lambda wildcards: experiment_resource(wildcards.experiment, "train", "runtime"),
-    conda:
-        "../../environment.yml"
-    shell:
-        "smnn train --experiment {wildcards.experiment} --baseline {wildcards.baseline}"
-        " --config {params.config} --data {input.data} --out {params.out} --rule train_baseline"
-        " 2>&1 | tee {log}"
+        "smnn train --experiment {wildcards.experiment} {params.which}"
+        " --config {params.config} --threads {threads} --data {input.data} --out {params.out}"
+        " --rule train 2>&1 | tee {log}"
 
 
 rule evaluate:
@@ -83,5 +61,5 @@ rule evaluate:
         "../../environment.yml"
     shell:
         "smnn evaluate --experiment {wildcards.experiment} --solver {wildcards.solver}"
-        " --config {params.config} --data {input.data} --model {input.model} --out {params.out}"
+        " --config {params.config} --threads {threads} --data {input.data} --model {input.model} --out {params.out}"
         " {params.baselines} --rule evaluate 2>&1 | tee {log}"

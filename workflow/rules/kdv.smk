@@ -24,7 +24,7 @@ if config["kdv"]["source"] == "generate":
         conda:
             "../../environment.yml"
         shell:
-            "smnn generate-kdv --config {params.config} --out {output} 2>&1 | tee {log}"
+            "smnn generate-kdv --config {params.config} --threads {threads} --out {output} 2>&1 | tee {log}"
 
 
 if config["kdv"]["source"] == "lpsda":
@@ -49,4 +49,4 @@ if config["kdv"]["source"] == "lpsda":
         conda:
             "../../environment.yml"
         shell:
-            "smnn import-kdv --config {params.config} --out {output} 2>&1 | tee {log}"
+            "smnn import-kdv --config {params.config} --threads {threads} --out {output} 2>&1 | tee {log}"

@@ -16,4 +16,4 @@ rule generate_lorenz:
     conda:
         "../../environment.yml"
     shell:
-        "smnn generate-lorenz --config {params.config} --out {output} 2>&1 | tee {log}"
+        "smnn generate-lorenz --config {params.config} --threads {threads} --out {output} 2>&1 | tee {log}"

@@ -1,5 +1,5 @@
 # Sea surface temperature: the data stages and the long-sequence study (training and evaluation
-# are the generic rules of experiment.smk; the Ada-GVAE baseline is `train_baseline`).
+# are the generic rules of experiment.smk; `train` also trains the Ada-GVAE baseline).
 #
 #   sst.source: noaa       download_sst   -> data/raw/sst/*.nc (+ .sha256) -> preprocess_sst
 #   sst.source: synthetic  synthesize_sst -> data/raw/sst/*.nc            -> preprocess_sst
@@ -31,7 +31,7 @@ if config["sst"]["source"] == "synthetic":
         conda:
             "../../environment.yml"
         shell:
-            "smnn synthesize-sst --config {params.config} 2>&1 | tee {log}"
+            "smnn synthesize-sst --config {params.config} --threads {threads} 2>&1 | tee {log}"
 
 
 if config["sst"]["source"] == "noaa":
@@ -53,7 +53,7 @@ if config["sst"]["source"] == "noaa":
         conda:
             "../../environment.yml"
         shell:
-            "smnn download-sst --config {params.config} 2>&1 | tee {log}"
+            "smnn download-sst --config {params.config} --threads {threads} 2>&1 | tee {log}"
 
 
 rule preprocess_sst:
@@ -74,7 +74,7 @@ rule preprocess_sst:
     conda:
         "../../environment.yml"
     shell:
-        "smnn preprocess-sst --config {params.config} --sst {input.sst} --mask {input.mask}"
+        "smnn preprocess-sst --config {params.config} --threads {threads} --sst {input.sst} --mask {input.mask}"
         " --out {output} 2>&1 | tee {log}"
 
 
@@ -101,5 +101,5 @@ rule sst_scaling:
     conda:
         "../../environment.yml"
     shell:
-        "smnn sst-scaling --config {params.config} --out {params.out} --rule sst_scaling"
+        "smnn sst-scaling --config {params.config} --threads {threads} --out {params.out} --rule sst_scaling"
         " 2>&1 | tee {log}"

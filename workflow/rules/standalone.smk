@@ -30,5 +30,5 @@ rule standalone:
     conda:
         "../../environment.yml"
     shell:
-        "smnn standalone --config {params.config} --out {params.out} --rule standalone"
+        "smnn standalone --config {params.config} --threads {threads} --out {params.out} --rule standalone"
         " 2>&1 | tee {log}"

@@ -29,6 +29,7 @@ import numpy as np
 
 from smnn.config import Config, ConfigError
 from smnn.data.kdv.store import DEFAULT_CHUNK_ROWS, SPLITS, build_kdv_dataset, write_kdv_store
+from smnn.errors import UserError
 
 __all__ = [
     "DEFAULT_FILES",
@@ -54,7 +55,7 @@ READ_ROWS = 64
 COORDS = ("x", "dx", "t", "dt")
 
 
-class KdvFileError(ValueError):
+class KdvFileError(UserError, ValueError):
     """An LPSDA HDF5 file is missing, unreadable or not in LPSDA's layout, or holds trajectories
     the import refuses. The message names the file, what is wrong and what to do.
 

@@ -35,6 +35,7 @@ from typing import Any, NoReturn
 import requests
 
 from smnn.config import Config
+from smnn.errors import UserError
 from smnn.io import atomic_write_text, fsync_dir
 
 __all__ = [
@@ -67,7 +68,7 @@ _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
 _UNSATISFIED_RANGE = re.compile(r"^bytes\s+\*/(\d+)$")
 
 
-class DownloadError(RuntimeError):
+class DownloadError(UserError, RuntimeError):
     """A file could not be downloaded (HTTP error, corrupt or truncated file, wrong checksum);
     the message names the URL, the problem and what to do."""
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from smnn.config import Config
+from smnn.errors import UserError
 
 __all__ = [
     "SST_FILE",
@@ -64,7 +65,7 @@ PLAUSIBLE_DEGC = (-10.0, 50.0)
 CHECK_BLOCK_WEEKS = 128
 
 
-class SstFileError(ValueError):
+class SstFileError(UserError, ValueError):
     """A raw SST or mask file is missing, unreadable or not in the NOAA layout.
 
     The message names the file, what is wrong and what to do.

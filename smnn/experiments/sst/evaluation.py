@@ -30,12 +30,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
-from smnn.data.windows import RowPartners
+from smnn.data.windows import RowPartners, seeded_generator
+from smnn.experiments.base import Evaluation
+from smnn.experiments.sst.figures import evaluation_figures
+from smnn.experiments.sst.settings import ADAGVAE_KIND, MI_KIND, SstSettings
+from smnn.experiments.sst.store import iso_date, open_store, read_period
+from smnn.experiments.sst.tasks import load_model
+from smnn.io import atomic_write_json
 
 __all__ = [
     "WEEKS_PER_YEAR",
@@ -255,3 +262,135 @@ def score_table(
             "mse_by_lead_norm": [float(v) for v in s.by_lead],
         }
     return table
+
+
+SHORT_NAMES = {
+    MI_KIND: "mi", ADAGVAE_KIND: "adagvae", "climatology": "climatology",
+    "persistence": "persistence",
+}  # fmt: skip
+
+
+def evaluate(
+    s: SstSettings,
+    solver: str,
+    data_path: str | Path,
+    model_path: str | Path,
+    out_dir: str | Path,
+    device: torch.device,
+    baseline_models: Mapping[str, Path] | None = None,
+) -> Evaluation:
+    """The forecast protocol above for the identifier (and Ada-GVAE when its model is given),
+    climatology and persistence; writes ``metrics.json`` and ``plots/*.png`` into
+    ``out_dir``."""
+    store = open_store(data_path, s)
+    out_dir = Path(out_dir)
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    dtype = s.torch_dtype
+    mi, payload = load_model(model_path, MI_KIND, solver=solver, dtype=dtype, device=device)
+    if mi.window != s.window or mi.n_init != s.n_init:
+        raise ValueError(
+            f"{model_path} was trained with window {mi.window} and n_init {mi.n_init}, the "
+            f"config says {s.window} and {s.n_init}: retrain"
+        )
+    E, F, S = s.encode_weeks, s.forecast_weeks, s.n_init
+    if E + F > store.n_test:
+        raise ValueError(
+            f"encode_weeks + forecast_weeks = {E + F} exceed the store's {store.n_test} test "
+            f"weeks; rerun preprocess_sst with test_weeks >= {E + F}"
+        )
+    notes: list[str] = []
+    vae = None
+    vae_path = (baseline_models or {}).get(ADAGVAE_KIND)
+    if vae_path is not None and Path(vae_path).is_file():
+        vae, vae_payload = load_model(vae_path, ADAGVAE_KIND, dtype=dtype, device=device)
+    else:
+        why = "not given" if vae_path is None else f"{vae_path} does not exist"
+        notes.append(f"warning: Ada-GVAE left out of the evaluation (its model.pt is {why})")
+        vae_payload = None
+
+    # the windows of every cell, the cells forecast and their partners
+    test = read_period(store, slice(store.n_train, store.n_weeks), dtype=dtype, device=device)
+    encode = test[:E].T.contiguous()  # (n_cells, E)
+    future = test[E : E + F].T.contiguous()  # (n_cells, F)
+    cells = torch.from_numpy(np.flatnonzero(store.allowed))
+    rule = RowPartners((store.n_lat, store.n_lon), s.neighbour_offsets, store.allowed)
+    partners = evaluation_partners(rule, cells, seeded_generator(s.seed, "sst", "evaluate"))
+    truth = future[cells.to(future.device)].double().cpu().numpy()  # (N, F)
+
+    forecasts: dict[str, np.ndarray] = {
+        MI_KIND: mi_forecast(mi, encode, future, cells, partners, s.batch_size)
+    }
+    if vae is not None:
+        forecasts[ADAGVAE_KIND] = adagvae_forecast(
+            vae, encode, future, cells, partners, s.batch_size
+        )
+    times = store.times
+    weeks = week_of_year(times)
+    train = read_period(store, slice(0, store.n_train), dtype=torch.float32).numpy()
+    climatology = seasonal_climatology(train, weeks[: store.n_train])[:, cells.numpy()]
+    del train
+    first = store.n_train + E  # index of the forecast window's first week
+    forecasts["climatology"] = climatology_forecast(climatology, weeks[first : first + F])
+    forecasts["persistence"] = persistence_forecast(truth, S)
+    scores: dict[str, ForecastScore] = {
+        name: score_forecast(f, truth, S) for name, f in forecasts.items()
+    }
+    ocean = store.mask.reshape(-1)[cells.numpy()] == 1
+    table = score_table(scores, store.std_degc, ocean)
+
+    metrics: dict[str, float] = {}
+    for name, row in table.items():
+        short = SHORT_NAMES[name]
+        for key in ("mse_norm", "mse_degc", "mse_norm_ocean", "mse_degc_ocean"):
+            metrics[f"{key}_{short}"] = float(row[key])
+    for name, p in ((MI_KIND, payload), (ADAGVAE_KIND, vae_payload)):
+        final = (p or {}).get("final_metrics", {}).get("final_train_loss")
+        if final is not None:
+            metrics[f"train_final_loss_{SHORT_NAMES[name]}"] = float(final)
+
+    synthetic = " (synthetic data)" if store.synthetic else ""
+    files = evaluation_figures(
+        s, store, plots, synthetic, solver, cells, encode, truth, forecasts, scores,
+        payload, vae_payload,
+    )  # fmt: skip
+    document = {
+        "experiment": "sst",
+        "solver": solver,
+        "synthetic": store.synthetic,
+        "land": store.land,
+        "cells": "ocean" if store.land == "ocean" else "all",
+        "n_cells_scored": int(cells.numel()),
+        "n_ocean_cells_scored": int(ocean.sum()),
+        "std_degc": store.std_degc,
+        "mean_degc": store.mean_degc,
+        "protocol": {
+            "encode_weeks": E,
+            "forecast_weeks": F,
+            "given_weeks": S,
+            "scored_weeks": F - S,
+            "encode_start": iso_date(times[store.n_train]),
+            "forecast_start": iso_date(times[first]),
+            "forecast_end": iso_date(times[first + F - 1]),
+            "scored": "the weeks after the given ones, every cell forecast",
+            "pairs": "each cell with a partner on its latitude drawn from the seed "
+            "(itself when it has none)",
+        },
+        "models": table,
+        "left_out": [] if vae is not None else [ADAGVAE_KIND],
+    }
+    atomic_write_json(document, out_dir / "metrics.json")
+    summary = [
+        f"forecast MSE over {F - S} weeks after {S} given, {cells.numel()} cells{synthetic}:",
+        *(
+            f"  {name:24s} {row['mse_norm']:.4f} (normalised)  {row['mse_degc']:.4f} degC^2"
+            for name, row in table.items()
+        ),
+        *notes,
+    ]
+    tags = {"synthetic": str(store.synthetic).lower()}
+    if payload.get("run_id"):
+        tags["train_run_id"] = str(payload["run_id"])
+    if vae_payload is not None and vae_payload.get("run_id"):
+        tags["baseline_adagvae_run_id"] = str(vae_payload["run_id"])
+    return Evaluation(metrics, document, files, tags, summary)

@@ -1,4 +1,7 @@
-"""``smnn synthesize-sst`` and ``smnn preprocess-sst``: the SST data stages before training.
+"""``smnn download-sst``, ``smnn synthesize-sst`` and ``smnn preprocess-sst``: the SST data
+stages before training.
+
+- ``download-sst`` fetches the NOAA weekly SST file and the land-sea mask (``sst.download``).
 
 - ``synthesize-sst`` writes synthetic ``sst.wkmean.1990-present.nc`` and ``lsmask.nc`` in the
   exact NOAA layout (``sst.synthetic`` settings and ``seed``), at the paths of ``sst.files``
@@ -15,18 +18,30 @@ leaves the previous store (if any) untouched.
 from __future__ import annotations
 
 import argparse
-import resource
-import sys
 import time
 from pathlib import Path
 
-from smnn.commands.common import clean_errors, job_config, setup_logging
 from smnn.data.sst.layout import MASK_FILE, SST_FILE, sst_raw_paths
+from smnn.jobs import add_job_arguments, clean_errors, job_config, peak_rss_mb, setup_logging
 
-__all__ = ["add_parser", "run_synthesize", "run_preprocess", "peak_rss_mb"]
+__all__ = ["add_parser", "run_download", "run_synthesize", "run_preprocess"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "download-sst",
+        help="download the NOAA OI SST V2 weekly file and land-sea mask (sst.download)",
+        description="Download sst.wkmean.1990-present.nc and lsmask.nc from the URLs of "
+        "sst.download into sst.files (null: {paths.data}/raw/sst/), with retries, resume of a "
+        "partial file, validation of the NOAA layout (180 x 360 grid, weekly time axis) and a "
+        "<file>.sha256 checksum beside each file (checked against sst.download.*_sha256 when "
+        "pinned). A file already downloaded and verified is skipped. The pipeline runs this "
+        "for sst.source: noaa; the command itself downloads whatever the source.",
+    )
+    add_job_arguments(p)
+    p.add_argument("--only", choices=["sst", "mask"], help="download only one of the two files")
+    p.set_defaults(func=run_download)
+
     p = subparsers.add_parser(
         "synthesize-sst",
         help="write synthetic SST and land-sea mask NetCDF files in the NOAA layout",
@@ -34,7 +49,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "sst.synthetic and the global seed, in the exact layout of NOAA OI SST V2 (marked as "
         "synthetic), at the paths of sst.files (null: {paths.data}/raw/sst/).",
     )
-    p.add_argument("--config", required=True, help="the pipeline's YAML config file")
+    add_job_arguments(p)
     p.add_argument(
         "--out-dir",
         default=None,
@@ -49,7 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "split train/test weeks and write the Zarr v3 store atomically, chunked (all weeks x "
         "spatial tiles), with provenance; settings sst.preprocess and threads.",
     )
-    p.add_argument("--config", required=True, help="the pipeline's YAML config file")
+    add_job_arguments(p)
     p.add_argument("--sst", default=None, help="the weekly SST file (default: sst.files.sst)")
     p.add_argument("--mask", default=None, help="the land-sea mask file (default: sst.files.mask)")
     p.add_argument(
@@ -65,10 +80,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_preprocess)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, MB (``getrusage``; KiB on Linux)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
+@clean_errors
+def run_download(args: argparse.Namespace) -> int:
+    from smnn.data.sst.download import download_sst
+
+    setup_logging()
+    config = job_config(args.config, args.threads)
+    for result in download_sst(config, only=args.only):
+        print(result.summary(), flush=True)
+    return 0
 
 
 @clean_errors
@@ -76,7 +96,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
     from smnn.data.sst.synthetic import SstSyntheticSettings, write_synthetic_files
 
     setup_logging()
-    config = job_config(args.config)
+    config = job_config(args.config, args.threads)
     settings = SstSyntheticSettings.from_config(config)
     if args.out_dir is not None:
         sst_path, mask_path = Path(args.out_dir) / SST_FILE, Path(args.out_dir) / MASK_FILE
@@ -104,7 +124,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     )
 
     setup_logging()
-    config = job_config(args.config)
+    config = job_config(args.config, args.threads)
     settings = SstPreprocessSettings.from_config(config)
     provenance = SstProvenance.from_config(config)
     if args.source_url is not None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from smnn.commands.common import clean_errors, job_config, setup_logging
-from smnn.data.lorenz import LorenzParams, write_lorenz_store
+from smnn.data.lorenz import write_lorenz_store
+from smnn.jobs import add_job_arguments, clean_errors, job_settings, setup_logging
 
 __all__ = ["add_parser", "run"]
 
@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Integrate the Lorenz system with the settings of lorenz.data and the "
         "global seed (noise), and write the store atomically.",
     )
-    p.add_argument("--config", required=True, help="the pipeline's YAML config file")
+    add_job_arguments(p)
     p.add_argument("--out", required=True, help="the store to write, e.g. data/lorenz.zarr")
     p.set_defaults(func=run)
 
@@ -26,8 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 @clean_errors
 def run(args: argparse.Namespace) -> int:
     setup_logging()
-    config = job_config(args.config)
-    params = LorenzParams.from_config(config)
+    config, settings = job_settings(args.config, args.threads)
+    params = settings["lorenz"].data
     seed = config.get_int("seed", min_value=0)
     start = time.perf_counter()
     path = write_lorenz_store(params, seed, args.out)

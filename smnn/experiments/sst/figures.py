@@ -14,13 +14,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
-from smnn.experiments.forecast_figures import MODEL_STYLES
+from smnn.data.windows import seeded_generator
+from smnn.experiments.forecast_figures import (
+    MODEL_STYLES,
+    plot_error_by_lead,
+    plot_forecast_samples,
+)
+from smnn.experiments.sst.settings import ADAGVAE_KIND, MI_KIND, SstSettings
+from smnn.experiments.sst.store import SstStore, iso_date
 from smnn.plotting import new_figure, save_figure
 
-__all__ = ["plot_error_maps", "plot_forecast_week", "plot_training_losses"]
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from smnn.experiments.sst.evaluation import ForecastScore
+
+__all__ = ["plot_error_maps", "plot_forecast_week", "plot_training_losses", "evaluation_figures"]
 
 LAND_COLOR = "0.8"
 
@@ -130,3 +142,67 @@ def plot_training_losses(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def evaluation_figures(
+    s: SstSettings, store: SstStore, plots: Path, synthetic: str, solver: str,
+    cells: torch.Tensor, encode: torch.Tensor, truth: np.ndarray,
+    forecasts: Mapping[str, np.ndarray], scores: Mapping[str, ForecastScore],
+    payload: Mapping[str, Any], vae_payload: Mapping[str, Any] | None,
+) -> list[Path]:  # fmt: skip
+    """The evaluation's plots (the functions above and :mod:`smnn.experiments.forecast_figures`)."""
+    ds = store.dataset
+    lat, lon = np.asarray(ds["lat"].values), np.asarray(ds["lon"].values)
+    n_cells = store.n_lat * store.n_lon
+    gen = seeded_generator(s.seed, "sst", "evaluate", "sample cells")
+    n_sample = min(s.sample_cells, int(cells.numel()))
+    picks = torch.randperm(int(cells.numel()), generator=gen)[:n_sample].sort().values.numpy()
+    labels = []
+    for i in picks:
+        c = int(cells[i])
+        labels.append(f"cell lat {lat[c // store.n_lon]:.1f}, lon {lon[c % store.n_lon]:.1f}")
+    history = encode[cells[picks].to(encode.device)].double().cpu().numpy()
+    files = [
+        plot_forecast_samples(
+            history, truth[picks], {k: v[picks] for k, v in forecasts.items()}, s.n_init,
+            plots / "forecast_samples.png", labels=labels, ylabel="SST (normalised)",
+            step_unit="weeks", title=f"SST forecasts, solver {solver}{synthetic}",
+        ),
+        plot_error_by_lead(
+            {k: v.by_lead for k, v in scores.items()}, plots / "mse_by_lead.png",
+            ylabel="MSE (normalised)", step_unit="weeks",
+            title=f"SST forecast error by lead time, solver {solver}{synthetic}",
+        ),
+    ]  # fmt: skip
+
+    def grid(values: np.ndarray) -> np.ndarray:
+        full = np.full(n_cells, np.nan)
+        full[cells.numpy()] = values
+        return full.reshape(store.n_lat, store.n_lon)
+
+    trained = [k for k in (MI_KIND, ADAGVAE_KIND) if k in scores]
+    files.append(
+        plot_error_maps(
+            lat, lon, {k: grid(scores[k].per_cell) for k in trained}, store.mask,
+            plots / "mse_map.png",
+            title=f"forecast MSE per cell over {s.forecast_weeks - s.n_init} weeks{synthetic}",
+        )
+    )  # fmt: skip
+    last = s.forecast_weeks - 1
+    when = iso_date(store.times[store.n_train + s.encode_weeks + last])
+    files.append(
+        plot_forecast_week(
+            lat, lon, grid(forecasts[MI_KIND][:, last]), grid(truth[:, last]), store.mask,
+            plots / "forecast_week.png", forecast_label="Mechanistic Identifier",
+            title=f"week of {when} (lead {last + 1 - s.n_init}){synthetic}",
+        )
+    )  # fmt: skip
+    histories = {MI_KIND: (payload.get("history", []), payload.get("step_losses", []))}
+    if vae_payload is not None:
+        histories[ADAGVAE_KIND] = (
+            vae_payload.get("history", []), vae_payload.get("step_losses", []),
+        )  # fmt: skip
+    files.append(
+        plot_training_losses(histories, plots / "loss.png", title=f"training loss{synthetic}")
+    )
+    return files

@@ -1,5 +1,5 @@
 """``smnn sst-scaling``: the SST long-sequence study (rule ``sst_scaling``;
-:mod:`smnn.experiments.sst_scaling`).
+:mod:`smnn.experiments.sst.scaling`).
 
 Reads ``--config`` (keys ``device``, ``seed``, ``threads``, ``sst.scaling.*``, ``sst.model.*``,
 ``sst.train.*``, ``mlflow.*``), measures one training step of the Mechanistic Identifier per
@@ -14,9 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from smnn.commands.common import apply_threads, clean_errors, job_config, setup_logging
-from smnn.commands.options import add_tracking_arguments, prepare_output_dir, tracking_target
-from smnn.experiments.sst_scaling import (
+from smnn.experiments.sst.scaling import (
     MLFLOW_EXPERIMENT,
     OUTPUT_FILES,
     QUICK_TIME_BUDGET_S,
@@ -26,6 +24,8 @@ from smnn.experiments.sst_scaling import (
     run_study,
     write_outputs,
 )
+from smnn.job_options import add_tracking_arguments, prepare_output_dir, tracking_target
+from smnn.jobs import add_job_arguments, clean_errors, job_settings, run_context, setup_logging
 from smnn.tracking import job_tags
 
 __all__ = ["add_parser", "run_command"]
@@ -62,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", required=True, help="the pipeline's YAML config")
+    add_job_arguments(p)
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--quick", action="store_true",
                    help="one timed step per case and a time budget of "
@@ -78,16 +78,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 @clean_errors
 def run_command(args: argparse.Namespace) -> int:
     from smnn.benchmark.measure import environment
-    from smnn.training import resolve_device
 
     setup_logging()
     try:
-        config = job_config(args.config)
-        threads = apply_threads(config)
+        config, all_settings = job_settings(args.config, args.threads)
+        context = run_context(config)
+        threads, device = context.threads, context.device
         settings = ScalingSettings.from_config(
-            config, quick=args.quick, time_budget_s=args.time_budget
+            config, model=all_settings["sst"], quick=args.quick, time_budget_s=args.time_budget
         )
-        device = resolve_device(settings.device)
         target = tracking_target(args, config)
         out = prepare_output_dir(args.out)
     except (ValueError, RuntimeError) as exc:  # ConfigError is a ValueError

@@ -1,5 +1,5 @@
-"""Options shared by the commands that also run by hand (``smnn bench``, ``smnn standalone``):
-the ``--out`` check and the MLflow flags.
+"""Options shared by the commands that also run by hand (``smnn bench``, ``smnn standalone``,
+``smnn sst-scaling``): the ``--out`` check and the MLflow flags.
 
 Where the MLflow run goes (:func:`tracking_target`):
 
@@ -50,13 +50,19 @@ def prepare_output_dir(path: str | Path, option: str = "--out") -> Path:
 
 def add_tracking_arguments(parser: argparse.ArgumentParser, experiment: str) -> None:
     """``--rule``, ``--mlflow-uri`` and ``--no-mlflow``."""
-    parser.add_argument("--rule", default=None,
-                        help=f"workflow rule name, an MLflow tag (default: {experiment})")
-    parser.add_argument("--mlflow-uri", default=None,
-                        help="MLflow tracking URI, overriding the config and "
-                             f"{ENV_VAR} (default: see below)")
-    parser.add_argument("--no-mlflow", action="store_true",
-                        help=f"log no MLflow run (default: one run in experiment {experiment})")
+    parser.add_argument(
+        "--rule", default=None, help=f"workflow rule name, an MLflow tag (default: {experiment})"
+    )
+    parser.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help=f"MLflow tracking URI, overriding the config and {ENV_VAR} (default: see below)",
+    )
+    parser.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help=f"log no MLflow run (default: one run in experiment {experiment})",
+    )
 
 
 def _uri_target(uri: str, config: Config | None) -> TrackingTarget:
@@ -67,8 +73,10 @@ def _uri_target(uri: str, config: Config | None) -> TrackingTarget:
         results = config.get_str("paths.results")
     else:
         results = "."
-    data = {"mlflow": {"tracking_uri": uri, "artifact_location": artifacts},
-            "paths": {"results": results}}
+    data = {
+        "mlflow": {"tracking_uri": uri, "artifact_location": artifacts},
+        "paths": {"results": results},
+    }
     return resolve_tracking(Config(data, source="--mlflow-uri"), environ={})
 
 

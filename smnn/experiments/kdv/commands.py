@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from smnn.commands.common import clean_errors, job_config, setup_logging
-from smnn.commands.sst_data import peak_rss_mb
+from smnn.jobs import add_job_arguments, clean_errors, job_config, peak_rss_mb, setup_logging
 
 __all__ = ["add_parser", "run_generate", "run_import"]
 
@@ -33,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "kdv.generate (batched pseudo-spectral ETDRK4, or scipy Radau) in Dask blocks and "
         "write train, valid and test into one Zarr v3 store atomically.",
     )
-    p.add_argument("--config", required=True, help="the pipeline's YAML config file")
+    add_job_arguments(p)
     p.add_argument("--out", default=None, help="the store (default: {paths.data}/kdv.zarr)")
     p.set_defaults(func=run_generate)
 
@@ -44,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "drop or refuse all-zero trajectories (kdv.lpsda.zero_trajectories) and write train, "
         "valid and test into one Zarr v3 store atomically, with the files' sha256.",
     )
-    p.add_argument("--config", required=True, help="the pipeline's YAML config file")
+    add_job_arguments(p)
     p.add_argument("--out", default=None, help="the store (default: {paths.data}/kdv.zarr)")
     p.add_argument(
         "--directory",
@@ -84,7 +83,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from smnn.data.kdv.generate import KdvGenerateSettings, generate_kdv
 
     setup_logging()
-    config = job_config(args.config)
+    config = job_config(args.config, args.threads)
     settings = KdvGenerateSettings.from_config(config)
     out = _out_path(args, config)
     start = time.perf_counter()
@@ -98,7 +97,7 @@ def run_import(args: argparse.Namespace) -> int:
     from smnn.data.kdv.lpsda import KdvLpsdaSettings, import_lpsda
 
     setup_logging()
-    config = job_config(args.config)
+    config = job_config(args.config, args.threads)
     settings = KdvLpsdaSettings.from_config(config, directory=args.directory)
     out = _out_path(args, config)
     start = time.perf_counter()

@@ -52,7 +52,8 @@ import torch
 
 from smnn.config import Config, ConfigError
 from smnn.data.windows import RowPartners, seeded_generator
-from smnn.experiments.sst import N_ORDERS, MiTask, PairSampler, SstSettings
+from smnn.experiments.sst.settings import N_ORDERS, SstSettings
+from smnn.experiments.sst.tasks import MiTask, PairSampler
 from smnn.experiments.step_cost import (
     MB,
     StepCost,
@@ -161,9 +162,15 @@ class ScalingSettings:
 
     @classmethod
     def from_config(
-        cls, config: Config, *, quick: bool = False, time_budget_s: float | None = None
+        cls,
+        config: Config,
+        *,
+        model: SstSettings | None = None,
+        quick: bool = False,
+        time_budget_s: float | None = None,
     ) -> ScalingSettings:
-        """Read the settings; ``time_budget_s`` (a flag) overrides ``sst.scaling.time_budget``
+        """Read the settings; ``model``: the job's SST settings (built from ``config`` when
+        not given); ``time_budget_s`` (a flag) overrides ``sst.scaling.time_budget``
         (optional key), whose default is :data:`TIME_BUDGET_S` (:data:`QUICK_TIME_BUDGET_S`
         in quick mode). Quick mode times one step per case."""
         lengths = config.raw("sst.scaling.lengths")
@@ -183,7 +190,7 @@ class ScalingSettings:
             ),
             time_budget_s=float(time_budget_s),
             device=config.get_str("device", choices=("auto", "cpu", "cuda")),
-            model=SstSettings.from_config(config),
+            model=SstSettings.from_config(config) if model is None else model,
             quick=quick,
         )
 

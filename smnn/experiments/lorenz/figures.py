@@ -20,9 +20,7 @@ __all__ = ["plot_trajectories", "plot_time_series", "plot_losses", "plot_coeffic
 
 def plot_trajectories(true: np.ndarray, sim: np.ndarray, path: Path, title: str = "") -> Path:
     """``true`` ``(N, 3)`` and ``sim`` ``(n, 3)`` as 3-D curves."""
-    fig, axes = new_figure(
-        1, 2, size=(11, 5), subplot_kw={"projection": "3d"}, squeeze=False
-    )
+    fig, axes = new_figure(1, 2, size=(11, 5), subplot_kw={"projection": "3d"}, squeeze=False)
     for ax, data, label, color in (
         (axes[0, 0], true, "true equations", "tab:blue"),
         (axes[0, 1], sim, "recovered equations", "tab:orange"),
@@ -56,9 +54,14 @@ def plot_time_series(
 
 
 def plot_losses(
-    history: list[dict], step_losses: list[float], epochs_per_cycle: int, path: Path
+    history: list[dict],
+    step_losses: list[float],
+    epochs_per_cycle: int,
+    path: Path,
+    title: str = "",
 ) -> Path:
-    """Loss per epoch (left; dotted lines where a thresholding cycle starts) and per step."""
+    """Loss per epoch (left; dotted lines where a thresholding cycle starts) and per step;
+    ``title`` (e.g. the solver) above both."""
     fig, axes = new_figure(1, 2, size=(11, 4))
     epochs = [r["epoch"] for r in history]
     for key, label in (
@@ -77,13 +80,16 @@ def plot_losses(
     axes[1].set_xlabel("optimisation step")
     axes[1].set_ylabel("training loss")
     axes[1].set_title(f"first {len(step_losses)} steps")
+    if title:
+        fig.suptitle(title)
     return save_figure(fig, path)
 
 
 def plot_coefficients(
-    library: CandidateLibrary, xi: np.ndarray, truth: np.ndarray, path: Path
+    library: CandidateLibrary, xi: np.ndarray, truth: np.ndarray, path: Path, title: str = ""
 ) -> Path:
-    """Bars of the recovered ``xi`` and the true coefficients ``(n_terms, n_vars)``."""
+    """Bars of the recovered ``xi`` and the true coefficients ``(n_terms, n_vars)``;
+    ``title`` (e.g. the solver) above the panels."""
     fig, axes = new_figure(1, library.n_vars, size=(13, 4), squeeze=False)
     pos = np.arange(library.n_terms)
     for j, var in enumerate(library.variables):
@@ -96,4 +102,6 @@ def plot_coefficients(
         ax.set_xlabel("library term")
         ax.set_ylabel(f"coefficient in d{var}/dt")
     axes[0, 0].legend()
+    if title:
+        fig.suptitle(title)
     return save_figure(fig, path)

@@ -14,10 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from smnn.plotting import new_figure, save_figure
 
-__all__ = ["plot_spacetime", "plot_training_curves"]
+__all__ = ["plot_spacetime", "spacetime_figure", "plot_training_curves"]
 
 
 def _edges(centres: np.ndarray) -> tuple[float, float]:
@@ -38,6 +39,21 @@ def plot_spacetime(
     labels: Sequence[str] | None = None,
     title: str = "",
 ) -> Path:
+    """:func:`spacetime_figure` written as PNG to ``path``."""
+    fig = spacetime_figure(truth, prediction, x, t, n_given, labels=labels, title=title)
+    return save_figure(fig, path)
+
+
+def spacetime_figure(
+    truth: np.ndarray,
+    prediction: np.ndarray,
+    x: np.ndarray,
+    t: np.ndarray,
+    n_given: int,
+    *,
+    labels: Sequence[str] | None = None,
+    title: str = "",
+) -> Figure:
     """One row per trajectory: truth, prediction, prediction - truth.
 
     Args:
@@ -46,7 +62,8 @@ def plot_spacetime(
         n_given: the first steps given to the model (a dashed line above the last one).
         labels: ``n`` row titles.
 
-    Truth and prediction of a row share one colour scale, the error a symmetric one.
+    Truth and prediction of a row share one colour scale (labelled ``u``), the error a
+    symmetric one (``u error``).
     """
     truth, prediction = np.asarray(truth), np.asarray(prediction)
     if truth.shape != prediction.shape or truth.ndim != 3:
@@ -63,24 +80,24 @@ def plot_spacetime(
         err = prediction[i] - truth[i]
         e = float(np.abs(err).max()) or 1.0
         panels = (
-            ("truth", truth[i], "viridis", lo, hi),
-            ("prediction", prediction[i], "viridis", lo, hi),
-            ("prediction - truth", err, "RdBu_r", -e, e),
+            ("truth", truth[i], "viridis", lo, hi, "u"),
+            ("prediction", prediction[i], "viridis", lo, hi, "u"),
+            ("prediction - truth", err, "RdBu_r", -e, e, "u error"),
         )
-        for j, (name, values, cmap, vmin, vmax) in enumerate(panels):
+        for j, (name, values, cmap, vmin, vmax, quantity) in enumerate(panels):
             ax = axes[i, j]
             image = ax.imshow(values, origin="lower", aspect="auto", extent=extent, cmap=cmap,
                               vmin=vmin, vmax=vmax, interpolation="nearest")  # fmt: skip
             ax.axhline(0.5 * (t[i][n_given - 1] + t[i][n_given]), color="white", lw=0.8,
                        ls="--")  # fmt: skip
-            fig.colorbar(image, ax=ax, shrink=0.9)
+            fig.colorbar(image, ax=ax, shrink=0.9, label=quantity)
             ax.set_xlabel("x")
             ax.set_ylabel("t")
             head = f"{labels[i]}: {name}" if labels is not None else name
             ax.set_title(head, fontsize=9)
     if title:
         fig.suptitle(f"{title} (dashed: end of the {n_given} given steps)")
-    return save_figure(fig, path)
+    return fig
 
 
 def plot_training_curves(history: Sequence[Mapping[str, float]], path: Path, *,

@@ -1,0 +1,108 @@
+"""Training the Lorenz model: the task (:class:`LorenzTask`), what ``model.pt`` holds, and
+reading it back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smnn.data.lorenz import load_lorenz, make_windows, window_starts
+from smnn.experiments.lorenz.models import LorenzModel, WindowOde, lorenz_library
+from smnn.experiments.lorenz.settings import LorenzSettings
+
+STEP_LOSS_POINTS = 1000  # per-step losses kept for the loss-curve figure (paper Figure 3)
+
+
+class LorenzTask:
+    """The Lorenz experiment as a :class:`smnn.training.TrainingTask`."""
+
+    def __init__(
+        self,
+        settings: LorenzSettings,
+        windows: torch.Tensor,
+        solver: str,
+        device: torch.device,
+    ):
+        self.settings = settings
+        self.library = lorenz_library()
+        dtype = settings.torch_dtype
+        self.windows = windows.to(device=device, dtype=dtype)  # (N, W, 3)
+        self.model = LorenzModel(
+            settings.data.window, settings.hidden, settings.latent, self.library.n_terms, 3
+        ).to(device=device, dtype=dtype)
+        self.ode = WindowOde(solver, settings.data.window, settings.data.dt, dtype, device)
+        self.n_epochs = settings.n_epochs
+        self.n_samples = int(self.windows.shape[0])
+        self.batch_size = settings.batch_size
+
+    def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
+        return torch.optim.Adam(self.model.parameters(), lr=self.settings.lr), None
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if epoch > 0 and epoch % self.settings.epochs_per_cycle == 0:
+            self.model.apply_threshold(self.settings.threshold)
+
+    def loss_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MSE(u, x), MSE(x_hat, x)) for windows ``x`` ``(B, W, 3)``."""
+        x_hat, xi = self.model(x)
+        rhs = self.library.evaluate(x_hat) @ xi  # (B, W, 3)
+        u = self.ode(rhs, x_hat[:, 0])
+        return torch.mean((u - x) ** 2), torch.mean((x_hat - x) ** 2)
+
+    def training_step(self, indices: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        x = self.windows[indices.to(self.windows.device)]
+        loss_solution, loss_denoise = self.loss_terms(x)
+        components = {
+            "loss_solution": float(loss_solution.detach()),
+            "loss_denoise": float(loss_denoise.detach()),
+        }
+        return loss_solution + loss_denoise, components
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {"n_active_terms": float(self.model.mask.sum())}
+
+
+def build_task(
+    settings: LorenzSettings, solver: str, data_path: str | Path, device: torch.device
+) -> LorenzTask:
+    """The training task: windows of the observed trajectory in ``data_path``."""
+    ds = load_lorenz(data_path, settings.data)
+    series = ds["observed"].values
+    starts = window_starts(series.shape[0], settings.data.window, settings.max_windows)
+    windows = make_windows(series, starts, settings.data.window)
+    return LorenzTask(settings, windows, solver, device)
+
+
+def model_payload(task: LorenzTask) -> dict[str, Any]:
+    """What ``model.pt`` holds besides the training history (see the train command)."""
+    xi = task.model.coefficients().detach().cpu().double()
+    return {
+        "state_dict": {k: v.detach().cpu() for k, v in task.model.state_dict().items()},
+        "model_args": {
+            "window": task.model.window,
+            "hidden": task.settings.hidden,
+            "latent": task.settings.latent,
+            "n_terms": task.model.n_terms,
+            "n_vars": task.model.n_vars,
+        },
+        "coefficients": xi.numpy().tolist(),
+        "equations": task.library.equations(xi),
+        "terms": list(task.library.names),
+    }
+
+
+def load_model(path: str | Path) -> tuple[LorenzModel, dict[str, Any]]:
+    """Rebuild the trained model (CPU, float64) from ``model.pt``; returns (model, payload)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist (train first)")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("state_dict", "model_args"):
+        if key not in payload:
+            raise ValueError(f"{path} is not a Lorenz model file: it lacks {key!r}")
+    model = LorenzModel(**payload["model_args"]).double()
+    model.load_state_dict({k: v.double() for k, v in payload["state_dict"].items()})
+    model.eval()
+    return model, payload

@@ -269,33 +269,37 @@ def _build_rows(
 
 
 @_leaf
-def _reflect_column(a, j, q, c, taus, s):
-    """Apply the reflector stored in column j of ``a`` (rows j+1..q-1, unit at j; factor
-    ``taus[j]``) to column c (``s`` (W,) scratch)."""
+def _reflect_column(a, j, rows, nr, c, taus, s):
+    """Apply the reflector stored in column j of ``a`` (unit at row j, entries on the rows
+    ``rows[1:nr]``; factor ``taus[j]``) to column c (``s`` (W,) scratch)."""
     W = a.shape[2]
     for l in range(W):
         s[l] = a[j, c, l]
-    for i in range(j + 1, q):
+    for ii in range(1, nr):
+        i = rows[ii]
         for l in range(W):
             s[l] += a[i, j, l] * a[i, c, l]
     for l in range(W):
         s[l] *= taus[j, l]
         a[j, c, l] -= s[l]
-    for i in range(j + 1, q):
+    for ii in range(1, nr):
+        i = rows[ii]
         for l in range(W):
             a[i, c, l] -= s[l] * a[i, j, l]
 
 
 @_leaf
-def _reflector(a, j, q, taus, sig, one):
-    """Householder reflector of column j, rows j..q-1 of ``a``: writes beta = +-norm at (j, j),
-    the vector (unit first entry implied) below it and ``taus[j]`` (W,). A zero column gives
+def _reflector(a, j, rows, nr, taus, sig, one):
+    """Householder reflector of column j of ``a`` on the rows ``rows[:nr]`` (``rows[0]`` = j;
+    the column is zero on every other row below j): writes beta = +-norm at (j, j), the vector
+    (unit first entry implied) on the other rows and ``taus[j]`` (W,). A zero column gives
     tau = 0. ``sig`` (W,) scratch; ``one``: 1 in the working type."""
     W = a.shape[2]
     zero = one - one
     for l in range(W):
         sig[l] = zero
-    for i in range(j + 1, q):
+    for ii in range(1, nr):
+        i = rows[ii]
         for l in range(W):
             sig[l] += a[i, j, l] * a[i, j, l]
     for l in range(W):
@@ -306,26 +310,34 @@ def _reflector(a, j, q, taus, sig, one):
         taus[j, l] = (beta - alpha) / beta if ok else zero
         sig[l] = one / (alpha - beta) if ok else zero  # reused: the scale of the vector
         a[j, j, l] = beta
-    for i in range(j + 1, q):
+    for ii in range(1, nr):
+        i = rows[ii]
         for l in range(W):
             a[i, j, l] *= sig[l]
 
 
 @_leaf
-def _triangularise(a, q, ncx, rc, taus, with_rhs, s, one):
-    """Reflect columns 0..ncx-1 of rows 0..q-1 of ``a`` to upper triangular form, applying each
-    reflector to the later columns and (``with_rhs``) to the right-hand side at ``rc``."""
-    for j in range(min(ncx, q)):
-        _reflector(a, j, q, taus, s, one)
-        for c in range(j + 1, ncx):
-            _reflect_column(a, j, q, c, taus, s)
+def _triangularise(a, ty, sup, rc, taus, with_rhs, s, one):
+    """Reflect the columns of ``a`` to upper triangular form, as planned by :func:`supports`
+    for a block of type ``ty``: reflector j acts on the rows ``rsup[ty, j, :nrs[ty, j]]`` and
+    is applied to the columns ``csup[ty, j, :ncs[ty, j]]`` and (``with_rhs``) to the
+    right-hand side at ``rc``."""
+    rsup, nrs, csup, ncs = sup
+    for j in range(nrs.shape[1]):
+        nr = nrs[ty, j]
+        if nr == 0:
+            break
+        rows = rsup[ty, j]
+        _reflector(a, j, rows, nr, taus, s, one)
+        for cc in range(ncs[ty, j]):
+            _reflect_column(a, j, rows, nr, csup[ty, j, cc], taus, s)
         if with_rhs:
-            _reflect_column(a, j, q, rc, taus, s)
+            _reflect_column(a, j, rows, nr, rc, taus, s)
 
 
 @_leaf
 def _factor_group(
-    g, coef, steps, rhs_eq, init, T, D, S, K, central, wts, finv, with_rhs,
+    g, coef, steps, rhs_eq, init, T, D, S, K, central, wts, finv, with_rhs, btype, sup,
     rs, refl, taus_out, failed_at, bad_input, out,
     a, da, kind, aux, chk, taus, cn2, carried, dead, wsol, ux, sysl, coll, sg, sl, sv, ordv,
 ):  # fmt: skip
@@ -371,7 +383,7 @@ def _factor_group(
             for i in range(q):
                 for l in range(W):
                     cn2[j, l] += a[i, j, l] * a[i, j, l]
-        _triangularise(a, q, ncx, rc, taus, with_rhs, sv[0], ordv[1])
+        _triangularise(a, btype[t], sup, rc, taus, with_rhs, sv[0], ordv[1])
         # rank check, then R_t, S_t (NaN diagonal from a failed block on)
         for j in range(nb):
             for l in range(W):
@@ -520,7 +532,8 @@ def _read_block(src, t, G, n, T, sysl, coll, dst):
 @_kernel
 def forward(
     coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, central, wts, finv,
-    width, with_rhs, out, rs, refl, taus_out, failed_at, bad_input, n_workers,
+    btype, rsup, nrs, csup, ncs, width, with_rhs, out, rs, refl, taus_out, failed_at, bad_input,
+    n_workers,
 ):  # fmt: skip
     """Assemble and triangularise block by block; with ``with_rhs`` also solve.
 
@@ -561,7 +574,7 @@ def forward(
         while g < n_groups:
             _factor_group(
                 g, coef, steps, rhs_eq, init, T, D, S, K, central, wts, finv, with_rhs,
-                rs, refl, taus_out, failed_at, bad_input, out,
+                btype, (rsup, nrs, csup, ncs), rs, refl, taus_out, failed_at, bad_input, out,
                 a, da, kind, aux, chk, taus, cn2, carried, dead, wsol, ux, sysl, coll, sg, sl,
                 sv, ordv,
             )  # fmt: skip
@@ -571,7 +584,7 @@ def forward(
 @_kernel
 def solve(
     coef, steps, rhs_eq, init, n_steps, n_dims, n_init_steps, n_init_orders, central, wts, finv,
-    width, rs, refl, taus_in, out, bad_input, n_workers,
+    btype, rsup, nrs, csup, ncs, width, rs, refl, taus_in, out, bad_input, n_workers,
 ):  # fmt: skip
     """u (N, T, m, P) for the right-hand sides of (``rhs_eq``, ``init``) with the reflectors and
     [R | S] of :func:`forward` without right-hand sides (by groups of systems): each block's
@@ -615,22 +628,27 @@ def solve(
                 for i in range(nb):
                     for l in range(W):
                         a[i, rc, l] = a[nb + i, rc, l] if t > 0 else 0
-                q = _build_rows(
+                _build_rows(
                     t, nb, T, D, R, S, K, central, coef, steps, rhs_eq, init, sysl, coll,
                     wts, finv, a, da, kind, aux, chk, True, False, rc, sv, ordv,
                 )  # fmt: skip
-                ncx = nb if t == TB - 1 else 2 * nb
-                for j in range(min(ncx, q)):
+                ty = btype[t]
+                for j in range(nrs.shape[1]):
+                    nr = nrs[ty, j]
+                    if nr == 0:
+                        break
                     for l in range(W):
                         tau[l] = taus_in[sg[l], t, j, sl[l]]
                         s[l] = a[j, rc, l]
-                    for i in range(j + 1, q):
+                    for ii in range(1, nr):
+                        i = rsup[ty, j, ii]
                         for l in range(W):
                             s[l] += refl[sg[l], t, i, j, sl[l]] * a[i, rc, l]
                     for l in range(W):
                         s[l] *= tau[l]
                         a[j, rc, l] -= s[l]
-                    for i in range(j + 1, q):
+                    for ii in range(1, nr):
+                        i = rsup[ty, j, ii]
                         for l in range(W):
                             a[i, rc, l] -= s[l] * refl[sg[l], t, i, j, sl[l]]
                 for i in range(nb):
@@ -806,3 +824,68 @@ def sum_items(partials, n_columns, out):
         for p in range(1, n_columns):
             for j in range(k):
                 out[i, j] += partials[i * n_columns + p, j]
+
+
+@njit(cache=True)
+def _pattern(t, T, D, R, E, S, K, central):
+    """The rows of block t built from values that are never zero (one lane): their nonzero
+    entries are the structure of every block of t's type; returns (rows, row count)."""
+    G, nb, TB, pmax = block_sizes(T, D, R, E, K, central)
+    m = D * R
+    a = np.zeros((pmax, 2 * nb + 1, 1))
+    da = np.empty((0, 2 * nb + 1, 1))
+    kind = np.empty((pmax, 2), dtype=np.int64)
+    aux = np.empty((pmax, 2), dtype=np.int64)
+    chk = np.zeros(1)
+    sysl = np.zeros(1, dtype=np.int64)
+    sv, ordv = _scratch(R, 1, np.float64)
+    finv = np.ones(R)
+    wts = np.ones(3)
+    coef = np.ones((1, 1, E, m))
+    steps = np.full((1, 1), 0.5)
+    rhs = np.ones((1, 1, E, 1))
+    init = np.ones((1, 1, max(D * K, 1), 1))
+    q = _build_rows(
+        t, nb, T, D, R, S, K, central, coef, steps, rhs, init, sysl, sysl, wts, finv,
+        a, da, kind, aux, chk, True, False, 2 * nb, sv, ordv,
+    )  # fmt: skip
+    return a[:, :, 0], q
+
+
+def supports(T, D, R, E, S, K, central):
+    """The plan of the reflections (a symbolic Householder QR of the block's structure).
+
+    Returns ``btype`` (TB,) int64, the type of every block (blocks of one type have the same
+    rows), and per type and reflector j: ``rsup`` (NT, 2nb, pmax) the rows it acts on (j
+    first), ``nrs`` (NT, 2nb) their count (0 past the last reflector), ``csup`` (NT, 2nb, 2nb)
+    the later columns with a nonzero on those rows, ``ncs`` (NT, 2nb) their count. Rows and
+    columns outside a reflector's plan hold exact zeros there, so skipping them changes no
+    result; the carried triangle is taken as a full upper triangle."""
+    G, nb, TB, pmax = block_sizes(T, D, R, E, K, central)
+    t = np.arange(TB)
+    keys = (t == TB - 1).astype(np.int64)
+    for gs in range(G):
+        s = t * G + gs
+        keys = keys * 16 + (s < T) * 8 + (s < S) * 4 + (s + 1 < T) * 2 + (s + 2 < T)
+    unique, first, btype = np.unique(keys, return_index=True, return_inverse=True)
+    NT = len(unique)
+    rsup = np.zeros((NT, 2 * nb, pmax), dtype=np.int64)
+    nrs = np.zeros((NT, 2 * nb), dtype=np.int64)
+    csup = np.zeros((NT, 2 * nb, 2 * nb), dtype=np.int64)
+    ncs = np.zeros((NT, 2 * nb), dtype=np.int64)
+    for ty, tb in enumerate(first):
+        a, q = _pattern(int(tb), T, D, R, E, S, K, central)
+        pat = a[:q, : 2 * nb] != 0
+        pat[:nb, :nb] = np.triu(np.ones((nb, nb), dtype=bool))
+        ncx = nb if tb == TB - 1 else 2 * nb
+        for j in range(min(ncx, q)):
+            rows = [j] + [i for i in range(j + 1, q) if pat[i, j]]
+            cols = [c for c in range(j + 1, ncx) if pat[rows, c].any()]
+            rsup[ty, j, : len(rows)] = rows
+            nrs[ty, j] = len(rows)
+            csup[ty, j, : len(cols)] = cols
+            ncs[ty, j] = len(cols)
+            for c in cols:
+                pat[rows, c] = True
+            pat[rows[1:], j] = False
+    return btype.astype(np.int64).reshape(TB), rsup, nrs, csup, ncs

@@ -87,6 +87,18 @@ class _Sizes:
         T, D = self.n_steps, self.n_dims
         return T, D, self.n_init_steps, self.n_init_orders, self.central, wts, finv
 
+    def plan(self, n_equations: int) -> tuple:
+        """The reflections' plan of :func:`qr_lane_kernels.supports` (made once per setting)."""
+        return _plan(
+            self.n_steps,
+            self.n_dims,
+            self.n_orders,
+            n_equations,
+            self.n_init_steps,
+            self.n_init_orders,
+            self.central,
+        )
+
     def blocks(self, n_equations: int) -> tuple[int, int, int, int]:
         """(G, nb, TB, pmax) of :func:`qr_lane_kernels.block_sizes`."""
         return kernels.block_sizes(
@@ -97,6 +109,11 @@ class _Sizes:
             self.n_init_orders,
             self.central,
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(T: int, D: int, R: int, E: int, S: int, K: int, central: bool) -> tuple:
+    return kernels.supports(T, D, R, E, S, K, central)
 
 
 @functools.lru_cache(maxsize=64)
@@ -225,8 +242,8 @@ class QrLaneFactor:
                 self.steps.numpy(),
                 rhs_eq.numpy(),
                 init.numpy(),
-                *self.sizes.args(dtype)[:5],
-                *self.sizes.args(dtype)[5:],
+                *self.sizes.args(dtype),
+                *self.sizes.plan(self.coef.shape[2]),
                 W,
                 self.rs.numpy(),
                 self.refl.numpy(),
@@ -263,6 +280,7 @@ def _factorize(coef: torch.Tensor, steps: torch.Tensor, sizes: _Sizes) -> QrLane
         _empty(dtype, N, 1, E, 0).numpy(),
         _empty(dtype, N, 1, 0, 0).numpy(),
         *sizes.args(dtype),
+        *sizes.plan(E),
         W,
         False,
         _empty(dtype, N, sizes.n_steps, coef.shape[3], 0).numpy(),
@@ -321,6 +339,7 @@ class _QrLaneSolve(torch.autograd.Function):
                     rhs_eq.numpy(),
                     init.numpy(),
                     *sizes.args(dtype),
+                    *sizes.plan(E),
                     W,
                     True,
                     x.numpy(),

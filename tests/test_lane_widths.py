@@ -1,17 +1,17 @@
-"""The lane kernels at two widths: 32 lanes (smnn.solver.lane_kernels) and the same source at 8
-lanes (smnn.solver.narrow_lanes) for calls with few systems. Both are checked against the dense
+"""The lane kernels at two widths, both generated from one source (smnn.solver.lane_kernels,
+lane_ops): 32 lanes, and 8 lanes for calls with few systems. Both are checked against the dense
 reference, and against each other bit for bit where no sum over jobs depends on the width."""
 
 from __future__ import annotations
 
-import re
+import ast
 
 import pytest
 import torch
 from conftest import random_problem, rel_err
 
 from smnn import ode_forward
-from smnn.solver import fused, lane_kernels, narrow_lanes
+from smnn.solver import fused, lane_kernels, lane_ops
 from smnn.solver.reference import dense_reference
 
 LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
@@ -19,7 +19,7 @@ LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
 
 def _solve(inputs, width: int, monkeypatch, **kw):
     """u and the gradients of a weighted sum of u, with the kernels of ``width`` lanes."""
-    monkeypatch.setattr(fused, "kernels_for", lambda N, P: narrow_lanes.kernels(width))
+    monkeypatch.setattr(fused, "kernels_for", lambda N, P: lane_kernels.kernels(width))
     inputs = [x.detach().clone().requires_grad_() for x in inputs]
     u = ode_forward(*inputs, **kw)
     weight = torch.randn(u.shape, generator=torch.Generator().manual_seed(3), dtype=u.dtype)
@@ -27,39 +27,48 @@ def _solve(inputs, width: int, monkeypatch, **kw):
     return u.detach(), grads, inputs, weight
 
 
-def test_narrow_source_spells_out_eight_lanes():
-    source = open(lane_kernels.__file__).read()
-    narrow = narrow_lanes.narrow_source(source, 8)
-    assert re.search(r"^LANES = 8\b", narrow, re.MULTILINE)
-    chunk = int(re.search(r"^_CHUNK_VALUES = (\d+)$", source, re.MULTILINE).group(1))
-    assert f"\n_CHUNK_VALUES = {chunk * lane_kernels.LANES // 8}\n" in narrow
-    assert max(int(k) for k in re.findall(r"\[(\d+)\]", narrow)) == 7
-    assert max(int(k) for k in re.findall(r"\[(\d+)\]", source)) == lane_kernels.LANES - 1
-    # every line of the narrow source is one of the wide source's, in order
-    wide_lines = iter(source.split("\n"))
-    changed = {"LANES", "_CHUNK_VALUES"}
-    for line in narrow.split("\n"):
-        if line.split(" = ")[0] in changed:
-            continue
-        assert any(line == w for w in wide_lines), line
-    with pytest.raises(ValueError, match="width must divide 32"):
-        narrow_lanes.narrow_source(source, 12)
+def test_helpers_are_generated_for_any_width():
+    """Every helper of the table is spelled out lane by lane as one tuple assignment (or one
+    returned tuple) over exactly ``width`` lanes; nothing else depends on the width."""
+    for width in (1, 8, 32):
+        source = lane_ops.helper_source(width)
+        tree = ast.parse(source)
+        assert f"\nLANES = {width}\n" in source
+        defs = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+        assert set(lane_ops.LANE_OPS) <= set(defs)
+        for name in lane_ops.LANE_OPS:
+            stmt = defs[name].body[-1]
+            values = stmt.value if isinstance(stmt, (ast.Assign, ast.Return)) else None
+            assert isinstance(values, ast.Tuple) and len(values.elts) == width, name
+            # lane k touches index k only (for the gather: index[k])
+            for k, elt in enumerate(values.elts):
+                lanes = {n.value for n in ast.walk(elt) if isinstance(n, ast.Constant)}
+                assert lanes <= {k, 1}, (name, k, lanes)
+    add = lane_ops.LANE_OPS["_add_product"].source("_add_product", 2)
+    assert "(dst[0], dst[1],) = (dst[0] + a[0] * b[0], dst[1] + a[1] * b[1],)" in add
+    with pytest.raises(ValueError, match="width must be a positive int"):
+        lane_ops.helper_source(0)
 
 
-def test_generated_module_lives_in_the_cache_dir():
-    module = narrow_lanes.kernels(8)
-    assert module.LANES == 8
-    assert narrow_lanes.kernels(8) is module
-    assert narrow_lanes.kernels(lane_kernels.LANES) is lane_kernels
-    assert str(narrow_lanes.cache_dir()) in module.__file__
+def test_both_widths_come_from_one_source():
+    narrow, wide = lane_kernels.kernels(8), lane_kernels.kernels(32)
+    assert (narrow.LANES, wide.LANES) == (8, 32)
+    assert lane_kernels.kernels(8) is narrow
+    assert narrow._CHUNK_VALUES * 8 == wide._CHUNK_VALUES * 32  # the same bytes per chunk
+    body = lane_kernels.SOURCE.read_text()
+    for module in (narrow, wide):
+        text = open(module.__file__).read()
+        assert str(lane_ops.cache_dir()) in module.__file__
+        assert text.endswith(body)
+        assert lane_ops.helper_source(module.LANES, lane_kernels.OPS) in text
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("SMNN_CACHE_DIR", str(tmp_path / "c"))
-    assert narrow_lanes.cache_dir() == tmp_path / "c"
+    assert lane_ops.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("SMNN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert narrow_lanes.cache_dir() == tmp_path / "x" / "smnn"
+    assert lane_ops.cache_dir() == tmp_path / "x" / "smnn"
 
 
 def test_width_choice():

@@ -31,7 +31,7 @@ torch.set_num_threads(int(os.environ["SMNN_TEST_THREADS"]))
 from conftest import random_problem
 
 from smnn import factorize, ode_forward
-from smnn.solver import lane_kernels, narrow_lanes
+from smnn.solver import lane_kernels
 
 digests = {}
 raw = bytearray()
@@ -80,7 +80,7 @@ stats = {
         sum(getattr(getattr(module, name).stats, kind).values())
         for kind in ("cache_hits", "cache_misses")
     ]
-    for module in (lane_kernels, narrow_lanes.kernels())
+    for module in (lane_kernels.kernels(32), lane_kernels.kernels(8))
     for name in ("forward", "backward", "forward_central", "solve")
 }
 with open(sys.argv[1], "wb") as f:

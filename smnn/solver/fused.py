@@ -26,7 +26,7 @@ pattern), lanes of systems would sit mostly empty and leave threads idle; then t
 substitutes ``LANES`` columns of one system (:func:`lanes_are_columns` decides by the work per
 thread). With fewer than 64 systems (or columns) the padding of 32-lane groups would cost as much
 as real lanes: such calls run the same kernels compiled at 8 lanes (:func:`kernels_for`,
-:mod:`smnn.solver.narrow_lanes`); ``ode_forward`` gives the same bits at either width.
+``lane_kernels.kernels(8)``); ``ode_forward`` gives the same bits at either width.
 
 Input values are checked inside the kernels while they read them (non-finite values, steps
 <= 0); when one is found, the usual checks of :func:`smnn.solver.inputs.check_values_of` run on
@@ -43,7 +43,7 @@ import numba
 import torch
 from torch.autograd.function import once_differentiable
 
-from smnn.solver import hugepages, lane_kernels, narrow_lanes
+from smnn.solver import hugepages, lane_kernels
 from smnn.solver.banded import raise_if_failed
 from smnn.solver.blocks import taylor_gram_matrices
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
@@ -103,7 +103,7 @@ def lanes_are_columns(n_systems: int, n_columns: int, width: int = LANES) -> boo
 def kernels_for(n_systems: int, n_columns: int):
     """The lane kernels for a call: the wide ones (:mod:`lane_kernels`, ``LANES`` lanes) when
     the lanes' items (systems, or columns when :func:`lanes_are_columns`) fill at least two wide
-    groups, else the same kernels at 8 lanes (:mod:`smnn.solver.narrow_lanes`; 8 systems of
+    groups, else the same kernels at 8 lanes (``lane_kernels.kernels(8)``; 8 systems of
     T = 65,536 steps: 136 ms against 424 ms at 32 lanes; from 64 systems on, 32 lanes are as fast
     or faster). Given the layout (:func:`lanes_are_columns`, which weighs the threads), the width
     does not depend on the thread count. Lanes of systems give the same
@@ -112,8 +112,8 @@ def kernels_for(n_systems: int, n_columns: int):
     N, P = n_systems, n_columns
     items = N * P if lanes_are_columns(N, P) else N
     if items >= 2 * LANES:
-        return lane_kernels
-    return narrow_lanes.kernels()
+        return lane_kernels.kernels(LANES)
+    return lane_kernels.kernels(lane_kernels.NARROW_LANES)
 
 
 def _run_kernel(kernel, n_jobs: int, *args) -> None:
@@ -195,7 +195,7 @@ class LaneFactor:
     failed_at: torch.Tensor
     l1: torch.Tensor | None = None
     l2: torch.Tensor | None = None
-    kernels: ModuleType = lane_kernels
+    kernels: ModuleType | None = None  # lane_kernels.kernels(width) that made the factor
     _replicated: tuple | None = field(default=None, repr=False)
 
     @property
@@ -289,20 +289,12 @@ class LaneFactor:
             _run_kernel(
                 self.kernels.solve,
                 n_jobs,
-                chol.numpy(),
-                rdiag.numpy(),
-                l1.numpy(),
-                l2.numpy(),
+                lane_kernels.Factor(chol.numpy(), rdiag.numpy(), l1.numpy(), l2.numpy()),
                 self.central,
-                self.steps.numpy(),
-                coef.numpy(),
-                rhs_eq.numpy(),
-                init.numpy(),
+                lane_kernels.Inputs(coef.numpy(), self.steps.numpy(), rhs_eq.numpy(), init.numpy()),
                 rhs.numpy(),
-                S,
-                K,
-                self.constants[2],
-                self.constants[3],
+                lane_kernels.Sizes(T, 0, S, K),
+                lane_kernels.Constants(*self.constants),
                 columns,
                 out.numpy(),
                 bad_input.numpy(),
@@ -323,10 +315,11 @@ class _Outcome:
 
 
 def _factor_kernel(
-    coef, steps, rhs_eq, init, sizes: _Sizes, x: torch.Tensor, kernels: ModuleType = lane_kernels
+    coef, steps, rhs_eq, init, sizes: _Sizes, x: torch.Tensor, kernels: ModuleType | None = None
 ) -> LaneFactor:
     """Run the forward kernel of ``kernels`` (``x`` (N, T, m, P); P = 0: factorize only).
     Returns the factor with ``bad_input`` set."""
+    kernels = kernels or lane_kernels.kernels()
     N, m = coef.shape[0], coef.shape[3]
     T, W, D = sizes.n_steps, kernels.LANES, sizes.n_dims
     G = -(-N // W)
@@ -341,27 +334,17 @@ def _factor_kernel(
         failed_at=torch.empty(N, dtype=torch.int64),
         kernels=kernels,
     )
-    couplings = ()
     if sizes.central:
         factor.l1 = hugepages.empty((G, T, m, m, W), dtype)
         factor.l2 = hugepages.empty((G, T, D, m, W), dtype)
-        couplings = (factor.l1.numpy(), factor.l2.numpy())
     bad_input = torch.zeros(G, dtype=torch.int64)
     _run_kernel(
         kernels.forward_central if sizes.central else kernels.forward,
         G,
-        coef.numpy(),
-        steps.numpy(),
-        rhs_eq.numpy(),
-        init.numpy(),
-        T,
-        sizes.n_dims,
-        sizes.n_init_steps,
-        sizes.n_init_orders,
-        *constants,
-        factor.chol.numpy(),
-        factor.rdiag.numpy(),
-        *couplings,
+        lane_kernels.Inputs(coef.numpy(), steps.numpy(), rhs_eq.numpy(), init.numpy()),
+        lane_kernels.Sizes(T, sizes.n_dims, sizes.n_init_steps, sizes.n_init_orders),
+        lane_kernels.Constants(*constants),
+        lane_kernels.Factor(*(a.numpy() for a in factor.layout(False))),
         x.numpy(),
         factor.failed_at.numpy(),
         bad_input.numpy(),
@@ -429,23 +412,17 @@ class _FusedLaneSolve(torch.autograd.Function):
                 n_jobs,
                 grad_x.numpy(),
                 x.numpy(),
-                coef.numpy(),
-                steps.numpy(),
-                rhs_eq.numpy(),
-                sizes.n_dims,
-                sizes.n_init_steps,
-                sizes.n_init_orders,
-                *factor.constants,
-                chol.numpy(),
-                rdiag.numpy(),
-                l1.numpy(),
-                l2.numpy(),
+                lane_kernels.Inputs(coef.numpy(), steps.numpy(), rhs_eq.numpy(), init.numpy()),
+                lane_kernels.Sizes(
+                    sizes.n_steps, sizes.n_dims, sizes.n_init_steps, sizes.n_init_orders
+                ),
+                lane_kernels.Constants(*factor.constants),
+                lane_kernels.Factor(chol.numpy(), rdiag.numpy(), l1.numpy(), l2.numpy()),
                 factor.central,
                 columns,
-                grad_coef.numpy(),
-                grad_steps.numpy(),
-                grad_rhs_eq.numpy(),
-                grad_init.numpy(),
+                lane_kernels.Gradients(
+                    grad_coef.numpy(), grad_steps.numpy(), grad_rhs_eq.numpy(), grad_init.numpy()
+                ),
             )
         else:
             for g in (grad_coef, grad_steps):
@@ -460,7 +437,7 @@ class _FusedLaneSolve(torch.autograd.Function):
 def _sum_jobs(partials: torch.Tensor, n_systems: int, n_column_groups: int) -> torch.Tensor:
     """(N * Q, ...) per-job partial sums -> (N, ...), summed in job order (deterministic)."""
     out = torch.empty((n_systems, *partials.shape[1:]), dtype=partials.dtype)
-    lane_kernels.sum_job_partials(
+    lane_kernels.kernels().sum_job_partials(
         partials.reshape(partials.shape[0], -1).numpy(),
         n_column_groups,
         out.view(n_systems, -1).numpy(),

@@ -4,6 +4,8 @@
   cyclic reduction, custom backward pass). On CPU with numba both run on the lane kernels
   (:mod:`smnn.solver.fused`); otherwise on batched torch ops (:mod:`smnn.solver.banded`,
   :mod:`smnn.solver.cyclic`). numba is optional. Every factorization is a :class:`Factor`.
+  ``method='qr'`` (the default for float32) is the orthogonal solve of :mod:`smnn.solver.qr`,
+  which never forms the normal equations.
 - :func:`clear_frozen_lhs_cache`: empty the bounded cache behind ``frozen_lhs_cache_version``.
 - :func:`dense_reference`: the slow, obviously correct oracle (rows of A built one by one).
 - :func:`mnn_dense`, :func:`mnn_cg`: the original MNN solvers, for comparisons.

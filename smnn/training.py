@@ -16,8 +16,11 @@ with ``128 + signal`` (143 for SIGTERM) so the scheduler can requeue the job.
 Checkpoint files (in ``checkpoint_dir``): ``last.pt`` (the newest), ``previous.pt`` (the one
 before it: a hard link to the old ``last.pt`` is renamed over ``previous.pt`` before the new
 ``last.pt`` is renamed into place, so both always exist once two were written), ``run.json`` (the
-MLflow run id, the identity, running/finished) and ``train.lock``. When ``last.pt`` cannot be
-loaded (truncated, unreadable, another format or configuration) :meth:`Trainer.restore` warns,
+MLflow run id, the identity, running/finished) and ``train.lock``; a finished job removes them
+all (:meth:`Trainer.mark_finished`). Every checkpoint is checked before use: the CRC-32 of every
+member of its zip archive (:func:`smnn.io.load_torch_verified`; ``torch.load`` alone never checks
+them). When ``last.pt`` cannot be loaded (truncated, flipped bytes, unreadable, another format or
+configuration) :meth:`Trainer.restore` warns,
 naming the file, moves it aside to ``last.pt.corrupt`` and resumes from ``previous.pt``; when
 neither loads it warns and starts afresh (a new MLflow run), so a requeued job never crash-loops.
 What happened is in :attr:`Trainer.recovery_notes` and :attr:`Trainer.recovered_from`.
@@ -65,7 +68,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from smnn.io import atomic_torch_save, atomic_write_json, fsync_dir, read_json
+from smnn.io import (
+    atomic_torch_save,
+    atomic_write_json,
+    fsync_dir,
+    load_torch_verified,
+    read_json,
+)
 from smnn.memory import measure_peak_memory
 
 __all__ = [
@@ -256,21 +265,30 @@ class CheckpointLock:
         """
         if self._file is not None:
             return self
-        self.directory.mkdir(parents=True, exist_ok=True)
-        f = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise CheckpointLocked(self.directory, self._wait_for_holder()) from None
-        except OSError as exc:
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+        while True:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            f = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+b")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
                 f.close()
-                raise
-            log.warning(
-                "cannot lock %s (%s): this file system has no flock; make sure only one "
-                "training process uses %s", self.path, exc, self.directory,
-            )  # fmt: skip
+                raise CheckpointLocked(self.directory, self._wait_for_holder()) from None
+            except OSError as exc:
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    f.close()
+                    raise
+                log.warning(
+                    "cannot lock %s (%s): this file system has no flock; make sure only one "
+                    "training process uses %s", self.path, exc, self.directory,
+                )  # fmt: skip
+                break
+            try:  # a finishing job removes its lock file: lock the file that is in place
+                same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -422,6 +440,12 @@ class Trainer:
             no checkpoint loaded); empty when all was well. Each was also logged as a warning.
         recovered_from: the path of the checkpoint resumed from when it was not ``last.pt``
             (i.e. ``previous.pt`` after ``last.pt`` failed to load), else None.
+        notices: things the user should know about the settings, one line each (a batch size
+            larger than the data: optional task attribute ``batch_size_key`` names its config
+            key); each was also logged as a warning.
+        abandoned_runs: ``(MLflow run id, why)`` of the runs :meth:`restore` gave up (no
+            checkpoint loaded, or the checkpoints were of another configuration); the caller
+            ends them (:func:`smnn.tracking.end_abandoned_runs`) so none stays RUNNING.
     """
 
     def __init__(self, task: TrainingTask, settings: TrainerSettings):
@@ -436,6 +460,15 @@ class Trainer:
         self.lock = CheckpointLock(settings.checkpoint_dir)
         self.recovery_notes: list[str] = []
         self.recovered_from: str | None = None
+        self.abandoned_runs: list[tuple[str, str]] = []
+        self.notices: list[str] = []
+        if task.batch_size > task.n_samples:
+            key = getattr(task, "batch_size_key", None) or "the batch size"
+            self.notices.append(
+                f"{key} is {task.batch_size}, more than the {task.n_samples} training samples: "
+                f"every step uses all {task.n_samples} (one step per epoch)"
+            )
+            log.warning("%s", self.notices[-1])
         self._reset_progress()
         self.run_id: str | None = None
 
@@ -537,14 +570,24 @@ class Trainer:
         self.acquire()
         self.recovery_notes = []
         self.recovered_from = None
+        self.abandoned_runs = []
         ckdir = self.settings.checkpoint_dir
         run_info = self._read_run_file()
         if run_info is None:
             self._clear_directory()
             return None
         if run_info.get("identity") != self._identity() or run_info.get("status") == "finished":
-            why = "finished" if run_info.get("status") == "finished" else "another configuration"
+            finished = run_info.get("status") == "finished"
+            why = "finished" if finished else "another configuration"
             log.info("discarding checkpoints in %s (%s)", ckdir, why)
+            if not finished and run_info.get("run_id"):
+                self.abandoned_runs.append(
+                    (
+                        str(run_info["run_id"]),
+                        f"its checkpoints in {ckdir} were of another configuration; a new run "
+                        "started there",
+                    )
+                )
             self._clear_directory()
             return None
         self.run_id = run_info.get("run_id")
@@ -567,9 +610,17 @@ class Trainer:
         self._note(
             f"no usable checkpoint in {ckdir} ({', '.join(p.name for p in failed)} failed): "
             f"starting afresh in a new MLflow run"
-            + (f" (run {self.run_id} of the lost checkpoints is left as it is)" if self.run_id
+            + (f" (run {self.run_id} of the lost checkpoints is ended KILLED)" if self.run_id
                else "")
         )  # fmt: skip
+        if self.run_id:
+            self.abandoned_runs.append(
+                (
+                    self.run_id,
+                    f"no checkpoint in {ckdir} could be loaded "
+                    f"({', '.join(p.name for p in failed)} damaged); a new run started afresh",
+                )
+            )
         self._clear_directory()
         self.run_id = None
         return None
@@ -604,13 +655,33 @@ class Trainer:
         )
 
     def mark_finished(self) -> None:
-        """Mark the job done (a later start with this directory begins a fresh run) and release
-        the directory's lock."""
+        """The job is done: discard its checkpoints, ``run.json`` and ``train.lock`` (a later
+        start with this directory begins a fresh run) and release the directory's lock.
+
+        ``run.json`` is first marked finished, so a crash while the files are removed still
+        leaves a directory that a later start treats as finished. The lock file is removed
+        while the lock is held: a process that opened the old file fails to lock it and reports
+        this one, and one that starts afterwards creates a new lock file (see
+        :meth:`CheckpointLock.acquire`, which checks that its locked file is still in place).
+        """
         atomic_write_json(
             {"run_id": self.run_id, "identity": self._identity(), "status": "finished"},
             self.run_file,
         )
+        ckdir = self.settings.checkpoint_dir
+        for path in (self.checkpoint_path, self.previous_path):
+            path.unlink(missing_ok=True)
+        corrupt = self.checkpoint_path.with_name(CHECKPOINT_NAME + CORRUPT_SUFFIX)
+        corrupt.unlink(missing_ok=True)
+        self.run_file.unlink(missing_ok=True)
+        if self.lock.held:
+            self.lock.path.unlink(missing_ok=True)
         self.release()
+        try:
+            ckdir.rmdir()  # only when empty (nothing but the job's files was in it)
+        except OSError:
+            pass
+        fsync_dir(ckdir.parent)
 
     def _save_checkpoint(self) -> None:
         state = {
@@ -650,7 +721,7 @@ class Trainer:
 
     def _read_checkpoint(self, path: Path) -> dict[str, Any]:
         """Load ``path`` and check it is a checkpoint of this job (raises when not)."""
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = load_torch_verified(path, self.device, "skipping it")
         if not isinstance(state, dict):
             raise ValueError(f"holds a {type(state).__name__}, not a checkpoint")
         if state.get("format_version") != FORMAT_VERSION:

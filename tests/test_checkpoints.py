@@ -319,3 +319,122 @@ def test_lock_within_one_process(tmp_path):
     assert second.restore() is None  # finished: a fresh run
     second.release()
     second.release()  # idempotent
+
+
+# ------------------------------------------------------------------ flipped bytes, verified loads
+
+
+def _flip_tensor_bytes(path: Path, member_prefix: str = "data/") -> str:
+    """Flip bytes in the middle of the largest tensor member of a torch zip archive, leaving the
+    zip structure intact (what ``torch.load`` alone would load as wrong numbers). Returns the
+    member's name."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        infos = [i for i in archive.infolist() if f"/{member_prefix}" in i.filename]
+        info = max(infos, key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        start = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(start)
+        chunk = f.read(8)
+        f.seek(start)
+        f.write(bytes(b ^ 0x5A for b in chunk))
+    return info.filename
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    """Every tensor inside a nested checkpoint, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _tensors(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def test_flipped_bytes_are_caught_although_torch_load_accepts_them(tmp_path):
+    from smnn.io import StoreError, load_torch_verified
+
+    _train(tmp_path, epochs=2)
+    good = _tensors(torch.load(tmp_path / "last.pt", weights_only=False))
+    member = _flip_tensor_bytes(tmp_path / "last.pt")
+    bad = _tensors(torch.load(tmp_path / "last.pt", weights_only=False))  # loads silently ...
+    assert len(good) == len(bad)
+    # ... with wrong numbers
+    assert any(not torch.equal(a, b) for a, b in zip(good, bad, strict=True))
+    with pytest.raises(StoreError, match="CRC-32") as exc:
+        load_torch_verified(tmp_path / "last.pt", remedy="rerun the rule train_x")
+    assert str(tmp_path / "last.pt") in str(exc.value) and "rerun the rule train_x" in str(
+        exc.value
+    )
+    assert member in str(exc.value)
+
+
+def test_flipped_last_resumes_from_previous_like_a_truncated_one(tmp_path, reference):
+    _train(tmp_path, epochs=3)
+    _flip_tensor_bytes(tmp_path / "last.pt")
+    t = _trainer(tmp_path)
+    assert t.restore() == "run-1"
+    assert t.epoch == 2 and t.recovered_from == str(tmp_path / "previous.pt")
+    assert "CRC-32" in t.recovery_notes[0] and str(tmp_path / "last.pt") in t.recovery_notes[0]
+    assert (tmp_path / "last.pt.corrupt").exists()
+    t.attach_run("run-1")
+    result = t.fit()
+    t.release()
+    np.testing.assert_array_equal([r["train_loss"] for r in result.history], reference[0])
+
+
+def test_both_damaged_ends_the_abandoned_run(tmp_path):
+    _train(tmp_path, epochs=3)
+    _flip_tensor_bytes(tmp_path / "last.pt")
+    _truncate_to_half(tmp_path / "previous.pt")
+    t = _trainer(tmp_path)
+    assert t.restore() is None
+    assert len(t.abandoned_runs) == 1
+    run_id, why = t.abandoned_runs[0]
+    assert run_id == "run-1" and "no checkpoint" in why and str(tmp_path) in why
+    t.release()
+
+
+def test_another_configuration_abandons_its_run(tmp_path):
+    _train(tmp_path, epochs=1)
+    seed_everything(0)
+    settings = TrainerSettings(
+        tmp_path, seed=5, device=torch.device("cpu"), identity={"job": "other"}, progress=False
+    )
+    t = Trainer(_TinyTask(), settings)
+    assert t.restore() is None
+    assert [r for r, _ in t.abandoned_runs] == ["run-1"]
+    assert "another configuration" in t.abandoned_runs[0][1]
+    t.release()
+
+
+def test_finished_job_leaves_no_checkpoints_or_lock(tmp_path):
+    ckdir = tmp_path / "checkpoints"
+    t = _trainer(ckdir, max_epochs=2)
+    with t:
+        assert t.restore() is None
+        t.attach_run("run-1")
+        t.fit()
+        assert (ckdir / "last.pt").exists() and (ckdir / "train.lock").exists()
+        t.mark_finished()
+    assert not ckdir.exists()
+    again = _trainer(ckdir, max_epochs=1)
+    assert again.restore() is None and again.abandoned_runs == []  # a fresh start
+    again.release()
+
+
+def test_batch_larger_than_the_data_says_so(tmp_path, caplog):
+    seed_everything(0)
+    task = _TinyTask()
+    task.batch_size = 1_000_000_000
+    task.batch_size_key = "tiny.train.batch_size"
+    settings = TrainerSettings(tmp_path, seed=5, device=torch.device("cpu"), progress=False)
+    with caplog.at_level(logging.WARNING, logger="smnn.training"):
+        t = Trainer(task, settings)
+    assert len(t.notices) == 1
+    assert "tiny.train.batch_size is 1000000000" in t.notices[0] and "32" in t.notices[0]
+    assert any("tiny.train.batch_size" in r.getMessage() for r in caplog.records)

@@ -69,22 +69,32 @@ def test_second_train_on_the_same_out_stops_naming_the_first(setup):
 
 def test_truncated_checkpoint_resumes_from_the_previous_one(setup):
     root, config, data = setup
-    out = root / "results" / "lorenz" / "truncated"
-    proc = run_smnn(*train_args(config, data, out, "smnn", "--max-epochs", "3"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # make it look interrupted (not finished), then cut last.pt to half
-    run_file = out / "checkpoints" / "run.json"
-    info = json.loads(run_file.read_text())
-    info["status"] = "running"
-    run_file.write_text(json.dumps(info))
-    last = out / "checkpoints" / "last.pt"
-    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    import torch
 
-    again = run_smnn(*train_args(config, data, out, "smnn", "--max-epochs", "4"))
+    out = root / "results" / "lorenz" / "truncated"
+    # a job interrupted (SIGTERM) after two checkpoints (a finished job discards its own)
+    first = subprocess.Popen(
+        smnn_command(*train_args(config, data, out)),
+        env=smnn_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (out / "checkpoints" / "previous.pt").exists(), what="two checkpoints")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM
+    info = json.loads((out / "checkpoints" / "run.json").read_text())
+    previous = out / "checkpoints" / "previous.pt"
+    epochs = int(torch.load(previous, weights_only=False)["epoch"]) + 2
+    last = out / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # cut last.pt to half
+
+    again = run_smnn(*train_args(config, data, out, "smnn", "--max-epochs", str(epochs)))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "last.pt" in again.stderr and "warning" in again.stderr.lower(), again.stderr[-3000:]
     metrics = json.loads((out / "train_metrics.json").read_text())
-    assert len(metrics["history"]) == 4
+    assert len(metrics["history"]) == epochs
+    assert not (out / "checkpoints").exists()  # the finished job discarded its checkpoints
     assert metrics["run_id"] == info["run_id"]  # the same MLflow run continued
 
     from mlflow import MlflowClient

@@ -181,3 +181,69 @@ def test_lorenz_store_round_trip_under_warnings_as_errors(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "['x', 'y', 'z'] (100, 3)"
+
+
+# ------------------------------------------------------------------ missing chunks, the source
+
+
+@pytest.mark.filterwarnings("ignore:Object at .smnn_manifest.json")
+def test_deleted_chunk_of_a_data_variable_is_damage_not_fill_values(tmp_path):
+    store = _write(tmp_path)
+    (store / "v" / "c" / "2" / "0").unlink()
+    # what zarr alone does: the missing chunk reads as fill values, no error
+    raw = xr.open_zarr(store, zarr_format=3, consolidated=False)["v"].values
+    assert np.isnan(raw[20:30]).all() or (raw[20:30] == 0).all()
+    with pytest.raises(StoreError) as info:
+        open_dataset(store, remedy=REMEDY_X)
+    message = str(info.value)
+    assert info.value.variable == "v" and str(store) in message and "make_x" in message
+    assert "v/c/2/0" in message and "missing" in message
+
+
+def test_deleted_chunk_of_a_coordinate_is_caught(tmp_path):
+    store = _write(tmp_path)
+    (store / "time" / "c" / "0").unlink()
+    with pytest.raises(StoreError, match=r"variable 'time' .*missing.*make_x"):
+        open_dataset(store, remedy=REMEDY_X)
+
+
+def test_deleted_chunk_of_the_lorenz_store_names_generate_lorenz(tmp_path):
+    store = write_lorenz_store(LorenzParams(n_points=200), 0, tmp_path / "lorenz.zarr")
+    chunk = next(p for p in (store / "observed" / "c").rglob("*") if p.is_file())
+    chunk.unlink()
+    with pytest.raises(StoreError) as info:
+        load_lorenz(store)
+    assert info.value.variable == "observed"
+    assert "snakemake --forcerun generate_lorenz" in str(info.value)
+
+
+def test_an_added_chunk_file_is_caught_and_intact_stores_pass(tmp_path):
+    store = _write(tmp_path)
+    open_dataset(store, remedy=REMEDY_X)  # intact: no error
+    (store / "w" / "c" / "9").write_bytes(b"junk")
+    with pytest.raises(StoreError, match=r"'w' .*not written with"):
+        open_dataset(store, remedy=REMEDY_X)
+
+
+def test_store_without_manifest_is_not_checked(tmp_path):
+    from smnn.data.store import MANIFEST_NAME
+
+    store = _write(tmp_path)
+    (store / MANIFEST_NAME).unlink()
+    assert open_dataset(store)["v"].shape == (40, 3)
+
+
+def test_source_is_recorded_and_checked(tmp_path):
+    from smnn.data.store import SOURCE_ATTR, check_store_source
+
+    store = write_dataset_atomic(_dataset(), tmp_path / "s.zarr", source="generate")
+    ds = open_dataset(store)
+    assert ds.attrs[SOURCE_ATTR] == "generate" and ds.attrs["source"] == "test"
+    check_store_source(ds, "generate", store=store, key="x.source")
+    with pytest.raises(StoreError) as info:
+        check_store_source(ds, "lpsda", store=store, key="x.source", remedy=REMEDY_X)
+    message = str(info.value)
+    assert "'generate'" in message and "x.source is 'lpsda'" in message and "make_x" in message
+    plain = open_dataset(_write(tmp_path))
+    with pytest.raises(StoreError, match="records no source"):
+        check_store_source(plain, "generate", store=tmp_path / "x.zarr", key="x.source")

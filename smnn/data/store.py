@@ -8,6 +8,15 @@ Writing (:func:`write_dataset_atomic`):
 - Every array's codec chain ends with a ``crc32c`` checksum after the compressor
   (``bytes -> zstd -> crc32c``), so a damaged chunk is detected when read instead of being
   decompressed into wrong numbers (or failing with a bare "Zstd decompression error").
+- When the store is complete, before it is renamed into place, its *manifest* is written beside
+  the arrays (``.smnn_manifest.json`` in the store directory): the chunk files of every variable.
+  Zarr reads a missing chunk as the array's fill value (NaN, 0), so a deleted chunk file would
+  otherwise pass for data; :func:`open_dataset` compares the store with its manifest and stops
+  with a :class:`StoreError` naming the store, the variable, the missing chunk and the remedy.
+  Stores without a manifest (written before it existed, or by other tools) are not checked.
+- ``source`` records what the store was made from (``generate``, ``lpsda``, ``synthetic`` ...) as
+  the attribute :data:`SOURCE_ATTR`; every consumer checks it against its config with
+  :func:`check_store_source`, so a store made from another source is never used silently.
 - Fixed-length unicode arrays (numpy ``<U``, e.g. coordinate labels) are stored as Zarr's
   variable-length ``string`` data type: the fixed-length type has no Zarr v3 specification and
   zarr warns about it. They read back as numpy ``StringDType`` arrays (same values).
@@ -25,6 +34,7 @@ Reading (:func:`open_dataset`, :func:`load_variables`, :func:`store_read_errors`
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -37,12 +47,17 @@ import xarray as xr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from smnn.io import fsync_dir
+from smnn.io import StoreError, fsync_dir
 
 __all__ = [
     "StoreError",
     "DEFAULT_REMEDY",
     "FOREIGN_FILES",
+    "MANIFEST_NAME",
+    "SOURCE_ATTR",
+    "store_manifest",
+    "check_manifest",
+    "check_store_source",
     "write_dataset_atomic",
     "checksummed_encoding",
     "open_dataset",
@@ -51,30 +66,12 @@ __all__ = [
 ]
 
 DEFAULT_REMEDY = "rerun the stage that writes it"
-# files other tools put into a store directory: Snakemake's marker of directory() outputs
-FOREIGN_FILES = frozenset({".snakemake_timestamp"})
-
-
-class StoreError(OSError):
-    """A Zarr store is missing, damaged or is not the expected xarray dataset.
-
-    Attributes:
-        store: the store's path.
-        variable: the variable that failed, when known.
-        remedy: what to do about it (e.g. which workflow stage to rerun).
-    """
-
-    def __init__(
-        self, message: str, store: str | Path | None = None, variable: str | None = None,
-        remedy: str | None = None,
-    ):  # fmt: skip
-        super().__init__(message)
-        self.store = None if store is None else Path(store)
-        self.variable = variable
-        self.remedy = remedy
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+MANIFEST_NAME = ".smnn_manifest.json"
+MANIFEST_VERSION = 1
+SOURCE_ATTR = "smnn_source"
+# files other tools (and the manifest) put into a store directory: Snakemake's marker of
+# directory() outputs
+FOREIGN_FILES = frozenset({".snakemake_timestamp", MANIFEST_NAME})
 
 
 # ------------------------------------------------------------------ writing
@@ -136,14 +133,131 @@ def checksummed_encoding(
     return out, given
 
 
+def _chunk_files(store: Path) -> dict[str, list[str]]:
+    """``{variable: sorted chunk keys}`` of the arrays of a flat Zarr v3 store (chunk files under
+    ``<variable>/c``; a 0-d array's single chunk is the file ``<variable>/c``)."""
+    out: dict[str, list[str]] = {}
+    for entry in sorted(os.scandir(store), key=lambda e: e.name):
+        if not entry.is_dir() or not (Path(entry.path) / "zarr.json").is_file():
+            continue
+        root = Path(entry.path) / "c"
+        if root.is_file():
+            out[entry.name] = ["c"]
+            continue
+        keys = []
+        for dirpath, _, files in os.walk(root):
+            rel = Path(dirpath).relative_to(Path(entry.path))
+            keys.extend(str(rel / f) for f in files)
+        out[entry.name] = sorted(keys)
+    return out
+
+
+def store_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the complete store ``path``: ``{"version", "chunks": {variable: [chunk
+    keys]}}`` (what :func:`write_dataset_atomic` records and :func:`check_manifest` checks)."""
+    return {"version": MANIFEST_VERSION, "chunks": _chunk_files(Path(path))}
+
+
+def check_manifest(path: str | Path, remedy: str = DEFAULT_REMEDY) -> None:
+    """Compare the store ``path`` with the manifest written when it was completed.
+
+    Raises:
+        StoreError: a variable's chunk file is missing (zarr would read fill values), an
+            unexpected chunk file appeared, a variable's directory is gone, or the manifest
+            itself is unreadable; naming the store, the variable, the chunk and ``remedy``.
+    """
+    path = Path(path)
+    manifest_file = path / MANIFEST_NAME
+    if not manifest_file.exists():
+        return  # written before manifests existed, or by another tool
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        expected: dict[str, list[str]] = manifest["chunks"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise StoreError(
+            f"Zarr store {path}: its manifest {MANIFEST_NAME} is unreadable ({exc}); {remedy}",
+            path, None, remedy,
+        ) from None  # fmt: skip
+    present = _chunk_files(path)
+    for variable, keys in expected.items():
+        have = set(present.get(variable, ()))
+        missing = [k for k in keys if k not in have]
+        if variable not in present:
+            raise StoreError(
+                f"variable {variable!r} of Zarr store {path} is missing (its directory is gone; "
+                f"the store is damaged); {remedy}",
+                path, variable, remedy,
+            )  # fmt: skip
+        if missing:
+            raise StoreError(
+                f"variable {variable!r} of Zarr store {path} is damaged: {len(missing)} of its "
+                f"{len(keys)} chunk file(s) are missing (e.g. {variable}/{missing[0]}; zarr would "
+                f"read fill values instead); {remedy}",
+                path, variable, remedy,
+            )  # fmt: skip
+        extra = sorted(have - set(keys))
+        if extra:
+            raise StoreError(
+                f"variable {variable!r} of Zarr store {path} has {len(extra)} chunk file(s) it "
+                f"was not written with (e.g. {variable}/{extra[0]}); {remedy}",
+                path, variable, remedy,
+            )  # fmt: skip
+
+
+def check_store_source(
+    ds: xr.Dataset,
+    expected: str,
+    *,
+    store: str | Path,
+    key: str,
+    remedy: str = DEFAULT_REMEDY,
+    attr: str = SOURCE_ATTR,
+) -> None:
+    """Check that the store was made from the source the config names.
+
+    Args:
+        ds: the opened store.
+        expected: the config's source (e.g. ``config["kdv"]["source"]``).
+        store: the store's path (for the message).
+        key: the config key naming the source (e.g. ``"kdv.source"``).
+        remedy: what to do, naming the stage that writes the store from that source.
+        attr: the attribute holding the source (default :data:`SOURCE_ATTR`, set by
+            :func:`write_dataset_atomic`'s ``source``).
+
+    Raises:
+        StoreError: the store records another source, or none.
+    """
+    recorded = ds.attrs.get(attr)
+    if recorded is None:
+        raise StoreError(
+            f"Zarr store {store} records no source (attribute {attr!r}), so it cannot be checked "
+            f"against {key}: {expected!r}; {remedy}",
+            store, None, remedy,
+        )  # fmt: skip
+    if str(recorded) != str(expected):
+        raise StoreError(
+            f"Zarr store {store} was made from source {recorded!r}, but {key} is {expected!r}; "
+            f"it is stale: {remedy}",
+            store, None, remedy,
+        )  # fmt: skip
+
+
 def write_dataset_atomic(
-    ds: xr.Dataset, path: str | Path, encoding: Mapping[str, Mapping[str, Any]] | None = None
+    ds: xr.Dataset,
+    path: str | Path,
+    encoding: Mapping[str, Mapping[str, Any]] | None = None,
+    source: str | None = None,
 ) -> Path:
     """Write ``ds`` to the Zarr v3 store ``path`` atomically (temporary directory + rename),
-    with a ``crc32c`` checksum on every chunk (see the module docstring).
+    with a ``crc32c`` checksum on every chunk and a manifest of its chunk files (see the module
+    docstring).
 
     An existing store at ``path`` is replaced. Chunking follows the dataset's dask chunks, or
     ``encoding[var]["chunks"]`` when given.
+
+    Args:
+        source: what the data were made from, recorded as the attribute :data:`SOURCE_ATTR`
+            (checked by consumers with :func:`check_store_source`); None records nothing.
 
     Returns:
         The final path.
@@ -153,9 +267,16 @@ def write_dataset_atomic(
     for stale in _stale_temporaries(path):
         shutil.rmtree(stale, ignore_errors=True)
     ds, enc = checksummed_encoding(ds, encoding)
+    if source is not None:
+        ds.attrs = {**ds.attrs, SOURCE_ATTR: str(source)}
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
         ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, encoding=enc)
+        manifest = json.dumps(store_manifest(tmp), sort_keys=True)
+        with open(tmp / MANIFEST_NAME, "w") as f:
+            f.write(manifest)
+            f.flush()
+            os.fsync(f.fileno())
     except BaseException:
         _remove_tree(tmp)
         raise
@@ -257,6 +378,7 @@ def open_dataset(
         raise StoreError(
             f"Zarr store {path} does not exist; {remedy}", path, None, remedy
         )  # fmt: skip
+    check_manifest(path, remedy)
     try:
         ds = xr.open_zarr(_PipelineStore(path, read_only=True), zarr_format=3, consolidated=False)
     except Exception as exc:  # zarr raises several types for a broken store

@@ -30,7 +30,28 @@ wrong and what we do about it:
 
 We keep SQLite's default rollback journal rather than WAL: WAL needs shared memory between the
 processes and does not work on the network file systems where ``results/`` lives on a cluster;
-use an ``mlflow server`` there.
+use an ``mlflow server`` there (``smnn tracking-server``, docs/cluster.md).
+
+A store that cannot be used stops the job with one line (:class:`TrackingStoreError`, reported
+by the commands like every :class:`~smnn.io.StoreError`), naming the store and the remedy
+(:func:`check_tracking_store`, run when a run starts and again when a tracking call fails):
+
+- a SQLite file that is damaged (truncated: its header's page count does not fit its size; or
+  failing SQLite's ``quick_check`` in ``tracking-init``): restore the backup;
+- read-only (the file, or its directory, where SQLite writes its journal): make it writable;
+- missing while earlier results exist (run folders under the artifact root, or the backup): a
+  store that vanished is reported, never silently replaced by an empty one (``smnn tracking-init
+  --new-store`` starts a new history on purpose); deleted while a job runs: said so;
+- a server that does not answer ``/health``: start it or fix the URI.
+
+``smnn tracking-init`` checks the whole file (``PRAGMA quick_check``) and then copies it to
+``<db>.backup`` (SQLite's online backup, written atomically), the backup those messages name.
+Over HTTP, MLflow's client retries every request, POST included, on connection errors and
+HTTP 429/5xx with exponential backoff (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, default 7;
+``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``, default 2: waits of about 2, 4, ... 64, 120 s, some four
+minutes in all), so a server that restarts within that time loses no run or metric; after that
+the job stops with one line (the server is unreachable) and resumes from its checkpoint when
+rerun.
 """
 
 from __future__ import annotations
@@ -40,6 +61,7 @@ import json
 import logging
 import os
 import random
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -49,9 +71,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from smnn.config import Config, flatten_config
+from smnn.io import StoreError
 
 __all__ = [
     "TOOL_EXPERIMENTS",
+    "TrackingStoreError",
+    "check_tracking_store",
+    "backup_path",
+    "backup_tracking_store",
+    "end_abandoned_runs",
     "mlflow_experiments",
     "TrackingTarget",
     "resolve_tracking",
@@ -71,6 +99,14 @@ SQLITE_CONNECT_TIMEOUT_S = 60
 _LOCK_MESSAGES = ("database is locked", "database table is locked", "sqlite_busy")
 
 T = TypeVar("T")
+BACKUP_SUFFIX = ".backup"
+HAND_SUFFIX = "-by-hand"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+class TrackingStoreError(StoreError):
+    """The MLflow tracking store is missing, damaged, read-only or unreachable (one line: the
+    store and the remedy)."""
 
 
 @dataclass(frozen=True)
@@ -221,29 +257,280 @@ def _get_or_create_experiment(client, target: TrackingTarget, name: str) -> str:
         return exp.experiment_id
 
 
-def mlflow_experiments() -> tuple[str, ...]:
-    """The MLflow experiments of the pipeline: one per registered experiment
-    (:mod:`smnn.experiments.base`), then ``benchmark`` and ``standalone``."""
-    from smnn.experiments.base import experiments
-
-    names = [e.mlflow_experiment for e in experiments().values()]
+def mlflow_experiments(names: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The MLflow experiments of the pipeline: ``names`` (one per registered experiment, given
+    by the caller: this module knows no experiment), then ``benchmark`` and ``standalone``."""
     return tuple(dict.fromkeys([*names, *TOOL_EXPERIMENTS]))
 
 
+def backup_path(target: TrackingTarget) -> Path | None:
+    """Where :func:`backup_tracking_store` keeps the copy of a SQLite store (None for servers)."""
+    db = target.sqlite_path
+    return None if db is None else db.with_name(db.name + BACKUP_SUFFIX)
+
+
+def _backup_hint(target: TrackingTarget) -> str:
+    backup = backup_path(target)
+    db = target.sqlite_path
+    if backup is not None and backup.is_file():
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(backup.stat().st_mtime))
+        return f"restore it from the backup made by smnn tracking-init at {when}: cp {backup} {db}"
+    return "restore it from your backup"
+
+
+def _history_evidence(target: TrackingTarget) -> str | None:
+    """What shows that runs were recorded before (run folders under the artifact root, the
+    backup), or None."""
+    backup = backup_path(target)
+    if backup is not None and backup.is_file():
+        return f"its backup {backup} exists"
+    if target.artifact_root and target.artifact_root.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        root = Path(unquote(urlparse(target.artifact_root).path))
+        if root.is_dir():
+            runs = [r for e in root.iterdir() if e.is_dir() for r in e.iterdir() if r.is_dir()]
+            if runs:
+                return f"{root} holds the artifacts of {len(runs)} earlier run(s)"
+    return None
+
+
+def _sqlite_header_problem(db: Path) -> str | None:
+    """A damage visible in the database header (cheap: 100 bytes and the file size), or None."""
+    try:
+        with open(db, "rb") as f:
+            header = f.read(100)
+        size = db.stat().st_size
+    except OSError as exc:
+        return f"cannot be read ({exc})"
+    if size == 0:
+        return None  # an empty file: SQLite makes a new database in it
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        return "is not an SQLite database (its header is wrong)"
+    page = int.from_bytes(header[16:18], "big")
+    page = 65536 if page == 1 else page
+    n_pages = int.from_bytes(header[28:32], "big")
+    valid = header[92:96] == header[24:28]  # the page count is valid for this version
+    if page < 512 or size % page:
+        return f"is truncated or damaged ({size} bytes, not a whole number of {page}-byte pages)"
+    if valid and n_pages and size < n_pages * page:
+        return f"is truncated ({size} bytes of the {n_pages * page} its header records)"
+    return None
+
+
+def _sqlite_quick_check(db: Path) -> str | None:
+    """SQLite's ``PRAGMA quick_check`` of the whole file (read-only), or None when it passes."""
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        return f"is damaged ({exc})"
+    if rows != [("ok",)]:
+        found = " ".join(str(r[0]).replace("\n", " ") for r in rows[:3])
+        return f"is damaged (SQLite quick_check: {found[:300]})"
+    return None
+
+
+def _server_problem(uri: str, timeout_s: float = 5.0) -> str | None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+            if r.status == 200:
+                return None
+            return f"answers /health with HTTP {r.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"cannot be reached ({reason})"
+
+
+def check_tracking_store(
+    target: TrackingTarget,
+    *,
+    full: bool = False,
+    new_store: bool = False,
+    running: bool = False,
+) -> None:
+    """Stop with a :class:`TrackingStoreError` when the store cannot be used (module docstring).
+
+    Args:
+        target: the store.
+        full: check every page of a SQLite file (``PRAGMA quick_check``), not only its header.
+        new_store: a missing SQLite file may be created even though earlier results exist
+            (without it: only when none exist).
+        running: the job already used the store (a missing file was deleted meanwhile).
+
+    Raises:
+        TrackingStoreError: naming the store and the remedy.
+    """
+    db = target.sqlite_path
+    if db is None:
+        if target.tracking_uri.startswith(("http://", "https://")):
+            problem = _server_problem(target.tracking_uri)
+            if problem:
+                raise TrackingStoreError(
+                    f"MLflow tracking server {target.tracking_uri} ({target.source}) {problem}: "
+                    "start it (smnn tracking-server --config CONFIG, docs/cluster.md) or point "
+                    f"mlflow.tracking_uri / {ENV_VAR} at a running one",
+                    target.tracking_uri,
+                )
+        return
+    if not db.exists():
+        evidence = _history_evidence(target)
+        if running:
+            raise TrackingStoreError(
+                f"MLflow tracking store {db} was deleted while this job was running; "
+                f"{_backup_hint(target)}, then rerun the job (it resumes from its checkpoint)",
+                db,
+            )
+        if evidence is not None and not new_store:
+            raise TrackingStoreError(
+                f"MLflow tracking store {db} is missing, but {evidence}"
+                f": the run history would be lost; {_backup_hint(target)}, or start a new history "
+                "on purpose: smnn tracking-init --config CONFIG --new-store",
+                db,
+            )
+        if not os.access(db.parent if db.parent.exists() else db.parent.parent, os.W_OK):
+            raise TrackingStoreError(
+                f"MLflow tracking store {db} cannot be created: {db.parent} is read-only; make it "
+                "writable or set mlflow.tracking_uri elsewhere",
+                db,
+            )
+        return
+    problem = _sqlite_header_problem(db)
+    if problem is None and full:
+        problem = _sqlite_quick_check(db)
+    if problem is not None:
+        raise TrackingStoreError(
+            f"MLflow tracking store {db} {problem}; {_backup_hint(target)}, or move it aside to "
+            f"start a new history (mv {db} {db}.damaged)",
+            db,
+        )
+    for path, what in ((db, "the file"), (db.parent, "its directory (SQLite's journal)")):
+        if not os.access(path, os.W_OK):
+            raise TrackingStoreError(
+                f"MLflow tracking store {db} is read-only ({what} is not writable): make it "
+                f"writable (chmod u+w {path}) or set mlflow.tracking_uri to a writable store",
+                db,
+            )
+
+
+def _raise_diagnosed(target: TrackingTarget, exc: BaseException, running: bool) -> None:
+    """After a failed tracking call: raise a :class:`TrackingStoreError` when the store is the
+    cause (``exc`` chained), else return (the caller re-raises ``exc``)."""
+    if isinstance(exc, TrackingStoreError):
+        raise exc
+    text = str(exc).lower()
+    try:
+        check_tracking_store(target, running=running)
+        db = target.sqlite_path
+        if db is not None and ("malformed" in text or "not a database" in text):
+            check_tracking_store(target, full=True, running=running)
+    except TrackingStoreError as diagnosed:
+        raise diagnosed from exc
+    if target.sqlite_path is not None and "readonly database" in text:
+        raise TrackingStoreError(
+            f"MLflow tracking store {target.sqlite_path} refused a write ({exc}); it may have been"
+            " replaced or made read-only while the job ran: check it, then rerun the job",
+            target.sqlite_path,
+        ) from exc
+
+
+def _tracked(target: TrackingTarget, fn: Callable[..., T], *args: Any, running: bool = True,
+             **kwargs: Any) -> T:  # fmt: skip
+    """``retry_on_lock(fn, ...)``, with a failure caused by the store reported clearly."""
+    try:
+        return retry_on_lock(fn, *args, **kwargs)
+    except Exception as exc:
+        _raise_diagnosed(target, exc, running)
+        raise
+
+
+def backup_tracking_store(target: TrackingTarget) -> Path | None:
+    """Copy a SQLite store to :func:`backup_path` (SQLite's online backup, consistent while
+    others write; written to a temporary file and renamed). None for servers."""
+    db, backup = target.sqlite_path, backup_path(target)
+    if db is None or backup is None or not db.exists():
+        return None
+    tmp = backup.with_name(f".{backup.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        src = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        dst = sqlite3.connect(tmp)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+            src.close()
+        os.replace(tmp, backup)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return backup
+
+
 def init_tracking_store(
-    target: TrackingTarget, experiments: tuple[str, ...] | None = None
+    target: TrackingTarget,
+    experiments: tuple[str, ...] = (),
+    *,
+    new_store: bool = False,
+    backup: bool = True,
 ) -> dict[str, str]:
-    """Create the store (schema) and one MLflow experiment per name (default:
-    :func:`mlflow_experiments`); idempotent.
+    """Check the store, create it (schema) when missing, create one MLflow experiment per name
+    of :func:`mlflow_experiments` (``experiments`` first), and back a SQLite store up;
+    idempotent.
+
+    Args:
+        experiments: the registered experiments' MLflow experiment names (the caller's).
+        new_store: create a missing SQLite store even though earlier results exist.
+        backup: copy a SQLite store to :func:`backup_path` afterwards.
 
     Returns:
         ``{experiment name: experiment id}``.
+
+    Raises:
+        TrackingStoreError: the store is damaged, read-only, unreachable, or missing while
+            earlier results exist (and not ``new_store``).
     """
-    if experiments is None:
-        experiments = mlflow_experiments()
+    names = mlflow_experiments(tuple(experiments))
     with _store_lock(target):
-        client = retry_on_lock(_client, target)  # a SQLite store runs its migrations here
-        return {name: _get_or_create_experiment(client, target, name) for name in experiments}
+        check_tracking_store(target, full=True, new_store=new_store)
+        client = _tracked(target, _client, target, running=False)  # SQLite: migrations here
+        ids = {name: _get_or_create_experiment(client, target, name) for name in names}
+    if backup:
+        backup_tracking_store(target)
+    return ids
+
+
+def end_abandoned_runs(target: TrackingTarget, runs: list[tuple[str, str]]) -> list[str]:
+    """End runs a job gave up (e.g. :attr:`smnn.training.Trainer.abandoned_runs`): status
+    KILLED and the tag ``smnn.abandoned`` saying why. Runs that no longer exist or already
+    ended are left as they are.
+
+    Returns:
+        The ids of the runs ended.
+    """
+    from mlflow.entities import RunTag
+
+    ended = []
+    if not runs:
+        return ended
+    client = _tracked(target, _client, target, running=False)
+    for run_id, why in runs:
+        try:
+            run = retry_on_lock(client.get_run, run_id)
+        except Exception:  # gone (another store, deleted): nothing to end
+            continue
+        if run.info.status not in ("RUNNING", "SCHEDULED"):
+            continue
+        _tracked(target, client.log_batch, run_id, tags=[RunTag("smnn.abandoned", why[:5000])])
+        _tracked(target, client.set_terminated, run_id, "KILLED")
+        ended.append(run_id)
+    return ended
 
 
 def git_commit(path: str | Path | None = None) -> str | None:
@@ -275,7 +562,8 @@ def job_tags(
     Args:
         job: what the job does (``train``, ``evaluate``, ``benchmark``, ``standalone`` ...).
         rule: the workflow rule that ran it (``--rule``), or None for a command run by hand
-            (tagged ``<job>`` then).
+            (tagged ``<job>`` then, and ``smnn.launched_by`` = ``hand`` instead of
+            ``workflow``: :meth:`RunTracker.start` marks such runs' names).
         config_file: the config file the job read.
         wildcards: the rule's wildcards (tagged as JSON, and each one as its own tag).
         extra: more tags (e.g. ``device``, ``config_hash``).
@@ -286,6 +574,7 @@ def job_tags(
     tags: dict[str, str | None] = {
         "smnn.job": job,
         "smnn.rule": rule or job,
+        "smnn.launched_by": "workflow" if rule else "hand",
         "git_commit": commit,
         "mlflow.source.git.commit": commit,
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
@@ -308,7 +597,7 @@ class RunTracker:
     def __init__(self, target: TrackingTarget, run_id: str):
         self.target = target
         self.run_id = run_id
-        self._client = retry_on_lock(_client, target)
+        self._client = _tracked(target, _client, target)
 
     @classmethod
     def start(
@@ -318,20 +607,36 @@ class RunTracker:
         run_name: str,
         tags: Mapping[str, str] | None = None,
     ) -> RunTracker:
-        """A new run in MLflow experiment ``experiment`` (created when missing)."""
+        """A new run in MLflow experiment ``experiment`` (created when missing).
+
+        A run started by hand (tag ``smnn.launched_by`` = ``hand``, see :func:`job_tags`) gets
+        ``-by-hand`` appended to its name, so it is told apart from the pipeline's runs.
+
+        Raises:
+            TrackingStoreError: the store cannot be used (:func:`check_tracking_store`).
+        """
+        check_tracking_store(target)
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        if tags.get("smnn.launched_by") == "hand" and not run_name.endswith(HAND_SUFFIX):
+            run_name += HAND_SUFFIX
         with _store_lock(target):
-            client = retry_on_lock(_client, target)
+            client = _tracked(target, _client, target, running=False)
             experiment_id = _get_or_create_experiment(client, target, experiment)
-        all_tags = {"mlflow.runName": run_name, **{k: str(v) for k, v in (tags or {}).items()}}
-        run = retry_on_lock(client.create_run, experiment_id, run_name=run_name, tags=all_tags)
+        all_tags = {**tags, "mlflow.runName": run_name}
+        run = _tracked(target, client.create_run, experiment_id, run_name=run_name, tags=all_tags)
         return cls(target, run.info.run_id)
 
     @classmethod
     def resume(cls, target: TrackingTarget, run_id: str) -> RunTracker:
-        """Continue run ``run_id`` (its status goes back to RUNNING)."""
+        """Continue run ``run_id`` (its status goes back to RUNNING).
+
+        Raises:
+            TrackingStoreError: the store cannot be used (:func:`check_tracking_store`).
+        """
+        check_tracking_store(target)
         tracker = cls(target, run_id)
-        retry_on_lock(tracker._client.get_run, run_id)  # fails clearly if it does not exist
-        retry_on_lock(tracker._client.update_run, run_id, status="RUNNING")
+        _tracked(target, tracker._client.get_run, run_id)  # fails clearly if it does not exist
+        _tracked(target, tracker._client.update_run, run_id, status="RUNNING")
         return tracker
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -341,14 +646,14 @@ class RunTracker:
         """
         from mlflow.entities import Param
 
-        existing = retry_on_lock(self._client.get_run, self.run_id).data.params
+        existing = _tracked(self.target, self._client.get_run, self.run_id).data.params
         values = {k: str(v)[:6000] for k, v in params.items()}
         changed = sorted(k for k, v in values.items() if k in existing and existing[k] != v)
         if changed:  # e.g. a resumed job given the same settings under other paths
             log.warning("run %s keeps its earlier values of params %s", self.run_id, changed)
         items = [Param(k, v) for k, v in values.items() if k not in existing]
         for i in range(0, len(items), 100):
-            retry_on_lock(self._client.log_batch, self.run_id, params=items[i : i + 100])
+            _tracked(self.target, self._client.log_batch, self.run_id, params=items[i : i + 100])
 
     def log_config(self, data: Mapping[str, Any]) -> None:
         """The whole configuration as flattened params (``lorenz.train.lr`` ...)."""
@@ -359,7 +664,7 @@ class RunTracker:
 
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
         if items:
-            retry_on_lock(self._client.log_batch, self.run_id, tags=items)
+            _tracked(self.target, self._client.log_batch, self.run_id, tags=items)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log numeric metrics at ``step`` (non-finite values are logged as MLflow allows)."""
@@ -368,7 +673,7 @@ class RunTracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
-            retry_on_lock(self._client.log_batch, self.run_id, metrics=items[i : i + 1000])
+            _tracked(self.target, self._client.log_batch, self.run_id, metrics=items[i : i + 1000])
 
     def log_series(self, key: str, values: list[float], first_step: int) -> None:
         """Log ``values`` as metric ``key`` at steps ``first_step, first_step + 1, ...``."""
@@ -377,18 +682,24 @@ class RunTracker:
         now = int(time.time() * 1000)
         items = [Metric(key, float(v), now, first_step + i) for i, v in enumerate(values)]
         for i in range(0, len(items), 1000):
-            retry_on_lock(self._client.log_batch, self.run_id, metrics=items[i : i + 1000])
+            _tracked(self.target, self._client.log_batch, self.run_id, metrics=items[i : i + 1000])
 
     def last_logged_step(self, key: str) -> int | None:
         """The largest step of metric ``key`` in this run, or None if never logged."""
-        history = retry_on_lock(self._client.get_metric_history, self.run_id, key)
+        history = _tracked(self.target, self._client.get_metric_history, self.run_id, key)
         return max((m.step for m in history), default=None)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        retry_on_lock(self._client.log_artifact, self.run_id, str(path), artifact_path)
+        _tracked(self.target, self._client.log_artifact, self.run_id, str(path), artifact_path)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
-        retry_on_lock(self._client.log_text, self.run_id, json.dumps(data, indent=2), artifact_file)
+        _tracked(
+            self.target,
+            self._client.log_text,
+            self.run_id,
+            json.dumps(data, indent=2),
+            artifact_file,
+        )
 
     def log_pytorch_model(self, model: Any, name: str = "model") -> None:
         """``mlflow.pytorch.log_model`` into this run, then end the run FINISHED (FAILED if
@@ -412,11 +723,11 @@ class RunTracker:
                     serialization_format="pickle",
                 )
 
-        retry_on_lock(_log)
+        _tracked(self.target, _log)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run ``FINISHED``, ``FAILED`` or ``KILLED``."""
-        retry_on_lock(self._client.set_terminated, self.run_id, status)
+        _tracked(self.target, self._client.set_terminated, self.run_id, status)
 
     def __enter__(self) -> RunTracker:
         return self

@@ -15,9 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from pipeline_helpers import run_smnn, smnn_command, smnn_env, train_args, write_config
+from pipeline_support import run_smnn, smnn_command, smnn_env, train_args, write_config
 
 from smnn.config import Config, load_config
+from smnn.experiments.base import experiments
 from smnn.tracking import (
     RunTracker,
     init_tracking_store,
@@ -67,13 +68,16 @@ def test_tracking_target_precedence(tmp_path):
 
 def test_init_store_is_idempotent_and_creates_every_experiment(tmp_path):
     target = resolve_tracking(_config(results=str(tmp_path)), {})
-    first = init_tracking_store(target)
-    second = init_tracking_store(target)
-    assert set(first) == set(mlflow_experiments()) and first == second
+    registered = tuple(e.mlflow_experiment for e in experiments().values())
+    first = init_tracking_store(target, registered)
+    second = init_tracking_store(target, registered)
+    assert set(first) == set(mlflow_experiments(registered)) and first == second
     # one MLflow experiment per registered experiment, none ahead of its code
     assert set(first) == {"lorenz", "sst", "kdv", "benchmark", "standalone"}
+    assert set(init_tracking_store(target)) == {"benchmark", "standalone"}
     assert (tmp_path / "mlflow.db").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no lock left
+    assert (tmp_path / "mlflow.db.backup").is_file()
     tracker = RunTracker.start(target, "standalone", "probe", {"k": "v"})
     tracker.log_params({"a": 1, "b": "x"})
     tracker.log_params({"a": 1})  # re-logging the same value is fine (resumed runs)
@@ -265,3 +269,174 @@ def test_four_parallel_jobs_share_the_default_sqlite_store(tmp_path):
     finals = {round(r.data.metrics["final_train_loss"], 12) for r in runs}
     assert len(finals) == 1
     assert Path(target.sqlite_path).is_file()
+
+
+# ------------------------------------------------------------------ a store that cannot be used
+
+
+def _store(tmp_path: Path, config: Path | None = None):
+    """A default SQLite store with one finished run (artifacts on disk) and its backup."""
+    if config is None:
+        target = resolve_tracking(_config(results=str(tmp_path)), {})
+    else:
+        target = resolve_tracking(load_config(config), {})
+    init_tracking_store(target, ("lorenz",))
+    with RunTracker.start(target, "lorenz", "r", {"smnn.rule": "x"}) as run:
+        run.log_metrics({"m": 1.0})
+        run.log_dict({"a": 1}, "a.json")
+    return target
+
+
+def _one_line(proc) -> str:
+    """The stderr of a command that failed cleanly: exit 2, one ``error:`` line, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def _cli_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, {})
+
+
+def test_truncated_store_stops_with_one_line_naming_the_backup(tmp_path):
+    from smnn.tracking import TrackingStoreError
+
+    config = _cli_config(tmp_path)
+    target = resolve_tracking(load_config(config), {})
+    init_tracking_store(target)
+    with RunTracker.start(target, "lorenz", "r", {}) as run:
+        run.log_metrics({"m": 1.0})
+    db = target.sqlite_path
+    with open(db, "r+b") as f:
+        f.truncate(db.stat().st_size * 2 // 3 + 100)
+    line = _one_line(run_smnn("tracking-init", "--config", config))
+    assert str(db) in line and "truncated" in line and f"cp {db}.backup {db}" in line
+    with pytest.raises(TrackingStoreError, match="truncated"):
+        RunTracker.start(target, "lorenz", "again", {})
+    # the remedy works: the backup is a whole database (made before the run above)
+    import sqlite3
+
+    with sqlite3.connect(db.parent / "mlflow.db.backup") as con:
+        assert con.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        assert con.execute("SELECT count(*) FROM experiments").fetchone()[0] >= 2
+
+
+def test_damaged_page_inside_the_store_is_found_by_tracking_init(tmp_path):
+    config = _cli_config(tmp_path)
+    target = resolve_tracking(load_config(config), {})
+    init_tracking_store(target)
+    db = target.sqlite_path
+    data = bytearray(db.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    for i in range(page + 8, 3 * page):  # wipe pages 2 and 3 (same size: the header is fine)
+        data[i] = 0xFF
+    db.write_bytes(bytes(data))
+    line = _one_line(run_smnn("tracking-init", "--config", config))
+    assert str(db) in line and "damaged" in line and "backup" in line
+
+
+def _make_read_only(path: Path) -> None:
+    if os.geteuid() == 0:  # root writes anything with mode 0444: make the file immutable
+        subprocess.run(["chattr", "+i", str(path)], check=True)
+    else:
+        path.chmod(0o444)
+
+
+def _make_writable(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=False)
+    path.chmod(0o644)
+
+
+def test_read_only_store_stops_with_one_line(tmp_path):
+    config = _cli_config(tmp_path)
+    target = resolve_tracking(load_config(config), {})
+    init_tracking_store(target)
+    db = target.sqlite_path
+    try:
+        _make_read_only(db)
+        line = _one_line(run_smnn("tracking-init", "--config", config))
+    finally:
+        _make_writable(db)
+    assert str(db) in line and "read-only" in line and "chmod u+w" in line
+
+
+def test_store_that_vanished_while_results_exist_is_not_replaced(tmp_path):
+    from smnn.tracking import TrackingStoreError
+
+    config = _cli_config(tmp_path)
+    target = _store(tmp_path, config)
+    db = target.sqlite_path
+    db.unlink()
+    with pytest.raises(TrackingStoreError) as info:
+        RunTracker.start(target, "lorenz", "r2", {})
+    message = str(info.value)
+    assert f"{db} is missing" in message and "backup" in message and "--new-store" in message
+    assert not db.exists()  # not silently replaced by an empty store
+    # no backup either: the artifacts of the earlier run still tell
+    (db.parent / "mlflow.db.backup").unlink()
+    with pytest.raises(TrackingStoreError, match="artifacts of 1 earlier run"):
+        init_tracking_store(target)
+    # a new history only on purpose
+    proc = run_smnn("tracking-init", "--config", config, "--new-store")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert db.exists()
+
+
+def test_store_deleted_while_a_job_runs_says_so(tmp_path):
+    from smnn.tracking import TrackingStoreError
+
+    target = _store(tmp_path)
+    run = RunTracker.start(target, "lorenz", "r2", {})
+    run.log_metrics({"m": 1.0}, step=0)
+    target.sqlite_path.unlink()
+    with pytest.raises(TrackingStoreError, match="was deleted while this job was running"):
+        run.log_metrics({"m": 2.0}, step=1)
+
+
+def test_unreachable_server_is_one_line(tmp_path):
+    from smnn.tracking import TrackingStoreError
+
+    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    target = resolve_tracking(_config(tracking_uri=url, results=str(tmp_path)), {})
+    with pytest.raises(TrackingStoreError, match=r"cannot be reached.*smnn tracking-server"):
+        RunTracker.start(target, "lorenz", "r", {})
+    config = write_config(tmp_path, {"mlflow": {"tracking_uri": url}})
+    line = _one_line(run_smnn("tracking-init", "--config", config))
+    assert url in line and "cannot be reached" in line
+
+
+def test_abandoned_runs_are_ended_with_the_reason(tmp_path):
+    from mlflow import MlflowClient
+
+    from smnn.tracking import end_abandoned_runs
+
+    target = _store(tmp_path)
+    run = RunTracker.start(target, "lorenz", "lost", {})  # stays RUNNING: its job lost its files
+    done = RunTracker.start(target, "lorenz", "done", {})
+    done.finish()
+    ended = end_abandoned_runs(
+        target, [(run.run_id, "no checkpoint could be loaded"), (done.run_id, "x"), ("nope", "y")]
+    )
+    assert ended == [run.run_id]
+    client = MlflowClient(target.tracking_uri)
+    info = client.get_run(run.run_id)
+    assert info.info.status == "KILLED"
+    assert info.data.tags["smnn.abandoned"] == "no checkpoint could be loaded"
+    assert client.get_run(done.run_id).info.status == "FINISHED"
+
+
+def test_runs_started_by_hand_have_their_own_names(tmp_path):
+    from smnn.tracking import job_tags
+
+    target = _store(tmp_path)
+    by_hand = RunTracker.start(target, "lorenz", "lorenz-smnn-train", job_tags("train", None))
+    piped = RunTracker.start(target, "lorenz", "lorenz-smnn-train", job_tags("train", "train"))
+    from mlflow import MlflowClient
+
+    client = MlflowClient(target.tracking_uri)
+    assert client.get_run(by_hand.run_id).info.run_name == "lorenz-smnn-train-by-hand"
+    assert client.get_run(piped.run_id).info.run_name == "lorenz-smnn-train"
+    assert client.get_run(by_hand.run_id).data.tags["smnn.launched_by"] == "hand"

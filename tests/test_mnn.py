@@ -284,3 +284,30 @@ def test_bad_inputs_raise_value_error_naming_argument(solver):
             mnn_cg(c, b, u0, h, max_iter=0)
         with pytest.raises(ValueError, match="tol"):
             mnn_cg(c, b, u0, h, tol=-1e-3)
+
+
+def test_record_convergence_collects_every_solve_into_one_summary():
+    """A job's many CG solves become one line and three metrics, not a warning per step."""
+    from smnn.solver.mnn import record_convergence
+
+    c, b, u0, h = random_problem(batch=(3,), T=40, K=1)
+    b = b.clone().requires_grad_()
+    with warnings.catch_warnings(record=True) as outside:
+        warnings.simplefilter("always")
+        with record_convergence() as record:
+            for _ in range(4):  # four training steps: forward and backward each
+                mnn_cg(c, b, u0, h, max_iter=3).sum().backward()
+            warnings.warn("another warning passes through", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in outside] == ["another warning passes through"]
+    assert record.solves == 8 and record.by_pass == {"forward": 4, "backward": 4}
+    assert record.not_converged == 24 and record.systems == 24
+    line = record.summary()
+    assert "did NOT converge" in line and "8 CG solve(s)" in line and "max_iter=3" in line
+    assert "\n" not in line
+    metrics = record.as_metrics()
+    assert metrics["cg_converged"] == 0.0 and metrics["cg_unconverged_solves"] == 8.0
+    assert metrics["cg_worst_relative_residual"] > 1e-12
+    with record_convergence() as fine:
+        mnn_cg(c, b.detach(), u0, h, max_iter=2000, tol=1e-10)
+    assert fine.converged and fine.as_metrics()["cg_converged"] == 1.0
+    assert fine.summary() == "mnn_cg: every CG solve converged"

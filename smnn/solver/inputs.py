@@ -208,13 +208,20 @@ def prepare_problem(
             )
     if T < 2:
         raise ValueError(f"need at least T=2 time steps, got T={T} (from steps/n_steps)")
+    if n_steps is None and h.shape[-1] == 1:
+        # one step size for all steps: T is not in steps; say where T=2 came from
+        where = "T=2 (inferred from steps' size-1 step axis; pass n_steps=T)"
+    elif n_steps is None:
+        where = f"T={T} (steps has {h.shape[-1]} = T-1 steps)"
+    else:
+        where = f"n_steps={T}"
     if c.shape[-4] not in (1, T):
         raise ValueError(
-            f"coefficients has {c.shape[-4]} time steps (dim -4) but T={T}; need T or 1"
+            f"coefficients has {c.shape[-4]} time steps (dim -4) but {where}; need T or 1"
         )
     if b.shape[-2] not in (1, T):
         raise ValueError(
-            f"rhs_equation has {b.shape[-2]} time steps (dim -2) but T={T}; need T or 1"
+            f"rhs_equation has {b.shape[-2]} time steps (dim -2) but {where}; need T or 1"
         )
 
     if n_init_var_steps is None:

@@ -28,6 +28,24 @@ as in S-MNN.
   structure (never the dense matrix), batched over all systems with per-system convergence;
   gradients by implicit differentiation (a second CG solve in the backward pass).
 
+Why CG does not converge, and why it is still the honest baseline. The original MNN's CG
+(``alpz/mech-nn``, ``solver/cg.py`` ``cg_block``, called with ``cg_max_iter = 200`` from
+``config.py``) is unpreconditioned CG from x_0 = 0 that freezes each system once ``||r_k|| <=
+1e-12 ||b||`` and stops after 200 iterations, never reporting whether it converged. Ours is the
+same iteration: same stopping rule, same tolerance, same cap, no preconditioner. Run on the same
+C^T C and right-hand side of the standalone cases (T = 1000, h = 0.01; C^T C has condition
+numbers 4.5e11 to 9e11), both stop at 200 iterations with the same wrong answers (largest error
+of y against the dense solution: RC circuit 5.65 both, population growth 47.6 both, language
+death 0.196 vs 0.193, harmonic oscillator 0.582 both, damped oscillator 0.224 vs 0.225; the
+first initial condition of each equation). CG needs 3,500 to 19,400 iterations (1.2 to 3.2 n,
+n = 1 + T*D*R unknowns) to reach the tolerance, and then agrees with the dense solution to 2e-9;
+the damped oscillator is still at 6.8e-5 after 4 n = 24,004. So the baseline reproduces
+the original faithfully, and its non-convergence is a property of the method at its published
+cap. It is therefore marked wherever its numbers appear: each solve warns
+(:class:`MNNConvergenceWarning`), and a job collects them with :func:`record_convergence` into
+one summary line and the metrics ``cg_converged``, ``cg_unconverged_solves`` and
+``cg_worst_relative_residual`` next to its results.
+
 Both solvers build the same structured C^T C (:class:`_BandedGram`: the bands of m x m blocks,
 m = D*R, of the u-part plus the dense eps row) with vectorised tensor ops from the inputs; the
 dense solver copies it into a dense matrix, CG only multiplies with it.
@@ -37,7 +55,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +65,117 @@ import torch.nn.functional as F
 from smnn.solver.banded import NonPositivePivotError
 from smnn.solver.inputs import OdeProblem, check_weight, prepare_problem
 
-__all__ = ["mnn_dense", "mnn_cg", "MNNConvergenceWarning"]
+__all__ = [
+    "mnn_dense",
+    "mnn_cg",
+    "MNNConvergenceWarning",
+    "ConvergenceRecord",
+    "record_convergence",
+]
 
 Weight = float | torch.Tensor
 
 
 class MNNConvergenceWarning(UserWarning):
-    """Conjugate gradient stopped at ``max_iter`` before reaching ``tol`` for some systems."""
+    """Conjugate gradient stopped at ``max_iter`` before reaching ``tol`` for some systems.
+
+    Attributes (also in the message): ``where`` (``forward`` or ``backward``),
+    ``not_converged`` and ``systems`` (counts), ``worst_residual`` (largest relative residual),
+    ``max_iter``, ``tol``.
+    """
+
+    def __init__(
+        self, message: str, where: str = "", not_converged: int = 0, systems: int = 0,
+        worst_residual: float = math.nan, max_iter: int = 0, tol: float = math.nan,
+    ):  # fmt: skip
+        super().__init__(message)
+        self.where = where
+        self.not_converged = not_converged
+        self.systems = systems
+        self.worst_residual = worst_residual
+        self.max_iter = max_iter
+        self.tol = tol
+
+
+@dataclass
+class ConvergenceRecord:
+    """What :func:`record_convergence` collected: the CG solves that stopped at ``max_iter``.
+
+    Attributes:
+        solves: forward and backward CG solves with some system not converged.
+        by_pass: those solves by pass (``{"forward": n, "backward": n}``).
+        not_converged: systems not converged, summed over those solves.
+        systems: systems of those solves.
+        worst_residual: the largest relative residual seen (0 when all converged).
+        max_iter: the iteration cap of the last such solve; tol its tolerance.
+    """
+
+    solves: int = 0
+    by_pass: dict = field(default_factory=dict)
+    not_converged: int = 0
+    systems: int = 0
+    worst_residual: float = 0.0
+    max_iter: int = 0
+    tol: float = math.nan
+
+    @property
+    def converged(self) -> bool:
+        return self.solves == 0
+
+    def add(self, w: MNNConvergenceWarning) -> None:
+        self.solves += 1
+        self.by_pass[w.where] = self.by_pass.get(w.where, 0) + 1
+        self.not_converged += w.not_converged
+        self.systems += w.systems
+        self.worst_residual = max(self.worst_residual, float(w.worst_residual))
+        self.max_iter, self.tol = w.max_iter, w.tol
+
+    def summary(self) -> str:
+        """One line for a job's log (``mnn_cg converged in every solve`` when it did)."""
+        if self.converged:
+            return "mnn_cg: every CG solve converged"
+        passes = ", ".join(f"{k} {v}" for k, v in sorted(self.by_pass.items()))
+        return (
+            f"mnn_cg did NOT converge: {self.solves} CG solve(s) ({passes}) stopped at "
+            f"max_iter={self.max_iter} with {self.not_converged} of {self.systems} systems above "
+            f"tol={self.tol:g} (worst relative residual {self.worst_residual:.3g}); its results "
+            "are the last iterates, not solutions of the MNN problem"
+        )
+
+    def as_metrics(self) -> dict[str, float]:
+        """``cg_converged`` (1/0), ``cg_unconverged_solves``, ``cg_worst_relative_residual``:
+        for metrics.json files and MLflow, next to every number the solver produced."""
+        return {
+            "cg_converged": 1.0 if self.converged else 0.0,
+            "cg_unconverged_solves": float(self.solves),
+            "cg_worst_relative_residual": float(self.worst_residual),
+        }
+
+
+@contextmanager
+def record_convergence() -> Iterator[ConvergenceRecord]:
+    """Collect :class:`MNNConvergenceWarning` raised inside the block into a
+    :class:`ConvergenceRecord` instead of printing one warning per solve; other warnings pass
+    through. A job prints :meth:`ConvergenceRecord.summary` once and stores
+    :meth:`ConvergenceRecord.as_metrics` with its results::
+
+        with record_convergence() as cg:
+            trainer.fit()
+        print(cg.summary())
+
+    Uses :func:`warnings.catch_warnings`, so it belongs around work in the job's main thread.
+    """
+    record = ConvergenceRecord()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", MNNConvergenceWarning)
+        try:
+            yield record
+        finally:
+            for w in caught:
+                if isinstance(w.message, MNNConvergenceWarning):
+                    record.add(w.message)
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 # ----------------------------------------------------------------------------- C^T C, banded
@@ -529,11 +653,13 @@ def _warn_if_not_converged(info: dict, max_iter: int, tol: float, where: str) ->
     bad = ~info["converged"]
     if bool(bad.any()):
         worst = float(info["relative_residual"].max())
+        n_bad, n = int(bad.sum()), bad.numel()
+        message = (
+            f"mnn_cg ({where}): {n_bad} of {n} systems did not converge in "
+            f"max_iter={max_iter} iterations (worst relative residual {worst:.3g} > tol={tol:g})"
+        )
         warnings.warn(
-            f"mnn_cg ({where}): {int(bad.sum())} of {bad.numel()} systems did not converge in "
-            f"max_iter={max_iter} iterations (worst relative residual {worst:.3g} > tol={tol:g})",
-            MNNConvergenceWarning,
-            stacklevel=3,
+            MNNConvergenceWarning(message, where, n_bad, n, worst, max_iter, tol), stacklevel=3
         )
 
 

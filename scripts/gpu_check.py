@@ -51,11 +51,13 @@ if str(ROOT) not in sys.path:
 
 COLUMNS = [
     "part", "case", "method", "dtype", "B", "T", "D", "R", "status", "time_ms", "peak_mb",
-    "rel_err", "repeats", "note",
+    "rel_err", "repeats", "metric", "note",
 ]  # fmt: skip
-PARTS = ("tests", "solver", "sst", "train")
+PARTS = ("tests", "solver", "sst", "train", "kdv")
 # each part's share of the total budget (the last part gets what is left)
-SHARES = {"tests": 0.2, "solver": 0.4, "sst": 0.25, "train": 0.15}
+SHARES = {"tests": 0.15, "solver": 0.35, "sst": 0.2, "train": 0.15, "kdv": 0.15}
+KDV_ROLLOUT_STEPS = 40
+KDV_AUTHORS_NMSE = 0.0011  # the authors' notebook: 10 epochs on an RTX A6000
 SST_LENGTHS = (52, 104, 208, 416, 1727)
 SST_BATCH = 12960
 SMOKE_SHAPES = ("lorenz", "coupled")
@@ -379,7 +381,6 @@ def _paper_config(smoke: bool):
         data["sst"]["evaluate"].update(encode_weeks=24, forecast_weeks=24)
         data["kdv"]["model"].update(base_filters=4, n_blocks=2, init_hidden=4)
         data["kdv"]["train"]["batch_size"] = 2
-        data["kdv"]["generate"]["n_x"] = 16
     return Config(data, "config/paper.yaml" + (" (cpu smoke sizes)" if smoke else ""))
 
 
@@ -434,8 +435,8 @@ def _kdv_step(config, device):
     return KdvTask(s, train, valid, "smnn"), s.batch_size
 
 
-def _importer(exc: ImportError) -> str:
-    """' (imported by smnn/x.py:N)': the last frame of this repository in the traceback."""
+def _importer(exc: BaseException) -> str:
+    """' (at smnn/x.py:N)': the last frame of the package in the traceback."""
     import traceback
 
     frames = [
@@ -444,7 +445,7 @@ def _importer(exc: ImportError) -> str:
     if not frames:
         return ""
     f = frames[-1]
-    return f" (imported by {Path(f.filename).relative_to(ROOT)}:{f.lineno})"
+    return f" (at {Path(f.filename).relative_to(ROOT)}:{f.lineno})"
 
 
 def part_train(args, rows: Rows) -> None:
@@ -480,7 +481,120 @@ def part_train(args, rows: Rows) -> None:
         _release(device)
 
 
-PART_FUNCTIONS = {"tests": part_tests, "solver": part_solver, "sst": part_sst, "train": part_train}
+# ------------------------------------------------------------------ part: kdv
+
+
+def rollout_nmse(predict, window: int, truth, batch_size: int):
+    """(NMSE, per-trajectory NMSE (N,)) of an autoregressive rollout from the first ``window``
+    steps of ``truth`` ``(N, T, n_x)``: the protocol and metric of
+    :mod:`smnn.experiments.kdv.evaluation` (which also draws figures, so it imports
+    matplotlib, absent from a bare GPU image; tests/test_gpu_check.py holds the two equal).
+    ``predict`` maps ``(B, window, n_x)`` to ``(B, window, n_x)``, its first step being the
+    last input step. Each call adds ``window - 1`` steps (the last call clipped); the NMSE of a
+    step is sum_x (pred - true)^2 / sum_x true^2, averaged over trajectories, then over the
+    predicted steps."""
+    import numpy as np
+
+    N, T, _ = truth.shape
+    out = []
+    for batch in truth.split(batch_size):
+        pred = batch.clone()
+        first = window
+        while first < T:
+            n_new = min(window - 1, T - first)
+            y = predict(pred[:, first - window : first])
+            pred[:, first : first + n_new] = y[:, 1 : 1 + n_new]
+            first += n_new
+        out.append(pred.double().cpu().numpy())
+    p = np.concatenate(out)[:, window:]
+    t = truth.double().cpu().numpy()[:, window:]
+    nmse = np.sum((p - t) ** 2, axis=2) / np.sum(t**2, axis=2)  # (N, T - window)
+    return float(nmse.mean(axis=0).mean()), nmse.mean(axis=1)
+
+
+def part_kdv(args, rows: Rows) -> None:
+    """:func:`kdv_fixed_budget`, its failure recorded as a row."""
+    try:
+        kdv_fixed_budget(args, rows)
+    except Exception as exc:
+        status = "out_of_memory" if _is_oom(exc) else "failed"
+        rows.add(case="kdv paper config, fixed-budget training", method="smnn", status=status,
+                 note=f"{type(exc).__name__}: {exc}{_importer(exc)}"[:300])  # fmt: skip
+
+
+def kdv_fixed_budget(args, rows: Rows) -> None:
+    """The KdV model at the paper config, trained for a fixed time on freshly generated
+    trajectories (the pipeline's seeded generator), then rolled out over
+    :data:`KDV_ROLLOUT_STEPS` steps on test trajectories: the NMSE beside the authors'."""
+    import numpy as np
+    import torch
+
+    from smnn.data.kdv.generate import KdvGenerateSettings, regenerate
+    from smnn.experiments.kdv.settings import KdvSettings
+    from smnn.experiments.kdv.tasks import KdvTask
+
+    device = _device(args)
+    start = time.perf_counter()
+    config = _paper_config(args.cpu_smoke)
+    s = KdvSettings.from_config(config)
+    gen = KdvGenerateSettings.from_config(config)
+    n_train, n_test = (4, 2) if args.cpu_smoke else (256, 32)
+    data = {
+        split: torch.from_numpy(regenerate(gen, split, list(range(n)))).to(device, s.torch_dtype)
+        for split, n in (("train", n_train), ("valid", 2), ("test", n_test))
+    }
+    generated_s = time.perf_counter() - start
+    task = KdvTask(s, data["train"], data["valid"], "smnn")
+    optimizer, _ = task.configure_optimizers()
+    g = torch.Generator().manual_seed(0)
+    # train until the part's time is nearly spent (a reserve kept for the rollout and the row)
+    train_s = max(2.0, args.part_seconds - (time.perf_counter() - start) - args.kdv_reserve_s)
+    if args.cpu_smoke:
+        train_s = min(train_s, 5.0)
+    steps, t0 = 0, time.perf_counter()
+    task.model.train()
+    while time.perf_counter() - t0 < train_s:
+        indices = torch.randint(0, task.n_samples, (task.batch_size,), generator=g)
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = task.training_step(indices)
+        loss.backward()
+        optimizer.step()
+        steps += 1
+    _sync(device)
+    trained_s = time.perf_counter() - t0
+    task.model.eval()
+    w = s.window
+    n_steps = w + KDV_ROLLOUT_STEPS
+    truth = data["test"][:, :n_steps]
+    with torch.no_grad():
+        nmse, per_trajectory = rollout_nmse(task.model.predict, w, truth, task.batch_size)
+    epochs = steps * task.batch_size / task.n_samples
+    rows.add(
+        case=f"kdv paper config, {trained_s:.0f} s of training",
+        method="smnn",
+        dtype=str(s.torch_dtype).removeprefix("torch."),
+        B=task.batch_size,
+        status="ok",
+        time_ms=round(1e3 * trained_s / max(steps, 1), 3),
+        repeats=steps,
+        metric=f"nmse{KDV_ROLLOUT_STEPS}={nmse:.4g}",
+        note=(
+            f"time_ms: mean training step; {steps} steps ({epochs:.2f} epochs of {n_train} "
+            f"generated trajectories, {generated_s:.0f} s to generate); rollout NMSE over "
+            f"{KDV_ROLLOUT_STEPS} steps on {n_test} test trajectories {nmse:.4g} (median "
+            f"trajectory {float(np.median(per_trajectory)):.4g}); the authors' notebook: "
+            f"{KDV_AUTHORS_NMSE} after 10 epochs of 512 trajectories on an RTX A6000"
+        ),
+    )
+
+
+PART_FUNCTIONS = {
+    "tests": part_tests,
+    "solver": part_solver,
+    "sst": part_sst,
+    "train": part_train,
+    "kdv": part_kdv,
+}
 
 
 # ------------------------------------------------------------------ the driver
@@ -507,9 +621,9 @@ def _environment(args) -> dict[str, str]:
     return env
 
 
-def _child_command(args, part: str) -> list[str]:
+def _child_command(args, part: str, seconds: float) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), str(args.out), "--part", part,
-           "--slow-s", str(args.slow_s)]  # fmt: skip
+           "--slow-s", str(args.slow_s), "--part-seconds", str(seconds)]  # fmt: skip
     if args.cpu_smoke:
         cmd.append("--cpu-smoke")
     if args.peer:
@@ -544,7 +658,7 @@ def run_parts(args) -> dict[str, dict]:
         t0 = time.perf_counter()
         log = (args.out / f"log_{part}.txt").open("w")
         try:
-            proc = subprocess.run(_child_command(args, part), env=_child_env(args), cwd=ROOT,
+            proc = subprocess.run(_child_command(args, part, share), env=_child_env(args), cwd=ROOT,
                                   stdout=log, stderr=subprocess.STDOUT, timeout=share)  # fmt: skip
             state = "ok" if proc.returncode == 0 else f"exit code {proc.returncode}"
             note = "" if proc.returncode == 0 else _tail(args.out / f"log_{part}.txt")
@@ -640,6 +754,7 @@ def write_markdown(out: Path, env: dict, status: dict, rows: list[dict], args) -
         "solver": "Named shapes, forward + backward",
         "sst": "SST long-sequence study (solver step)",
         "train": "Training steps",
+        "kdv": "KdV: fixed-budget training and rollout",
     }
     for part in PARTS:
         part_rows = [r for r in rows if r["part"] == part]
@@ -677,6 +792,8 @@ def main(argv=None) -> int:
                         "growing (default 10 s; 20 s with --cpu-smoke)")  # fmt: skip
     parser.add_argument("--block", default="", help="modules to refuse (emulate a bare image)")
     parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--part-seconds", type=float, default=60.0, help=argparse.SUPPRESS)
+    parser.add_argument("--kdv-reserve-s", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.block = [m for m in args.block.split(",") if m]
     args.parts = [p for p in args.parts.split(",") if p]
@@ -688,6 +805,8 @@ def main(argv=None) -> int:
     if args.slow_s is None:
         args.slow_s = 20.0 if args.cpu_smoke else 10.0
     args.repeats = 1 if args.cpu_smoke else 10
+    if args.kdv_reserve_s is None:  # the rollout and the row after the training (kdv part)
+        args.kdv_reserve_s = 15.0 if args.cpu_smoke else 25.0
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part:  # a child: one part
         _block(args.block + (["numba"] if args.cpu_smoke else []))

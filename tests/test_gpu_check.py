@@ -2,7 +2,7 @@
 
 One run of the whole script (all parts, each in its own subprocess) with the packages a bare GPU
 image lacks refused at import (mlflow, matplotlib, snakemake, tqdm, ...): it must finish, write
-gpu_check.csv and gpu_check.md, and every row must say what it measured. Takes about 1.5 min.
+gpu_check.csv and gpu_check.md, and every row must say what it measured. Takes about 2.5 min.
 """
 
 from __future__ import annotations
@@ -30,12 +30,21 @@ def smoke(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), "--cpu-smoke", "--block", ABSENT],
+        [
+            sys.executable,
+            str(SCRIPT),
+            str(out),
+            "--cpu-smoke",
+            "--block",
+            ABSENT,
+            "--budget",
+            "900",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
     )
     return out, proc
 
@@ -51,7 +60,7 @@ def test_smoke_run_finishes_and_writes_both_files(smoke):
     assert (out / "gpu_check.csv").is_file()
     md = (out / "gpu_check.md").read_text()
     for heading in ("## Parts", "## Named shapes", "## SST long-sequence study",
-                    "## Training steps", "## CUDA-marked tests"):  # fmt: skip
+                    "## Training steps", "## CUDA-marked tests", "## KdV"):  # fmt: skip
         assert heading in md, heading
     assert "cpu smoke" in md
 
@@ -83,6 +92,11 @@ def test_sst_and_training_rows(smoke):
         assert math.isfinite(float(r["time_ms"]))
     tests = [r for r in rows if r["part"] == "tests"]
     assert len(tests) == 1 and tests[0]["status"] == "ok"
+    (kdv,) = [r for r in rows if r["part"] == "kdv"]
+    assert kdv["status"] == "ok", kdv["note"]
+    nmse = float(kdv["metric"].removeprefix("nmse40="))
+    assert math.isfinite(nmse) and nmse > 0
+    assert "0.0011" in kdv["note"]  # the authors' figure beside ours
 
 
 def test_a_blocked_package_is_refused_in_the_parts(tmp_path):
@@ -111,3 +125,33 @@ def test_a_blocked_package_is_refused_in_the_parts(tmp_path):
     train = _rows(tmp_path)
     assert len(train) == 3
     assert all(r["status"] == "skipped" and "zarr" in r["note"] for r in train)
+
+
+def test_rollout_nmse_is_the_kdv_evaluation_protocol():
+    """The script's rollout and NMSE (it cannot import smnn.experiments.kdv.evaluation on a
+    bare image: that module imports matplotlib) against the pipeline's, on a fixed
+    forecaster."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    from smnn.experiments.kdv.evaluation import rollout, score_rollout
+
+    spec = importlib.util.spec_from_file_location("_gpu_check_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    window, g = 4, torch.Generator().manual_seed(0)
+    truth = 1.0 + torch.rand(5, 15, 6, generator=g, dtype=torch.float64)
+    mix = torch.rand(6, 6, generator=g, dtype=torch.float64) / 3
+
+    class Forecaster:
+        def predict(self, x):
+            return torch.tanh(x @ mix).roll(1, dims=1)
+
+    model = Forecaster()
+    model.window = window
+    nmse, per_trajectory = script.rollout_nmse(model.predict, window, truth, batch_size=2)
+    reference = score_rollout(rollout(model, truth, 2), truth.numpy(), window)
+    assert nmse == pytest.approx(reference.nmse, rel=1e-12)
+    np.testing.assert_allclose(per_trajectory, reference.per_trajectory, rtol=1e-12)

@@ -20,7 +20,8 @@ Everything a lane computes depends on that lane's data only, in a fixed order: n
 same inputs give the same bits.
 
 Only long-stable Triton features are used (``tl.load``/``tl.store`` with masks, ``tl.where``,
-``tl.sum``, ``tl.static_range``, ``tl.debug_barrier``), for triton 3.x.
+``tl.sum``, ``tl.debug_barrier``, loops with ``range``: not unrolled, so a kernel compiles in
+seconds at every block size), for triton 3.x.
 """
 
 from __future__ import annotations
@@ -70,12 +71,12 @@ def block_cholesky_kernel(
     for t in range(T):
         a = tl.load(diag_t + ent, mask=mask, other=0.0)
         # a -= W_t W_t^T (W_0 = 0)
-        for k in tl.static_range(NB):
+        for k in range(NB):
             wk = tl.sum(tl.where(cols == k, wmul, 0.0), axis=2)
             a = a - wk[:, :, None] * wk[:, None, :]
         # lower Cholesky factor c of a, column by column (right-looking)
         c = zero
-        for j in tl.static_range(NB):
+        for j in range(NB):
             colj = tl.sum(tl.where(cols == j, a, 0.0), axis=2)
             d = tl.sum(tl.where(vec == j, colj, 0.0), axis=1)
             ok = d > 0.0
@@ -86,7 +87,7 @@ def block_cholesky_kernel(
             a = a - lj[:, :, None] * lj[:, None, :]
         # x = c^{-1}, row by row (forward substitution on the identity)
         x = zero
-        for i in tl.static_range(NB):
+        for i in range(NB):
             crow = tl.sum(tl.where(rows == i, c, 0.0), axis=1)
             cii = tl.sum(tl.where(vec == i, crow, 0.0), axis=1)
             acc = tl.sum(crow[:, :, None] * x, axis=1)
@@ -98,7 +99,7 @@ def block_cholesky_kernel(
         has_next = mask & ((lane * 0 + t + 1) < T)[:, None, None]
         b = tl.load(sub_t + ent, mask=has_next, other=0.0)
         wmul = zero
-        for k in tl.static_range(NB):
+        for k in range(NB):
             bk = tl.sum(tl.where(cols == k, b, 0.0), axis=2)
             xk = tl.sum(tl.where(cols == k, x, 0.0), axis=2)
             wmul = wmul + bk[:, :, None] * xk[:, None, :]

@@ -21,10 +21,11 @@ from smnn.solver.reference import build_dense_system, dense_reference
 LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
     """The sweeps are T dependent steps of tiny batched ops: on a shared 2-core machine a
-    second intra-op thread only waits (the timings, not the results, depend on it)."""
+    second intra-op thread only waits (measured: this file 31 s with one thread, 323 s with two
+    under load; the results do not depend on it)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -180,17 +181,19 @@ def _singular_problem(dtype, T):
     return c, b, u0[..., :0, :, :0], h
 
 
+@pytest.mark.parametrize("central", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("T", [5, 60])
-def test_rank_deficiency_raises_or_gives_nan(dtype, T):
+def test_rank_deficiency_raises_or_gives_nan(dtype, T, central):
     p = _singular_problem(dtype, T)
+    kw = dict(enable_central_smoothness=central)
     with pytest.raises(NonPositivePivotError, match=r"rank deficient for 1 of 3.*\(1,\)"):
-        ode_forward(*p, method="qr")
+        ode_forward(*p, method="qr", **kw)
     with pytest.raises(NonPositivePivotError, match=r"\(1,\)"):
-        factorize(p[0], p[3], n_init_orders=0, n_init_var_steps=0, method="qr")
-    u = ode_forward(*p, method="qr", check_pivots=False)
+        factorize(p[0], p[3], n_init_orders=0, n_init_var_steps=0, method="qr", **kw)
+    u = ode_forward(*p, method="qr", check_pivots=False, **kw)
     assert torch.isnan(u).flatten(1).all(1).tolist() == [False, True, False]
-    ref = dense_reference(*(x.double() for x in p))
+    ref = dense_reference(*(x.double() for x in p), **kw)
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     assert rel_err(u[[0, 2]].double(), ref[[0, 2]]) < tol
 
@@ -308,7 +311,7 @@ def test_sparse_rows_are_the_dense_rows():
         ("growing", torch.float32, 2e-5),
     ],
 )
-def test_issue_accuracy_targets(name, dtype, target, one_thread):
+def test_issue_accuracy_targets(name, dtype, target):
     p = issue_case(name)
     ref = _augmented_solve(*p)
     u = ode_forward(*(x.to(dtype) for x in p), method="qr")
@@ -317,7 +320,7 @@ def test_issue_accuracy_targets(name, dtype, target, one_thread):
 
 
 @pytest.mark.parametrize("method", ["sequential", "cyclic"])
-def test_float32_normal_equations_no_longer_fail_silently(method, one_thread):
+def test_float32_normal_equations_no_longer_fail_silently(method):
     """The KdV-like float32 case: the normal equations lost every digit (median 0.18, no error
     raised) before the relative pivot threshold; now they raise or are accurate."""
     p = issue_case("kdv")
@@ -357,3 +360,57 @@ def accuracy_table() -> None:
                 except NonPositivePivotError as exc:
                     cells.append("raises (" + str(exc).split(" for ")[1].split(" batch")[0] + ")")
             print(f"| {name} | {str(dtype)[6:]} | " + " | ".join(cells) + " |", flush=True)
+
+
+def time_table(reps: int = 3) -> None:
+    """Print the time table of docs/solver.md ("The orthogonal (QR) solve"): forward +
+    backward of QR and the LDL^T methods, medians of ``reps`` alternating repeats in one
+    process, 1 thread (scaled-down SST and long shapes). Not a test; run it with
+    ``cd tests && python -c "import test_qr; test_qr.time_table()"``."""
+    import statistics
+    import time
+
+    from smnn.benchmark.catalog import Shape, make_inputs
+
+    torch.set_num_threads(1)
+    shapes = [
+        Shape("Lorenz", "named", 1536, 50, 1, 3),
+        Shape("KdV", "named", 8192, 10, 1, 5),
+        Shape("SST, B/10", "named", 1296, 208, 1, 3),
+        Shape("long, T/16", "named", 8, 4096, 1, 3),
+        Shape("coupled", "named", 64, 1000, 3, 3),
+    ]
+    methods = {
+        "qr": dict(method="qr"),
+        "sequential": dict(method="sequential", backend="torch"),
+        "cyclic": dict(method="cyclic", backend="torch"),
+        "lanes": dict(method="sequential", backend="numba"),
+    }
+    print(
+        "| shape | dtype | "
+        + " | ".join(f"{m} (ms)" for m in methods)
+        + " | qr / best torch LDL^T |"
+    )
+    print("|---" * (3 + len(methods)) + "|")
+    for shape in shapes:
+        for dtype in (torch.float64, torch.float32):
+            x = make_inputs(shape, dtype, torch.device("cpu"))
+            times: dict[str, list[float] | None] = {}
+            for name, kw in methods.items():  # warm-up (compiles the lane kernels)
+                try:
+                    ode_forward(*x, **kw).square().sum().backward()
+                    times[name] = []
+                except NonPositivePivotError:
+                    times[name] = None
+            for _ in range(reps):
+                for name, kw in methods.items():
+                    if times[name] is not None:
+                        start = time.perf_counter()
+                        ode_forward(*x, **kw).square().sum().backward()
+                        times[name].append(1e3 * (time.perf_counter() - start))
+            med = {k: statistics.median(v) if v else math.nan for k, v in times.items()}
+            best = min((v for v in (med["sequential"], med["cyclic"]) if v == v), default=math.nan)
+            cells = ["raises" if math.isnan(v) else f"{v:.0f}" for v in med.values()]
+            label = f"{shape.case} B={shape.B} T={shape.T} D={shape.D} R={shape.R}"
+            ratio = f"{med['qr'] / best:.1f}" if best == best else "-"
+            print(f"| {label} | {str(dtype)[6:]} | " + " | ".join(cells) + f" | {ratio} |")

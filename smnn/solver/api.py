@@ -53,10 +53,10 @@ def choose_method(
       (QR) solve", accuracy table), where the QR sweep keeps about 1e-6.
     - float64: the normal equations (LDL^T), because they cost less than QR everywhere it was
       measured and lose nothing that matters at cond(A)^2 * 1e-16 on these problems. QR would
-      be chosen where it costs at most 1.3x the LDL^T time; on the torch path it costs more at
-      every named shape (docs/solver.md, "The orthogonal (QR) solve", time table, CPU torch
-      path, scaled-down shapes: QR / best LDL^T = 1.9x to 9x), and the CPU default runs LDL^T
-      on the lane engine, which is faster still.
+      be chosen where it costs at most 1.3x the LDL^T time; it costs more at every named shape
+      (docs/solver.md section 10, time table, forward + backward on the CPU torch path, SST
+      and long scaled down: QR / best torch LDL^T = 2.9x Lorenz, 2.8x KdV, 3.7x SST, 12.7x
+      long, 3.5x coupled; 31x-75x the LDL^T lane engine, the CPU default).
     - Among the LDL^T methods on the torch path (CUDA, CPU without numba or with
       ``backend='torch'``, weights that need gradients; the lane engine is always sequential):
       the sequential sweep's T dependent steps each cost a few kernel launches, and cyclic

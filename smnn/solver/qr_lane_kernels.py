@@ -1,13 +1,21 @@
 """Numba kernels of the orthogonal (QR) least-squares solve on lanes (docs/solver.md section 10).
 
 The torch side is :mod:`smnn.solver.qr_lanes`. Every kernel works on groups of W lanes side by
-side, W a run-time value (8 or 32; the scratch arrays' last axis): all innermost loops run over
-the lanes, ``for l in range(W)``, so LLVM vectorises them, the same compiled kernel serves every
-width, and each lane's arithmetic is the same whatever the width (lanes never mix), so both widths
-give the same bits.
+side, W a run-time value (8 or 32, the ``width`` argument): all innermost loops run over the
+lanes, ``for l in range(W)``, the same compiled kernel serves every width, and each lane's
+arithmetic is the same whatever the width (lanes never mix), so both widths give the same bits.
+LLVM vectorises these loops with run-time checks that the arrays do not overlap (AVX-512:
+``<8 x double>`` operations in the compiled helpers, checked with ``inspect_llvm``); the checks
+and the short trip counts cost more per operation than the LDL^T engine's lane helpers, whose
+width is spelled out at compile time.
 
 A lane holds one *item*: a system n and one right-hand-side column p of it (item i = n * P + p),
-or, in :func:`factor` (no right-hand side), one system.
+or, in :func:`forward` without right-hand sides (factorize), one system.
+
+Work per block is planned once per block type (:func:`supports`, a symbolic Householder QR of
+the block's structure): each reflector acts only on the rows where its column can be nonzero and
+only on the later columns those rows touch, so the zeros of the Taylor rows of other states
+(D > 1) and of the carried triangle cost nothing.
 
 Blocks. Without central rows a block is one step (G = 1, nb = n = D*R unknowns); with central
 rows a block pairs steps 2k and 2k+1 (G = 2, nb = 2n; an odd T gets a padding step fixed to zero
@@ -30,8 +38,8 @@ Arrays (C-contiguous, float32 or float64): inputs ``coef`` (N, Tc, E, m), ``step
 ``rhs_eq`` (N, Tb, E, P), ``init`` (N, Su, D*K, P) (a size-1 step axis is shared by all steps);
 ``rs`` (Gr, TB, nb, 2nb, W): [R_t | S_t] of each block (R_t upper triangular), by groups of items
 (``by_system`` False) or of systems; ``refl`` (Gs, TB, pmax, 2nb, W) and ``taus`` (Gs, TB, 2nb, W):
-the Householder vectors (below the diagonal, unit diagonal implied) and factors of
-:func:`factor`, by groups of systems. u, gradients of u: (N, T, m, P).
+the Householder vectors (below the diagonal, unit diagonal implied) and factors kept by
+:func:`forward` without right-hand sides, by groups of systems. u, gradients of u: (N, T, m, P).
 
 Determinism: no fast-math licences, jobs claimed dynamically (:func:`_claim_job`) but each job's
 results depend only on its own lanes, sums run in a fixed order.
@@ -341,7 +349,7 @@ def _factor_group(
     rs, refl, taus_out, failed_at, bad_input, out,
     a, da, kind, aux, chk, taus, cn2, carried, dead, wsol, ux, sysl, coll, sg, sl, sv, ordv,
 ):  # fmt: skip
-    """One group of :func:`forward` or :func:`factor` (see there)."""
+    """One group of :func:`forward` (see there)."""
     W = sysl.shape[0]
     m = coef.shape[3]
     R = m // D

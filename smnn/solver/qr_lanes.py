@@ -318,10 +318,11 @@ class _QrLaneSolve(torch.autograd.Function):
         dtype = coef.dtype
         if P > 1:
             factor = _factorize(coef, steps, sizes)
+            bad_lhs = factor.bad_input
             x = factor.solve_rhs(rhs_eq, init)
             rs, by_system = factor.rs, True
             outcome.failed_at = factor.failed_at
-            outcome.bad_input = factor.bad_input or factor.bad_input
+            outcome.bad_input = bad_lhs or factor.bad_input
         else:
             _, nb, TB, _ = sizes.blocks(E)
             W = lane_width(N * P)

@@ -95,18 +95,27 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 
 def triton_path_applies(
-    device: torch.device, backend: str, method: str, plain_weights, cuda_graphs
+    device: torch.device,
+    backend: str,
+    method: str,
+    plain_weights,
+    cuda_graphs,
+    dtype: torch.dtype | None = None,
 ) -> bool:
     """Whether the Triton engine serves a call (the dispatch rule, docs/gpu.md).
 
     - ``backend='triton'``: always, or a ValueError saying why it cannot (triton missing, the
       tensors neither on CUDA nor on CPU under the interpreter, a method other than 'auto' or
-      'sequential', weights that need gradients, a CUDA-graph pool given).
-    - ``backend='auto'``: CUDA tensors, triton importable, method 'auto' or 'sequential',
-      plain-number weights and no CUDA-graph pool; everything else keeps the torch path.
-      ``method='auto'`` on CUDA thus means Triton's sequential sweep (2 launches forward, 1
-      backward, whatever T) whenever it can run: a documented rule until a GPU has measured
-      the alternatives (docs/gpu.md).
+      'sequential', weights that need gradients, a CUDA-graph pool given). 'auto' then means
+      the sequential sweep (the normal equations) in either dtype.
+    - ``backend='auto'``: CUDA tensors, triton importable, plain-number weights, no CUDA-graph
+      pool, and a method that resolves to the normal equations: 'sequential', or 'auto' in
+      float64 (``dtype``; in float32 'auto' means the QR sweep,
+      :func:`smnn.solver.api.choose_method`, which runs on the torch path).
+      ``method='auto'`` in float64 on CUDA thus means Triton's sequential sweep (2 launches
+      forward, 1 backward, whatever T) instead of the torch path's cyclic reduction: a
+      documented rule until a GPU has measured it (docs/gpu.md).
+      Everything else keeps the torch path.
     - any other backend: never.
     """
     if backend == "triton":
@@ -124,6 +133,8 @@ def triton_path_applies(
             raise ValueError(f"backend='triton' cannot run this call: {why}")
         return True
     if backend != "auto" or device.type != "cuda":
+        return False
+    if method == "auto" and dtype == torch.float32:
         return False
     return (
         method in TRITON_METHODS

@@ -234,3 +234,13 @@ def test_bad_inputs_raise():
     b[2, 3] = float("nan")
     with pytest.raises(ValueError, match="rhs_equation contains 1 non-finite"):
         _solve((c, b, u0, h), pk)
+
+
+def test_float32_factorize_solve_equals_forward_to_the_bit():
+    """Both refine with the same operations, so float32 gives the same bits too."""
+    pk = dict(batch=(6, 4), T=8, c_batch=(6, 1), h_batch=(6, 1))
+    problem = _problem([x.float() for x in random_problem(**pk)], pk)
+    u = qr_lane_ode_forward(problem, ONES, True, True, False)
+    v = qr_lane_factorize(problem, ONES, True, False).solve(problem, True)
+    assert u.dtype == v.dtype == torch.float32
+    assert torch.equal(u, v)

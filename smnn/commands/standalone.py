@@ -80,18 +80,10 @@ def options_from_config(config: Config) -> dict:
     return opts
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
-    return torch.device(name)
-
-
 def run_command(args: argparse.Namespace) -> int:
     import torch
+
+    from smnn.training import resolve_device
 
     try:
         config = job_config(args.config) if args.config else None
@@ -107,10 +99,10 @@ def run_command(args: argparse.Namespace) -> int:
         if args.device is not None:
             opts["device"] = args.device
         solvers = check_solvers(opts.get("solvers"))
-        device = _device(opts.get("device", "cpu"))
+        device = resolve_device(opts.get("device", "cpu"))
         target = tracking_target(args, config)
         out = prepare_output_dir(args.out)
-    except ValueError as exc:  # ConfigError is a ValueError
+    except (ValueError, RuntimeError) as exc:  # ConfigError is a ValueError; no CUDA
         print(f"smnn standalone: error: {exc}", file=sys.stderr)
         return 2
     tags = job_tags("standalone", args.rule, args.config, device=str(device))

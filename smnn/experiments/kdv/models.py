@@ -1,65 +1,6 @@
-"""KdV: an MNN that forecasts the Korteweg-de Vries equation (docs/experiments.md, KdV).
-
-Data. The store ``data/kdv.zarr`` (rules ``generate_kdv`` / ``import_kdv``, read through
-:func:`smnn.data.kdv.open_kdv_store`) holds ``u`` ``(trajectory, time, x)`` of the train, valid
-and test splits on a periodic grid of ``n_x`` points. Training and validation read their split
-into memory as ``(n, T_traj, n_x)``.
-
-Model (:class:`KdvModel`). One call maps ``window`` (W) consecutive steps ``(B, W, n_x)`` to the
-next W steps, the first of which is the last input step (the windows overlap by one). Every grid
-point gets its own linear ODE in time of order 4 over the W output steps
-(``E = D = 1``, ``R = 5``: ``sum_r c_r(t) d^r u / dt^r = b(t)``):
-
-- coefficient net: :class:`smnn.experiments.resnet1d.ResNet1D` over x (circular padding, the W
-  input steps as channels), then a circular convolution (kernel :data:`HEAD_KERNEL`) to
-  ``W * 5`` channels: the coefficients ``c[t, r]`` of every grid point;
-- right-hand-side net: a second ResNet1D of the same shape and a convolution to W channels:
-  ``b[t]`` of every grid point;
-- initial-value net (:class:`ConvEncoder` + linear): seven circular convolutions of widths
-  ``h, 2h, 4h, 4h, 2h, h, h/2`` (``h = init_hidden``, kernel :data:`INIT_KERNEL`, ReLU
-  between, the fifth and sixth with stride 2), flattened, and one linear layer to
-  ``3 * n_x`` numbers: orders 1 to 3 of every grid point at the first step. Order 0 is the last
-  observed value itself (not learned), so the solution starts at the data: the initial values
-  are the orders ``0..3`` (``K = 4``) at the first step (``S = 1``). The linear layer sees the
-  whole domain (the derivatives of a point may depend on all of it), as in the published model;
-  it fixes ``n_x``.
-- step net: a :class:`ConvEncoder` of the same widths (kernel :data:`STEP_KERNEL`) and one
-  linear layer to a single number ``z`` per sample, ``h = step_floor + (1 - step_floor)
-  sigmoid(z)``: one step size per sample in ``(step_floor, 1)``, shared by every grid point and
-  time step (a smooth floor: unlike a clip, it never stops the step's gradient). Its last layer
-  starts with zero weights and the bias that gives the step :data:`STEP_INIT`, so training starts
-  from it (``step_floor`` must be below it).
-  Steps below about 0.005 make the normal equations of the order-4 ODE lose positive
-  definiteness even in float64; the solve then fails naming the steps (raise ``step_floor``,
-  published 1e-3, or lower the learning rate).
-
-Initialisation: the weights of the coefficient, right-hand-side and initial-derivative heads
-(their last layers) start at zero and their biases at ``c = (0, 0, 0, 0, 1)``, ``b = 0`` and
-derivatives 0, i.e. ``d^4u/dt^4 = 0`` from ``(u, 0, 0, 0)``: the solution of the initial model
-is the last input step held, exactly (persistence), and training learns the departures from it.
-
-The ``B * n_x`` systems of ``T = W`` steps are solved by
-:class:`smnn.experiments.mnn_layer.MnnLayer` with the job's solver (batch dims ``(B, n_x)``, the
-step ``(B, 1, 1)`` broadcast over x and time), always in float64 (:data:`SOLVE_DTYPE`; a
-float32 model casts its decoded ODE up and the solution back); gradients reach all four solver
-inputs. At the published sizes (64 base filters, kernel 9, 10 blocks doubling every 4,
-``init_hidden`` 64, ``n_x = 256``, W = 10) the model has :data:`PAPER_PARAMETERS` parameters
-(about 10.4M).
-
-Training (:class:`KdvTask`). Windows of ``2W - 1`` consecutive steps of a train trajectory:
-input steps ``[s, s + W)``, target steps ``[s + W - 1, s + 2W - 1)``; every start of every
-trajectory once per epoch (``windows_per_epoch: null``), or ``windows_per_epoch`` windows drawn
-at random (trajectory and start uniform) from torch's global generator, which the Trainer seeds
-and checkpoints (a resumed run redraws the same windows). Loss: the mean absolute error between
-the solution (order 0, all W steps) and the target. Adam with ``lr``, ``ReduceLROnPlateau``
-(``plateau_factor``, ``plateau_patience``) stepped on the validation loss: the same L1 loss on a
-fixed subset of at most ``kdv.train.valid_windows`` (default :data:`VALID_WINDOWS`) windows of
-the valid split (distinct, drawn once from the seed), computed after every epoch.
-
-Evaluation: :mod:`smnn.experiments.kdv.evaluation` (rollout, persistence, NMSE) and
-:mod:`smnn.experiments.kdv.figures` / :mod:`smnn.experiments.forecast_figures` (plots).
-
-See :mod:`smnn.experiments.kdv` for the package.
+"""The KdV model (:class:`KdvModel`: ResNet1D coefficient and right-hand-side nets, the
+initial-value and step nets, one order-4 linear ODE per grid point solved by the shared MNN
+layer); see :mod:`smnn.experiments.kdv` for the experiment as a whole.
 """
 
 from __future__ import annotations

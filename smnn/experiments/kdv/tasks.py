@@ -17,6 +17,7 @@ from smnn.experiments.kdv.settings import (
     KdvSettings,
 )
 from smnn.experiments.kdv.store import open_store
+from smnn.experiments.model_files import read_model_file
 
 
 class KdvTask:
@@ -168,14 +169,7 @@ def load_model(
         FileNotFoundError: no such file.
         ValueError: the file holds another kind of model or lacks its parts.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist (train first)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or any(k not in payload for k in ("state_dict", "model_args")):
-        raise ValueError(f"{path} is not a KdV model file (no state_dict / model_args)")
-    if payload.get("kind") != MODEL_KIND:
-        raise ValueError(f"{path} holds a {payload.get('kind')!r} model, expected {MODEL_KIND!r}")
+    payload = read_model_file(path, "KdV", MODEL_KIND)
     model = KdvModel(**payload["model_args"], solver=solver)
     model.load_state_dict(payload["state_dict"])
     model.to(device=device, dtype=dtype).eval()

@@ -11,6 +11,7 @@ import torch
 from smnn.data.lorenz import load_lorenz, make_windows, window_starts
 from smnn.experiments.lorenz.models import LorenzModel, WindowOde, lorenz_library
 from smnn.experiments.lorenz.settings import LorenzSettings
+from smnn.experiments.model_files import read_model_file
 
 STEP_LOSS_POINTS = 1000  # per-step losses kept for the loss-curve figure (paper Figure 3)
 
@@ -95,13 +96,7 @@ def model_payload(task: LorenzTask) -> dict[str, Any]:
 
 def load_model(path: str | Path) -> tuple[LorenzModel, dict[str, Any]]:
     """Rebuild the trained model (CPU, float64) from ``model.pt``; returns (model, payload)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist (train first)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("state_dict", "model_args"):
-        if key not in payload:
-            raise ValueError(f"{path} is not a Lorenz model file: it lacks {key!r}")
+    payload = read_model_file(path, "Lorenz")
     model = LorenzModel(**payload["model_args"]).double()
     model.load_state_dict({k: v.double() for k, v in payload["state_dict"].items()})
     model.eval()

@@ -1,52 +1,6 @@
-"""Sea surface temperature: the Mechanistic Identifier on long weekly series (docs/experiments.md,
-SST section).
-
-Data. The store ``data/sst.zarr`` (written by ``preprocess_sst``) holds the standardised weekly
-SST ``(time, lat, lon)``; every grid cell is one series. Training reads the training period
-``time[:n_train_weeks]`` into memory as ``(T_train, n_cells)`` (:mod:`smnn.data.windows`) and
-draws random windows of ``window`` weeks. A training sample is a *pair*: a cell and a partner on
-the same latitude at a longitude offset in ``neighbour_offsets`` (not 0, longitude wrapping
-around; both ocean with ``land: ocean``), the same weeks of both.
-
-Mechanistic Identifier (:class:`MechanisticIdentifier`). Each view ``x`` ``(T,)`` goes through the
-orthonormal DCT-II (:class:`smnn.experiments.dct.Dct`), its first ``n_dct`` coefficients through
-an encoder MLP (``encoder_layers`` hidden layers of ``encoder_hidden``, LeakyReLU) to ``latents``
-numbers, of which the first ``shared_latents`` are replaced by their mean over the two views.
-Three decoder MLPs (each :data:`DECODER_LAYERS` hidden layers of ``decoder_hidden``) map the
-latents to the right-hand side ``(T,)``, the coefficients ``(T, 3)`` and the ``T-1`` step sizes
-(sigmoid, clipped to ``[0.001, 0.999]``; the step head starts at a constant step of
-:data:`STEP_INIT`) of one second-order linear ODE per view (``E = D = 1``, ``R = 3``): ``c0 u +
-c1 u' + c2 u'' = b``. Its initial values are the data's values (order 0, ``K = 1``) at the first
-``n_init`` weeks (``S = n_init``). The solve is :class:`smnn.experiments.mnn_layer.MnnLayer`
-with the job's solver, not frozen: coefficients and steps are decoded per sample, and gradients
-reach all four solver inputs.
-
-Loss of the identifier: the MSE between the first ``n_dct`` DCT coefficients of the solution and
-those of the data (the low-pass representation the encoder sees; as the DCT is orthonormal, all
-``T`` coefficients would give exactly the MSE in time, week-to-week noise included), plus
-``alignment_weight`` times the alignment term: the MSE between each view's shared latents before
-averaging and their average (a quarter of the mean squared difference between the two views).
-
-Ada-GVAE baseline (:class:`AdaGVAE`; Locatello et al. 2020, *Weakly-supervised disentanglement
-without compromises*). The same DCT + MLP encoder with Gaussian heads (mean and log-variance of
-``latents`` dims). For each pair, the per-dimension KL divergence ``KL(q(z|x1) || q(z|x2))`` is
-computed and every dimension with a KL below the midpoint between the pair's smallest and largest
-is taken as shared: both views' posteriors of those dims become the average (mean of the means,
-mean of the variances). ``shared_latents`` does not enter: the model chooses the shared dims. A
-decoder MLP maps a sample of the latents together with the window's first ``n_init`` weeks to the
-whole window. Loss: reconstruction MSE + ``beta`` (``sst.train.beta``) x the KL divergence to the
-standard normal prior, summed over latent dims and divided by ``T`` (with beta = 1 the per-week
-negative ELBO of a Gaussian likelihood, up to constants and a factor).
-
-Random draws. Cells (when ``windows_per_epoch`` is set), partners, window starts and the VAE's
-noise are drawn from torch's global generator inside each step. The Trainer seeds it and stores
-its state in every checkpoint (also mid-epoch), so a resumed run redraws exactly what an
-uninterrupted run would.
-
-Evaluation: :mod:`smnn.experiments.sst.evaluation` (protocol, baselines, metrics) and
-:mod:`smnn.experiments.sst.figures` / :mod:`smnn.experiments.forecast_figures` (plots).
-
-See :mod:`smnn.experiments.sst` for the package.
+"""The SST models: the Mechanistic Identifier (:class:`MechanisticIdentifier`) and the Ada-GVAE
+baseline (:class:`AdaGVAE`); see :mod:`smnn.experiments.sst` for what they do and how they are
+trained and scored.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from smnn.data.windows import (
     gather_windows,
     random_starts,
 )
+from smnn.experiments.model_files import read_model_file
 from smnn.experiments.sst.models import AdaGVAE, MechanisticIdentifier, MiOutput, VaeOutput
 from smnn.experiments.sst.settings import (
     ADAGVAE_KIND,
@@ -234,14 +235,7 @@ def load_model(
         FileNotFoundError: no such file.
         ValueError: the file holds another kind of model or lacks its parts.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist (train first)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or any(k not in payload for k in ("state_dict", "model_args")):
-        raise ValueError(f"{path} is not an SST model file (no state_dict / model_args)")
-    if payload.get("kind") != kind:
-        raise ValueError(f"{path} holds a {payload.get('kind')!r} model, expected {kind!r}")
+    payload = read_model_file(path, "SST", kind)
     if kind == MI_KIND:
         model: nn.Module = MechanisticIdentifier(**payload["model_args"], solver=solver)
     else:

@@ -20,7 +20,8 @@ part that times out keeps what it measured:
   inputs (``torch.cuda.max_memory_allocated``), relative error against a float64 solve by
   cyclic reduction (a different algorithm);
 - ``sst``: the solver's step (forward + backward of the ODE layer: B = 12,960 systems, D = 1,
-  R = 3) at 52 .. 1727 weeks for S-MNN and MNN dense, beside the paper's figures (4.9x faster
+  R = 3, float32) at 52 .. 1727 weeks for S-MNN (``ode_forward`` as users call it, and the
+  normal equations on Triton) and MNN dense, beside the paper's figures (4.9x faster
   and half the memory at 208 weeks; MNN dense out of memory beyond 104 weeks on 80 GB);
 - ``train``: a few training steps of each experiment (lorenz, sst, kdv) at ``config/paper.yaml``
   on synthetic data: median step time, peak memory.
@@ -321,8 +322,10 @@ def part_sst(args, rows: Rows) -> None:
     dtype = torch.float32  # sst.train.dtype of config/paper.yaml
     dense = solver_info("mnn_dense").function
     solvers = {
+        # ode_forward as users call it (float32 'auto': the QR sweep on the torch path)
+        "smnn": lambda c, b, u0, h: ode_forward(c, b, u0, h),
+        # the normal equations on Triton
         "smnn_triton": _triton_solve,
-        "smnn_torch": lambda c, b, u0, h: ode_forward(c, b, u0, h, backend="torch"),
         "mnn_dense": dense,
     }
     gone: set[str] = set()
@@ -717,16 +720,18 @@ def sst_comparison(rows: list[dict]) -> list[str]:
     by = {(r["method"], int(r["T"])): r for r in sst}
     lines = []
     L = PAPER["length"]
-    s, d = by.get(("smnn_triton", L)), by.get(("mnn_dense", L))
-    if s and d and s["status"] == d["status"] == "ok":
-        speed = _num(d["time_ms"]) / _num(s["time_ms"])
-        mem = _num(s["peak_mb"]) / _num(d["peak_mb"])
-        lines.append(f"- at {L} weeks: S-MNN (Triton) is {speed:.3g}x faster than MNN dense "
-                     f"(paper: {PAPER['speedup']}x) and uses {mem:.3g} of its memory "
-                     f"(paper: {PAPER['memory_ratio']})")  # fmt: skip
-    elif sst:
-        lines.append(f"- at {L} weeks: no ratio (S-MNN {s and s['status']}, MNN dense "
-                     f"{d and d['status']})")  # fmt: skip
+    d = by.get(("mnn_dense", L))
+    for method in ("smnn", "smnn_triton"):
+        s = by.get((method, L))
+        if s and d and s["status"] == d["status"] == "ok":
+            speed = _num(d["time_ms"]) / _num(s["time_ms"])
+            mem = _num(s["peak_mb"]) / _num(d["peak_mb"])
+            lines.append(f"- at {L} weeks: {method} is {speed:.3g}x faster than MNN dense "
+                         f"(paper: {PAPER['speedup']}x) and uses {mem:.3g} of its memory "
+                         f"(paper: {PAPER['memory_ratio']})")  # fmt: skip
+        elif sst:
+            lines.append(f"- at {L} weeks: no ratio for {method} ({s and s['status']}; MNN "
+                         f"dense {d and d['status']})")  # fmt: skip
     oom = sorted(int(r["T"]) for r in sst if r["method"] == "mnn_dense"
                  and r["status"] == "out_of_memory")  # fmt: skip
     ok = sorted(int(r["T"]) for r in sst if r["method"] == "mnn_dense" and r["status"] == "ok")

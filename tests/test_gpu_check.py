@@ -83,7 +83,7 @@ def test_sst_and_training_rows(smoke):
     out, _ = smoke
     rows = _rows(out)
     sst = [r for r in rows if r["part"] == "sst"]
-    assert {r["method"] for r in sst} == {"smnn_triton", "smnn_torch", "mnn_dense"}
+    assert {r["method"] for r in sst} == {"smnn", "smnn_triton", "mnn_dense"}
     assert all(r["status"] == "ok" and float(r["time_ms"]) > 0 for r in sst)
     train = {r["case"]: r for r in rows if r["part"] == "train"}
     assert set(train) == {"lorenz paper config", "sst paper config", "kdv paper config"}

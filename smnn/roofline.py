@@ -6,21 +6,31 @@ nothing but its arithmetic at the machine's dense matrix-multiply rate. Both rat
 here (:func:`measure_machine_rates`), with the benchmark's thread count. Real small-block kernels
 (blocks of 3x3..15x15) reach neither rate, so the ratio measured / floor says how much is left.
 
-Counts per system and step, for blocks of size ``m = D*R`` and ``E`` equations (the benchmark
-uses ``E = D``), the sequential block LDL^T method (cyclic reduction does about twice the
-arithmetic, on the same data):
+What is counted: the work of the lane kernels (:mod:`smnn.solver.lane_kernels`, the CPU engine
+of the default sequential method, without central rows) and the arrays they must move through
+memory. A floor is a lower bound on the time of *this design* (block LDL^T whose factor is kept
+from the forward to the backward kernel, coupling blocks rebuilt from the step sizes): scratch
+arrays that stay in cache are not counted, and each array crossing a kernel boundary is counted
+once per kernel that touches it. An algorithm that recomputed the factor in the backward pass
+would move fewer bytes and do more arithmetic.
 
-- flops: assembly of the equation blocks ``C_t^T C_t`` (``2 E m^2``) and right-hand side
-  (``2 E m``); factorization: the update ``M_t - L_t M_{t,t-1}^T`` (``m^3``, symmetric half
-  only), the pivot Cholesky (``m^3 / 3``) and the multiplier ``L_t`` by two triangular solves
-  with ``m`` columns (``2 m^3``); two solves (forward and backward pass), each a forward
-  substitution, a pivot solve and a backward substitution (``6 m^2``); the block gradients
-  ``-lambda u^T`` (``3 m^2``) and their chain rule to the coefficients (``4 E m^2``).
-- bytes (``itemsize`` each): what must cross the memory bus at least once: the inputs
-  (``E m`` coefficients, ``E`` right-hand sides, one step) read in the forward pass and again in
-  the backward pass, the solution written, read back with its upstream gradient, the input
-  gradients written, and the factors (``m^2`` multiplier entries and ``m (m + 1) / 2`` Cholesky
-  entries), which must survive from the forward to the backward pass: written once, read once.
+Counts per system and step, for blocks of size ``m = D*R``, ``E`` equations (the benchmark uses
+``E = D``) and ``P`` right-hand-side columns (1 in the benchmark); a multiply-add is 2 flops:
+
+- flops, forward kernel: assembly of the lower triangle of M_t from the coefficients
+  (``E m (m + 1)``) and the Taylor rows (``3 D R (R + 1)``), the right-hand side (``2 E m P``);
+  the Schur complement ``M_t - Y_{t-1}^T Y_{t-1}`` (``m^2 (m + 1)``), the pivot Cholesky
+  (``m^3 / 3``), the coupling ``Y_t = L_t^{-1} M_{t+1,t}^T`` (``sum_d R (m - dR)(m - dR - 1)``:
+  column j of ``M_{t+1,t}^T`` is zero above its state's first row); the substitutions
+  (``4 m^2 + 4 D R^2`` per column: two pivot solves and two coupling products).
+- flops, backward kernel: the same substitutions for lambda = M^{-1} g, then the chain rule to
+  the coefficients and right-hand sides (``8 E m P``) and to the steps (``D R^2 (12 P + 6)``).
+- bytes (``itemsize`` each): the inputs (``E m`` coefficients, ``E P`` right-hand sides, one
+  step) read by the forward kernel and again by the backward kernel, and their gradients written
+  (``3 (E m + E P + 1)``); u written by the forward kernel, read back with its upstream gradient
+  by the backward kernel (``3 m P``); the factor that the kernels store, the packed strictly
+  lower triangle of L_t and the reciprocals of its diagonal (``m (m + 1) / 2``), written once
+  and read once (``m (m + 1)``). The multipliers and the blocks of M are never stored.
 """
 
 from __future__ import annotations
@@ -91,23 +101,32 @@ class StepCost:
 
 
 def solver_step_cost(
-    B: int, T: int, D: int, R: int, itemsize: int, E: int | None = None
+    B: int, T: int, D: int, R: int, itemsize: int, E: int | None = None, P: int = 1
 ) -> StepCost:
     """Bytes and flops of one forward+backward S-MNN step over ``B`` systems of ``T`` steps
-    (counts in the module docstring); ``E`` defaults to ``D``."""
+    with ``P`` right-hand-side columns (counts in the module docstring); ``E`` defaults to
+    ``D``."""
     E = D if E is None else E
     m = D * R
-    flops_per_step = (
-        2 * E * m * m + 2 * E * m  # assembly
-        + (1 + 1 / 3 + 2) * m**3  # factorization
-        + 2 * 6 * m * m  # forward and backward solves
-        + 3 * m * m + 4 * E * m * m  # block gradients and their chain rule
+    substitution = 4 * m * m + 4 * D * R * R  # per column: pivot solves and coupling products
+    coupling = sum(R * (m - d * R) * (m - d * R - 1) for d in range(D))
+    forward = (
+        E * m * (m + 1)
+        + 3 * D * R * (R + 1)
+        + 2 * E * m * P  # assembly
+        + m * m * (m + 1)
+        + m**3 / 3
+        + coupling  # Schur complement, Cholesky, Y_t
+        + substitution * P
     )
-    inputs = E * m + E + 1
-    factors = m * m + m * (m + 1) // 2
-    elements_per_step = 3 * inputs + 3 * m + 2 * factors
+    backward = substitution * P + 8 * E * m * P + D * R * R * (12 * P + 6)
+    inputs = E * m + E * P + 1
+    factor = m * (m + 1) // 2
+    elements_per_step = 3 * inputs + 3 * m * P + 2 * factor
     n = B * T
-    return StepCost(bytes=float(n * elements_per_step * itemsize), flops=float(n * flops_per_step))
+    return StepCost(
+        bytes=float(n * elements_per_step * itemsize), flops=float(n * (forward + backward))
+    )
 
 
 def floor_ms(cost: StepCost, rates: MachineRates) -> float:

@@ -8,6 +8,7 @@ are finite and positive, and that the files agree with each other.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -40,11 +41,20 @@ from smnn.benchmark import (
     run_benchmark,
     t_sweep,
 )
-from smnn.benchmark.figures import scaling_figure
-from smnn.benchmark.measure import COLUMNS
+from smnn.benchmark.accuracy import reference_method, reference_solution, relative_errors
+from smnn.benchmark.contention import (
+    CONTENTION_COLUMNS,
+    busy_process,
+    contention_lines,
+    run_contention,
+)
+from smnn.benchmark.figures import accuracy_figure, scaling_figure
+from smnn.benchmark.measure import COLUMNS, COMPILE_BATCHES
 from smnn.cli import main
 from smnn.config import Config
 from smnn.plotting import QUICK_NOTE
+from smnn.solver import METHODS as SOLVER_METHODS
+from smnn.solver import dense_reference
 
 TINY = [
     Shape("tiny", "named", 3, 12, 2, 3),
@@ -124,7 +134,7 @@ def test_tiny_grid_outputs(tiny_run):
         assert f"| {case} |" in md
     assert "smnn float64" in md and "mnn_cg float32" in md
     assert QUICK_NOTE not in md  # not a quick run
-    for name in ("scaling_T.png", "scaling_batch.png"):
+    for name in ("scaling_T.png", "scaling_batch.png", "accuracy_T.png"):
         image = imread(out / name)
         assert image.ndim == 3 and image.shape[1] > 600
 
@@ -149,8 +159,9 @@ def test_progress_line_per_case_and_a_summary(tiny_run):
     for line in case_lines:
         assert re.search(r": [\d.e+-]+ ms \(median of 2\), [\d.e+-]+ MB", line), line
     for _, r in table.iterrows():
-        assert any(f"] {r['method']} {r['dtype']} {r['case']} B={r['B']}" in line
-                   for line in case_lines)
+        assert any(
+            f"] {r['method']} {r['dtype']} {r['case']} B={r['B']}" in line for line in case_lines
+        )
     assert lines[0].startswith(f"[bench] {len(table)} cases")
     assert "done in" in lines[-1] and str(out.resolve()) in lines[-1]
     assert all(name in lines[-1] for name in OUTPUT_FILES)
@@ -158,8 +169,25 @@ def test_progress_line_per_case_and_a_summary(tiny_run):
 
 def test_cli_progress_is_flushed_to_stderr(tmp_path, capsys):
     out = tmp_path / "o"
-    assert main(["bench", "--out", str(out), "--methods", "smnn", "--dtypes", "float64",
-                 "--quick", "--cases", "T64,B1", "--repeats", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--out",
+                str(out),
+                "--methods",
+                "smnn",
+                "--dtypes",
+                "float64",
+                "--quick",
+                "--cases",
+                "T64,B1",
+                "--repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "[bench 1/2 " in captured.err and "smnn float64 T64 B=8" in captured.err
     assert "[bench 2/2 " in captured.err and "smnn float64 B1 B=1" in captured.err
@@ -169,8 +197,13 @@ def test_cli_progress_is_flushed_to_stderr(tmp_path, capsys):
 
 def test_dense_rows_skipped_when_limit_is_tiny(tmp_path):
     table = run_benchmark(
-        tmp_path, ("smnn", "mnn_dense"), ("float64",), TINY[:2], repeats=1,
-        max_dense_bytes=1000, progress=False,
+        tmp_path,
+        ("smnn", "mnn_dense"),
+        ("float64",),
+        TINY[:2],
+        repeats=1,
+        max_dense_bytes=1000,
+        progress=False,
     )
     dense = table[table["method"] == "mnn_dense"]
     assert len(dense) == 2
@@ -187,10 +220,24 @@ def test_dense_limit_is_the_documented_estimate(tmp_path):
     """A limit exactly at the estimate runs the case; one byte less skips it."""
     shape = TINY[1]
     need = dense_matrix_bytes(shape, make_inputs(shape, *CPU64)[0].dtype)
-    at = run_benchmark(tmp_path / "a", ("mnn_dense",), ("float64",), [shape], repeats=1,
-                       max_dense_bytes=need, progress=False)
-    below = run_benchmark(tmp_path / "b", ("mnn_dense",), ("float64",), [shape], repeats=1,
-                          max_dense_bytes=need - 1, progress=False)
+    at = run_benchmark(
+        tmp_path / "a",
+        ("mnn_dense",),
+        ("float64",),
+        [shape],
+        repeats=1,
+        max_dense_bytes=need,
+        progress=False,
+    )
+    below = run_benchmark(
+        tmp_path / "b",
+        ("mnn_dense",),
+        ("float64",),
+        [shape],
+        repeats=1,
+        max_dense_bytes=need - 1,
+        progress=False,
+    )
     assert at["status"].tolist() == ["ok"]
     assert below["status"].tolist() == ["skipped"]
 
@@ -213,8 +260,16 @@ def test_time_budget_skips_larger_sweep_cases(tmp_path):
     # T8 takes 0.05 s (in budget), T16 0.1 s (over: measured, then the budget closes), T32 and
     # T64 are skipped without running
     shapes = t_sweep(exponents=[3, 4, 5, 6], B=1)
-    table = run_benchmark(tmp_path, (), ("float64",), shapes, repeats=1, time_budget_s=0.075,
-                          peers=[_sleepy(0.05, fast_first_call=True)], progress=False)
+    table = run_benchmark(
+        tmp_path,
+        (),
+        ("float64",),
+        shapes,
+        repeats=1,
+        time_budget_s=0.075,
+        peers=[_sleepy(0.05, fast_first_call=True)],
+        progress=False,
+    )
     assert table["status"].tolist() == ["ok", "ok", "skipped", "skipped"]
     assert table["note"].iloc[2].startswith(f"skipped: T16 ({shapes[1].unknowns} unknowns) took")
     assert "time budget 0.075 s" in table["note"].iloc[3]
@@ -222,20 +277,38 @@ def test_time_budget_skips_larger_sweep_cases(tmp_path):
 
 def test_a_warm_up_over_the_budget_ends_the_case_and_the_larger_ones(tmp_path):
     shapes = t_sweep(exponents=[3, 5, 6], B=1)  # 0.02 s, 0.08 s, 0.16 s per step
-    table = run_benchmark(tmp_path, (), ("float64",), shapes, repeats=3, time_budget_s=0.05,
-                          peers=[_sleepy(0.02)], progress=False)
+    table = run_benchmark(
+        tmp_path,
+        (),
+        ("float64",),
+        shapes,
+        repeats=3,
+        time_budget_s=0.05,
+        peers=[_sleepy(0.02)],
+        progress=False,
+    )
     assert table["status"].tolist() == ["ok", "skipped", "skipped"]
     assert table["note"].iloc[1].startswith("skipped: warm-up step took 0.")
     assert table["warmup_ms"].iloc[1] >= 80 and table["median_ms"].isna().tolist()[1:] == [
-        True, True]
+        True,
+        True,
+    ]
     assert "T32" in table["note"].iloc[2] and "warm-up took" in table["note"].iloc[2]
     assert math.isnan(table["warmup_ms"].iloc[2])  # never ran
 
 
 def test_cases_run_smallest_first_and_are_listed_in_grid_order(tmp_path):
     shapes = t_sweep(exponents=[3, 5], B=1)[::-1]  # T32 listed before T8
-    table = run_benchmark(tmp_path, (), ("float64",), shapes, repeats=1, time_budget_s=0.01,
-                          peers=[_sleepy(0.02)], progress=False)
+    table = run_benchmark(
+        tmp_path,
+        (),
+        ("float64",),
+        shapes,
+        repeats=1,
+        time_budget_s=0.01,
+        peers=[_sleepy(0.02)],
+        progress=False,
+    )
     assert table["case"].tolist() == ["T32", "T8"]
     assert table["status"].tolist() == ["skipped", "skipped"]
     assert table["note"].iloc[1].startswith("skipped: warm-up step took")  # T8 ran first
@@ -275,7 +348,17 @@ def test_methods_come_from_the_solver_registry():
 
     assert set(SOLVERS) <= set(METHODS)
     assert {m for m, v in METHODS.items() if v.family == "smnn"} == {
-        "smnn", "smnn_sequential", "smnn_cyclic"}
+        "smnn",
+        "smnn_sequential",
+        "smnn_cyclic",
+        "smnn_qr",
+    }
+    from smnn.solver import METHODS as SOLVER_METHODS
+
+    # smnn_qr runs exactly where the installed solver has method="qr"
+    assert (METHODS["smnn_qr"].unavailable == "") == ("qr" in SOLVER_METHODS)
+    assert ("smnn_qr" in DEFAULT_METHODS) == ("qr" in SOLVER_METHODS)
+    assert {"smnn", "smnn_sequential", "smnn_cyclic"} <= set(DEFAULT_METHODS)
     for name, info in SOLVERS.items():
         assert METHODS[name].dense == info.dense and METHODS[name].label == info.label
 
@@ -321,13 +404,20 @@ def test_quick_mode_warms_up_and_takes_a_median_of_at_least_three(tmp_path):
     assert plan_benchmark(("smnn",), ("float64",), quick=True).grid.repeats >= 3
     assert plan_benchmark(("smnn",), ("float64",), quick=False).grid.repeats >= 3
     method, calls = _slow_first_call_method(0.5)
-    table = run_benchmark(tmp_path, (), ("float64",), [Shape("x", "T_sweep", 2, 16, 1, 3)],
-                          quick=True, peers=[method], progress=False)
+    table = run_benchmark(
+        tmp_path,
+        (),
+        ("float64",),
+        [Shape("x", "T_sweep", 2, 16, 1, 3)],
+        quick=True,
+        peers=[method],
+        progress=False,
+    )
     csv = pd.read_csv(tmp_path / "bench.csv")
     assert (csv["repeats"] >= 3).all() and (csv["status"] == "ok").all()
     assert table["median_ms"].iloc[0] < 400
-    # compile step on a tiny shape, warm-up (and memory) on the measured one, 3 timed
-    assert len(calls) == 1 + 1 + 3
+    # compile steps on the tiny shapes, warm-up (and memory) on the measured one, 3 timed
+    assert len(calls) == len(COMPILE_BATCHES) + 1 + 3
     md = (tmp_path / "bench.md").read_text()
     assert QUICK_NOTE in md
 
@@ -341,8 +431,7 @@ def test_quick_mode_is_marked_on_the_plots(tiny_run):
     quick = scaling_figure(table, "T_sweep", "T", quick=True)
     assert QUICK_NOTE in quick.get_suptitle()
     for ax in quick.axes:  # every panel carries the stamp
-        assert any(getattr(t, "smnn_quick", False) and t.get_text() == QUICK_NOTE
-                   for t in ax.texts)
+        assert any(getattr(t, "smnn_quick", False) and t.get_text() == QUICK_NOTE for t in ax.texts)
     full = scaling_figure(table, "T_sweep", "T", quick=False)
     assert not any(QUICK_NOTE in text for text in _texts(full))
     # one line per method and dtype on both panels
@@ -385,9 +474,16 @@ def peer_run(tmp_path_factory, peer_file):
     out = tmp_path_factory.mktemp("peer_out")
     uri = f"sqlite:///{out / 'mlflow.db'}"
     shapes = [Shape("lorenz", "named", 2, 10, 1, 3), Shape("coupled", "named", 1, 8, 2, 3)]
-    table = run_benchmark(out, ("smnn", "smnn_cyclic"), ("float64",), shapes, repeats=3,
-                          peers=[f"{peer_file}:ode_forward=ref"], progress=False,
-                          tracking=TrackingTarget(uri, (out / "art").as_uri(), "test"))
+    table = run_benchmark(
+        out,
+        ("smnn", "smnn_cyclic"),
+        ("float64",),
+        shapes,
+        repeats=3,
+        peers=[f"{peer_file}:ode_forward=ref"],
+        progress=False,
+        tracking=TrackingTarget(uri, (out / "art").as_uri(), "test"),
+    )
     return out, table, MlflowClient(tracking_uri=uri)
 
 
@@ -418,12 +514,12 @@ def test_peer_ratios_in_csv_markdown_and_mlflow(peer_run):
         assert peer["best_smnn_method"] == best["method"]
         assert peer["time_vs_best_smnn"] == pytest.approx(peer["median_ms"] / best["median_ms"])
         if best["peak_mb"] > 0:
-            assert peer["memory_vs_best_smnn"] == pytest.approx(
-                peer["peak_mb"] / best["peak_mb"])
+            assert peer["memory_vs_best_smnn"] == pytest.approx(peer["peak_mb"] / best["peak_mb"])
     md = (out / "bench.md").read_text()
     assert "## Side by side" in md
     lorenz = next(line for line in md.splitlines() if line.startswith("| lorenz | float64 |"))
-    assert f"time {csv[(csv['case'] == 'lorenz') & (csv['method'] == 'ref')].iloc[0]['time_vs_best_smnn']:.3g}x" in lorenz  # noqa: E501
+    ratio = csv[(csv["case"] == "lorenz") & (csv["method"] == "ref")].iloc[0]["time_vs_best_smnn"]
+    assert f"time {ratio:.3g}x" in lorenz
     assert f"at least {PEER_TARGET:g}x faster than ref on every named shape, float64" in md
     assert "not measured: kdv, sst, long_T16384, long_T65536" in md
     exp = client.get_experiment_by_name("benchmark")
@@ -438,20 +534,47 @@ def test_peer_ratios_in_csv_markdown_and_mlflow(peer_run):
 
 def test_peer_target_verdict_in_markdown():
     def row(method, family, case, ms, B=8, full_B=8):
-        return {"method": method, "family": family, "dtype": "float64", "case": case,
-                "group": "named", "B": B, "T": 50, "D": 1, "R": 3, "median_ms": ms,
-                "min_ms": ms, "peak_mb": 2.0, "status": "ok", "note": "", "converged": None,
-                "repeats": 3, "full_B": full_B, "device": "cpu", "threads": 2,
-                "max_rel_diff_vs_smnn": math.nan}
+        return {
+            "method": method,
+            "family": family,
+            "dtype": "float64",
+            "case": case,
+            "group": "named",
+            "B": B,
+            "T": 50,
+            "D": 1,
+            "R": 3,
+            "median_ms": ms,
+            "min_ms": ms,
+            "peak_mb": 2.0,
+            "status": "ok",
+            "note": "",
+            "converged": None,
+            "repeats": 3,
+            "full_B": full_B,
+            "device": "cpu",
+            "threads": 2,
+            "max_rel_diff_vs_smnn": math.nan,
+        }
 
-    met = make_table([row("smnn", "smnn", "lorenz", 10.0), row("authors", "peer", "lorenz", 150.0),
-                      row("smnn", "smnn", "kdv", 1.0), row("authors", "peer", "kdv", 12.0)])
+    met = make_table(
+        [
+            row("smnn", "smnn", "lorenz", 10.0),
+            row("authors", "peer", "lorenz", 150.0),
+            row("smnn", "smnn", "kdv", 1.0),
+            row("authors", "peer", "kdv", 12.0),
+        ]
+    )
     md = markdown_report(met)
     assert "than authors on every named shape, float64: met (smallest: 12x on kdv)" in md
     lorenz = next(line for line in md.splitlines() if line.startswith("| lorenz | float64 |"))
     assert "time 15x, memory 1x" in lorenz
-    short = make_table([row("smnn", "smnn", "lorenz", 10.0), row("authors", "peer", "lorenz", 50.0,
-                        B=4, full_B=1536)])
+    short = make_table(
+        [
+            row("smnn", "smnn", "lorenz", 10.0),
+            row("authors", "peer", "lorenz", 50.0, B=4, full_B=1536),
+        ]
+    )
     md = markdown_report(short)
     assert "NOT met (smallest: 5x on lorenz)" in md and "batch scaled" in md
 
@@ -459,29 +582,44 @@ def test_peer_target_verdict_in_markdown():
 def test_peer_from_an_importable_module(tmp_path, monkeypatch):
     (tmp_path / "my_peer_mod.py").write_text(PEER_SOURCE)
     monkeypatch.syspath_prepend(str(tmp_path))
-    table = run_benchmark(tmp_path / "o", ("smnn",), ("float64",), TINY[1:2], repeats=1,
-                          peers=["my_peer_mod:ode_forward"], progress=False)
+    table = run_benchmark(
+        tmp_path / "o",
+        ("smnn",),
+        ("float64",),
+        TINY[1:2],
+        repeats=1,
+        peers=["my_peer_mod:ode_forward"],
+        progress=False,
+    )
     peer = table[table["method"] == "my_peer_mod.ode_forward"]
     assert peer["status"].tolist() == ["ok"] and peer["family"].tolist() == ["peer"]
 
 
 def test_peer_with_a_wrong_layout_fails_clearly(tmp_path, peer_file):
-    table = run_benchmark(tmp_path, ("smnn",), ("float64",), [Shape("x", "named", 2, 6, 2, 3)],
-                          repeats=1, peers=[f"{peer_file}:transposed=bad"], progress=False)
+    table = run_benchmark(
+        tmp_path,
+        ("smnn",),
+        ("float64",),
+        [Shape("x", "named", 2, 6, 2, 3)],
+        repeats=1,
+        peers=[f"{peer_file}:transposed=bad"],
+        progress=False,
+    )
     bad = table[table["method"] == "bad"].iloc[0]
     assert bad["status"] == "failed" and "expected a tensor (2, 6, 2, 3)" in bad["note"]
 
 
 @pytest.mark.parametrize(
     "spec, message",
-    [("/nonexistent/peer.py:ode_forward", "does not exist"),
-     ("{file}:no_such_function", "no_such_function"),
-     ("no_such_module_xyz:f", "cannot import")],
+    [
+        ("/nonexistent/peer.py:ode_forward", "does not exist"),
+        ("{file}:no_such_function", "no_such_function"),
+        ("no_such_module_xyz:f", "cannot import"),
+    ],
 )
 def test_bad_peer_is_refused_before_any_work(tmp_path, capsys, peer_file, spec, message):
     out = tmp_path / "o"
-    assert main(["bench", "--out", str(out), "--quick", "--peer",
-                 spec.format(file=peer_file)]) == 2
+    assert main(["bench", "--out", str(out), "--quick", "--peer", spec.format(file=peer_file)]) == 2
     err = capsys.readouterr().err
     assert "--peer" in err and message in err
     assert not out.exists()
@@ -496,11 +634,15 @@ def test_floors_cover_every_named_case_and_dtype(tiny_run):
     out, table, _ = tiny_run
     floors = pd.read_csv(out / "floors.csv")
     assert sorted(zip(floors["case"], floors["dtype"], strict=True)) == [
-        ("tiny", "float32"), ("tiny", "float64")
+        ("tiny", "float32"),
+        ("tiny", "float64"),
     ]
     for _, r in floors.iterrows():
-        ours = table[(table["case"] == r["case"]) & (table["dtype"] == r["dtype"])
-                     & (table["family"] == "smnn")]
+        ours = table[
+            (table["case"] == r["case"])
+            & (table["dtype"] == r["dtype"])
+            & (table["family"] == "smnn")
+        ]
         assert r["best_ms"] == pytest.approx(ours["median_ms"].min())
         assert r["floor_ms"] > 0 and r["ratio"] == pytest.approx(r["best_ms"] / r["floor_ms"])
         # a measured step can never beat the floor by much (rates are best-of, the counts minimal)
@@ -519,9 +661,31 @@ def test_mlflow_run_is_logged_and_readable(tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
-    assert main(["bench", "--out", str(out), "--methods", "smnn,mnn_cg", "--dtypes", "float64",
-                 "--cases", "T64", "--quick", "--repeats", "1", "--mlflow-uri", uri,
-                 "--rule", "benchmark_solver"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--out",
+                str(out),
+                "--methods",
+                "smnn,mnn_cg",
+                "--dtypes",
+                "float64",
+                "--cases",
+                "T64",
+                "--quick",
+                "--time-budget",  # any machine load: the test checks the files, not the speed
+                "600",
+                "--repeats",
+                "1",
+                "--mlflow-uri",
+                uri,
+                "--rule",
+                "benchmark_solver",
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(out / "bench.csv")
     assert (table["status"] == "ok").all()
     client = MlflowClient(tracking_uri=uri)
@@ -555,8 +719,29 @@ def test_mlflow_uri_from_environment(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'env.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     out = tmp_path / "o"
-    assert main(["bench", "--out", str(out), "--quick", "--methods", "smnn", "--groups",
-                 "T_sweep", "--dtypes", "float32", "--cases", "T64,T256", "--repeats", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--out",
+                str(out),
+                "--quick",
+                "--methods",
+                "smnn",
+                "--groups",
+                "T_sweep",
+                "--dtypes",
+                "float32",
+                "--cases",
+                "T64,T256",
+                "--time-budget",  # any machine load: the test checks the files, not the speed
+                "600",
+                "--repeats",
+                "1",
+            ]
+        )
+        == 0
+    )
     csv = pd.read_csv(out / "bench.csv")
     assert set(csv["group"]) == {"T_sweep"} and csv["case"].tolist() == ["T64", "T256"]
     assert (csv["status"] == "ok").all()
@@ -580,12 +765,19 @@ def test_config_drives_the_run_and_the_mlflow_run(tmp_path):
     from mlflow import MlflowClient
 
     before = torch.get_num_threads()
-    cfg = _config(tmp_path, {"quick": True, "methods": ["smnn", "mnn_cg"], "dtypes": ["float32"],
-                             "time_budget": 1e-6}, seed=7, threads=1, device="cpu")
+    cfg = _config(
+        tmp_path,
+        {"quick": True, "methods": ["smnn", "mnn_cg"], "dtypes": ["float32"], "time_budget": 1e-6},
+        seed=7,
+        threads=1,
+        device="cpu",
+    )
     out = tmp_path / "out"
     try:
-        assert main(["bench", "--config", str(cfg), "--out", str(out),
-                     "--rule", "benchmark_solver"]) == 0
+        assert (
+            main(["bench", "--config", str(cfg), "--out", str(out), "--rule", "benchmark_solver"])
+            == 0
+        )
         csv = pd.read_csv(out / "bench.csv")
         assert set(csv["method"]) == {"smnn", "mnn_cg"} and set(csv["dtype"]) == {"float32"}
         assert set(csv["group"]) == {"named", "T_sweep", "batch_sweep"}
@@ -615,12 +807,37 @@ def test_config_drives_the_run_and_the_mlflow_run(tmp_path):
 
 
 def test_flags_override_the_config(tmp_path):
-    cfg = _config(tmp_path, {"quick": True, "methods": ["mnn_cg"], "dtypes": ["float32"],
-                             "time_budget": 1e-6}, seed=3)
+    cfg = _config(
+        tmp_path,
+        {"quick": True, "methods": ["mnn_cg"], "dtypes": ["float32"], "time_budget": 1e-6},
+        seed=3,
+    )
     out = tmp_path / "out"
-    assert main(["bench", "--config", str(cfg), "--out", str(out), "--methods", "smnn",
-                 "--dtypes", "float64", "--cases", "T64", "--repeats", "1", "--seed", "5",
-                 "--time-budget", "60", "--no-mlflow"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--config",
+                str(cfg),
+                "--out",
+                str(out),
+                "--methods",
+                "smnn",
+                "--dtypes",
+                "float64",
+                "--cases",
+                "T64",
+                "--repeats",
+                "1",
+                "--seed",
+                "5",
+                "--time-budget",
+                "60",
+                "--no-mlflow",
+            ]
+        )
+        == 0
+    )
     csv = pd.read_csv(out / "bench.csv")
     assert set(csv["method"]) == {"smnn"} and set(csv["dtype"]) == {"float64"}
     assert set(csv["repeats"]) == {1} and csv["status"].tolist() == ["ok"]
@@ -628,29 +845,50 @@ def test_flags_override_the_config(tmp_path):
 
 
 def test_options_from_config_reads_the_documented_keys(tmp_path):
-    cfg = Config({"seed": 11, "threads": 2, "device": "cpu",
-                  "benchmark": {"quick": False, "methods": ["smnn_cyclic"], "dtypes": ["float64"],
-                                "time_budget": None, "max_dense_bytes": 1000,
-                                "peers": ["/p/smnn.py:ode_forward=authors"]}})
+    cfg = Config(
+        {
+            "seed": 11,
+            "threads": 2,
+            "device": "cpu",
+            "benchmark": {
+                "quick": False,
+                "methods": ["smnn_cyclic"],
+                "dtypes": ["float64"],
+                "time_budget": None,
+                "max_dense_bytes": 1000,
+                "peers": ["/p/smnn.py:ode_forward=authors"],
+            },
+        }
+    )
     opts = options_from_config(cfg)
-    assert opts == {"seed": 11, "threads": 2, "device": "cpu", "quick": False,
-                    "methods": ["smnn_cyclic"], "dtypes": ["float64"], "max_dense_bytes": 1000,
-                    "peers": ["/p/smnn.py:ode_forward=authors"]}
-    plan = plan_benchmark(opts.pop("methods"), opts.pop("dtypes"),
-                          **{k: v for k, v in opts.items() if k != "peers"})
+    assert opts == {
+        "seed": 11,
+        "threads": 2,
+        "device": "cpu",
+        "quick": False,
+        "methods": ["smnn_cyclic"],
+        "dtypes": ["float64"],
+        "max_dense_bytes": 1000,
+        "peers": ["/p/smnn.py:ode_forward=authors"],
+    }
+    plan = plan_benchmark(
+        opts.pop("methods"), opts.pop("dtypes"), **{k: v for k, v in opts.items() if k != "peers"}
+    )
     assert plan.grid.seed == 11 and plan.grid.time_budget_s == 60.0
     assert plan.grid.max_dense_bytes == 1000
 
 
 @pytest.mark.parametrize(
-    "benchmark, key",
-    [({"methods": ["smnn", "rk45"]}, "benchmark.methods"),
-     ({"quick": "yes"}, "benchmark.quick"),
-     ({"time_budget": -1}, "benchmark.time_budget"),
-     ({"dtypes": ["float16"]}, "benchmark.dtypes")],
+    "section, key",
+    [
+        ({"methods": ["smnn", "rk45"]}, "benchmark.methods"),
+        ({"quick": "yes"}, "benchmark.quick"),
+        ({"time_budget": -1}, "benchmark.time_budget"),
+        ({"dtypes": ["float16"]}, "benchmark.dtypes"),
+    ],
 )
-def test_bad_config_values_are_named(tmp_path, capsys, benchmark, key):
-    cfg = _config(tmp_path, benchmark)
+def test_bad_config_values_are_named(tmp_path, capsys, section, key):
+    cfg = _config(tmp_path, section)
     out = tmp_path / "o"
     assert main(["bench", "--config", str(cfg), "--out", str(out)]) == 2
     err = capsys.readouterr().err
@@ -697,9 +935,246 @@ def test_help_describes_every_argument(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--out", "--config", "--rule", "--quick", "--methods", "--dtypes", "--groups",
-                 "--cases", "--peer", "--repeats", "--time-budget", "--max-dense-bytes", "--seed",
-                 "--threads", "--device", "--mlflow-uri", "--no-mlflow"):
+    for flag in (
+        "--out",
+        "--config",
+        "--rule",
+        "--quick",
+        "--methods",
+        "--dtypes",
+        "--groups",
+        "--cases",
+        "--peer",
+        "--repeats",
+        "--time-budget",
+        "--max-dense-bytes",
+        "--seed",
+        "--threads",
+        "--device",
+        "--mlflow-uri",
+        "--no-mlflow",
+    ):
         assert flag in text
     assert "benchmark.time_budget" in text and "floors.csv" in text
     assert "PATH_OR_MODULE:FUNC[=LABEL]" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy against the float64 reference solve
+# --------------------------------------------------------------------------------------------
+
+
+def test_relative_errors_per_system_then_median_and_max():
+    ref = torch.zeros(3, 4, 1, 2, dtype=torch.float64)
+    ref[:, 0, 0, 0] = torch.tensor([1.0, 10.0, 100.0])  # scale of each system
+    u = ref.clone()
+    u[0, 2, 0, 1] += 1e-3  # system 0: 1e-3 / 1
+    u[1, 3, 0, 0] -= 1e-3  # system 1: 1e-3 / 10
+    u[2, 1, 0, 1] += 1e-1  # system 2: 1e-1 / 100
+    median, worst = relative_errors(u.float(), ref)
+    assert median == pytest.approx(1e-3, rel=1e-4) and worst == pytest.approx(1e-3, rel=1e-4)
+    u[2, 1, 0, 1] += 1.0  # system 2: 1.1 / 100
+    median, worst = relative_errors(u, ref)
+    assert median == pytest.approx(1e-3) and worst == pytest.approx(1.1e-2)
+    u[1, 0, 0, 0] = math.nan
+    assert all(math.isnan(v) for v in relative_errors(u, ref))
+    with pytest.raises(ValueError, match="shape"):
+        relative_errors(u[:2], ref)
+
+
+def test_reference_solution_is_the_least_squares_solution():
+    shape = Shape("x", "named", 3, 9, 2, 3)
+    ref = reference_solution(shape, seed=4)
+    c, b, u0, h = (x.detach() for x in make_inputs(shape, *CPU64, seed=4))
+    dense = dense_reference(c, b, u0, h)
+    assert ref.dtype == torch.float64 and ref.shape == (3, 9, 2, 3)
+    assert relative_errors(ref, dense)[1] < 1e-10
+    assert reference_method() == ("qr" if "qr" in SOLVER_METHODS else "sequential")
+
+
+def test_errors_in_the_table_markdown_and_figure(tiny_run):
+    out, table, lines = tiny_run
+    csv = pd.read_csv(out / "bench.csv")
+    ours = csv[csv["family"] == "smnn"]
+    assert ours["error_median"].notna().all() and ours["error_max"].notna().all()
+    assert (ours["error_median"] <= ours["error_max"]).all()
+    assert (ours[ours["dtype"] == "float64"]["error_max"] < 1e-8).all()
+    assert (ours[ours["dtype"] == "float32"]["error_max"] < 0.1).all()
+    if "qr" in SOLVER_METHODS:  # the orthogonal solve: float32 errors far below LDL^T's
+        single = ours[ours["dtype"] == "float32"].set_index(["case", "method"])["error_median"]
+        for case in ours["case"].unique():
+            assert 10 * single[case, "smnn_qr"] < single[case, "smnn_sequential"], case
+    # float32 inputs are the float64 problem rounded: clearly less accurate than float64
+    for method in ours["method"].unique():
+        rows = ours[ours["method"] == method]
+        assert (
+            rows[rows["dtype"] == "float32"]["error_median"].min()
+            > rows[rows["dtype"] == "float64"]["error_median"].max()
+        )
+    # the MNN baselines solve another system: no error against the S-MNN reference
+    assert csv[csv["family"] == "baseline"]["error_median"].isna().all()
+    assert (csv["max_ms"] >= csv["median_ms"]).all()
+    md = (out / "bench.md").read_text()
+    assert "## Accuracy on the named shapes" in md
+    first = ours[(ours["case"] == "tiny")].iloc[0]
+    assert (
+        f"| tiny | 3 | {first['dtype']} | {first['method']} | {first['median_ms']:.4g} | "
+        f"{first['error_median']:.2e} | {first['error_max']:.2e} |"
+    ) in md
+    assert f"float64 {reference_method()} solve" in md
+    assert any("error " in line for line in lines if "smnn float64 tiny" in line)
+    fig = accuracy_figure(table)
+    labels = {line.get_label() for line in fig.axes[0].get_lines()}
+    for m in ("smnn", "smnn_sequential"):
+        assert {f"{m} float64", f"{m} float32"} <= labels
+    assert not any(label.startswith("mnn_") for label in labels)
+
+
+def test_an_unavailable_method_is_skipped_with_its_reason(tmp_path):
+    missing = Method(
+        "smnn_future",
+        lambda *a: 1 / 0,
+        family="smnn",
+        unavailable="method='future' is not in smnn.solver.METHODS",
+    )
+    table = run_benchmark(
+        tmp_path, ("smnn",), ("float64",), TINY[:1], repeats=1, peers=[missing], progress=False
+    )
+    row = table[table["method"] == "smnn_future"].iloc[0]
+    assert row["status"] == "skipped" and "not in smnn.solver.METHODS" in row["note"]
+    assert table[table["method"] == "smnn"]["status"].tolist() == ["ok"]
+
+
+def test_a_slow_first_step_on_the_measured_shape_is_not_a_skip(tmp_path):
+    """Compilation inside the warm-up step (a kernel the compile steps did not reach): the
+    warm-up is over the budget, the next step is not, so the case is measured."""
+    seen: set[tuple] = set()
+
+    def solve(c, b, u0, h):
+        if tuple(h.shape) not in seen:
+            seen.add(tuple(h.shape))
+            time.sleep(0.4)
+        return METHODS["smnn"].solve(c, b, u0, h)
+
+    method = Method("compiles_late", solve, family="smnn")
+    shapes = t_sweep(exponents=[3, 4], B=1)
+    table = run_benchmark(
+        tmp_path,
+        (),
+        ("float64",),
+        shapes,
+        repeats=2,
+        time_budget_s=0.3,
+        peers=[method],
+        progress=False,
+    )
+    assert table["status"].tolist() == ["ok", "ok"], table["note"].tolist()
+    assert (table["warmup_ms"] >= 400).all() and (table["median_ms"] < 300).all()
+
+
+def test_mlflow_metrics_hold_the_errors(tiny_run):
+    from smnn.benchmark.mlflow_run import benchmark_metrics
+
+    _, table, _ = tiny_run
+    metrics = benchmark_metrics(table, None)
+    r = table[(table["method"] == "smnn") & (table["dtype"] == "float32")].iloc[0]
+    key = f"smnn.float32.{r['case']}"
+    assert metrics[f"error_median.{key}"] == pytest.approx(r["error_median"])
+    assert metrics[f"error_max.{key}"] == pytest.approx(r["error_max"])
+    assert metrics[f"max_time_ms.{key}"] == pytest.approx(r["max_ms"])
+    assert not any(k.startswith("error_median.mnn_") for k in metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# Contention
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_busy_process_spins_while_the_block_runs_and_is_gone_after():
+    with busy_process() as proc:
+        start = _cpu_seconds(proc.pid)
+        deadline = time.monotonic() + 10  # a loaded machine gives it a share only
+        while _cpu_seconds(proc.pid) - start < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None
+        assert _cpu_seconds(proc.pid) - start >= 0.2  # it burns CPU, it does not sleep
+    assert proc.poll() is not None
+
+
+def test_contention_rows_for_each_load_and_thread_count(tmp_path):
+    shapes = [Shape("lorenz", "named", 2, 8, 1, 3), *t_sweep(exponents=[3], B=1)]
+    methods = [METHODS["smnn"], METHODS["mnn_cg"]]
+    table = run_contention(methods, ["float64"], shapes, repeats=2, device=torch.device("cpu"))
+    assert list(table.columns) == CONTENTION_COLUMNS
+    # named shapes only, S-MNN methods only: 2 loads x 2 thread counts
+    assert set(table["case"]) == {"lorenz"} and set(table["method"]) == {"smnn"}
+    assert sorted(zip(table["load"], table["threads"], strict=True)) == [
+        ("busy", 1),
+        ("busy", 2),
+        ("quiet", 1),
+        ("quiet", 2),
+    ]
+    assert (table["status"] == "ok").all()
+    assert ((table["min_ms"] <= table["median_ms"]) & (table["median_ms"] <= table["max_ms"])).all()
+    assert (table["min_ms"] > 0).all() and (table["repeats"] == 2).all()
+    lines = "\n".join(contention_lines(table))
+    assert (
+        "## Threads under contention" in lines and "| lorenz | 2 | float64 | smnn | busy |" in lines
+    )
+
+
+def test_contention_verdict():
+    def row(load, threads, median, worst):
+        return {
+            "method": "smnn",
+            "dtype": "float64",
+            "case": "lorenz",
+            "B": 8,
+            "T": 50,
+            "D": 1,
+            "R": 3,
+            "full_B": 1536,
+            "load": load,
+            "threads": threads,
+            "median_ms": median,
+            "min_ms": median / 2,
+            "max_ms": worst,
+            "repeats": 15,
+            "status": "ok",
+            "note": "",
+        }
+
+    good = pd.DataFrame(
+        [
+            row("quiet", 1, 10, 12),
+            row("quiet", 2, 5, 7),
+            row("busy", 1, 11, 14),
+            row("busy", 2, 9, 13),
+        ],
+        columns=CONTENTION_COLUMNS,
+    )
+    text = "\n".join(contention_lines(good))
+    assert "| 8 (of 1536) |" in text and "| 0.50 | 0.58 |" in text
+    assert "no slower than 1, median and worst case: met in 1 of 1 cases" in text
+    bad = good.copy()
+    bad.loc[3, "max_ms"] = 80.0  # the worst 2-thread step of the busy phase
+    assert "worst case: NOT met in 0 of 1 cases" in "\n".join(contention_lines(bad))
+
+
+def test_contention_option_from_flag_and_config(tmp_path, capsys):
+    assert plan_benchmark(("smnn",), ("float64",), quick=True, contention=True).contention
+    assert not plan_benchmark(("smnn",), ("float64",), quick=True).contention
+    opts = options_from_config(
+        Config({"seed": 0, "threads": 1, "device": "cpu", "benchmark": {"contention": True}})
+    )
+    assert opts["contention"] is True
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert "--contention" in text and "benchmark.contention" in text and "busy-loop" in text

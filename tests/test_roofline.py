@@ -23,17 +23,42 @@ def test_cost_is_linear_in_batch_and_steps():
 
 
 def test_counts_follow_the_documented_terms():
-    # one scalar state of order 2 (m = 3), one equation, float64, one system of one step:
-    # elements: 3 * (E m + E + 1) inputs/gradients + 3 m solution traffic + 2 (m^2 + m(m+1)/2)
-    m, E = 3, 1
-    elements = 3 * (E * m + E + 1) + 3 * m + 2 * (m * m + m * (m + 1) // 2)
-    flops = 2 * E * m * m + 2 * E * m + (10 / 3) * m**3 + 12 * m * m + 3 * m * m + 4 * E * m * m
+    # one scalar state of order 3 (m = 3), one equation, one column, float64, one system step:
+    # inputs and gradients 3 (E m + E P + 1), u traffic 3 m P, the stored factor (packed lower
+    # triangle and reciprocal diagonal, m (m + 1) / 2) written once and read once
+    m, E, D, R, P = 3, 1, 1, 3, 1
+    elements = 3 * (E * m + E * P + 1) + 3 * m * P + 2 * (m * (m + 1) // 2)
+    substitution = 4 * m * m + 4 * D * R * R
+    coupling = R * m * (m - 1)
+    forward = (
+        E * m * (m + 1)
+        + 3 * D * R * (R + 1)
+        + 2 * E * m * P
+        + m * m * (m + 1)
+        + m**3 / 3
+        + coupling
+        + substitution * P
+    )
+    backward = substitution * P + 8 * E * m * P + D * R * R * (12 * P + 6)
     cost = solver_step_cost(B=1, T=1, D=1, R=3, itemsize=8)
     assert cost.bytes == elements * 8
-    assert cost.flops == pytest.approx(flops)
-    # coupled states: m = D R grows the cubic factorization term fastest
+    assert cost.flops == pytest.approx(forward + backward)
+    # more columns: the substitutions and the right-hand-side traffic grow, the factor does not
+    wide = solver_step_cost(B=1, T=1, D=1, R=3, itemsize=8, P=4)
+    assert wide.bytes - cost.bytes == 8 * (3 * E * 3 + 3 * m * 3)
+    # coupled states: m = D R grows the cubic factorization terms fastest
     coupled = solver_step_cost(B=1, T=1, D=3, R=3, itemsize=8)
-    assert coupled.flops > 15 * cost.flops
+    assert coupled.flops > 7 * cost.flops
+
+
+def test_no_multiplier_is_counted():
+    """The kernels keep only L_t (packed) and its reciprocal diagonal: the bytes of the factor
+    grow as m (m + 1), not as the m^2 multipliers plus the triangle of older kernels."""
+    for R in (3, 5):
+        m = R
+        base = solver_step_cost(B=1, T=1, D=1, R=R, itemsize=1)
+        inputs = 3 * (m + 1 + 1) + 3 * m
+        assert base.bytes - inputs == m * (m + 1)
 
 
 def test_floor_is_the_larger_of_the_two_bounds():

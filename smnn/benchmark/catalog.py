@@ -1,11 +1,16 @@
 """What the benchmark measures: the methods, the shapes and the grids, and the inputs of a case.
 
 Methods (:data:`METHODS`) are the solvers of the registry (:data:`smnn.solver.registry.SOLVERS`:
-``smnn``, ``mnn_dense``, ``mnn_cg``) plus two S-MNN variants that force one factorization engine
-of :func:`smnn.ode_forward` (``smnn_sequential``: block LDL^T; ``smnn_cyclic``: block cyclic
-reduction). Each has a ``family``: ``smnn`` (the S-MNN solver and its variants; the "best S-MNN
-method" of a case is the fastest of these), ``baseline`` (the original MNN solvers) or ``peer``
-(another implementation of the same function, given with ``--peer``; :mod:`smnn.benchmark.peer`).
+``smnn``, ``mnn_dense``, ``mnn_cg``) plus the S-MNN variants that force one ``method`` of
+:func:`smnn.ode_forward` (``smnn_sequential``: block LDL^T of the normal equations;
+``smnn_cyclic``: block cyclic reduction; ``smnn_qr``: the orthogonal factorization of the rows,
+docs/solver.md section 10). ``smnn_qr`` exists only where the installed solver has
+``method="qr"`` (:func:`qr_available`); elsewhere it stays in :data:`METHODS`, with
+``Method.unavailable`` saying why, and its rows are skipped with that note. Each method has a
+``family``: ``smnn`` (the S-MNN solver and its variants; the "best S-MNN method" of a case is the
+fastest of these), ``baseline`` (the original MNN solvers, which solve a different system:
+docs/solver.md section 6) or ``peer`` (another implementation of the same function, given with
+``--peer``; :mod:`smnn.benchmark.peer`).
 
 Shapes (``B`` systems of ``T`` steps, ``D`` states, ``R`` orders; always ``E = D`` equations and
 one initial step ``S = 1`` holding the order-0 values, ``K = 1``):
@@ -45,6 +50,8 @@ __all__ = [
     "make_inputs",
     "dense_matrix_bytes",
     "dtype_name",
+    "qr_available",
+    "solver_methods",
 ]
 
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
@@ -67,7 +74,8 @@ class Method:
 
     ``solve(c, b, u0, h)`` returns ``(u (B, T, D, R), info)``; ``info`` may hold ``converged``
     (bool). ``dense`` marks methods that build the dense (1 + T*D*R)^2 matrix per system;
-    ``family`` is one of :data:`FAMILIES`.
+    ``family`` is one of :data:`FAMILIES`; ``unavailable``, when not empty, says why this
+    install cannot run the method.
     """
 
     name: str
@@ -76,6 +84,7 @@ class Method:
     dense: bool = False
     label: str = ""
     description: str = ""
+    unavailable: str = ""  # non-empty: why this install cannot run it (its rows are skipped)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -92,24 +101,68 @@ def _smnn_variant(engine: str, c, b, u0, h) -> tuple[torch.Tensor, dict]:
     return solver_info("smnn").function(c, b, u0, h, method=engine), {}
 
 
+def solver_methods() -> tuple[str, ...]:
+    """The ``method`` values :func:`smnn.ode_forward` accepts in this install."""
+    from smnn.solver.api import METHODS as SOLVER_METHODS
+
+    return tuple(SOLVER_METHODS)
+
+
+def qr_available() -> bool:
+    """Whether the installed solver has ``method="qr"`` (docs/solver.md section 10)."""
+    return "qr" in solver_methods()
+
+
+# the S-MNN variants: engine -> what it is
+_ENGINES = {
+    "sequential": "sequential block LDL^T of the normal equations",
+    "cyclic": "block cyclic reduction of the normal equations",
+    "qr": "orthogonal (QR) factorization of the rows",
+}
+
+
 def _methods() -> dict[str, Method]:
     out: dict[str, Method] = {}
+    engines = solver_methods()
     for info in SOLVERS.values():
         family = "smnn" if info.name == "smnn" else "baseline"
-        out[info.name] = Method(info.name, partial(_registry_solve, info), family=family,
-                                dense=info.dense, label=info.label,
-                                description=info.description)
+        out[info.name] = Method(
+            info.name,
+            partial(_registry_solve, info),
+            family=family,
+            dense=info.dense,
+            label=info.label,
+            description=info.description,
+        )
         if info.name == "smnn":  # its engine variants right after it
-            for engine, what in (("sequential", "sequential block LDL^T"),
-                                 ("cyclic", "block cyclic reduction")):
+            for engine, what in _ENGINES.items():
                 name = f"smnn_{engine}"
-                out[name] = Method(name, partial(_smnn_variant, engine), family="smnn",
-                                   label=f"{info.label} {engine}", description=f"S-MNN, {what}")
+                missing = (
+                    ""
+                    if engine in engines
+                    else (
+                        f"method={engine!r} is not in smnn.solver.METHODS {engines} of this install"
+                    )
+                )
+                out[name] = Method(
+                    name,
+                    partial(_smnn_variant, engine),
+                    family="smnn",
+                    label=f"{info.label} {engine}",
+                    description=f"S-MNN, {what}",
+                    unavailable=missing,
+                )
     return out
 
 
 METHODS: dict[str, Method] = _methods()
-DEFAULT_METHODS = ("smnn", "smnn_cyclic", "mnn_dense", "mnn_cg")
+# the S-MNN solver as users call it, each engine forced, the original MNN solvers (smnn_qr only
+# where this install has it)
+DEFAULT_METHODS = tuple(
+    m
+    for m in ("smnn", "smnn_sequential", "smnn_qr", "smnn_cyclic", "mnn_dense", "mnn_cg")
+    if not METHODS[m].unavailable
+)
 
 
 # --------------------------------------------------------------------------------------------

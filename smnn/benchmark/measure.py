@@ -5,25 +5,37 @@ into the coefficients, right-hand sides, initial values and steps (all four ``re
 
 One case (a method, a dtype, a shape), :func:`measure_case`:
 
-1. once per method, dtype, D and R: a step on a tiny shape (compiles the kernels);
+1. once per method, dtype, D and R: steps on two tiny shapes, one with 2 systems and one with
+   64 (:data:`COMPILE_BATCHES`: the lane engine runs 8-lane kernels below 64 systems and 32-lane
+   ones from 64 on, :func:`smnn.solver.fused.kernels_for`), so that every kernel a case can
+   use is compiled (numba, minutes on a fresh install) before anything is timed. Compilation is
+   never timed and never counts against the time budget;
 2. a warm-up step on the measured shape itself (first-call costs: allocations, page faults,
    caches), not timed into the median (its time is ``warmup_ms``). It also gives the peak
    memory (:func:`smnn.memory.measure_peak_memory`, which hands freed memory back to the
    operating system first and so would slow a timed step down), in MB (10^6 bytes) above the
-   memory in use before the step (inputs excluded). A warm-up step longer than the time budget
-   ends the case (``skipped``, larger cases too: see below);
+   memory in use before the step (inputs excluded), and the solution whose error against the
+   float64 reference solve goes into ``error_median`` and ``error_max``
+   (:mod:`smnn.benchmark.accuracy`). A warm-up step longer than the time budget may still be a
+   first-call cost (a kernel compiled for a layout the tiny shapes did not reach): one more
+   step decides; when it too is over the budget the case ends there (``skipped``, larger cases
+   too: see below), with its error still reported;
 3. ``repeats`` timed steps (at least 3 by default, also in quick mode); the row holds their
-   median and minimum in ms. ``torch.cuda.synchronize`` closes the timed region on CUDA.
+   median, minimum and maximum in ms. ``torch.cuda.synchronize`` closes the timed region on
+   CUDA. Every step, warm-up included, runs with the grid's thread count
+   (``torch.set_num_threads`` outside the timed region).
 
 For a peer (:mod:`smnn.benchmark.peer`) the warm-up step's output is also compared with the
 S-MNN solver's on the same inputs (``max_rel_diff_vs_smnn``: max |u_peer - u_smnn| / max
 |u_smnn|), so a peer fed the wrong layout shows up instead of giving a meaningless ratio.
 
 The grid, :func:`run_grid`: cases run in ascending order of unknowns ``B*T*D*R``. MNN dense runs
-only where its dense matrix fits (``B * (1 + T*D*R)^2 * itemsize * 3 <= max_dense_bytes``). Once
-a case of a method and dtype takes longer than the time budget per step (its median, or its
-warm-up step alone), every later case of that method and dtype with as many unknowns or more is
-skipped (each method stops at its first size over the budget). A case that raises (e.g. a
+only where its dense matrix fits (``B * (1 + T*D*R)^2 * itemsize * 3 <= max_dense_bytes``); a
+method this install lacks (``Method.unavailable``, e.g. ``smnn_qr`` before the solver has
+``method="qr"``) is skipped with that reason. Once a case of a method and dtype takes longer than
+the time budget per step (its median, or its warm-up step and the step after it), every later
+case of that method and dtype with as many unknowns or more is skipped (each method stops at its
+first size over the budget). A case that raises (e.g. a
 non-positive pivot in float32) is recorded as ``failed`` with the error; the rest go on. MNN CG runs
 at most 200 iterations; ``converged`` is False when its forward or backward solve stopped before
 its tolerance (its warnings are recorded, not printed). Every case prints one progress line
@@ -43,6 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
+from smnn.benchmark.accuracy import reference_solution, relative_errors
 from smnn.benchmark.catalog import (
     DTYPES,
     METHODS,
@@ -57,6 +70,7 @@ from smnn.memory import cpu_peak_method, measure_peak_memory
 __all__ = [
     "MB",
     "COLUMNS",
+    "COMPILE_BATCHES",
     "GridOptions",
     "timed_step",
     "measure_case",
@@ -71,10 +85,36 @@ __all__ = [
 MB = 1_000_000
 
 COLUMNS = [
-    "method", "family", "dtype", "case", "group", "B", "T", "D", "R", "median_ms", "min_ms",
-    "peak_mb", "warmup_ms", "status", "note", "converged", "repeats", "full_B", "device",
-    "threads", "max_rel_diff_vs_smnn",
+    "method",
+    "family",
+    "dtype",
+    "case",
+    "group",
+    "B",
+    "T",
+    "D",
+    "R",
+    "median_ms",
+    "min_ms",
+    "peak_mb",
+    "warmup_ms",
+    "status",
+    "note",
+    "converged",
+    "repeats",
+    "full_B",
+    "device",
+    "threads",
+    "max_rel_diff_vs_smnn",
+    "max_ms",
+    "error_median",
+    "error_max",
 ]
+# the batches of the compile steps: the lane engine's 8-lane kernels (fewer than 64 systems)
+# and its 32-lane ones (smnn.solver.fused.kernels_for)
+COMPILE_BATCHES = (2, 64)
+# the families whose solution is the S-MNN function (the MNN baselines solve another system)
+_SAME_FUNCTION = ("smnn", "peer")
 
 
 def _sync(device: torch.device) -> None:
@@ -143,22 +183,37 @@ def measure_case(
     seed: int = 0,
     threads: int | None = None,
     time_budget_s: float = math.inf,
+    reference: torch.Tensor | None = None,
 ) -> dict:
-    """Warm-up step (it also gives the peak memory), then ``repeats`` timed steps on
-    ``shape``; a partial row. ``threads``: torch's thread count for every step (default: the
-    current one). A warm-up step longer than ``time_budget_s`` ends the case there: status
-    ``skipped``, the warm-up time in ``warmup_ms`` and the note."""
+    """Warm-up step (it also gives the peak memory and the solution), then ``repeats`` timed
+    steps on ``shape``; a partial row. ``threads``: torch's thread count for every step
+    (default: the current one). ``reference``: the float64 reference solution (B, T, D, R) of
+    the case (:func:`smnn.benchmark.accuracy.reference_solution`); with it the row holds the
+    errors of the warm-up step's solution. A warm-up step longer than ``time_budget_s`` is
+    followed by one more step; when that one is over the budget too, the case ends there:
+    status ``skipped``, the warm-up time in ``warmup_ms``, the later step's in the note and in
+    ``over_budget_ms`` (not a column)."""
     threads = torch.get_num_threads() if threads is None else threads
     inputs = make_inputs(shape, dtype, device, seed)
     (warmup_s, info), peak = measure_peak_memory(
-        timed_step, method, inputs, device, method.family == "peer", threads, device=device
+        timed_step, method, inputs, device, True, threads, device=device
     )
-    diff = _diff_vs_smnn(info.pop("u"), inputs) if "u" in info else math.nan
+    u = info.pop("u")
+    diff = _diff_vs_smnn(u, inputs) if method.family == "peer" else math.nan
     row = {"warmup_ms": 1e3 * warmup_s, "peak_mb": peak / MB, "max_rel_diff_vs_smnn": diff}
+    if reference is not None:
+        row["error_median"], row["error_max"] = relative_errors(u, reference)
+    del u
     if warmup_s > time_budget_s:
-        return {**row, "status": "skipped",
-                "note": f"skipped: warm-up step took {warmup_s:.1f} s > time budget "
-                        f"{time_budget_s:g} s"}
+        again_s, _ = timed_step(method, inputs, device, threads=threads)
+        if again_s > time_budget_s:
+            return {
+                **row,
+                "status": "skipped",
+                "over_budget_ms": 1e3 * again_s,
+                "note": f"skipped: warm-up step took {warmup_s:.1f} s and the next one "
+                f"{again_s:.1f} s > time budget {time_budget_s:g} s",
+            }
     times, converged = [], []
     for _ in range(repeats):
         seconds, info = timed_step(method, inputs, device, threads=threads)
@@ -166,26 +221,31 @@ def measure_case(
         if "converged" in info:
             converged.append(info["converged"] and info["backward_converged"])
     torch.set_num_threads(threads)
-    row.update({
-        "median_ms": 1e3 * statistics.median(times),
-        "min_ms": 1e3 * min(times),
-        "status": "ok",
-        "converged": all(converged) if converged else None,
-    })
+    row.update(
+        {
+            "median_ms": 1e3 * statistics.median(times),
+            "min_ms": 1e3 * min(times),
+            "max_ms": 1e3 * max(times),
+            "status": "ok",
+            "converged": all(converged) if converged else None,
+        }
+    )
     if converged and not all(converged):
         row["note"] = "CG did not converge in 200 iterations (forward or backward solve)"
     return row
 
 
-def _compile_once(
+def compile_steps(
     method: Method, shape: Shape, dtype: torch.dtype, device, seed: int, threads: int
 ) -> None:
-    """One step on a tiny shape with the same D and R (compiles the kernels)."""
-    tiny = Shape("warmup", "warmup", 2, 8, shape.D, shape.R)
-    try:
-        timed_step(method, make_inputs(tiny, dtype, device, seed), device, threads=threads)
-    except Exception:  # the measured case reports its own error, with its own shape
-        pass
+    """One step on each tiny shape of :data:`COMPILE_BATCHES` systems with ``shape``'s D and R
+    (compiles every kernel width; errors are left to the measured case, with its own shape)."""
+    for batch in COMPILE_BATCHES:
+        tiny = Shape("compile", "compile", batch, 8, shape.D, shape.R)
+        try:
+            timed_step(method, make_inputs(tiny, dtype, device, seed), device, threads=threads)
+        except Exception:
+            pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,29 +267,39 @@ class GridOptions:
 
 
 def _skip_reason(method: Method, shape: Shape, dtype, opts: GridOptions, over_budget) -> str:
+    if method.unavailable:
+        return f"skipped: {method.unavailable}"
     if method.dense:
         need = dense_matrix_bytes(shape, dtype)
         if need > opts.max_dense_bytes:
-            return (f"skipped: dense matrix needs ~{need / 1e9:.3g} GB "
-                    f"> --max-dense-bytes {opts.max_dense_bytes / 1e9:.3g} GB")
+            return (
+                f"skipped: dense matrix needs ~{need / 1e9:.3g} GB "
+                f"> --max-dense-bytes {opts.max_dense_bytes / 1e9:.3g} GB"
+            )
     unknowns, reason = over_budget.get((method.name, dtype_name(dtype)), (0, ""))
     return reason if reason and shape.unknowns >= unknowns else ""
 
 
 def progress_line(row: dict, done: int, total: int, elapsed_s: float) -> str:
-    """``[bench 12/96 0:42] smnn float64 lorenz B=1536 T=50 D=1 R=3: 12.3 ms, 4.5 MB``."""
+    """``[bench 12/96 0:42] smnn float64 lorenz B=1536 T=50 D=1 R=3: 12.3 ms, 4.5 MB``
+    (then the error against the reference, when measured)."""
     minutes, seconds = divmod(int(elapsed_s), 60)
-    head = (f"[bench {done}/{total} {minutes}:{seconds:02d}] {row['method']} {row['dtype']} "
-            f"{row['case']} B={row['B']} T={row['T']} D={row['D']} R={row['R']}")
+    head = (
+        f"[bench {done}/{total} {minutes}:{seconds:02d}] {row['method']} {row['dtype']} "
+        f"{row['case']} B={row['B']} T={row['T']} D={row['D']} R={row['R']}"
+    )
     if row["status"] != "ok":
         note = row["note"].replace("skipped: ", "")
         return f"{head}: {row['status']} ({note})"
-    text = (f"{head}: {row['median_ms']:.4g} ms (median of {row['repeats']}), "
-            f"{row['peak_mb']:.4g} MB")
+    text = (
+        f"{head}: {row['median_ms']:.4g} ms (median of {row['repeats']}), {row['peak_mb']:.4g} MB"
+    )
     if row["converged"] is False:
         text += ", CG not converged"
     if not math.isnan(row["max_rel_diff_vs_smnn"]):
         text += f", max rel diff vs smnn {row['max_rel_diff_vs_smnn']:.1e}"
+    if not math.isnan(row["error_median"]):
+        text += f", error {row['error_median']:.1e} (median; max {row['error_max']:.1e})"
     return text
 
 
@@ -250,6 +320,7 @@ def run_grid(
     # (method, dtype) -> (unknowns of the smallest case over the time budget, skip reason)
     over_budget: dict[tuple[str, str], tuple[int, str]] = {}
     compiled: set[tuple[str, str, int, int]] = set()
+    references: dict[int, torch.Tensor | str] = {}  # shape index -> reference u, or the error
     total = len(shapes) * len(dtypes) * len(methods)
     threads = opts.threads or torch.get_num_threads()
     start = time.perf_counter()
@@ -268,17 +339,36 @@ def run_grid(
                     try:
                         key = (method.name, name_of_dtype, shape.D, shape.R)
                         if key not in compiled:
-                            _compile_once(method, shape, dtype, opts.device, opts.seed,
-                                          threads)
+                            compile_steps(method, shape, dtype, opts.device, opts.seed, threads)
                             compiled.add(key)
-                        row.update(measure_case(method, shape, dtype, opts.device,
-                                                opts.repeats, opts.seed, threads,
-                                                opts.time_budget_s))
+                        reference = None
+                        if method.family in _SAME_FUNCTION:
+                            reference = _reference(references, i_shape, shape, opts.seed)
+                            if isinstance(reference, str):
+                                row["note"] = reference
+                                reference = None
+                        row.update(
+                            measure_case(
+                                method,
+                                shape,
+                                dtype,
+                                opts.device,
+                                opts.repeats,
+                                opts.seed,
+                                threads,
+                                opts.time_budget_s,
+                                reference,
+                            )
+                        )
                     except Exception as exc:  # recorded, the benchmark goes on
                         row["status"] = "failed"
                         row["note"] = f"{type(exc).__name__}: {exc}"[:300]
                     budget = opts.time_budget_s
-                    took = row["median_ms"] if row["status"] == "ok" else row["warmup_ms"]
+                    took = (
+                        row["median_ms"]
+                        if row["status"] == "ok"
+                        else row.get("over_budget_ms", row["warmup_ms"])
+                    )
                     if took > 1e3 * budget:  # NaN (failed before the warm-up ended): False
                         previous = over_budget.get((method.name, name_of_dtype))
                         if previous is None or shape.unknowns < previous[0]:
@@ -297,17 +387,44 @@ def run_grid(
     return [rows[k] for k in sorted(rows)]
 
 
-def _empty_row(
-    method: Method, shape: Shape, dtype: str, opts: GridOptions, threads: int
-) -> dict:
+def _reference(cache: dict, index: int, shape: Shape, seed: int) -> torch.Tensor | str:
+    """The reference solution of shape ``index`` (computed once; a note when it fails)."""
+    if index not in cache:
+        try:
+            cache[index] = reference_solution(shape, seed)
+        except Exception as exc:  # e.g. a pivot error: the rows still get their times
+            cache[index] = f"no error: the reference solve failed ({type(exc).__name__}: {exc})"[
+                :300
+            ]
+    return cache[index]
+
+
+def _empty_row(method: Method, shape: Shape, dtype: str, opts: GridOptions, threads: int) -> dict:
     return {
-        "method": method.name, "family": method.family, "dtype": dtype, "case": shape.case,
-        "group": shape.group, "B": shape.B, "T": shape.T, "D": shape.D, "R": shape.R,
-        "median_ms": math.nan, "min_ms": math.nan, "peak_mb": math.nan, "warmup_ms": math.nan,
+        "method": method.name,
+        "family": method.family,
+        "dtype": dtype,
+        "case": shape.case,
+        "group": shape.group,
+        "B": shape.B,
+        "T": shape.T,
+        "D": shape.D,
+        "R": shape.R,
+        "median_ms": math.nan,
+        "min_ms": math.nan,
+        "peak_mb": math.nan,
+        "warmup_ms": math.nan,
         "status": "skipped",
-        "note": "", "converged": None, "repeats": opts.repeats, "full_B": shape.full_B,
-        "device": str(opts.device), "threads": threads,
+        "note": "",
+        "converged": None,
+        "repeats": opts.repeats,
+        "full_B": shape.full_B,
+        "device": str(opts.device),
+        "threads": threads,
         "max_rel_diff_vs_smnn": math.nan,
+        "max_ms": math.nan,
+        "error_median": math.nan,
+        "error_max": math.nan,
     }
 
 
@@ -353,8 +470,12 @@ def load_average() -> float | None:
 
 def environment() -> dict:
     """Versions and settings that affect the timings (MLflow params)."""
-    env = {"torch": torch.__version__, "cpu_count": os.cpu_count(),
-           "cpu_peak_method": cpu_peak_method(), "load_average_1min": load_average()}
+    env = {
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "cpu_peak_method": cpu_peak_method(),
+        "load_average_1min": load_average(),
+    }
     try:
         import numba
 

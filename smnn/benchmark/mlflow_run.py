@@ -6,9 +6,13 @@
   environment as ``env.<name>``, and the whole config (flattened, ``benchmark.quick`` ...,
   as every job logs it) when the job read one;
 - metrics, per measured row ``<method>.<dtype>.<case>``: ``time_ms``, ``min_time_ms``,
-  ``peak_mb``; for every method that is not S-MNN, ``time_ratio`` and ``memory_ratio`` (its
-  time and peak over those of the best S-MNN method of the case); the floors as
-  ``floor_ms.<dtype>.<case>`` and ``floor_ratio...``, and the machine's rates;
+  ``max_time_ms``, ``peak_mb``; ``error_median`` and ``error_max`` (against the float64
+  reference solve, :mod:`smnn.benchmark.accuracy`) wherever measured; for every method that is
+  not S-MNN, ``time_ratio`` and ``memory_ratio`` (its time and peak over those of the best
+  S-MNN method of the case); the floors as ``floor_ms.<dtype>.<case>`` and
+  ``floor_ratio...``, and the machine's rates; with
+  ``--contention``, ``contention_ms.<method>.<dtype>.<case>.<load>.t<threads>`` (median) and
+  ``contention_max_ms...`` (worst step);
 - artifacts: the output files.
 """
 
@@ -29,17 +33,27 @@ def _finite(value) -> bool:
     return value is not None and value == value and abs(value) != float("inf")
 
 
-def benchmark_metrics(table, floors) -> dict[str, float]:
-    """The metrics of the module docstring from the table and the floors."""
+def benchmark_metrics(table, floors, contention=None) -> dict[str, float]:
+    """The metrics of the module docstring from the table, the floors and the contention
+    table (:func:`smnn.benchmark.contention.run_contention`, optional)."""
     metrics: dict[str, float] = {}
+    for _, r in table.iterrows():
+        key = f"{r['method']}.{r['dtype']}.{r['case']}"
+        for column in ("error_median", "error_max"):
+            if _finite(r.get(column)):
+                metrics[f"{column}.{key}"] = r[column]
     for _, r in table[table["status"] == "ok"].iterrows():
         key = f"{r['method']}.{r['dtype']}.{r['case']}"
         metrics[f"time_ms.{key}"] = r["median_ms"]
         metrics[f"min_time_ms.{key}"] = r["min_ms"]
+        if _finite(r.get("max_ms")):
+            metrics[f"max_time_ms.{key}"] = r["max_ms"]
         metrics[f"peak_mb.{key}"] = r["peak_mb"]
         if r["family"] != "smnn":
-            for name, column in (("time_ratio", "time_vs_best_smnn"),
-                                 ("memory_ratio", "memory_vs_best_smnn")):
+            for name, column in (
+                ("time_ratio", "time_vs_best_smnn"),
+                ("memory_ratio", "memory_vs_best_smnn"),
+            ):
                 if _finite(r[column]):
                     metrics[f"{name}.{key}"] = r[column]
         if _finite(r["max_rel_diff_vs_smnn"]):
@@ -52,6 +66,11 @@ def benchmark_metrics(table, floors) -> dict[str, float]:
         for dtype, rates in floors.groupby("dtype").first().iterrows():
             metrics[f"machine.bandwidth_gb_s.{dtype}"] = rates["bandwidth_gb_s"]
             metrics[f"machine.gflops.{dtype}"] = rates["gflops"]
+    if contention is not None:
+        for _, r in contention[contention["status"] == "ok"].iterrows():
+            key = f"{r['method']}.{r['dtype']}.{r['case']}.{r['load']}.t{r['threads']}"
+            metrics[f"contention_ms.{key}"] = r["median_ms"]
+            metrics[f"contention_max_ms.{key}"] = r["max_ms"]
     return metrics
 
 
@@ -66,6 +85,7 @@ def log_benchmark_run(
     tags: Mapping[str, str] | None = None,
     config_data: Mapping[str, Any] | None = None,
     run_name: str = "bench",
+    contention=None,
 ) -> str:
     """One finished run in experiment ``benchmark``; returns its run id."""
     with RunTracker.start(target, EXPERIMENT, run_name, tags=dict(tags or {})) as tracker:
@@ -73,7 +93,8 @@ def log_benchmark_run(
             tracker.log_config(config_data)
         tracker.log_params({f"bench.{k}": v for k, v in params.items()})
         tracker.log_params({f"env.{k}": v for k, v in (environment or {}).items()})
-        tracker.log_metrics(benchmark_metrics(table, floors))
+        tracker.log_metrics(benchmark_metrics(table, floors, contention))
         for name in files:
-            tracker.log_artifact(out / name)
+            if (out / name).exists():
+                tracker.log_artifact(out / name)
     return tracker.run_id

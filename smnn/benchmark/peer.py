@@ -55,17 +55,20 @@ def parse_peer(text: str) -> PeerSpec:
         raise ValueError(f"--peer {text!r}: expected PATH_OR_MODULE:FUNCTION[=LABEL]")
     target, function = spec.rsplit(":", 1)
     if not target or not function.isidentifier():
-        raise ValueError(f"--peer {text!r}: expected PATH_OR_MODULE:FUNCTION[=LABEL] "
-                         "with FUNCTION a Python name")
+        raise ValueError(
+            f"--peer {text!r}: expected PATH_OR_MODULE:FUNCTION[=LABEL] with FUNCTION a Python name"
+        )
     if not label:
         stem = Path(target).stem if target.endswith(".py") or "/" in target else target
         label = f"{stem}.{function}"
     if not _LABEL.match(label):
-        raise ValueError(f"--peer {text!r}: label {label!r} may hold only letters, digits, "
-                         "'_', '.' and '-'")
+        raise ValueError(
+            f"--peer {text!r}: label {label!r} may hold only letters, digits, '_', '.' and '-'"
+        )
     if label in METHODS:
-        raise ValueError(f"--peer {text!r}: label {label!r} is a built-in method; "
-                         "give another with =LABEL")
+        raise ValueError(
+            f"--peer {text!r}: label {label!r} is a built-in method; give another with =LABEL"
+        )
     return PeerSpec(target, function, label)
 
 
@@ -90,8 +93,9 @@ def _import(spec: PeerSpec):
         module_spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[name]
-        raise ValueError(f"--peer {spec.target}: importing it failed: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise ValueError(
+            f"--peer {spec.target}: importing it failed: {type(exc).__name__}: {exc}"
+        ) from exc
     return module
 
 
@@ -114,5 +118,10 @@ def load_peer(spec: PeerSpec | str) -> Method:
         return u, {}
 
     where = spec.target if spec.is_file else f"module {spec.target}"
-    return Method(spec.label, solve, family="peer", label=spec.label,
-                  description=f"peer: {spec.function} from {where}")
+    return Method(
+        spec.label,
+        solve,
+        family="peer",
+        label=spec.label,
+        description=f"peer: {spec.function} from {where}",
+    )

@@ -8,13 +8,20 @@ S-MNN method (family ``smnn``) of the same case and dtype: ``best_smnn_method``,
 factor by which the best S-MNN method is faster) and ``memory_vs_best_smnn`` (this peak / that
 method's peak; NaN when that peak rounds to 0 MB).
 
+Accuracy: ``error_median`` and ``error_max`` of a row are the median and the maximum over the
+batch of each system's max relative error of u against the float64 reference solve
+(:mod:`smnn.benchmark.accuracy`), for the methods that compute the S-MNN function (families
+``smnn`` and ``peer``), measured on the warm-up step's solution; ``max_ms`` is the slowest timed
+step.
+
 ``floors.csv``: per named shape and dtype measured with an S-MNN method on a CPU, the floor of
 :mod:`smnn.roofline` on this machine, the best S-MNN time and their ratio. Always written (only
 its header when no row applies, e.g. on CUDA), so the workflow can declare it.
 
-``bench.md``: one table per shape group (rows shapes, columns method/dtype with ms and MB), the
-side-by-side comparison (every method that is not S-MNN against the best S-MNN method, per
-shape) with the check of docs/solver.md section 9 (best S-MNN at least
+``bench.md``: one table per shape group (rows shapes, columns method/dtype with ms, MB and the
+median error), the accuracy of every method per named shape and dtype (median and max error
+beside the time), the side-by-side comparison (every method that is not S-MNN against the best
+S-MNN method, per shape) with the check of docs/solver.md section 9 (best S-MNN at least
 :data:`PEER_TARGET` x faster than each peer on every named shape), and the floors.
 """
 
@@ -42,8 +49,20 @@ __all__ = [
 
 TABLE_COLUMNS = [*COLUMNS, "best_smnn_method", "time_vs_best_smnn", "memory_vs_best_smnn"]
 FLOOR_COLUMNS = [
-    "case", "dtype", "B", "T", "D", "R", "mb_moved", "mflop", "bandwidth_gb_s", "gflops",
-    "floor_ms", "best_method", "best_ms", "ratio",
+    "case",
+    "dtype",
+    "B",
+    "T",
+    "D",
+    "R",
+    "mb_moved",
+    "mflop",
+    "bandwidth_gb_s",
+    "gflops",
+    "floor_ms",
+    "best_method",
+    "best_ms",
+    "ratio",
 ]
 PEER_TARGET = 10.0  # docs/solver.md section 9: at least 10x faster than the authors' solver
 
@@ -89,8 +108,9 @@ def floor_table(table, device: torch.device, quick: bool):
 
     from smnn.roofline import floor_ms, measure_machine_rates, solver_step_cost
 
-    ours = table[(table["group"] == "named") & (table["status"] == "ok")
-                 & (table["family"] == "smnn")]
+    ours = table[
+        (table["group"] == "named") & (table["status"] == "ok") & (table["family"] == "smnn")
+    ]
     if ours.empty or device.type != "cpu":
         return pd.DataFrame(columns=FLOOR_COLUMNS)
     rows = []
@@ -106,23 +126,36 @@ def floor_table(table, device: torch.device, quick: bool):
                 int(best["B"]), int(best["T"]), int(best["D"]), int(best["R"]), dtype.itemsize
             )
             floor = floor_ms(cost, rates)
-            rows.append({
-                "case": case, "dtype": name, "B": int(best["B"]), "T": int(best["T"]),
-                "D": int(best["D"]), "R": int(best["R"]), "mb_moved": cost.bytes / MB,
-                "mflop": cost.flops / 1e6, "bandwidth_gb_s": rates.bandwidth / 1e9,
-                "gflops": rates.flop_rate / 1e9, "floor_ms": floor,
-                "best_method": best["method"], "best_ms": float(best["median_ms"]),
-                "ratio": float(best["median_ms"]) / floor,
-            })
+            rows.append(
+                {
+                    "case": case,
+                    "dtype": name,
+                    "B": int(best["B"]),
+                    "T": int(best["T"]),
+                    "D": int(best["D"]),
+                    "R": int(best["R"]),
+                    "mb_moved": cost.bytes / MB,
+                    "mflop": cost.flops / 1e6,
+                    "bandwidth_gb_s": rates.bandwidth / 1e9,
+                    "gflops": rates.flop_rate / 1e9,
+                    "floor_ms": floor,
+                    "best_method": best["method"],
+                    "best_ms": float(best["median_ms"]),
+                    "ratio": float(best["median_ms"]) / floor,
+                }
+            )
     return pd.DataFrame(rows, columns=FLOOR_COLUMNS)
 
 
 def _floor_lines(floors) -> list[str]:
     lines = [
-        "", "## Floors (smnn.roofline)", "",
+        "",
+        "## Floors (smnn.roofline)",
+        "",
         "Unavoidable data movement and arithmetic of one forward+backward step over the "
         "machine's measured streaming bandwidth and matrix-multiply rate; the floor is the "
-        "larger of the two times, the ratio is the best S-MNN method's median over it.", "",
+        "larger of the two times, the ratio is the best S-MNN method's median over it.",
+        "",
         "| case | dtype | MB moved | MFLOP | GB/s | GFLOP/s | floor ms | best method | best ms "
         "| best / floor |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -141,10 +174,42 @@ def _floor_lines(floors) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def _error_text(row) -> str:
+    value = row.get("error_median", math.nan)
+    return "" if value is None or value != value else f"err {value:.1e}"
+
+
 def _cell(row) -> str:
+    error = _error_text(row)
     if row["status"] != "ok":
-        return row["status"]
-    return f"{row['median_ms']:.4g} ms, {row['peak_mb']:.4g} MB"
+        return f"{row['status']} ({error})" if error else row["status"]
+    text = f"{row['median_ms']:.4g} ms, {row['peak_mb']:.4g} MB"
+    return f"{text}, {error}" if error else text
+
+
+def _accuracy_lines(table, reference: str) -> list[str]:
+    """Per named shape, dtype and method: time, median and max error (families smnn, peer)."""
+    part = table[(table["group"] == "named") & table["error_median"].notna()]
+    if part.empty:
+        return []
+    lines = [
+        "",
+        "## Accuracy on the named shapes",
+        "",
+        f"Error against the float64 {reference} solve of the same problem: per system, max |u - "
+        "u_ref| / max |u_ref| over every step, state and order; median and max over the batch "
+        "(float32 inputs are the float64 problem rounded). Time: median forward+backward step.",
+        "",
+        "| case | B | dtype | method | time ms | error (median) | error (max) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, r in part.iterrows():
+        time = f"{r['median_ms']:.4g}" if r["status"] == "ok" else r["status"]
+        lines.append(
+            f"| {r['case']} | {r['B']} | {r['dtype']} | {r['method']} | {time} | "
+            f"{r['error_median']:.2e} | {r['error_max']:.2e} |"
+        )
+    return lines
 
 
 def _ratio(value: float) -> str:
@@ -158,10 +223,13 @@ def _comparison_lines(table) -> list[str]:
     if not others or compared.empty:
         return []
     lines = [
-        "", "## Side by side: against the best S-MNN method", "",
+        "",
+        "## Side by side: against the best S-MNN method",
+        "",
         "Same inputs, same process, forward+backward. Each cell: time / best S-MNN time and "
         "peak memory / its peak memory (how many times faster and smaller the best S-MNN "
-        "method is).", "",
+        "method is).",
+        "",
     ]
     header = ["case", "dtype", "B", "best S-MNN", *others]
     lines.append("| " + " | ".join(header) + " |")
@@ -169,8 +237,12 @@ def _comparison_lines(table) -> list[str]:
     for (case, dtype), rows in compared.groupby(["case", "dtype"], sort=False):
         first = rows.iloc[0]
         best = rows[rows["method"] == first["best_smnn_method"]].iloc[0]
-        cells = [case, dtype, str(first["B"]),
-                 f"{best['method']} {best['median_ms']:.4g} ms, {best['peak_mb']:.4g} MB"]
+        cells = [
+            case,
+            dtype,
+            str(first["B"]),
+            f"{best['method']} {best['median_ms']:.4g} ms, {best['peak_mb']:.4g} MB",
+        ]
         for m in others:
             match = rows[rows["method"] == m]
             if match.empty:
@@ -179,8 +251,10 @@ def _comparison_lines(table) -> list[str]:
                 cells.append(match.iloc[0]["status"])
             else:
                 r = match.iloc[0]
-                cells.append(f"time {_ratio(r['time_vs_best_smnn'])}, "
-                             f"memory {_ratio(r['memory_vs_best_smnn'])}")
+                cells.append(
+                    f"time {_ratio(r['time_vs_best_smnn'])}, "
+                    f"memory {_ratio(r['memory_vs_best_smnn'])}"
+                )
         lines.append("| " + " | ".join(cells) + " |")
     lines += _target_lines(table)
     return lines
@@ -193,8 +267,9 @@ def _target_lines(table) -> list[str]:
     lines = []
     for peer in peers:
         for dtype in dict.fromkeys(table["dtype"]):
-            part = table[(table["method"] == peer) & (table["dtype"] == dtype)
-                         & table["case"].isin(named)]
+            part = table[
+                (table["method"] == peer) & (table["dtype"] == dtype) & table["case"].isin(named)
+            ]
             if part.empty:
                 continue
             measured = part[part["time_vs_best_smnn"].notna()]
@@ -205,12 +280,16 @@ def _target_lines(table) -> list[str]:
             else:
                 worst = measured.loc[measured["time_vs_best_smnn"].idxmin()]
                 met = bool((measured["time_vs_best_smnn"] >= PEER_TARGET).all())
-                verdict = (f"{'met' if met else 'NOT met'} (smallest: "
-                           f"{worst['time_vs_best_smnn']:.3g}x on {worst['case']})")
+                verdict = (
+                    f"{'met' if met else 'NOT met'} (smallest: "
+                    f"{worst['time_vs_best_smnn']:.3g}x on {worst['case']})"
+                )
             extra = f"; not measured: {', '.join(missing)}" if missing else ""
             extra += "; batch scaled (quick), not the published shapes" if scaled else ""
-            lines.append(f"- Target: best S-MNN at least {PEER_TARGET:g}x faster than {peer} "
-                         f"on every named shape, {dtype}: {verdict}{extra}.")
+            lines.append(
+                f"- Target: best S-MNN at least {PEER_TARGET:g}x faster than {peer} "
+                f"on every named shape, {dtype}: {verdict}{extra}."
+            )
     return [""] + lines if lines else []
 
 
@@ -232,19 +311,38 @@ def _machine_line(machine: Mapping[str, Any]) -> str:
     if start is None:
         return ""
     cpus = machine.get("cpu_count") or 1
-    line = (f"Machine load (1-minute load average) {start:.1f} at the start and "
-            f"{end if end is not None else float('nan'):.1f} at the end, on {cpus} CPUs.")
+    line = (
+        f"Machine load (1-minute load average) {start:.1f} at the start and "
+        f"{end if end is not None else float('nan'):.1f} at the end, on {cpus} CPUs."
+    )
+    policy = machine.get("omp_wait_policy")
+    if policy is not None:
+        line += f" OpenMP wait policy: {policy or 'the default (spin, then sleep)'}."
     if start + (machine.get("threads") or 1) > cpus + 0.5:
-        line += (" Other processes competed for the cores: timings (of parallel kernels above "
-                 "all) are inflated and noisy; rerun on a quiet machine for numbers to quote.")
+        line += (
+            " Other processes competed for the cores: timings (of parallel kernels above "
+            "all) are inflated and noisy; rerun on a quiet machine for numbers to quote."
+        )
     return line
 
 
 def markdown_report(
-    table, quick: bool = False, floors=None, machine: Mapping[str, Any] | None = None
+    table,
+    quick: bool = False,
+    floors=None,
+    machine: Mapping[str, Any] | None = None,
+    reference: str = "",
+    contention=None,
 ) -> str:
     """bench.md (module docstring) from :func:`make_table`'s table and :func:`floor_table`;
-    ``machine`` (``load_start``, ``load_end``, ``cpu_count``, ``threads``) adds the load line."""
+    ``machine`` (``load_start``, ``load_end``, ``cpu_count``, ``threads``) adds the load line;
+    ``reference``: the method of the accuracy reference (default:
+    :func:`smnn.benchmark.accuracy.reference_method`); ``contention``: the table of
+    :func:`smnn.benchmark.contention.run_contention`, when measured."""
+    if not reference:
+        from smnn.benchmark.accuracy import reference_method
+
+        reference = reference_method()
     if "best_smnn_method" not in table.columns:
         table = make_table(table.to_dict("records"))
     lines = ["# Solver benchmark: forward + backward", ""]
@@ -260,11 +358,17 @@ def markdown_report(
     if machine and _machine_line(machine):
         lines += ["", _machine_line(machine)]
     if quick:
-        lines += ["", f"**{QUICK_NOTE}**: trimmed sweeps, named shapes with scaled batch "
-                      "(B column: run (of published)), short time budget."]
+        lines += [
+            "",
+            f"**{QUICK_NOTE}**: trimmed sweeps, named shapes with scaled batch "
+            "(B column: run (of published)), short time budget.",
+        ]
     columns = list(dict.fromkeys(zip(table["method"], table["dtype"], strict=True)))
-    titles = {"named": "Named shapes (docs/solver.md section 9)", "T_sweep": "Sweep over T",
-              "batch_sweep": "Sweep over batch size"}
+    titles = {
+        "named": "Named shapes (docs/solver.md section 9)",
+        "T_sweep": "Sweep over T",
+        "batch_sweep": "Sweep over batch size",
+    }
     for group, title in titles.items():
         part = table[table["group"] == group]
         if part.empty:
@@ -285,13 +389,22 @@ def markdown_report(
                 cells.append(_cell(match.iloc[0]) if len(match) else "")
             lines.append("| " + " | ".join(cells) + " |")
         lines += _note_lines(part)
+    lines += _accuracy_lines(table, reference)
     lines += _comparison_lines(table)
     diffs = table[table["max_rel_diff_vs_smnn"].notna()]
     if not diffs.empty:
         worst = diffs.groupby(["method", "dtype"], sort=False)["max_rel_diff_vs_smnn"].max()
-        lines += ["", "Agreement of each peer with S-MNN on the same inputs (largest max |u - "
-                      "u_smnn| / max |u_smnn| over the cases): "
-                  + "; ".join(f"{m} {d}: {v:.1e}" for (m, d), v in worst.items()) + "."]
+        lines += [
+            "",
+            "Agreement of each peer with S-MNN on the same inputs (largest max |u - "
+            "u_smnn| / max |u_smnn| over the cases): "
+            + "; ".join(f"{m} {d}: {v:.1e}" for (m, d), v in worst.items())
+            + ".",
+        ]
     if floors is not None and not floors.empty:
         lines += _floor_lines(floors)
+    if contention is not None and len(contention):
+        from smnn.benchmark.contention import contention_lines
+
+        lines += contention_lines(contention)
     return "\n".join(lines) + "\n"

@@ -60,6 +60,15 @@ __all__ = [
 ]
 
 LANES = lane_kernels.LANES
+# A pivot at or below PIVOT_FACTOR * m * eps times the diagonal entry M_t[j, j] of its assembled
+# block (m = D*R, eps of the dtype) is a failure (docs/solver.md section 7): the pivot's rounding
+# error is about m * eps * M_t[j, j], so every accepted pivot is known to 1 / PIVOT_FACTOR.
+# Measured (tests/test_lane_pivots.py): float32 KdV-like problems (R = 5) have pivot ratios
+# 4e-7..4e-4 and errors of 0.8-78 %, a float32 growing solution 1.5e-4 and 100 %, while the float32
+# problems that are accurate to 1e-5 (R = 3, steps 0.05..0.15, Lorenz's u' = f) have 5e-3 or more,
+# 14x above the floor at m = 3; well-conditioned float64 problems sit 1e5x above it.
+PIVOT_FACTOR = 1000.0
+
 # a column job loads its factor by itself where a group of systems shares one load among its
 # columns: lanes become columns only when that leaves clearly less work per thread
 _COLUMN_JOB_OVERHEAD = 1.25
@@ -76,6 +85,11 @@ def fused_path_applies(
         and plain_weights is not None
         and cuda_graphs is None
     )
+
+
+def pivot_floor(block_size: int, dtype: torch.dtype) -> float:
+    """The relative pivot threshold of the lane kernels: ``PIVOT_FACTOR * m * eps``."""
+    return PIVOT_FACTOR * block_size * torch.finfo(dtype).eps
 
 
 def n_workers(n_jobs: int) -> int:
@@ -181,8 +195,8 @@ class LaneFactor:
         systems (the last system repeated in the lanes past N).
         steps: ``(N, Th)``, the step sizes of the factorized matrix (its coupling blocks are
         rebuilt from them in every solve).  constants: g0, g1, g2, squared weights (numpy).
-        n_systems: N.  failed_at: ``(N,)`` int64, 1 + first step with a non-positive pivot, 0
-        where none.
+        n_systems: N.  failed_at: ``(N,)`` int64, 1 + first step with a failed pivot (not
+        above :func:`pivot_floor` times its diagonal entry of M_t), 0 where none.
         l1: ``(G, T, m, m, W)``, l2: ``(G, T, D, m, W)``: with central rows only, the stored
         off-diagonal blocks of the block Cholesky factor (:mod:`lane_kernels`); else None.
     """
@@ -216,7 +230,7 @@ class LaneFactor:
         return self.rdiag.shape[2]
 
     def failed(self) -> torch.Tensor:
-        """``(N,)`` bool: systems whose factorization met a non-positive pivot."""
+        """``(N,)`` bool: systems whose factorization met a failed pivot (:func:`pivot_floor`)."""
         return self.failed_at > 0
 
     def layout(self, columns: bool) -> tuple[torch.Tensor, ...]:
@@ -294,7 +308,7 @@ class LaneFactor:
                 lane_kernels.Inputs(coef.numpy(), self.steps.numpy(), rhs_eq.numpy(), init.numpy()),
                 rhs.numpy(),
                 lane_kernels.Sizes(T, 0, S, K),
-                lane_kernels.Constants(*self.constants),
+                lane_kernels.Constants(*self.constants, 0.0),
                 columns,
                 out.numpy(),
                 bad_input.numpy(),
@@ -343,7 +357,7 @@ def _factor_kernel(
         G,
         lane_kernels.Inputs(coef.numpy(), steps.numpy(), rhs_eq.numpy(), init.numpy()),
         lane_kernels.Sizes(T, sizes.n_dims, sizes.n_init_steps, sizes.n_init_orders),
-        lane_kernels.Constants(*constants),
+        lane_kernels.Constants(*constants, pivot_floor(m, dtype)),
         lane_kernels.Factor(*(a.numpy() for a in factor.layout(False))),
         x.numpy(),
         factor.failed_at.numpy(),
@@ -416,7 +430,7 @@ class _FusedLaneSolve(torch.autograd.Function):
                 lane_kernels.Sizes(
                     sizes.n_steps, sizes.n_dims, sizes.n_init_steps, sizes.n_init_orders
                 ),
-                lane_kernels.Constants(*factor.constants),
+                lane_kernels.Constants(*factor.constants, 0.0),
                 lane_kernels.Factor(chol.numpy(), rdiag.numpy(), l1.numpy(), l2.numpy()),
                 factor.central,
                 columns,

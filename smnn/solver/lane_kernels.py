@@ -54,11 +54,13 @@ NARROW_LANES = 8  # the width for few
 
 SOURCE = Path(__file__).with_name("lane_kernels_source.py")
 
-# The pivot step of the Cholesky: dst = 1 / sqrt(s) per lane, NaN where s is not an acceptable
-# pivot (``_rsqrt_pivot`` in the source).
+# The pivot step of the Cholesky: dst = 1 / sqrt(s) per lane, NaN where the pivot s is not above
+# its floor (``_rsqrt_pivot`` in the source).
 PIVOT_OPS = {
     "_reciprocal_sqrt_pivot": lane_ops.LaneOp(
-        "dst, s", "dst[{i}] = _rsqrt_pivot(s[{i}])", "dst = 1 / sqrt(s), NaN for a failed pivot."
+        "dst, s, floor",
+        "dst[{i}] = _rsqrt_pivot(s[{i}], floor[{i}])",
+        "dst = 1 / sqrt(s), NaN for a failed pivot (s <= floor, or not finite).",
     ),
 }
 OPS = {**lane_ops.LANE_OPS, **PIVOT_OPS}  # every lane helper of the kernels
@@ -68,8 +70,11 @@ Inputs = namedtuple("Inputs", "coef steps rhs_eq init")
 Inputs.__doc__ = "coef (N, Tc, E, m), steps (N, Th), rhs_eq (N, Tb, E, P), init (N, Su, D*K, P)."
 Sizes = namedtuple("Sizes", "n_steps n_dims n_init_steps n_init_orders")
 Sizes.__doc__ = "T, D, S, K (ints)."
-Constants = namedtuple("Constants", "g0 g1 g2 weights")
-Constants.__doc__ = "Taylor Gram matrices g0, g1, g2 (R, R), weights (3,) = squared weights."
+Constants = namedtuple("Constants", "g0 g1 g2 weights pivot_floor")
+Constants.__doc__ = (
+    "Taylor Gram matrices g0, g1, g2 (R, R), weights (3,) = squared weights, pivot_floor (a "
+    "float): a pivot at or below pivot_floor * (its diagonal entry of M_t) is a failure."
+)
 Factor = namedtuple("Factor", "chol rdiag l1 l2")
 Factor.__doc__ = (
     "chol (G, T, m(m-1)/2, W), rdiag (G, T, m, W); with central rows l1 (G, T, m, m, W) and "
@@ -80,9 +85,11 @@ Gradients.__doc__ = "The gradients of :class:`Inputs` (coef and steps per job, s
 # one worker's scratch arrays (made inside the kernels)
 SolveScratch = namedtuple("SolveScratch", "wsol y_prev pw_prev pw tmp cl bv u0 hs")
 ForwardScratch = namedtuple(
-    "ForwardScratch", "cl work y_prev pw_prev pw tmp pw_cur acc bv u0 wsol y_cpl hs"
+    "ForwardScratch", "cl work y_prev pw_prev pw tmp pw_cur acc bv u0 wsol y_cpl hs floor"
 )
-CentralScratch = namedtuple("CentralScratch", "cl work cpl vec pw_cur pw_prev ca cb acc bv u0 wsol")
+CentralScratch = namedtuple(
+    "CentralScratch", "cl work cpl vec pw_cur pw_prev ca cb acc bv u0 wsol floor"
+)
 BackwardScratch = namedtuple(
     "BackwardScratch", "lam xs cl bv gc gs gb gi y_prev pw_prev pw tmp dpw vectors hs"
 )

@@ -94,15 +94,19 @@ _CHUNK_VALUES = 4096 // LANES
 
 
 @helper
-def _rsqrt_pivot(x):
-    """1 / sqrt(x) for a positive finite pivot x, NaN otherwise (the failure marker).
+def _rsqrt_pivot(x, floor):
+    """1 / sqrt(x) for a finite pivot x above ``floor``, NaN otherwise (the failure marker).
+
+    ``floor`` is ``pivot_floor`` (:class:`~smnn.solver.lane_kernels.Constants`) times the
+    diagonal entry of the assembled block M_t, so a pivot that cancellation has reduced to
+    rounding noise fails like a non-positive one (docs/solver.md section 7).
 
     Computed for every x and then selected, without a branch, so that the lanes of
     :func:`_reciprocal_sqrt_pivot` vectorise (with a branch per lane they were scalar square
     roots and divisions, one lane at a time). The division is in float64 (``1.0`` is a float64)
     for float32 pivots too."""
     r = 1.0 / np.sqrt(x)
-    return r if (x > 0.0) & (x < np.inf) else np.nan
+    return r if (x > floor) & (x < np.inf) else np.nan
 
 
 @helper
@@ -549,7 +553,7 @@ def forward(inputs, sizes, constants, factor, out, failed_at, bad_input, n_worke
     """Assemble, factorize and solve (module docstring).
 
     Writes the factors, ``out`` (N, T, m, P), ``failed_at`` (N,) (1 + the first step with a
-    non-positive pivot, 0 if none) and ``bad_input[g] = 1`` when group g met a non-finite input or
+    failed pivot, 0 if none) and ``bad_input[g] = 1`` when group g met a non-finite input or
     a step <= 0. ``n_workers`` parallel jobs (at most the number of groups).
     """
     coef, steps, rhs_eq = inputs.coef, inputs.steps, inputs.rhs_eq
@@ -573,10 +577,11 @@ def forward(inputs, sizes, constants, factor, out, failed_at, bad_input, n_worke
         wsol = np.empty((T, P, m, LANES), dtype=dt)
         y_cpl = np.empty((m, m, LANES), dtype=dt)
         hs = np.empty((steps.shape[1], LANES), dtype=dt)
+        floor = np.empty((m, LANES), dtype=dt)
         job = _claim_job(next_job)
         while job < G:
             scratch = ForwardScratch(
-                cl, work, y_prev, pw_prev, pw, tmp, pw_cur, acc, bv, u0, wsol, y_cpl, hs
+                cl, work, y_prev, pw_prev, pw, tmp, pw_cur, acc, bv, u0, wsol, y_cpl, hs, floor
             )
             _forward_groups(
                 job, job + 1, inputs, sizes, constants, factor, out, failed_at, bad_input, scratch
@@ -591,9 +596,24 @@ def _forward_groups(lo, hi, inputs, sizes, constants, factor, out, failed_at, ba
     of the coefficients and right-hand sides in lanes, ``hs`` (Th, W) the step sizes."""
     coef, steps, rhs_eq, init = inputs
     n_steps, n_dims, n_init_steps, n_init_orders = sizes
-    g0, g1, g2, weights = constants
+    g0, g1, g2, weights, pivot_floor = constants
     chol, rdiag = factor.chol, factor.rdiag
-    (cl_chunk, work, y_prev, pw_prev, pw, tmp, pw_cur, acc, bv_chunk, u0, wsol, y_cpl, hs) = scratch
+    (
+        cl_chunk,
+        work,
+        y_prev,
+        pw_prev,
+        pw,
+        tmp,
+        pw_cur,
+        acc,
+        bv_chunk,
+        u0,
+        wsol,
+        y_cpl,
+        hs,
+        floor,
+    ) = scratch
     N, Tc, E, m = coef.shape
     Th = steps.shape[1]
     Tb, P = rhs_eq.shape[1], rhs_eq.shape[3]
@@ -648,6 +668,9 @@ def _forward_groups(lo, hi, inputs, sizes, constants, factor, out, failed_at, ba
                             _add_scaled_product(
                                 work[o + i, o + j], ws2 * g1[i, j], pw_prev[i], pw_prev[j]
                             )
+            # ---- pivot floors: pivot_floor * M_t[j, j] (before the Schur complement)
+            for j in range(m):
+                _set_scaled(floor[j], pivot_floor, work[j, j])
             # ---- Schur complement D_t = M_t - Y_{t-1}^T Y_{t-1}
             if t > 0:
                 y = y_cpl
@@ -665,7 +688,7 @@ def _forward_groups(lo, hi, inputs, sizes, constants, factor, out, failed_at, ba
                 for k in range(j):
                     v = _minus_products(v, lc[_tri(j, k)], lc[_tri(j, k)])
                 _store_value(acc, v)
-                _reciprocal_sqrt_pivot(rd[j], acc)
+                _reciprocal_sqrt_pivot(rd[j], acc, floor[j])
                 for i in range(j + 1, m):
                     v = _value_of(work[i, j])
                     for k in range(j):
@@ -846,9 +869,12 @@ def forward_central(inputs, sizes, constants, factor, out, failed_at, bad_input,
         bv = np.empty((E, P, LANES), dtype=dt)
         u0 = np.empty((D * K, P, LANES), dtype=dt)
         wsol = np.empty((T, P, m, LANES), dtype=dt)
+        floor = np.empty((m, LANES), dtype=dt)
         job = _claim_job(next_job)
         while job < G:
-            scratch = CentralScratch(cl, work, cpl, vec, pw_cur, pw_prev, ca, cb, acc, bv, u0, wsol)
+            scratch = CentralScratch(
+                cl, work, cpl, vec, pw_cur, pw_prev, ca, cb, acc, bv, u0, wsol, floor
+            )
             _forward_central_groups(
                 job, job + 1, inputs, sizes, constants, factor, out, failed_at, bad_input, scratch
             )
@@ -863,9 +889,9 @@ def _forward_central_groups(
     (:class:`CentralScratch`)."""
     coef, steps, rhs_eq, init = inputs
     n_steps, n_dims, n_init_steps, n_init_orders = sizes
-    g0, g1, g2, weights = constants
+    g0, g1, g2, weights, pivot_floor = constants
     chol, rdiag, l1, l2 = factor
-    cl, work, cpl, vec, pw_cur, pw_prev, ca, cb, acc, bv, u0, wsol = scratch
+    cl, work, cpl, vec, pw_cur, pw_prev, ca, cb, acc, bv, u0, wsol, floor = scratch
     N, Tc, E, m = coef.shape
     Th = steps.shape[1]
     Tb, P = rhs_eq.shape[1], rhs_eq.shape[3]
@@ -938,6 +964,9 @@ def _forward_central_groups(
                     _add_scaled_product(work[o + i1, o + i1], ws2, cb[(t - 1) % 3], cb[(t - 1) % 3])
                 if t >= 2:  # central row t-2: a^2 on (t, R-2)
                     _add_scaled_product(work[o + i2, o + i2], ws2, ca[(t - 2) % 3], ca[(t - 2) % 3])
+            # ---- pivot floors: pivot_floor * M_t[j, j] (before the Schur complement)
+            for j in range(m):
+                _set_scaled(floor[j], pivot_floor, work[j, j])
             # ---- D_t = M_t - L_{t,t-1} L_{t,t-1}^T - L_{t,t-2} L_{t,t-2}^T
             if t > 0:
                 lp = l1[g, t - 1]
@@ -959,7 +988,7 @@ def _forward_central_groups(
                 for k in range(j):
                     v = _minus_products(v, lc[_tri(j, k)], lc[_tri(j, k)])
                 _store_value(acc, v)
-                _reciprocal_sqrt_pivot(rd[j], acc)
+                _reciprocal_sqrt_pivot(rd[j], acc, floor[j])
                 for i in range(j + 1, m):
                     v = _value_of(work[i, j])
                     for k in range(j):
@@ -1113,7 +1142,7 @@ def _backward_jobs(
     the chunks and step sizes in lanes as in :func:`_forward_groups`, ``vectors`` (5, W))."""
     coef, steps, rhs_eq, _ = inputs
     n_dims, n_init_steps, n_init_orders = sizes.n_dims, sizes.n_init_steps, sizes.n_init_orders
-    g0, g1, g2, weights = constants
+    g0, g1, g2, weights = constants.g0, constants.g1, constants.g2, constants.weights
     chol, rdiag, l1, l2 = factor
     grad_coef, grad_steps, grad_rhs_eq, grad_init = grads
     (lam, xs, cl_chunk, bv_chunk, gc, gs, gb, gi, y_prev, pw_prev, pw, tmp, dpw, vectors, hs) = (

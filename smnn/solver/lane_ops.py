@@ -99,6 +99,7 @@ LANE_OPS: dict[str, LaneOp] = {
         "dst, a, b", "dst[{i}] = dst[{i}] - a[{i}] * b[{i}]", "dst -= a * b (two roundings)."
     ),
     "_scale": LaneOp("dst, s", "dst[{i}] = dst[{i}] * s", "dst *= s."),
+    "_set_scaled": LaneOp("dst, s, a", "dst[{i}] = s * a[{i}]", "dst = s * a."),
     "_add_scalar": LaneOp("dst, s", "dst[{i}] = dst[{i}] + s", "dst += s."),
     "_add_scaled": LaneOp("dst, s, a", "dst[{i}] = dst[{i}] + s * a[{i}]", "dst += s * a."),
     "_subtract_from": LaneOp("dst, a", "dst[{i}] = a[{i}] - dst[{i}]", "dst = a - dst."),

@@ -244,3 +244,29 @@ def test_float32_factorize_solve_equals_forward_to_the_bit():
     v = qr_lane_factorize(problem, ONES, True, False).solve(problem, True)
     assert u.dtype == v.dtype == torch.float32
     assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("central", [False, True])
+def test_normal_residual_kernel_matches_dense_rows(central):
+    """A^T (beta - A x) of the refinement kernel against the dense rows, for any x."""
+    from smnn.solver import qr_lane_kernels
+
+    pk = dict(batch=(5, 2), T=7, E=2, D=2, S=2, K=2, c_batch=(5, 1), h_batch=(5, 1))
+    c, b, u0, h = random_problem(**pk)
+    x = torch.randn(5, 2, 7, 2, 3, generator=torch.Generator().manual_seed(9), dtype=F64)
+    A, beta = build_dense_system(c, b, u0, h, weight_smooth=0.6, enable_central_smoothness=central)
+    dense = (A.mT @ (beta - (A @ x.flatten(2)[..., None])[..., 0])[..., None])[..., 0]
+    problem = _problem((c, b, u0, h), pk)
+    sizes = qr_lanes._sizes(problem, (1.0, 1.0, 0.6), central)
+    folding = qr_lanes.BatchFolding(tuple(problem.batch_shape), tuple(problem.lhs_batch_shape))
+    coef, steps = qr_lanes._fold_lhs(problem)
+    rhs_eq, init = qr_lanes._fold_rhs(problem, folding)
+    xf = folding.fold_rhs(x.reshape(5, 2, 7, 6)).contiguous()
+    out = torch.empty_like(xf)
+    T, D, S, K, central_, wts, finv = sizes.args(F64)
+    qr_lane_kernels.normal_residual(
+        *(t.contiguous().numpy() for t in (coef, steps, rhs_eq, init)),
+        xf.numpy(), D, S, K, central_, wts, finv, 8, out.numpy(), 1,
+    )  # fmt: skip
+    got = folding.unfold(out).reshape(5, 2, -1)
+    assert rel_err(got, dense) < 1e-12

@@ -897,3 +897,64 @@ def supports(T, D, R, E, S, K, central):
                 pat[rows, c] = True
             pat[rows[1:], j] = False
     return btype.astype(np.int64).reshape(TB), rsup, nrs, csup, ncs
+
+
+@_kernel
+def normal_residual(
+    coef, steps, rhs_eq, init, x, n_dims, n_init_steps, n_init_orders, central, wts, finv,
+    width, out, n_workers,
+):  # fmt: skip
+    """``out`` (N, T, m, P) = A^T (beta - A x) for x (N, T, m, P), row by row with
+    :func:`_build_rows` (in the arrays' precision: the refinement of a float32 solution calls
+    it with float64 copies). Lanes of items."""
+    W = width
+    N, T, m, P = x.shape
+    D, S, K = n_dims, n_init_steps, n_init_orders
+    R = m // D
+    G, nb, TB, pmax = block_sizes(T, D, R, coef.shape[2], K, central)
+    rc = 2 * nb
+    n_items = N * P
+    n_groups = (n_items + W - 1) // W
+    dt = out.dtype
+    next_job = np.zeros(1, dtype=np.int64)
+    for _worker in prange(n_workers):
+        a = np.empty((pmax, 2 * nb + 1, W), dtype=dt)
+        da = np.empty((0, 2 * nb + 1, W), dtype=dt)
+        kind = np.empty((pmax, 2), dtype=np.int64)
+        aux = np.empty((pmax, 2), dtype=np.int64)
+        chk = np.zeros(W, dtype=dt)
+        ux = np.empty((TB + 1, nb, W), dtype=dt)
+        gl = np.empty((TB + 1, nb, W), dtype=dt)
+        res = np.empty(W, dtype=dt)
+        sysl = np.empty(W, dtype=np.int64)
+        coll = np.empty(W, dtype=np.int64)
+        sv, ordv = _scratch(R, W, dt)
+        g = _claim_job(next_job)
+        while g < n_groups:
+            _lanes(g, W, n_items, P, sysl, coll)
+            for t in range(TB):
+                _read_block(x, t, G, m, T, sysl, coll, ux[t])
+            for c in range(nb):
+                for l in range(W):
+                    ux[TB, c, l] = 0
+            for t in range(TB + 1):
+                for c in range(nb):
+                    for l in range(W):
+                        gl[t, c, l] = 0
+            for t in range(TB):
+                q = _build_rows(
+                    t, 0, T, D, R, S, K, central, coef, steps, rhs_eq, init, sysl, coll,
+                    wts, finv, a, da, kind, aux, chk, True, False, rc, sv, ordv,
+                )  # fmt: skip
+                for r in range(q):
+                    for l in range(W):
+                        res[l] = a[r, rc, l]
+                    for c in range(nb):
+                        for l in range(W):
+                            res[l] -= a[r, c, l] * ux[t, c, l] + a[r, nb + c, l] * ux[t + 1, c, l]
+                    for c in range(nb):
+                        for l in range(W):
+                            gl[t, c, l] += a[r, c, l] * res[l]
+                            gl[t + 1, c, l] += a[r, nb + c, l] * res[l]
+            _write_solution(out, gl, g, T, m, n_items, P, sysl, coll)
+            g = _claim_job(next_job)

@@ -19,7 +19,7 @@ autograd.
   back-substitutes, so ``factorize(...).solve`` equals :func:`qr_lane_ode_forward` to the bit.
 
 float32: the Householder sweep runs in float32; the solution then gets two steps of
-mixed-precision refinement (:func:`_refine`: residual and A^T r in float64 with torch ops,
+mixed-precision refinement (:func:`_refine`: residual and A^T r in float64 by a kernel,
 correction (R^T R)^{-1} A^T r with the float32 R), which brings the error from about
 cond(A) * eps32 to a few 1e-6 at most on the problems of tests/test_qr_lanes.py.
 
@@ -267,63 +267,10 @@ def _solve_normal(rs: torch.Tensor, rhs: torch.Tensor, sizes: _Sizes) -> torch.T
     return out
 
 
-def _normal_residual(coef, steps, rhs_eq, init, u, sizes: _Sizes) -> torch.Tensor:
-    """A^T (beta - A u) ``(N, T, m, P)`` in float64, straight from the rows of docs/solver.md
-    section 2 (coef (N, Tc, E, m), steps (N, Th), rhs_eq (N, Tb, E, P), init (N, Su, D*K, P),
-    u (N, T, m, P))."""
-    f64 = torch.float64
-    T, D, R = sizes.n_steps, sizes.n_dims, sizes.n_orders
-    S, K = sizes.n_init_steps, sizes.n_init_orders
-    w_eq, w_in, w_s = sizes.weights
-    N, _, E, m = coef.shape
-    P = u.shape[3]
-    c = coef.to(f64).expand(N, T, E, m)
-    ud = u.to(f64)
-    r_eq = w_eq * (rhs_eq.to(f64).expand(N, T, E, P) - torch.einsum("ntem,ntmp->ntep", c, ud))
-    g = w_eq * torch.einsum("ntem,ntep->ntmp", c, r_eq)
-    g = g.reshape(N, T, D, R, P)
-    U = ud.reshape(N, T, D, R, P)
-    if S > 0 and K > 0:
-        u0 = init.to(f64).expand(N, S, D * K, P).reshape(N, S, D, K, P)
-        g[:, :S, :, :K] += w_in * w_in * (u0 - U[:, :S, :, :K])
-    nT = R - 1 if sizes.central else R
-    h = steps.to(f64).expand(N, T - 1)
-    o = torch.arange(R, dtype=f64)
-    k = torch.arange(nT, dtype=f64)
-    diff = o[None, :] - k[:, None]  # o - k
-    mask = diff >= 0
-    inv_fact = torch.where(mask, 1 / torch.exp(torch.lgamma(diff.clamp_min(0) + 1)), 0.0)
-    hp = h[..., None] ** o  # (N, T-1, R)
-    hn = (-h[..., None]) ** o
-    Fp = hp[:, :, None, :] * inv_fact  # (N, T-1, nT, R): h^o/(o-k)!
-    Bp = hn[:, :, None, :] * inv_fact
-    ek, fk = hp[..., :nT], hn[..., :nT]  # h^k, (-h)^k
-    u_t, u_n = U[:, :-1], U[:, 1:]
-    r_f = -w_s * (
-        torch.einsum("ntko,ntdop->ntdkp", Fp, u_t) - ek[:, :, None, :, None] * u_n[:, :, :, :nT]
-    )
-    r_b = -w_s * (
-        torch.einsum("ntko,ntdop->ntdkp", Bp, u_n) - fk[:, :, None, :, None] * u_t[:, :, :, :nT]
-    )
-    g_t = w_s * torch.einsum("ntko,ntdkp->ntdop", Fp, r_f)
-    g_t[:, :, :, :nT] -= w_s * fk[:, :, None, :, None] * r_b
-    g_n = w_s * torch.einsum("ntko,ntdkp->ntdop", Bp, r_b)
-    g_n[:, :, :, :nT] -= w_s * ek[:, :, None, :, None] * r_f
-    g[:, :-1] += g_t
-    g[:, 1:] += g_n
-    if sizes.central and T > 2:
-        sc = (h[:, :-1] + h[:, 1:])[:, :, None, None]  # (N, T-2, 1, 1)
-        p3, p2 = w_s * sc ** (R - 3), w_s * sc ** (R - 2)
-        val = p3 * U[:, :-2, :, R - 2] + p2 * U[:, 1:-1, :, R - 1] - p3 * U[:, 2:, :, R - 2]
-        g[:, :-2, :, R - 2] -= p3 * val
-        g[:, 1:-1, :, R - 1] -= p2 * val
-        g[:, 2:, :, R - 2] += p3 * val
-    return g.reshape(N, T, m, P)
-
-
 def _refine(rs, coef, steps, rhs_eq, init, u: torch.Tensor, sizes: _Sizes) -> torch.Tensor:
-    """Below float64: one step of mixed-precision refinement (corrected semi-normal equations),
-    u + (R^T R)^{-1} A^T (beta - A u) with the residual and A^T r in float64 and the
+    """Below float64: mixed-precision refinement (corrected semi-normal equations),
+    u + (R^T R)^{-1} A^T (beta - A u) with the residual and A^T r in float64 (kernel
+    :func:`qr_lane_kernels.normal_residual` on float64 copies of the inputs) and the
     correction from the working-precision R, ``_REFINE_STEPS`` times. The float32 Householder
     sweep alone leaves an error of about cond(A) * eps32 (median per-order error 2.3e-4, 1.8e-4
     and 7.4e-3 on the KdV-like, Lorenz-like and long problems of tests/test_qr_lanes.py); refined
@@ -332,8 +279,28 @@ def _refine(rs, coef, steps, rhs_eq, init, u: torch.Tensor, sizes: _Sizes) -> to
     cond(A) * eps32.)"""
     if u.dtype == torch.float64 or u.numel() == 0:
         return u
+    f64 = torch.float64
+    inputs = [t.to(f64).contiguous().numpy() for t in (coef, steps, rhs_eq, init)]
+    T, D, S, K, central, wts, finv = sizes.args(f64)
+    N, P = u.shape[0], u.shape[3]
+    W = lane_width(N * P)
     for _ in range(_REFINE_STEPS):
-        r = _normal_residual(coef, steps, rhs_eq, init, u, sizes).to(u.dtype)
+        r = torch.empty(u.shape, dtype=f64)
+        _run(
+            kernels.normal_residual,
+            -(-N * P // W),
+            *inputs,
+            u.to(f64).contiguous().numpy(),
+            D,
+            S,
+            K,
+            central,
+            wts,
+            finv,
+            W,
+            r.numpy(),
+        )
+        r = r.to(u.dtype)
         du = _solve_normal(rs, r, sizes)
         u = (u.double() + du.double()).to(u.dtype)
     return u

@@ -164,6 +164,18 @@ def _uses_lanes(problem, weights, central, method, backend, cuda_graphs) -> bool
     return fused_path_applies(device, "numba", method, _plain_weights(weights), cuda_graphs)
 
 
+def _qr_uses_lanes(problem, weights, backend, cuda_graphs) -> bool:
+    """Whether the QR sweep runs on the CPU lane engine (:mod:`smnn.solver.qr_lanes`): CPU
+    tensors, the numba backend, plain-number weights; otherwise the torch QR
+    (:mod:`smnn.solver.qr`) serves, on any device."""
+    device = problem.coefficients.device
+    return (
+        resolve_backend(backend, device) == "numba"
+        and _plain_weights(weights) is not None
+        and cuda_graphs is None
+    )
+
+
 def _factorize_torch(
     problem: OdeProblem,
     weights: tuple,
@@ -390,6 +402,11 @@ def _solve_problem(
     _check_central(problem, central)
     if _runs_qr(method, problem, cuda_graphs):
         resolve_backend(backend, problem.coefficients.device)  # validates the name
+        if _qr_uses_lanes(problem, weights, backend, cuda_graphs):
+            from smnn.solver.qr_lanes import qr_lane_ode_forward
+
+            plain = _plain_weights(weights)
+            return qr_lane_ode_forward(problem, plain, check_inputs, check_pivots, central)
         if check_inputs:
             check_values_of(
                 problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
@@ -517,6 +534,13 @@ def factorize(
     _check_central(problem, central)
     if _runs_qr(method, problem):
         resolve_backend(backend, problem.coefficients.device)  # validates the name
+        if _qr_uses_lanes(problem, weights, backend, None):
+            from smnn.solver.qr_lanes import qr_lane_factorize
+
+            plain = _plain_weights(weights)
+            return OdeFactorization(
+                problem, qr_lane_factorize(problem, plain, check_pivots, central)
+            )
         return OdeFactorization(
             problem, qr_factorize_problem(problem, weights, central, check_pivots)
         )

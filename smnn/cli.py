@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from smnn.experiments.base import Command, experiment_commands
@@ -92,6 +93,12 @@ def _command_of(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "torch" not in sys.modules:
+        # before torch and numba load their OpenMP runtimes (two libgomp copies, one pool
+        # each): idle workers of one pool then sleep instead of spinning beside the other's
+        # (2 threads 2-7x slower than 1 with the default policy, faster with this one:
+        # docs/experiments.md, "Threads under contention")
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)

@@ -17,19 +17,15 @@ beside other processes, stall every fork-join of the other pool: on a loaded 2-c
 forward+backward step with 2 threads took 3-40x longer than with 1 thread (B=64, T=256: 73-357
 ms against 20-40 ms), and with ``OMP_WAIT_POLICY=PASSIVE`` (idle workers sleep at once) 2 threads
 were as fast as 1 or faster (2.6-9.7 ms against 2.6-16 ms). The runtimes read the policy once,
-when they load, so this command sets ``OMP_WAIT_POLICY=PASSIVE`` when the environment leaves it
-unset and torch is not loaded yet (the command line imports this module before torch); bench.md
-and the MLflow params record the policy.
+when they load, so the ``smnn`` command line (:func:`smnn.cli.main`, for every command) sets
+``OMP_WAIT_POLICY=PASSIVE`` when the environment leaves it unset and torch is not loaded yet;
+bench.md and the MLflow params record the policy.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-if "torch" not in sys.modules:  # before torch and numba load their OpenMP runtimes
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from smnn.benchmark.accuracy import reference_method
 from smnn.benchmark.catalog import DEFAULT_METHODS, DTYPES, GROUPS, METHODS

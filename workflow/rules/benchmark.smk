@@ -19,6 +19,12 @@ rule benchmark_solver:
             category="Solver benchmark",
             labels={"figure": "scaling against batch size"},
         ),
+        plot_accuracy=report(
+            results_path("benchmark", "accuracy_T.png"),
+            caption="../report/benchmark.rst",
+            category="Solver benchmark",
+            labels={"figure": "error against T"},
+        ),
     params:
         config=effective_config_path(),
         out=lambda wildcards, output: os.path.dirname(output.csv),

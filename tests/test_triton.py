@@ -313,3 +313,51 @@ def test_cuda_pivot_failure_raises():
     c, b, u0, h = (x.cuda() for x in _pivot_problem(5, {1: 2}))
     with pytest.raises(NonPositivePivotError, match=r"batch index \(1,\) at block 2"):
         _triton((c, b, u0, h), dict(T=6, S=1), {})
+
+
+# ------------------------------------------------------------------ through the public API
+
+
+@interp
+def test_ode_forward_factorize_and_frozen_cache_with_backend_triton():
+    """backend='triton' runs the engine through the public entry points: the same bits as the
+    engine called directly, factorize(...).solve and the frozen cache included."""
+    from smnn import factorize
+    from smnn.solver.frozen import FROZEN_LHS_CACHE
+    from smnn.solver.triton_engine import TritonFactor
+
+    pk = dict(batch=(3,), T=6, E=2, D=2, S=2, K=2)
+    c, b, u0, h = random_problem(**pk)
+    for fk in ({}, CENTRAL):
+        central = bool(fk)
+        u = ode_forward(c, b, u0, h, backend="triton", **fk)
+        assert torch.equal(u, _triton((c, b, u0, h), pk, fk))
+        fac = factorize(c, h, n_init_orders=2, n_init_var_steps=2, backend="triton", **fk)
+        assert isinstance(fac.factor, TritonFactor)
+        assert torch.equal(fac.solve(b, u0), u)
+        FROZEN_LHS_CACHE.clear()
+        frozen = ode_forward(c, b, u0, h, backend="triton", frozen_lhs_cache_version=3, **fk)
+        assert torch.equal(frozen, u), central
+    FROZEN_LHS_CACHE.clear()
+
+
+@interp
+def test_backend_triton_says_why_it_cannot_run():
+    c, b, u0, h = random_problem(batch=(2,), T=5)
+    with pytest.raises(ValueError, match="method='cyclic' is not implemented on Triton"):
+        ode_forward(c, b, u0, h, backend="triton", method="cyclic")
+    with pytest.raises(ValueError, match="method='qr'"):
+        ode_forward(c, b, u0, h, backend="triton", method="qr")
+    w = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    with pytest.raises(ValueError, match="weights that need gradients"):
+        ode_forward(c, b, u0, h, backend="triton", weight_smooth=w)
+
+
+def test_import_smnn_does_not_import_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, smnn; smnn.ode_forward; print('triton' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

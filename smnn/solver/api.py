@@ -164,6 +164,19 @@ def _uses_lanes(problem, weights, central, method, backend, cuda_graphs) -> bool
     return fused_path_applies(device, "numba", method, _plain_weights(weights), cuda_graphs)
 
 
+def _uses_triton(problem, weights, method, backend, cuda_graphs) -> bool:
+    """Whether the Triton engine (:mod:`smnn.solver.triton_engine`, docs/gpu.md) serves this
+    problem: CUDA tensors with backend 'auto', or backend='triton' (a ValueError saying why
+    when it cannot run). Triton is imported only when it serves."""
+    device = problem.coefficients.device
+    if backend not in ("auto", "triton") or (backend == "auto" and device.type != "cuda"):
+        return False
+    from smnn.solver.triton_engine import triton_path_applies
+
+    plain, dtype = _plain_weights(weights), problem.coefficients.dtype
+    return triton_path_applies(device, backend, method, plain, cuda_graphs, dtype=dtype)
+
+
 def _qr_uses_lanes(problem, weights, backend, cuda_graphs) -> bool:
     """Whether the QR sweep runs on the CPU lane engine (:mod:`smnn.solver.qr_lanes`): CPU
     tensors, the numba backend, plain-number weights; otherwise the torch QR
@@ -316,8 +329,9 @@ def ode_forward(
             :mod:`smnn.solver.qr`: never forms A^T A, error grows with cond(A) instead of
             cond(A)^2; batched torch ops on any device) or 'auto' (see :func:`choose_method`:
             'qr' for float32, LDL^T for float64).
-        backend: 'auto' (compiled numba kernels on CPU when numba imports, batched torch ops
-            otherwise), 'numba' or 'torch'.
+        backend: 'auto' (compiled numba kernels on CPU when numba imports; on CUDA the Triton
+            kernels when triton imports and they serve the call, docs/gpu.md; batched torch
+            ops otherwise), 'numba', 'torch' or 'triton'.
         check_inputs: validate values (finite, steps > 0); shapes are always checked.
         check_pivots: raise :class:`~smnn.solver.banded.NonPositivePivotError` naming the batch
             entries whose normal matrix is not numerically positive definite (an LDL^T pivot
@@ -363,6 +377,8 @@ def _default_graphs(problem, weights, central, method, backend):
     device = problem.coefficients.device
     if device.type != "cuda" or resolve_backend(backend, device) != "torch":
         return None
+    if _uses_triton(problem, weights, method, backend, None):
+        return None
     T = problem.n_steps
     T_canonical = (T + 1) // 2 if central else T
     if choose_method(method, T_canonical, dtype=problem.coefficients.dtype) != "sequential":
@@ -400,6 +416,11 @@ def _solve_problem(
     problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs
 ):
     _check_central(problem, central)
+    if _uses_triton(problem, weights, method, backend, cuda_graphs):
+        from smnn.solver.triton_engine import triton_ode_forward
+
+        plain = _plain_weights(weights)
+        return triton_ode_forward(problem, plain, check_inputs, check_pivots, central, method)
     if _runs_qr(method, problem, cuda_graphs):
         resolve_backend(backend, problem.coefficients.device)  # validates the name
         if _qr_uses_lanes(problem, weights, backend, cuda_graphs):
@@ -532,6 +553,13 @@ def factorize(
     central = bool(enable_central_smoothness)
     _check_options(method, problem.coefficients.dtype)
     _check_central(problem, central)
+    if _uses_triton(problem, weights, method, backend, None):
+        from smnn.solver.triton_engine import triton_factorize
+
+        plain = _plain_weights(weights)
+        return OdeFactorization(
+            problem, triton_factorize(problem, plain, check_pivots, central, method)
+        )
     if _runs_qr(method, problem):
         resolve_backend(backend, problem.coefficients.device)  # validates the name
         if _qr_uses_lanes(problem, weights, backend, None):

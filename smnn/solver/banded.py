@@ -27,7 +27,7 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKENDS = ("auto", "numba", "torch")
+BACKENDS = ("auto", "numba", "torch", "triton")
 
 
 class NonPositivePivotError(ValueError):
@@ -63,7 +63,9 @@ def numba_available() -> bool:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """'auto' -> 'numba' on CPU when numba imports, 'torch' otherwise. 'numba' without numba,
-    or for tensors not on the CPU, is a ValueError."""
+    or for tensors not on the CPU, is a ValueError. 'triton' is returned as is: whether it can
+    run is decided by :func:`smnn.solver.triton_engine.triton_path_applies` (and on CUDA,
+    'auto' may run on Triton too: see there)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":

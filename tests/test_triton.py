@@ -243,7 +243,7 @@ target = GPUTarget("cuda", 90, 32)
 for dt, NB, NP, BLOCK in (("fp64", 3, 4, 32), ("fp32", 18, 32, 1)):
     ptr = "*" + dt
     for kernel, args in (
-        (K.block_cholesky_kernel, [ptr] * 4 + ["*i64", "i32", "i32"]),
+        (K.block_cholesky_kernel, [ptr] * 4 + ["*i64", "i32", "i32", "fp32"]),
         (K.block_solve_kernel, [ptr] * 4 + ["i32", "i32", "i32"]),
     ):
         names = kernel.arg_names

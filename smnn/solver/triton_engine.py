@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from smnn.solver.autograd import solve_with_factor
-from smnn.solver.banded import raise_if_failed
+from smnn.solver.banded import pivot_tolerance, raise_if_failed
 from smnn.solver.blocks import build_lhs_blocks, build_rhs
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
 from smnn.solver.layout import BatchFolding, pair_rhs, pair_steps, unpair_solution
@@ -221,7 +221,9 @@ def triton_cdiv(a: int, b: int) -> int:
 def factorize_blocks(diag: torch.Tensor, sub: torch.Tensor) -> TritonFactor:
     """Factorize ``diag`` ``(N, T, n, n)`` and ``sub`` ``(N, T-1, n, n)`` in one launch.
 
-    Pivot failures are recorded in ``failed_at``, not raised
+    A pivot fails as on the torch path (not finite, or not above
+    :func:`~smnn.solver.banded.pivot_tolerance` times its diagonal entry of M_t); failures are
+    recorded in ``failed_at``, not raised
     (see :func:`~smnn.solver.banded.raise_if_failed`)."""
     from smnn.solver.triton_kernels import block_cholesky_kernel
 
@@ -234,12 +236,15 @@ def factorize_blocks(diag: torch.Tensor, sub: torch.Tensor) -> TritonFactor:
         s = d.new_zeros(1, n, n, max(N, 1))
     cinv = torch.empty_like(d)
     wmul = torch.empty_like(d)
+    scale = pivot_tolerance(n, d.dtype)
     failed_at = torch.zeros(N, dtype=torch.int64, device=d.device)
     if N > 0:
         NP, BLOCK = _block_config(n)
         grid = (triton_cdiv(N, BLOCK),)
         with _launching():
-            block_cholesky_kernel[grid](d, s, cinv, wmul, failed_at, N, T, NB=n, NP=NP, BLOCK=BLOCK)
+            block_cholesky_kernel[grid](
+                d, s, cinv, wmul, failed_at, N, T, scale, NB=n, NP=NP, BLOCK=BLOCK
+            )
     return TritonFactor(cinv, wmul, failed_at)
 
 

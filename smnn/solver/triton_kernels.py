@@ -41,14 +41,17 @@ def block_cholesky_kernel(
     failed_ptr,
     N,
     T,
+    pivot_scale,
     NB: tl.constexpr,
     NP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Factorize N block-tridiagonal systems (one lane each); see the module docstring.
 
-    failed_ptr ``(N,)`` int64 receives 1 + the first step whose pivot was not positive (0 where
-    none); from there on the lane's factor is NaN, so its solutions come back NaN.
+    failed_ptr ``(N,)`` int64 receives 1 + the first step with a failed pivot (0 where none):
+    a pivot that is not finite or not above ``pivot_scale`` times its diagonal entry of M_t
+    (:func:`smnn.solver.banded.pivot_tolerance`, the torch path's criterion); from there on the
+    lane's factor is NaN, so its solutions come back NaN.
     """
     pid = tl.program_id(0)
     lane = pid * BLOCK + tl.arange(0, BLOCK)
@@ -70,6 +73,7 @@ def block_cholesky_kernel(
     wmul_next = wmul_ptr + step
     for t in range(T):
         a = tl.load(diag_t + ent, mask=mask, other=0.0)
+        floor = pivot_scale * tl.sum(tl.where(rows == cols, a, 0.0), axis=2)  # [BLOCK, NP]
         # a -= W_t W_t^T (W_0 = 0)
         for k in range(NB):
             wk = tl.sum(tl.where(cols == k, wmul, 0.0), axis=2)
@@ -79,7 +83,7 @@ def block_cholesky_kernel(
         for j in range(NB):
             colj = tl.sum(tl.where(cols == j, a, 0.0), axis=2)
             d = tl.sum(tl.where(vec == j, colj, 0.0), axis=1)
-            ok = d > 0.0
+            ok = (d > tl.sum(tl.where(vec == j, floor, 0.0), axis=1)) & (d < float("inf"))
             failed = tl.where((failed == 0) & (ok == 0) & lane_ok, t + 1, failed)
             d = tl.where(ok, d, float("nan"))
             lj = tl.where(vec >= j, colj / tl.sqrt(d)[:, None], 0.0)

@@ -27,11 +27,13 @@ Householder reflections triangularise the first 2nb columns (nb on the last bloc
 rows 0..nb-1 become [R_t | S_t | z_t], rows nb..2nb-1 the triangle C_{t+1} carried to the next
 block with its right-hand side. Back substitution: u_t = R_t^{-1} (z_t - S_t u_{t+1}).
 
-Rank check: block t fails when |R_t[j, j]| <= nb * eps * ||X_t[:, j]|| for some j, with X_t the
-stacked rows on u_t before the reflections (the carried triangle included), or when R_t[j, j] is
-not finite. The threshold is relative to each column's own norm, so scaling an unknown (the
-Taylor rows scale order k by h^k) does not change the verdict; a column whose stacked rows
-vanish (an unknown no row constrains) gives R_t[j, j] = 0 and fails. A failed block and every
+Rank check: block t fails when |R_t[j, j]| <= nb * eps * ||A[:, j]|| for some j, with A[:, j]
+the column of A of that unknown (the rows of blocks t-1 and t that touch it, before any
+reflection), or when R_t[j, j] is not finite. (Against the stacked column, carried triangle
+included, a direction that the rows leave undetermined was missed: its carried column is
+rounding noise of the same size as R_t[j, j].) The threshold is relative to each column's own
+norm, so scaling an unknown (the Taylor rows scale order k by h^k) does not change the verdict;
+an unknown that no row constrains gives R_t[j, j] = 0 and fails. A failed block and every
 later one get NaN on the diagonal of R_t, so the whole system comes back as NaN.
 
 Arrays (C-contiguous, float32 or float64): inputs ``coef`` (N, Tc, E, m), ``steps`` (N, Th),
@@ -385,12 +387,17 @@ def _factor_group(
             a, da, kind, aux, chk, with_rhs, False, rc, sv, ordv,
         )  # fmt: skip
         ncx = nb if t == TB - 1 else 2 * nb
+        # squared norms of the columns of A on u_t: rows of the previous block (on its u_{t+1},
+        # kept in cn2[nb:]) and this block's rows (not the carried triangle, whose column of a
+        # dependent direction is rounding noise)
         for j in range(nb):
             for l in range(W):
-                cn2[j, l] = 0
-            for i in range(q):
+                cn2[j, l] = cn2[nb + j, l] if t > 0 else 0
+                cn2[nb + j, l] = 0
+            for i in range(nb, q):
                 for l in range(W):
                     cn2[j, l] += a[i, j, l] * a[i, j, l]
+                    cn2[nb + j, l] += a[i, nb + j, l] * a[i, nb + j, l]
         _triangularise(a, btype[t], sup, rc, taus, with_rhs, sv[0], ordv[1])
         # rank check, then R_t, S_t (NaN diagonal from a failed block on)
         for j in range(nb):
@@ -567,7 +574,7 @@ def forward(
         aux = np.empty((pmax, 2), dtype=np.int64)
         chk = np.empty(W, dtype=dt)
         taus = np.empty((2 * nb, W), dtype=dt)
-        cn2 = np.empty((nb, W), dtype=dt)
+        cn2 = np.empty((2 * nb, W), dtype=dt)
         carried = np.empty((nb, nb + 1, W), dtype=dt)
         dead = np.empty(W, dtype=np.int64)
         nsol = TB if with_rhs else 0

@@ -22,6 +22,21 @@ How the peak is measured:
   timestamp; the peak of the running sum of those events is the peak above the start. It sees torch
   tensors only (not numpy or numba arrays) and slows the call down; it does not depend on glibc.
 
+Predicting a job's peak before it runs (:func:`predict_step_bytes`, :func:`check_memory_budget`):
+one estimator for every solver, shared by the training jobs, the solver benchmark and the
+long-sequence studies, so a case that cannot fit is refused (or marked out of memory) before
+anything is allocated:
+
+- the model: parameters, their gradients and the optimiser's state (Adam: two more copies),
+  counted without allocating (:func:`parameter_count` builds the model on torch's ``meta``
+  device);
+- the solver's forward+backward step on ``batch`` systems of T steps, D states and R orders
+  (:func:`solver_step_bytes`): MNN dense three dense ``(1 + T*D*R)^2`` matrices per system (the
+  normal matrix, its Cholesky factor, workspace); S-MNN and MNN CG a fixed multiple of the
+  block-banded storage ``T * (D*R)^2`` per system (:data:`BANDED_STEP_FACTOR`,
+  :data:`CG_STEP_FACTOR`, measured);
+- whatever else the job knows it holds (activations, data), given by the caller.
+
 Caveat for ``"rss"``: glibc keeps freed heap memory for reuse, so a call that reuses memory freed
 earlier does not raise the resident set and would be under-counted. Before the call we run
 ``gc.collect()`` and glibc's ``malloc_trim(0)`` (when available) so freed memory goes back to the
@@ -33,12 +48,31 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-from collections.abc import Callable
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from smnn.config import ConfigError
+
 __all__ = [
+    "BANDED_STEP_FACTOR",
+    "CG_STEP_FACTOR",
+    "DENSE_COPIES",
+    "DEFAULT_BUDGET_FRACTION",
+    "MemoryEstimate",
+    "MemoryBudgetError",
+    "parameter_count",
+    "model_bytes",
+    "dense_system_bytes",
+    "solver_step_bytes",
+    "predict_step_bytes",
+    "physical_memory_bytes",
+    "memory_budget_bytes",
+    "check_memory_budget",
     "measure_peak_memory",
     "measure_peak_memory_rss",
     "measure_peak_memory_profiler",
@@ -179,3 +213,202 @@ def measure_peak_memory(
     if _rss_method_works():
         return measure_peak_memory_rss(fn, *args, **kwargs)
     return measure_peak_memory_profiler(fn, *args, **kwargs)
+
+
+# ------------------------------------------------------------------ predicting a job's peak
+
+# MNN dense: the normal matrix, its Cholesky factor and headroom (LAPACK workspace, allocator):
+# the profiler measured 2.0-2.1 x the normal matrix for a forward+backward step, the resident set
+# 2-4.3 x at small sizes (smnn.experiments.step_cost)
+DENSE_COPIES = 3
+# S-MNN and MNN CG: peak of a forward+backward step over the block-banded storage
+# batch * T * (D*R)^2 * itemsize. Measured (CPU, float64, resident set, measure_peak_memory):
+# 2.1-6.7 x for B 2-16, T 512-16384, D 1-3, R 3; 8 keeps every case inside the prediction
+BANDED_STEP_FACTOR = 8
+# MNN CG keeps the bands of C^T C, their autograd graph and the CG vectors: 11 x measured for
+# B 4, T 1024, D 3, R 3 (the test in tests/test_memory.py)
+CG_STEP_FACTOR = 16
+DEFAULT_BUDGET_FRACTION = 0.8
+_ADAM_STATES = 2
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def parameter_count(build: Callable[[], torch.nn.Module]) -> int:
+    """The number of parameters of the module ``build()`` makes, built on the ``meta`` device
+    (shapes only: nothing is allocated, so a model of 10^12 parameters is counted in
+    milliseconds)."""
+    with torch.device("meta"):
+        module = build()
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_bytes(n_params: int, dtype: torch.dtype, optimizer_states: int = _ADAM_STATES) -> int:
+    """Parameters, gradients and ``optimizer_states`` more copies (Adam: 2), in bytes."""
+    return int(n_params) * _itemsize(dtype) * (2 + optimizer_states)
+
+
+def dense_system_bytes(batch: int, n_steps: int, n_dims: int, n_orders: int,
+                       dtype: torch.dtype) -> int:  # fmt: skip
+    """Bytes of the dense normal matrices of MNN dense: ``batch * (1 + T*D*R)^2 * itemsize``."""
+    _check_sizes(batch=batch, n_steps=n_steps, n_dims=n_dims, n_orders=n_orders)
+    n = 1 + n_steps * n_dims * n_orders
+    return batch * n * n * _itemsize(dtype)
+
+
+def solver_step_bytes(
+    solver: str, batch: int, n_steps: int, n_dims: int, n_orders: int, dtype: torch.dtype
+) -> int:
+    """Predicted peak of one forward+backward solve of ``batch`` systems (module docstring).
+
+    Args:
+        solver: ``mnn_dense``, or a banded solver (``smnn`` and its variants, ``mnn_cg``).
+        batch: systems solved together; n_steps: T; n_dims: D; n_orders: R.
+        dtype: the solve's dtype.
+    """
+    if solver == "mnn_dense":
+        return DENSE_COPIES * dense_system_bytes(batch, n_steps, n_dims, n_orders, dtype)
+    _check_sizes(batch=batch, n_steps=n_steps, n_dims=n_dims, n_orders=n_orders)
+    m = n_dims * n_orders
+    factor = CG_STEP_FACTOR if solver == "mnn_cg" else BANDED_STEP_FACTOR
+    return factor * batch * n_steps * m * m * _itemsize(dtype)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """A predicted peak, by part.
+
+    Attributes:
+        parts: ``{what: bytes}`` (e.g. ``model``, ``solver``, ``activations``).
+        keys: ``{what: the config keys that size it}``, for the messages.
+    """
+
+    parts: Mapping[str, int]
+    keys: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.parts.values()))
+
+    def describe(self) -> str:
+        """``"model 4.0 TB (lorenz.model.hidden), solver 2.1 MB (...)"``, largest first."""
+        items = sorted(self.parts.items(), key=lambda kv: -kv[1])
+        return ", ".join(
+            f"{name} {_human(b)}" + (f" ({', '.join(self.keys[name])})" if self.keys.get(name)
+                                     else "")
+            for name, b in items
+        )  # fmt: skip
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def predict_step_bytes(
+    *,
+    solver: str | None,
+    batch: int,
+    n_steps: int,
+    n_dims: int,
+    n_orders: int,
+    dtype: torch.dtype,
+    n_params: int = 0,
+    n_solves: int = 1,
+    extra: Mapping[str, int] | None = None,
+    keys: Mapping[str, Sequence[str]] | None = None,
+) -> MemoryEstimate:
+    """The predicted peak of one training step: model (:func:`model_bytes`), ``n_solves``
+    solver calls of ``batch`` systems each held at once (:func:`solver_step_bytes`; none when
+    ``solver`` is None), and ``extra`` parts the caller knows (activations, data).
+
+    Args:
+        keys: ``{part: config keys}`` named in :class:`MemoryBudgetError` messages.
+    """
+    parts: dict[str, int] = {}
+    if n_params:
+        parts["model"] = model_bytes(n_params, dtype)
+    if solver is not None:
+        parts["solver"] = n_solves * solver_step_bytes(
+            solver, batch, n_steps, n_dims, n_orders, dtype
+        )
+    parts.update({k: int(v) for k, v in (extra or {}).items()})
+    return MemoryEstimate(parts, dict(keys or {}))
+
+
+def physical_memory_bytes() -> int:
+    """The machine's physical memory (0 when it does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def memory_budget_bytes(
+    device: torch.device | str, budget_gb: float | None = None,
+    fraction: float = DEFAULT_BUDGET_FRACTION,
+) -> int:  # fmt: skip
+    """The memory a job may use: ``budget_gb`` * 10^9 bytes when given, else ``fraction`` of the
+    device's memory (the GPU's total memory on CUDA, the physical memory on CPU; 10 GB when the
+    machine does not say)."""
+    if budget_gb is not None:
+        if not (isinstance(budget_gb, (int, float)) and math.isfinite(budget_gb) and budget_gb > 0):
+            raise ValueError(f"memory budget must be a number of GB > 0, got {budget_gb!r}")
+        return int(budget_gb * 1e9)
+    device = torch.device(device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = physical_memory_bytes() or 10 * 10**9
+    return int(fraction * total)
+
+
+class MemoryBudgetError(ConfigError):
+    """A job's predicted peak memory exceeds the budget (names the config keys that size it and
+    the key that overrides the budget)."""
+
+    def __init__(self, message: str, estimate: MemoryEstimate, budget: int):
+        super().__init__(message)
+        self.estimate = estimate
+        self.budget = budget
+
+
+def check_memory_budget(
+    estimate: MemoryEstimate,
+    budget: int,
+    *,
+    what: str,
+    override_key: str,
+    device: torch.device | str = "cpu",
+) -> None:
+    """Refuse a job whose predicted peak exceeds ``budget``, before it allocates anything.
+
+    Args:
+        estimate: :func:`predict_step_bytes`.
+        budget: :func:`memory_budget_bytes`.
+        what: the job, for the message (e.g. ``"lorenz training with mnn_dense"``).
+        override_key: the config key that sets the budget (e.g. ``"memory_budget_gb"``).
+
+    Raises:
+        MemoryBudgetError: naming the parts, their config keys, the budget and the override.
+    """
+    if estimate.total <= budget:
+        return
+    kind = "GPU memory" if torch.device(device).type == "cuda" else "memory"
+    raise MemoryBudgetError(
+        f"{what} would need about {_human(estimate.total)} of {kind} ({estimate.describe()}), "
+        f"more than the budget of {_human(budget)}; reduce those settings, or set "
+        f"{override_key} if the machine really has the memory",
+        estimate, budget,
+    )  # fmt: skip

@@ -92,3 +92,87 @@ def test_cuda_allocation():
 
     _, peak = measure_peak_memory(fn, device="cuda")
     assert 50 * MB <= peak <= 60 * MB
+
+
+# ------------------------------------------------------------------ predicting and refusing
+
+
+def test_a_huge_model_is_refused_naming_its_key_without_allocating():
+    from smnn.memory import (
+        MemoryBudgetError,
+        check_memory_budget,
+        parameter_count,
+        predict_step_bytes,
+    )
+
+    hidden = 1_000_000  # lorenz.model.hidden: 1000000 -> two 10^6 x 10^6 layers
+    n = parameter_count(
+        lambda: torch.nn.Sequential(torch.nn.Linear(10, hidden), torch.nn.Linear(hidden, hidden))
+    )
+    assert n == 10 * hidden + hidden + hidden * hidden + hidden
+    estimate = predict_step_bytes(
+        solver="smnn", batch=64, n_steps=100, n_dims=3, n_orders=3, dtype=torch.float64,
+        n_params=n, keys={"model": ["lorenz.model.hidden"]},
+    )  # fmt: skip
+    assert estimate.parts["model"] == n * 8 * 4  # parameters, gradients, Adam's two states
+    with pytest.raises(MemoryBudgetError) as info:
+        check_memory_budget(
+            estimate, 16 * 10**9, what="lorenz training", override_key="memory_budget_gb"
+        )
+    message = str(info.value)
+    assert "lorenz.model.hidden" in message and "memory_budget_gb" in message
+    assert "32 TB" in message and "16 GB" in message
+
+
+@pytest.mark.parametrize("solver", ["smnn", "mnn_cg", "mnn_dense"])
+def test_every_solver_is_predicted_and_a_huge_batch_refused(solver):
+    from smnn.memory import MemoryBudgetError, check_memory_budget, predict_step_bytes
+
+    estimate = predict_step_bytes(
+        solver=solver, batch=100_000_000, n_steps=64, n_dims=1, n_orders=3,
+        dtype=torch.float64, keys={"solver": ["sst.scaling.batch_size"]},
+    )  # fmt: skip
+    with pytest.raises(MemoryBudgetError, match=r"sst\.scaling\.batch_size"):
+        check_memory_budget(estimate, 20 * 10**9, what="sst scaling", override_key="x.budget")
+    small = predict_step_bytes(
+        solver=solver, batch=4, n_steps=64, n_dims=1, n_orders=3, dtype=torch.float64
+    )
+    check_memory_budget(small, 20 * 10**9, what="sst scaling", override_key="x.budget")
+
+
+def _solver_inputs(batch: int, n_steps: int, n_dims: int, n_orders: int):
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(batch, n_steps, n_dims, n_dims, n_orders, generator=g, dtype=torch.float64)
+    c[..., -1] = 1.0
+    b = torch.randn(batch, n_steps, n_dims, generator=g, dtype=torch.float64)
+    u0 = torch.randn(batch, 1, n_dims, n_orders - 1, generator=g, dtype=torch.float64)
+    h = torch.full((batch, n_steps - 1), 0.01, dtype=torch.float64)
+    return [t.requires_grad_(True) for t in (c, b, u0)] + [h]
+
+
+@pytest.mark.parametrize(
+    ("solver", "shape"),
+    [("smnn", (8, 1024, 1, 3)), ("smnn", (2, 1024, 3, 3)), ("mnn_cg", (4, 1024, 3, 3)),
+     ("mnn_dense", (2, 500, 1, 3))],
+)  # fmt: skip
+def test_prediction_covers_the_measured_peak(solver, shape):
+    """The measured peak of a forward+backward solve stays below the prediction, and the
+    prediction is not absurdly above it (within 30x)."""
+    import warnings
+
+    from smnn.memory import solver_step_bytes
+    from smnn.solver.registry import solver_info
+
+    fn = solver_info(solver).function
+    inputs = _solver_inputs(*shape)
+
+    def step():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # CG's convergence warnings
+            fn(*inputs).square().sum().backward()
+
+    step()  # first-call costs (compilation, allocator pools)
+    _, peak = measure_peak_memory(step, device="cpu")
+    predicted = solver_step_bytes(solver, *shape, torch.float64)
+    assert peak <= predicted, (peak, predicted)
+    assert predicted <= 30 * max(peak, 1), (peak, predicted)

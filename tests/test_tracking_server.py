@@ -58,7 +58,7 @@ class _Server:
             smnn_command(*self.args), stdout=subprocess.PIPE, stderr=log, text=True,
             env=smnn_env(), cwd=self.cwd,
         )  # fmt: skip
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 660
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if line.startswith("MLflow tracking server: "):

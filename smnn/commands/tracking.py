@@ -52,7 +52,7 @@ SERVER_COPY_NAME = "mlflow-server.db"
 URI_FILE_NAME = "tracking_uri"
 DEFAULT_PORT = 5000
 DEFAULT_BACKUP_EVERY_S = 300.0
-HEALTH_TIMEOUT_S = 180.0
+HEALTH_TIMEOUT_S = 600.0  # mlflow server imports slowly on a busy node
 
 
 def _port(text: str) -> int:

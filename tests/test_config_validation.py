@@ -99,6 +99,19 @@ def test_wrong_types_ranges_and_enums_are_named():
     )
 
 
+def test_solve_dtype_and_method_keys_are_checked():
+    """The optional solve keys of kdv.model and sst.model (issue 15): the allowed values pass,
+    others are named with the key."""
+    for section in ("kdv", "sst"):
+        data = _with(tiny_config(), f"{section}.model.solve_dtype", "float32")
+        validate_config(_with(data, f"{section}.model.solve_method", "qr"))
+        validate_config(_with(tiny_config(), f"{section}.model.solve_dtype", None))
+        text = _problems(_with(tiny_config(), f"{section}.model.solve_dtype", "float16"))
+        assert f"'{section}.model.solve_dtype': 'float16' is not one of" in text, text
+        text = _problems(_with(tiny_config(), f"{section}.model.solve_method", "lu"))
+        assert f"'{section}.model.solve_method': 'lu' is not one of" in text, text
+
+
 def test_missing_required_value_is_named():
     text = _problems(_without(tiny_config(), "lorenz.train.epochs_per_cycle"))
     assert "'lorenz.train.epochs_per_cycle' is missing" in text

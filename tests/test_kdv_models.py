@@ -238,6 +238,51 @@ def test_layer_is_the_shared_mnn_layer_and_tiny_steps_fail_clearly():
         model(torch.randn(2, WINDOW, 16, dtype=torch.float64))
 
 
+def test_float32_qr_solve_is_close_to_float64_and_the_dtype_is_the_setting():
+    """kdv.model.solve_dtype float32 with the orthogonal solve: the solutions of the same
+    ODEs within 1e-4 of their scale of the float64 solve (the float32 normal equations lose
+    every digit at these steps: issue 15), returned in the model's dtype."""
+    model64 = small_model(n_x=16)
+    torch.manual_seed(0)
+    model32 = KdvModel(16, WINDOW, 8, 5, 2, 1, 8, 1e-3, solve_dtype=torch.float32,
+                       solve_method="qr")  # fmt: skip
+    model32.load_state_dict(model64.state_dict())  # float32 weights, the same values
+    assert model32.layer.method == "qr" and model64.solve_dtype == torch.float64
+    x = torch.randn(3, WINDOW, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ode = model64.decode(x)
+        u64 = model64.solve(ode)
+        ode32 = type(ode)(*(t.float() for t in vars(ode).values()))
+        u32 = model32.solve(ode32)
+    assert u32.dtype == torch.float32 and u64.dtype == torch.float64
+    scale = u64.abs().amax(dim=(0, 1, 2))  # per order (the top orders grow like h^-k)
+    err = (u32.double() - u64).abs().amax(dim=(0, 1, 2))
+    assert bool((err <= 1e-4 * scale).all()), (err / scale).tolist()
+    # solve_dtype None: the model's own dtype
+    model32.solve_dtype = None
+    with torch.no_grad():
+        torch.testing.assert_close(model32.solve(ode32), u32, rtol=0, atol=0)
+
+
+def test_float32_qr_training_from_the_settings(store, tmp_path):
+    """kdv.model.solve_dtype float32, solve_method qr: the task's model solves in float32 with
+    QR, trains with finite losses that go down, and evaluate rebuilds it the same way."""
+    config = make_config(**{"model.solve_dtype": "float32", "model.solve_method": "qr",
+                            "train.epochs": 2})  # fmt: skip
+    settings = settings_of(config)
+    assert (settings.solve_dtype, settings.solve_method) == ("float32", "qr")
+    seed_everything(3)
+    task = EXPERIMENT.build_task(settings, "smnn", store, torch.device("cpu"))
+    assert task.model.solve_dtype == torch.float32 and task.model.layer.method == "qr"
+    result = _train(task, tmp_path / "ck")
+    losses = [r["train_loss"] for r in result.history]
+    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert all(np.isfinite(r["valid_loss"]) for r in result.history)
+    path = atomic_torch_save(EXPERIMENT.model_payload(task), tmp_path / "model.pt")
+    model, _ = load_model(path, dtype=torch.float32, solve_args=settings.solve_args())
+    assert model.solve_dtype == torch.float32 and model.layer.method == "qr"
+
+
 # ------------------------------------------------------------------ settings
 
 
@@ -262,6 +307,15 @@ def test_settings_and_problems():
         KdvSettings.from_config(make_config(**{"model.kernel_size": 6}))
     with pytest.raises(ConfigError, match="step_floor"):
         KdvSettings.from_config(make_config(**{"model.step_floor": 0.05}))
+    # the solve: float64, method auto unless the optional keys say otherwise (null: the model's)
+    assert (s.solve_dtype, s.solve_method) == ("float64", "auto")
+    assert s.solve_args() == {"solve_dtype": torch.float64, "solve_method": "auto"}
+    s = KdvSettings.from_config(make_config(**{"model.solve_dtype": None}))
+    assert s.solve_args()["solve_dtype"] is None
+    with pytest.raises(ConfigError, match=r"kdv\.model\.solve_dtype.*float16"):
+        KdvSettings.from_config(make_config(**{"model.solve_dtype": "float16"}))
+    with pytest.raises(ConfigError, match=r"kdv\.model\.solve_method.*lu"):
+        KdvSettings.from_config(make_config(**{"model.solve_method": "lu"}))
 
 
 def test_experiment_object():

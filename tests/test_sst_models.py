@@ -269,6 +269,43 @@ def test_mi_solves_match_the_row_by_row_systems():
                                rtol=0)  # fmt: skip
 
 
+def test_float32_qr_solve_is_close_to_float64():
+    """sst.model.solve_dtype float32 with the orthogonal solve, on a float64 model: inputs cast
+    to float32, solutions back to float64, within 1e-4 of their scale of the float64 solve."""
+    torch.manual_seed(1)
+    model64 = mi()
+    model32 = mi(solve_dtype=torch.float32, solve_method="qr")
+    model32.load_state_dict(model64.state_dict())
+    assert model32.layer.method == "qr" and model64.solve_dtype is None
+    x = torch.randn(3, 2, WINDOW, dtype=torch.float64)
+    with torch.no_grad():
+        u64, u32 = model64(x).solution, model32(x).solution
+    assert u32.dtype == torch.float64  # back in the model's dtype
+    err = float((u32 - u64).abs().max() / u64.abs().max())
+    assert 0 < err <= 1e-4, err  # solved in float32 (not bitwise float64), and close
+
+
+def test_float32_qr_training_from_the_settings(store_all, tmp_path):
+    """sst.train.dtype float32 with sst.model.solve_method qr: the identifier trains (finite,
+    decreasing loss) and evaluate's load_model rebuilds its solve options."""
+    config = make_config(**{"train.dtype": "float32", "train.epochs": 2})
+    config.data["sst"]["model"].update(solve_dtype="float32", solve_method="qr")
+    settings = settings_of(config)
+    assert settings.solve_args() == {"solve_dtype": torch.float32, "solve_method": "qr"}
+    seed_everything(3)
+    task = EXPERIMENT.build_task(settings, "smnn", store_all, torch.device("cpu"))
+    assert task.model.layer.method == "qr" and task.model.solve_dtype == torch.float32
+    result = _train(task, tmp_path, None)
+    losses = [r["train_loss"] for r in result.history]
+    assert len(losses) == 2 and all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    path = _save(task, result, tmp_path / "mi.pt")
+    from smnn.experiments.sst.tasks import load_model
+
+    args = settings.solve_args()
+    model, _ = load_model(path, "mechanistic_identifier", dtype=torch.float32, solve_args=args)
+    assert model.layer.method == "qr" and model.solve_dtype == torch.float32
+
+
 # ------------------------------------------------------------------ settings
 
 
@@ -292,6 +329,13 @@ def test_settings_and_problems():
     assert EXPERIMENT.extra_targets(make_settings()) == []
     with_study = make_settings(**{"scaling.enabled": True})
     assert "sst/scaling/scaling.csv" in EXPERIMENT.extra_targets(with_study)
+    # the solve: the model's dtype, method auto unless the optional keys say otherwise
+    assert s.solve_args() == {"solve_dtype": None, "solve_method": "auto"}
+    for key, value in (("solve_dtype", "float16"), ("solve_method", "lu")):
+        config = make_config()
+        config.data["sst"]["model"][key] = value
+        with pytest.raises(ConfigError, match=rf"sst\.model\.{key}.*{value}"):
+            SstSettings.from_config(config)
 
 
 # ------------------------------------------------------------------ training

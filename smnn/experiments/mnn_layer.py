@@ -40,6 +40,8 @@ class MnnLayer:
         solver: a name of :mod:`smnn.solver.registry` (``smnn``, ``mnn_dense``, ``mnn_cg``).
         weight_equation, weight_init_var, weight_smooth: the row weights (docs/solver.md,
             row weights), passed to every solve.
+        method: the ``smnn`` solver's method (:func:`smnn.ode_forward`: ``auto``,
+            ``sequential``, ``cyclic`` or ``qr``); the other solvers have none and ignore it.
     """
 
     def __init__(
@@ -49,8 +51,12 @@ class MnnLayer:
         weight_equation: float = 1.0,
         weight_init_var: float = 1.0,
         weight_smooth: float = 1.0,
+        method: str = "auto",
     ):
         self.info: SolverInfo = solver_info(solver)
+        self.method = method
+        # only ode_forward / factorize (solver smnn) take a method
+        self.options = {"method": method} if self.info.name == "smnn" else {}
         self.weights = {
             "weight_equation": weight_equation,
             "weight_init_var": weight_init_var,
@@ -100,6 +106,7 @@ class MnnLayer:
                 n_steps=n_steps,
                 n_init_var_steps=n_init_var_steps,
                 **self.weights,
+                **self.options,
             )
         self._frozen = _FrozenLhs(c, h, n_steps, n_init_var_steps, factorization)
         return self
@@ -134,5 +141,11 @@ class MnnLayer:
         if coefficients is None or steps is None:
             raise ValueError("coefficients and steps are required (or call freeze_lhs first)")
         return self.info.function(
-            coefficients, rhs_equation, init_vars, steps, n_steps=n_steps, **self.weights
+            coefficients,
+            rhs_equation,
+            init_vars,
+            steps,
+            n_steps=n_steps,
+            **self.weights,
+            **self.options,
         )

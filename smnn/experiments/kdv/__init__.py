@@ -40,8 +40,9 @@ is the last input step held, exactly (persistence), and training learns the depa
 
 The ``B * n_x`` systems of ``T = W`` steps are solved by
 :class:`smnn.experiments.mnn_layer.MnnLayer` with the job's solver (batch dims ``(B, n_x)``, the
-step ``(B, 1, 1)`` broadcast over x and time), always in float64 (:data:`SOLVE_DTYPE`; a
-float32 model casts its decoded ODE up and the solution back); gradients reach all four solver
+step ``(B, 1, 1)`` broadcast over x and time), in ``kdv.model.solve_dtype`` (default float64,
+:data:`SOLVE_DTYPE`: a float32 model casts its decoded ODE up and the solution back; float32
+with ``kdv.model.solve_method`` qr or auto, the orthogonal solve); gradients reach all four solver
 inputs. At the published sizes (64 base filters, kernel 9, 10 blocks doubling every 4,
 ``init_hidden`` 64, ``n_x = 256``, W = 10) the model has :data:`PAPER_PARAMETERS` parameters
 (about 10.4M).
@@ -123,7 +124,8 @@ class KdvExperiment(Experiment):
             f"doubling every {s.double_every}), initial-value and step nets {s.init_hidden} wide; "
             f"{s.epochs} epochs of {windows} train windows, batch {s.batch_size}, lr {s.lr} "
             f"(plateau {s.plateau_factor} / {s.plateau_patience} on the validation loss), "
-            f"{s.dtype}; evaluation rolls out "
+            f"{s.dtype} (solve {s.solve_dtype or s.dtype}, method {s.solve_method}); evaluation "
+            "rolls out "
             f"{'all' if s.n_trajectories is None else s.n_trajectories} test trajectories"
         )
 

@@ -200,7 +200,9 @@ def evaluate(
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     dtype = s.torch_dtype
-    model, payload = load_model(model_path, solver=solver, dtype=dtype, device=device)
+    model, payload = load_model(
+        model_path, solver=solver, dtype=dtype, device=device, solve_args=s.solve_args()
+    )
     if model.window != s.window or model.n_x != store.n_x:
         raise ValueError(
             f"{model_path} was trained with window {model.window} on {model.n_x} grid points; "
@@ -296,7 +298,8 @@ def evaluate(
         f"rollout NMSE over steps {w}..{n_steps - 1} of {n_traj} test trajectories ({label}):",
         *(f"  {name:12s} {score.nmse:.6g}" for name, score in scores.items()),
     ]
-    tags = {"source": store.source}
+    tags = {"source": store.source, "solve_dtype": str(model.solve_dtype or dtype).split(".")[-1],
+            "solve_method": model.layer.method}  # fmt: skip
     if payload.get("run_id"):
         tags["train_run_id"] = str(payload["run_id"])
     return Evaluation(metrics, document, files, tags, summary)

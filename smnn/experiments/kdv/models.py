@@ -108,11 +108,16 @@ class KdvModel(nn.Module):
         init_hidden: h of the initial-value and step nets.
         step_floor: the smallest step size.
         solver: the MNN layer's solver (:mod:`smnn.solver.registry`); not in ``state_dict``.
+        solve_dtype: the dtype the ODEs are solved in (inputs cast to it, solutions cast back
+            to the model's dtype); None = the model's dtype. Default :data:`SOLVE_DTYPE`.
+        solve_method: the ``smnn`` solver's method (:func:`smnn.ode_forward`); ``auto`` picks
+            the orthogonal (QR) solve in float32 and LDL^T in float64.
     """
 
     def __init__(
         self, n_x: int, window: int, base_filters: int, kernel_size: int, n_blocks: int,
         double_every: int, init_hidden: int, step_floor: float, solver: str = "smnn",
+        solve_dtype: torch.dtype | None = SOLVE_DTYPE, solve_method: str = "auto",
     ):  # fmt: skip
         super().__init__()
         if window < 2 or n_x < 1:
@@ -135,7 +140,8 @@ class KdvModel(nn.Module):
         nn.init.zeros_(self.step_head.weight)
         start = (STEP_INIT - step_floor) / (1.0 - step_floor)  # sigmoid of the first step
         nn.init.constant_(self.step_head.bias, math.log(start / (1.0 - start)))
-        self.layer = MnnLayer(solver)
+        self.solve_dtype = solve_dtype
+        self.layer = MnnLayer(solver, method=solve_method)
 
     @property
     def solver(self) -> str:
@@ -177,8 +183,8 @@ class KdvModel(nn.Module):
 
     def solve(self, ode: KdvOde) -> torch.Tensor:
         """Every order ``(B, n_x, W, 5)`` of the solutions of ``ode``, solved in
-        :data:`SOLVE_DTYPE` and returned in the dtype of ``ode``."""
-        d = SOLVE_DTYPE
+        :attr:`solve_dtype` (None: the dtype of ``ode``) and returned in the dtype of ``ode``."""
+        d = ode.rhs.dtype if self.solve_dtype is None else self.solve_dtype
         try:
             u = self.layer(
                 ode.rhs.to(d), ode.init_vars.to(d), ode.coefficients.to(d), ode.steps.to(d),
@@ -188,10 +194,11 @@ class KdvModel(nn.Module):
             h = ode.steps.detach()
             raise NonPositivePivotError(
                 f"the KdV model's ODE could not be solved ({exc}); its step sizes are "
-                f"{float(h.min()):.3g} .. {float(h.max()):.3g} (floor {self.step_floor}): the "
-                f"normal equations of an order-{N_ORDERS - 1} ODE lose positive definiteness "
-                "at steps below about 0.005 even in float64, so raise kdv.model.step_floor or "
-                "lower kdv.train.lr"
+                f"{float(h.min()):.3g} .. {float(h.max()):.3g} (floor {self.step_floor}, solved "
+                f"in {d}, method {self.layer.method}): the normal equations of an "
+                f"order-{N_ORDERS - 1} ODE lose positive definiteness at steps below about 0.005 "
+                "even in float64, so raise kdv.model.step_floor or lower kdv.train.lr (in float32 "
+                "use kdv.model.solve_method qr or auto)"
             ) from exc
         return u[..., 0, :].to(ode.rhs.dtype)
 

@@ -20,9 +20,11 @@ INIT_KERNEL = 7  # the initial-value net's convolutions
 STEP_KERNEL = 5  # the step net's convolutions
 ENCODER_STRIDES = (1, 1, 1, 1, 2, 2, 1)  # the ConvEncoder's seven layers
 STEP_INIT = 0.05  # the step size at initialisation
-# the solve's dtype whatever the model's: the normal equations of a fourth-order ODE at steps
-# near STEP_INIT are too ill-conditioned for a float32 Cholesky factorization
+# the solve's dtype unless kdv.model.solve_dtype says otherwise: the normal equations of a
+# fourth-order ODE at steps near STEP_INIT are too ill-conditioned for a float32 Cholesky
+# factorization (float32 needs solve_method qr, or auto, which picks qr for float32)
 SOLVE_DTYPE = torch.float64
+SOLVE_METHODS = ("auto", "sequential", "cyclic", "qr")  # smnn.ode_forward's methods
 VALID_WINDOWS = 256  # the validation subset (at most) unless kdv.train.valid_windows says
 PAPER_PARAMETERS = 10_434_045  # parameters at the published sizes (n_x = 256, W = 10)
 MODEL_KIND = "kdv_mnn"
@@ -84,6 +86,8 @@ class KdvSettings:
     double_every: int
     init_hidden: int
     step_floor: float
+    solve_dtype: str | None
+    solve_method: str
     epochs: int
     batch_size: int
     lr: float
@@ -107,6 +111,16 @@ class KdvSettings:
             double_every=config.get_int(m + "double_every", min_value=1),
             init_hidden=config.get_int(m + "init_hidden", min_value=1),
             step_floor=config.get_float(m + "step_floor", positive=True),
+            solve_dtype=(
+                config.get_str(m + "solve_dtype", choices=tuple(DTYPES), allow_none=True)
+                if config.has(m + "solve_dtype")
+                else "float64"
+            ),  # fmt: skip
+            solve_method=(
+                config.get_str(m + "solve_method", choices=SOLVE_METHODS)
+                if config.has(m + "solve_method")
+                else "auto"
+            ),  # fmt: skip
             epochs=config.get_int(t + "epochs", min_value=1),
             batch_size=config.get_int(t + "batch_size", min_value=1),
             lr=config.get_float(t + "lr", positive=True),
@@ -136,6 +150,12 @@ class KdvSettings:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def solve_args(self) -> dict[str, Any]:
+        """The solve's options of :class:`KdvModel`: ``solve_dtype`` (a torch dtype; None =
+        the model's dtype) and ``solve_method`` (``smnn.ode_forward``'s ``method``)."""
+        dtype = None if self.solve_dtype is None else DTYPES[self.solve_dtype]
+        return {"solve_dtype": dtype, "solve_method": self.solve_method}
 
     def model_args(self, n_x: int) -> dict[str, Any]:
         """Constructor arguments of :class:`KdvModel` on a grid of ``n_x`` points."""

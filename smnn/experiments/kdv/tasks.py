@@ -45,9 +45,9 @@ class KdvTask:
         if valid.shape[2] != train.shape[2]:
             raise ValueError(f"train and valid grids differ: {train.shape[2]} and {valid.shape[2]}")
         self.settings, self.train, self.valid = settings, train, valid
-        self.model = KdvModel(**settings.model_args(train.shape[2]), solver=solver).to(
-            device=train.device, dtype=settings.torch_dtype
-        )
+        self.model = KdvModel(
+            **settings.model_args(train.shape[2]), solver=solver, **settings.solve_args()
+        ).to(device=train.device, dtype=settings.torch_dtype)
         self.n_starts = train.shape[1] - 2 * w + 2  # window starts per train trajectory
         self.random_windows = settings.windows_per_epoch is not None
         self.n_samples = (
@@ -162,15 +162,19 @@ def load_model(
     solver: str = "smnn",
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
+    solve_args: dict[str, Any] | None = None,
 ) -> tuple[KdvModel, dict[str, Any]]:
     """Rebuild a trained KdV model (in eval mode) from ``model.pt``; returns (model, payload).
+
+    ``solve_args``: the solve's options (:meth:`KdvSettings.solve_args`; default float64,
+    method auto).
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file holds another kind of model or lacks its parts.
     """
     payload = read_model_file(path, "KdV", MODEL_KIND)
-    model = KdvModel(**payload["model_args"], solver=solver)
+    model = KdvModel(**payload["model_args"], solver=solver, **(solve_args or {}))
     model.load_state_dict(payload["state_dict"])
     model.to(device=device, dtype=dtype).eval()
     return model, payload

@@ -133,7 +133,8 @@ class SstExperiment(Experiment):
             f"({s.n_dct} DCT coefficients, encoder {s.encoder_layers} x {s.encoder_hidden}, "
             f"{s.latents} latents of which {s.shared_latents} shared, decoders "
             f"{s.decoder_hidden} wide, {s.n_init} initial weeks); {s.epochs} epochs, batch "
-            f"{s.batch_size} pairs, lr {s.lr}, {s.dtype}; evaluation encodes {s.encode_weeks} "
+            f"{s.batch_size} pairs, lr {s.lr}, {s.dtype} (solve {s.solve_dtype or s.dtype}, "
+            f"method {s.solve_method}); evaluation encodes {s.encode_weeks} "
             f"and forecasts {s.forecast_weeks} test weeks"
         )
 

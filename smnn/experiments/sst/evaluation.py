@@ -287,7 +287,9 @@ def evaluate(
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     dtype = s.torch_dtype
-    mi, payload = load_model(model_path, MI_KIND, solver=solver, dtype=dtype, device=device)
+    mi, payload = load_model(
+        model_path, MI_KIND, solver=solver, dtype=dtype, device=device, solve_args=s.solve_args()
+    )
     if mi.window != s.window or mi.n_init != s.n_init:
         raise ValueError(
             f"{model_path} was trained with window {mi.window} and n_init {mi.n_init}, the "

@@ -89,11 +89,16 @@ class MechanisticIdentifier(nn.Module):
         n_init: S, weeks whose values are the initial values.
         solver: the solver of the MNN layer (:mod:`smnn.solver.registry`); not saved in
             ``state_dict``.
+        solve_dtype: the dtype the ODEs are solved in (inputs cast to it, solutions cast back
+            to the model's dtype); None (default) = the model's dtype.
+        solve_method: the ``smnn`` solver's method (:func:`smnn.ode_forward`); ``auto`` picks
+            the orthogonal (QR) solve in float32 and LDL^T in float64.
     """
 
     def __init__(
         self, window: int, n_dct: int, encoder_hidden: int, encoder_layers: int, latents: int,
         shared_latents: int, decoder_hidden: int, n_init: int, solver: str = "smnn",
+        solve_dtype: torch.dtype | None = None, solve_method: str = "auto",
     ):  # fmt: skip
         super().__init__()
         if not 0 <= shared_latents <= latents:
@@ -110,7 +115,8 @@ class MechanisticIdentifier(nn.Module):
         last = self.step_net[-1]
         nn.init.zeros_(last.weight)
         nn.init.constant_(last.bias, math.log(STEP_INIT / (1.0 - STEP_INIT)))
-        self.layer = MnnLayer(solver)
+        self.solve_dtype = solve_dtype
+        self.layer = MnnLayer(solver, method=solve_method)
 
     @property
     def solver(self) -> str:
@@ -159,7 +165,11 @@ class MechanisticIdentifier(nn.Module):
         b = b[:, :n].unsqueeze(-1)  # (N, T, E=1)
         h = h[:, : n - 1]  # (N, T-1)
         u0 = initial.reshape(-1, self.n_init, 1, 1)  # (N, S, D=1, K=1)
-        u = self.layer(b, u0, c, h, n_steps=n)  # (N, T, D=1, R=3)
+        d = self.solve_dtype
+        if d is None or d == b.dtype:
+            u = self.layer(b, u0, c, h, n_steps=n)  # (N, T, D=1, R=3)
+        else:  # solved in d, returned in the model's dtype
+            u = self.layer(b.to(d), u0.to(d), c.to(d), h.to(d), n_steps=n).to(b.dtype)
         return u[..., 0, 0], h
 
     def forward(self, x: torch.Tensor) -> MiOutput:

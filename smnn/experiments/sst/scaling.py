@@ -207,6 +207,9 @@ class ScalingSettings:
         are in the logged config)."""
         out = {k: v for k, v in asdict(self).items() if k != "model"}
         out.update(lengths=list(self.lengths), solvers=list(self.solvers), dtype=self.dtype)
+        # the smnn solver's solve: sst.model.solve_dtype (null: the model's dtype) and method
+        out.update(solve_dtype=self.model.solve_dtype or self.dtype,
+                   solve_method=self.model.solve_method)  # fmt: skip
         return out
 
 

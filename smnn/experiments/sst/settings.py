@@ -20,6 +20,7 @@ STEP_INIT = 0.1  # every step size at initialisation (zero weights, bias logit(0
 MI_KIND = "mechanistic_identifier"
 ADAGVAE_KIND = "adagvae"
 MODEL_KINDS = (MI_KIND, ADAGVAE_KIND)
+SOLVE_METHODS = ("auto", "sequential", "cyclic", "qr")  # smnn.ode_forward's methods
 
 
 def _int(value: Any) -> int | None:
@@ -98,6 +99,8 @@ class SstSettings:
     decoder_hidden: int
     n_init: int
     neighbour_offsets: tuple[int, int]
+    solve_dtype: str | None
+    solve_method: str
     epochs: int
     batch_size: int
     lr: float
@@ -136,6 +139,16 @@ class SstSettings:
             decoder_hidden=config.get_int(m + "decoder_hidden", min_value=1),
             n_init=config.get_int(m + "n_init", min_value=1),
             neighbour_offsets=(int(offsets[0]), int(offsets[1])),
+            solve_dtype=(
+                config.get_str(m + "solve_dtype", choices=tuple(DTYPES), allow_none=True)
+                if config.has(m + "solve_dtype")
+                else None
+            ),  # fmt: skip
+            solve_method=(
+                config.get_str(m + "solve_method", choices=SOLVE_METHODS)
+                if config.has(m + "solve_method")
+                else "auto"
+            ),  # fmt: skip
             epochs=config.get_int(t + "epochs", min_value=1),
             batch_size=config.get_int(t + "batch_size", min_value=1),
             lr=config.get_float(t + "lr", positive=True),
@@ -156,6 +169,13 @@ class SstSettings:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def solve_args(self) -> dict[str, Any]:
+        """The solve's options of :class:`MechanisticIdentifier`: ``solve_dtype`` (a torch
+        dtype; None = the model's dtype, ``sst.train.dtype``) and ``solve_method``
+        (``smnn.ode_forward``'s ``method``)."""
+        dtype = None if self.solve_dtype is None else DTYPES[self.solve_dtype]
+        return {"solve_dtype": dtype, "solve_method": self.solve_method}
 
     def mi_args(self) -> dict[str, int]:
         """Constructor arguments of :class:`MechanisticIdentifier`."""

@@ -102,9 +102,9 @@ class MiTask(_SstTask):
         device: torch.device,
     ):  # fmt: skip
         super().__init__(settings, sampler, store)
-        self.model = MechanisticIdentifier(**settings.mi_args(), solver=solver).to(
-            device=device, dtype=settings.torch_dtype
-        )
+        self.model = MechanisticIdentifier(
+            **settings.mi_args(), solver=solver, **settings.solve_args()
+        ).to(device=device, dtype=settings.torch_dtype)
         self._step_sum = 0.0
         self._step_n = 0
 
@@ -224,12 +224,15 @@ def load_model(
     solver: str = "smnn",
     dtype: torch.dtype = torch.float64,
     device: torch.device | str = "cpu",
+    solve_args: dict[str, Any] | None = None,
 ) -> tuple[MechanisticIdentifier | AdaGVAE, dict[str, Any]]:
     """Rebuild a trained SST model (in eval mode) from ``model.pt``; returns (model, payload).
 
     Args:
         kind: ``mechanistic_identifier`` or ``adagvae`` (must match the file).
         solver: the identifier's solver.
+        solve_args: the identifier's solve options (:meth:`SstSettings.solve_args`; default:
+            the model's dtype, method auto).
 
     Raises:
         FileNotFoundError: no such file.
@@ -237,7 +240,9 @@ def load_model(
     """
     payload = read_model_file(path, "SST", kind)
     if kind == MI_KIND:
-        model: nn.Module = MechanisticIdentifier(**payload["model_args"], solver=solver)
+        model: nn.Module = MechanisticIdentifier(
+            **payload["model_args"], solver=solver, **(solve_args or {})
+        )
     else:
         model = AdaGVAE(**payload["model_args"])
     model.load_state_dict(payload["state_dict"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_helpers import run_smnn, smnn_command, smnn_env, train_args, write_config
+from pipeline_support import run_smnn, smnn_command, smnn_env, train_args, write_config
 
 from smnn.config import load_config
 from smnn.tracking import resolve_tracking

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pipeline_helpers import run_smnn
+from pipeline_support import run_smnn
 
 from smnn.solver.inputs import prepare_problem
 

@@ -1,13 +1,22 @@
-"""Small faults of issue 18's table, each reproduced: the T message of a size-1 step axis, and
-argparse errors that name what is expected instead of a Python function."""
+"""Faults of issue 18's table, each reproduced: the T message of a size-1 step axis, argparse
+errors that name what is expected instead of a Python function, a damaged model.pt, and
+`smnn evaluate` with missing inputs (one error line, no FAILED MLflow run)."""
 
 from __future__ import annotations
 
+import struct
+import zipfile
+from pathlib import Path
+
 import pytest
 import torch
-from pipeline_support import run_smnn
+from pipeline_support import run_smnn, train_args, write_config
 
+from smnn.config import load_config
+from smnn.experiments.model_files import read_model_file
+from smnn.io import StoreError
 from smnn.solver.inputs import prepare_problem
+from smnn.tracking import resolve_tracking
 
 
 def test_size_one_step_axis_without_n_steps_says_where_t_came_from():
@@ -31,3 +40,97 @@ def test_argparse_errors_name_what_is_expected_not_a_function():
     assert proc.returncode == 2
     assert "expected a port number (0-65535), got 'abc'" in proc.stderr
     assert "_port" not in proc.stderr
+
+
+def _flip_a_byte_of_the_largest_member(path: Path) -> str:
+    """Flip one byte inside the stored bytes of the largest member of a torch zip archive (the
+    archive stays a readable zip; only the member's CRC-32 no longer matches). Returns its name."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.compress_size)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack(
+        "<HH", data[info.header_offset + 26 : info.header_offset + 30]
+    )
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return info.filename
+
+
+def test_read_model_file_refuses_flipped_bytes(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": {"w": torch.arange(1000.0)}, "model_args": {}}, path)
+    assert read_model_file(path, "toy")["state_dict"]["w"][999] == 999.0
+    member = _flip_a_byte_of_the_largest_member(path)
+    with pytest.raises(StoreError) as info:
+        read_model_file(path, "toy")
+    message = str(info.value)
+    assert str(path) in message and member in message and "CRC-32" in message
+    assert f"snakemake --forcerun {path}" in message  # the remedy names the file to rebuild
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(StoreError, match="not a complete torch archive"):
+        read_model_file(truncated, "toy")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A Lorenz data store and a model trained for one epoch (about 30 s), with MLflow."""
+    root = tmp_path_factory.mktemp("faults")
+    config = write_config(root, {})
+    data = root / "data" / "lorenz.zarr"
+    assert run_smnn("generate-lorenz", "--config", config, "--out", data).returncode == 0
+    assert run_smnn("tracking-init", "--config", config).returncode == 0
+    out = root / "results" / "lorenz" / "smnn"
+    proc = run_smnn(*train_args(config, data, out, "smnn", "--max-epochs", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, config, data, out / "model.pt"
+
+
+def _evaluate_runs(config: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(resolve_tracking(load_config(config)).tracking_uri)
+    experiment = client.get_experiment_by_name("lorenz")
+    runs = client.search_runs([experiment.experiment_id])
+    return [r for r in runs if r.info.run_name and "evaluate" in r.info.run_name]
+
+
+def _evaluate(config, data, model, out):
+    return run_smnn(
+        "evaluate", "--experiment", "lorenz", "--solver", "smnn", "--config", config,
+        "--data", data, "--model", model, "--out", out,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_evaluate_with_missing_data_store_creates_no_failed_run(trained):
+    root, config, data, model = trained
+    before = len(_evaluate_runs(config))
+    missing = root / "data" / "missing.zarr"
+    proc = _evaluate(config, missing, model, root / "eval_missing")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(missing) in errors[0], proc.stderr[-3000:]
+    assert f"snakemake {missing}" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert len(_evaluate_runs(config)) == before  # no MLflow run (FAILED or other) was created
+
+
+@pytest.mark.slow
+def test_evaluate_with_flipped_bytes_in_model_pt_says_so_without_a_run(trained):
+    root, config, data, model = trained
+    damaged = root / "damaged" / "model.pt"
+    damaged.parent.mkdir()
+    damaged.write_bytes(model.read_bytes())
+    _flip_a_byte_of_the_largest_member(damaged)
+    before = len(_evaluate_runs(config))
+    proc = _evaluate(config, data, damaged, root / "eval_damaged")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(damaged) in errors[0] and "CRC-32" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(_evaluate_runs(config)) == before
+    ok = _evaluate(config, data, model, root / "eval_ok")  # the intact copy still evaluates
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert len(_evaluate_runs(config)) == before + 1

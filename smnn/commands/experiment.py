@@ -27,7 +27,7 @@ from smnn.experiments.base import (
     experiments,
     get_experiment,
 )
-from smnn.io import atomic_torch_save, atomic_write_json
+from smnn.io import StoreError, atomic_torch_save, atomic_write_json, verify_torch_file
 from smnn.jobs import (
     RunContext,
     add_job_arguments,
@@ -322,6 +322,24 @@ def _baseline_models(items: list[str], experiment: Experiment) -> dict[str, Path
     return models
 
 
+def _check_evaluate_inputs(data: Path, models: list[Path]) -> None:
+    """Refuse an evaluation whose inputs are missing or damaged before its MLflow run exists
+    (a user's missing file is no FAILED run).
+
+    Raises:
+        StoreError: the data store does not exist, or a model file is damaged (checksums).
+    """
+    if not data.exists():
+        raise StoreError(
+            f"data store {data} does not exist; run the stage that writes it first "
+            f"(snakemake {data})",
+            data,
+        )
+    for model in models:
+        remedy = f"rerun the job that writes it: snakemake --forcerun {model}"
+        verify_torch_file(model, remedy=remedy)
+
+
 @clean_errors
 def run_evaluate(args: argparse.Namespace) -> int:
     config, experiment, settings, context = _start_job(args)
@@ -339,6 +357,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.baseline_model and not experiment.baselines:
         raise ConfigError(f"experiment {args.experiment} has no baselines (--baseline-model)")
     baseline_models = _baseline_models(args.baseline_model, experiment)
+    _check_evaluate_inputs(Path(args.data), [Path(args.model), *baseline_models.values()])
     tracker = _open_run(
         target, experiment.mlflow_experiment, f"{args.experiment}-{args.solver}-evaluate", None,
         tags,

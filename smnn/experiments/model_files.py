@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
+from smnn.io import load_torch_verified
 
 __all__ = ["read_model_file"]
 
@@ -20,12 +20,16 @@ def read_model_file(path: str | Path, what: str, kind: str | None = None) -> dic
 
     Raises:
         FileNotFoundError: no such file.
+        smnn.io.StoreError: the file is damaged (truncated, a member's bytes do not match its
+            CRC-32) or cannot be unpickled; the message names the file and the rerun command.
         ValueError: the file lacks ``state_dict`` / ``model_args`` or holds another kind.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist (train first)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    payload = load_torch_verified(
+        path, "cpu", remedy=f"rerun the job that writes it: snakemake --forcerun {path}"
+    )
     if not isinstance(payload, dict) or any(k not in payload for k in ("state_dict", "model_args")):
         raise ValueError(f"{path} is not a {what} model file (no state_dict / model_args)")
     if kind is not None and payload.get("kind") != kind:

@@ -37,18 +37,26 @@ class NonPositivePivotError(ValueError):
     column, :func:`smnn.solver.qr.rank_tolerance`)."""
 
 
+# a pivot at or below PIVOT_FACTOR * n * eps times its diagonal entry fails (every LDL^T path)
+PIVOT_FACTOR = 1000.0
+
+
 def pivot_tolerance(n: int, dtype: torch.dtype) -> float:
-    """Relative pivot threshold of the LDL^T paths for blocks of size ``n``: a scalar pivot
-    below ``n * eps`` times the original diagonal entry M_jj of its unknown is a failure.
+    """Relative pivot threshold of every LDL^T path (torch and the lane engine) for blocks of
+    size ``n``: a scalar pivot at or below ``PIVOT_FACTOR * n * eps`` times the original
+    diagonal entry M_jj of its unknown is a failure.
 
     A pivot is M_jj minus the eliminated part; computed in working precision it carries an
-    error of about eps * M_jj, so a pivot below n * eps * M_jj (n the block size) is rounding
-    noise, and the solution built on it is garbage (float32 normal equations of stiff or
-    long problems; docs/solver.md section 7). A pivot p_j equals R_jj^2 of the QR factor, so
-    this is the criterion |R_jj| < sqrt(n * eps) ||a_j||: stricter than the QR path's, as it
-    must be for a method whose errors scale with cond(A)^2.
+    error of about n * eps * M_jj, so with the factor 1000 every accepted pivot is right to
+    about 1e-3, and a smaller one is rounding noise on which the solution would be garbage
+    (float32 normal equations of stiff, long or growing problems: measured pivot/diagonal
+    ratios 4e-7 to 1.5e-4 where the float32 solutions were 1 % to 100 % wrong, against 5e-3
+    and more on well-conditioned R = 3 problems; docs/solver.md, "Accuracy bars"). A pivot
+    p_j equals R_jj^2 of the QR factor, so this is a criterion on |R_jj| / ||a_j|| of about
+    sqrt(1000 n eps): stricter than the QR path's, as it must be for a method whose errors
+    scale with cond(A)^2.
     """
-    return n * torch.finfo(dtype).eps
+    return PIVOT_FACTOR * n * torch.finfo(dtype).eps
 
 
 def numba_available() -> bool:

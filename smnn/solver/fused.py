@@ -44,7 +44,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from smnn.solver import hugepages, lane_kernels
-from smnn.solver.banded import raise_if_failed
+from smnn.solver.banded import PIVOT_FACTOR, pivot_tolerance, raise_if_failed  # noqa: F401
 from smnn.solver.blocks import taylor_gram_matrices
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
 from smnn.solver.layout import BatchFolding
@@ -60,14 +60,6 @@ __all__ = [
 ]
 
 LANES = lane_kernels.LANES
-# A pivot at or below PIVOT_FACTOR * m * eps times the diagonal entry M_t[j, j] of its assembled
-# block (m = D*R, eps of the dtype) is a failure (docs/solver.md section 7): the pivot's rounding
-# error is about m * eps * M_t[j, j], so every accepted pivot is known to 1 / PIVOT_FACTOR.
-# Measured (tests/test_lane_pivots.py): float32 KdV-like problems (R = 5) have pivot ratios
-# 4e-7..4e-4 and errors of 0.8-78 %, a float32 growing solution 1.5e-4 and 100 %, while the float32
-# problems that are accurate to 1e-5 (R = 3, steps 0.05..0.15, Lorenz's u' = f) have 5e-3 or more,
-# 14x above the floor at m = 3; well-conditioned float64 problems sit 1e5x above it.
-PIVOT_FACTOR = 1000.0
 
 # a column job loads its factor by itself where a group of systems shares one load among its
 # columns: lanes become columns only when that leaves clearly less work per thread
@@ -88,8 +80,15 @@ def fused_path_applies(
 
 
 def pivot_floor(block_size: int, dtype: torch.dtype) -> float:
-    """The relative pivot threshold of the lane kernels: ``PIVOT_FACTOR * m * eps``."""
-    return PIVOT_FACTOR * block_size * torch.finfo(dtype).eps
+    """The relative pivot threshold of the lane kernels, the same as every LDL^T path's
+    (:func:`smnn.solver.banded.pivot_tolerance`): a pivot at or below ``PIVOT_FACTOR * m * eps``
+    times the diagonal entry M_t[j, j] of its assembled block (m = D*R) is a failure.
+    Measured (tests/test_lane_pivots.py): float32 KdV-like problems (R = 5) have pivot ratios
+    4e-7..4e-4 and errors of 0.8-78 %, a float32 growing solution 1.5e-4 and 100 %, while the
+    float32 problems that are accurate to 1e-5 (R = 3, steps 0.05..0.15, Lorenz's u' = f) have
+    5e-3 or more, 14x above the floor at m = 3; well-conditioned float64 problems sit 1e5x
+    above it."""
+    return pivot_tolerance(block_size, dtype)
 
 
 def n_workers(n_jobs: int) -> int:

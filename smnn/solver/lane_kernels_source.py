@@ -18,8 +18,9 @@ are the factors, u and the gradients.
 Why lanes: the blocks are tiny (m = D*R = 2..15), so one system's recurrence is a chain of short
 scalar loops that cannot use the vector units. Every operation of the recurrence is the same for
 all systems, so each is done for ``LANES`` systems side by side, on arrays whose last axis is the
-lane. The lane operations are the small helpers below (``_fma`` etc.), written as one tuple
-assignment over the 32 lanes so that all loads come before all stores; LLVM's SLP vectoriser then
+lane. The lane operations are the helpers that :mod:`smnn.solver.lane_ops` generates for the
+width (``_add_product`` etc.), each written as one tuple assignment over the lanes so that all
+loads come before all stores; LLVM's SLP vectoriser then
 turns each into vector instructions (four AVX-512 registers in float64). Numba compiles with the
 SLP vectoriser off by default, so the callers compile these kernels inside
 :func:`slp_vectorization` (see :mod:`smnn.solver.fused`).
@@ -31,16 +32,15 @@ waited on the chain and on that bookkeeping; 32 lanes issue four independent vec
 per index computation. Measured at the KdV shape (B=8192, T=10, R=5, float64, one thread):
 forward kernel 11.3 -> 7.7 ms, backward 12.8 -> 9.1 ms (16 lanes: about half of that gain).
 Calls with fewer than 64 systems (or columns) run this source compiled at 8 lanes
-(:mod:`smnn.solver.narrow_lanes` generates it by keeping lanes 0-7 of every helper): keep each
-lane of a helper on a line of its own (tests/test_lane_widths.py checks the generated source).
+(:func:`smnn.solver.lane_kernels.kernels`).
 A group's working set (its factors and right-hand sides) stays in cache from assembly to
 substitution. The lanes of a job are either systems (each with all its P right-hand sides) or,
 for few systems shared by many right-hand sides, P columns of one system (:func:`_job_lanes`).
 
-Determinism: no fast-math licences (see ``_FASTMATH``), so the results do not depend on how a
-kernel was compiled (cold or warm numba cache); jobs go to the workers as they become free
-(:func:`_claim_job`), but each job's work does not depend on which worker runs it or on the number
-of threads, and sums over jobs run in job order.
+Determinism: no fast-math licences (see :data:`smnn.solver.lane_ops.KERNEL_OPTIONS`), so the
+results do not depend on how a kernel was compiled (cold or warm numba cache); jobs go to the
+workers as they become free (:func:`_claim_job`), but each job's work does not depend on which
+worker runs it or on the number of threads, and sums over jobs run in job order.
 
 The factorization is the block LDL^T of docs/solver.md section 4, with each pivot block D_t kept
 as its Cholesky factor D_t = L_t L_t^T. With Y_t = L_t^{-1} M_{t+1,t}^T,

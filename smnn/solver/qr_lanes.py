@@ -495,7 +495,7 @@ def qr_lane_ode_forward(
             problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
         )
     if check_pivots:
-        raise_if_failed(outcome, lhs_batch)
+        raise_if_failed(outcome, lhs_batch, rank=True)
     return folding.unfold(x).reshape(*batch, T, D, R)
 
 
@@ -569,5 +569,5 @@ def qr_lane_factorize(
     coef, steps = (x.detach().contiguous() for x in _fold_lhs(problem))
     factor = _factorize(coef, steps, _sizes(problem, plain_weights, central))
     if check_pivots:
-        raise_if_failed(factor, tuple(problem.lhs_batch_shape))
+        raise_if_failed(factor, tuple(problem.lhs_batch_shape), rank=True)
     return QrLaneLeftHandSide(factor, problem.lhs_batch_shape)

@@ -1,5 +1,5 @@
 """Scaling benchmark of the solvers: forward+backward time and peak memory
-(docs/experiments.md section 5, targets in docs/solver.md section 9).
+(docs/experiments.md, "Scaling benchmark"; targets in docs/solver.md, section 9).
 
 One module per idea:
 

@@ -61,7 +61,7 @@ def choose_method(
       ``backend='torch'``, weights that need gradients; the lane engine is always sequential):
       the sequential sweep's T dependent steps each cost a few kernel launches, and cyclic
       reduction (ceil(log2 T) levels) wins once there are more than a handful of steps
-      (README, "Performance").
+      (docs/performance.md; docs/solver.md, "The orthogonal (QR) solve").
     """
     if method != "auto":
         return method

@@ -1,5 +1,5 @@
 """Standalone validation of the solvers on linear ODEs with closed-form solutions
-(docs/experiments.md section 1).
+(docs/experiments.md, "Standalone validation").
 
 - :mod:`~smnn.standalone.equations`: the catalogue (the ODEs, their closed forms, solve_ivp,
   the solver inputs of a case);

@@ -1,5 +1,5 @@
 """The standalone validation's catalogue: linear ODEs with closed-form solutions
-(docs/experiments.md section 1).
+(docs/experiments.md, "Standalone validation").
 
 Six constant-coefficient linear ODEs from ODEBench (ids 1, 2, 9, 24, 25) plus a third-order
 equation, each with its initial conditions (:data:`EQUATIONS`; 11 cases), on the grid

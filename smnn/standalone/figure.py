@@ -1,4 +1,5 @@
-"""The standalone validation's figure, ``solutions.png`` (docs/experiments.md section 1).
+"""The standalone validation's figure, ``solutions.png``
+(docs/experiments.md, "Standalone validation").
 
 3 x 6 panels: rows y, y', y''; one column per equation, its first initial condition. Each panel
 draws the closed form (wide grey line underneath) and every solver's solution, each solver with

@@ -1,5 +1,5 @@
 """Solving the standalone cases, their error statistics and the output files
-(docs/experiments.md section 1).
+(docs/experiments.md, "Standalone validation").
 
 Every case of :data:`smnn.standalone.equations.EQUATIONS` is solved by every solver of the
 registry (:data:`smnn.solver.registry.SOLVERS`: S-MNN, MNN dense, MNN CG), after a warm-up solve

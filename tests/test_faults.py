@@ -4,6 +4,7 @@ errors that name what is expected instead of a Python function, a damaged model.
 
 from __future__ import annotations
 
+import json
 import struct
 import zipfile
 from pathlib import Path
@@ -134,3 +135,48 @@ def test_evaluate_with_flipped_bytes_in_model_pt_says_so_without_a_run(trained):
     ok = _evaluate(config, data, model, root / "eval_ok")  # the intact copy still evaluates
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert len(_evaluate_runs(config)) == before + 1
+
+
+@pytest.mark.slow
+def test_train_ends_abandoned_run_names_batch_key_and_summarises_cg(trained, tmp_path):
+    """Three rows at once (one training job): checkpoints of another configuration whose MLflow
+    run is still RUNNING (it ends KILLED), `lorenz.train.batch_size` larger than the data (a note
+    naming the key), and mnn_cg's convergence warnings (one summary line, cg_* metrics)."""
+    from mlflow import MlflowClient
+
+    root, _, data, _ = trained
+    config = write_config(tmp_path, {"lorenz": {"train": {"batch_size": 1000000000}}})
+    assert run_smnn("tracking-init", "--config", config).returncode == 0
+    client = MlflowClient(resolve_tracking(load_config(config)).tracking_uri)
+    found = client.get_experiment_by_name("lorenz")
+    experiment_id = found.experiment_id if found else client.create_experiment("lorenz")
+    stale = client.create_run(experiment_id, run_name="stale").info.run_id
+    out = tmp_path / "results" / "lorenz" / "mnn_cg"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "run.json").write_text(
+        json.dumps({"identity": {"experiment": "another"}, "run_id": stale, "status": "running"})
+    )
+    proc = run_smnn(*train_args(config, data, out, "mnn_cg", "--max-epochs", "1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"MLflow run {stale} of the discarded checkpoints ended KILLED" in proc.stderr
+    run = client.get_run(stale)
+    assert (
+        run.info.status == "KILLED" and "another configuration" in run.data.tags["smnn.abandoned"]
+    )
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note:")]
+    assert any("lorenz.train.batch_size" in line for line in notes), proc.stderr[-3000:]
+    cg_lines = [line for line in proc.stderr.splitlines() if line.startswith("mnn_cg")]
+    assert len(cg_lines) == 1, proc.stderr[-3000:]  # one line, not one warning per solve
+    assert "MNNConvergenceWarning" not in proc.stderr
+    final = json.loads((out / "train_metrics.json").read_text())["final_metrics"]
+    assert final["cg_converged"] in (0.0, 1.0)
+    assert (final["cg_converged"] == 1.0) == ("every CG solve converged" in cg_lines[0])
+    assert (final["cg_unconverged_solves"] == 0) == (final["cg_converged"] == 1.0)
+    evaluated = run_smnn(
+        "evaluate", "--experiment", "lorenz", "--solver", "mnn_cg", "--config", config,
+        "--data", data, "--model", out / "model.pt", "--out", tmp_path / "eval",
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert len([x for x in evaluated.stderr.splitlines() if x.startswith("mnn_cg")]) == 1
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["cg_converged"] in (0.0, 1.0) and "cg_unconverged_solves" in metrics

@@ -27,7 +27,13 @@ from smnn.experiments.base import (
     experiments,
     get_experiment,
 )
-from smnn.io import StoreError, atomic_torch_save, atomic_write_json, verify_torch_file
+from smnn.io import (
+    StoreError,
+    atomic_torch_save,
+    atomic_write_json,
+    read_json,
+    verify_torch_file,
+)
 from smnn.jobs import (
     RunContext,
     add_job_arguments,
@@ -36,8 +42,9 @@ from smnn.jobs import (
     run_context,
     setup_logging,
 )
+from smnn.solver.mnn import record_convergence
 from smnn.solver.registry import solver_names
-from smnn.tracking import RunTracker, job_tags, resolve_tracking
+from smnn.tracking import RunTracker, end_abandoned_runs, job_tags, resolve_tracking
 from smnn.training import Trainer, TrainerSettings, TrainingInterrupted, seed_everything
 
 __all__ = ["add_parser", "run_train", "run_evaluate", "experiment_hash"]
@@ -216,6 +223,13 @@ def _train(args, config, experiment, device, task, trainer, identity, out) -> in
     for note in trainer.recovery_notes:
         print(f"warning: {note}", file=sys.stderr, flush=True)
     target = resolve_tracking(config)
+    for run_id in end_abandoned_runs(target, trainer.abandoned_runs):
+        print(
+            f"warning: MLflow run {run_id} of the discarded checkpoints ended KILLED",
+            file=sys.stderr, flush=True,
+        )  # fmt: skip
+    for note in trainer.notices:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     tags = _tags(config, args, "train", device.type)
     tracker = _open_run(
         target, experiment.mlflow_experiment, f"{args.experiment}-{variant(args)}-train",
@@ -245,15 +259,20 @@ def _train(args, config, experiment, device, task, trainer, identity, out) -> in
         + (f", resuming after epoch {trainer.epoch}" if trainer.restored else ""),
         flush=True,
     )
-    try:
-        result = trainer.fit(on_epoch_end)
-    except TrainingInterrupted as exc:
-        tracker.finish("KILLED")
-        print(f"{exc}; rerun the same command to continue", file=sys.stderr, flush=True)
-        return exc.exit_code
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+    with record_convergence() as cg:  # CG warnings -> one summary line and cg_* metrics
+        try:
+            result = trainer.fit(on_epoch_end)
+        except TrainingInterrupted as exc:
+            tracker.finish("KILLED")
+            print(f"{exc}; rerun the same command to continue", file=sys.stderr, flush=True)
+            return exc.exit_code
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+    if args.solver == "mnn_cg":
+        print(cg.summary(), file=sys.stderr, flush=True)
+        result.final_metrics.update(cg.as_metrics())  # train_metrics.json, model.pt, MLflow
+        tracker.set_tags({"cg_converged": str(cg.converged).lower()})
 
     payload: dict[str, Any] = experiment.model_payload(task)
     payload.update(
@@ -365,9 +384,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with tracker:  # FINISHED, or FAILED when evaluation raises
         tracker.log_config(config.data)
-        result = experiment.evaluate(
-            settings, args.solver, Path(args.data), Path(args.model), out, device, baseline_models
-        )
+        with record_convergence() as cg:
+            result = experiment.evaluate(
+                settings, args.solver, Path(args.data), Path(args.model), out, device,
+                baseline_models,
+            )  # fmt: skip
+        if args.solver == "mnn_cg":
+            print(cg.summary(), file=sys.stderr, flush=True)
+            result.metrics.update(cg.as_metrics())
+            document = read_json(out / "metrics.json", "metrics file")
+            atomic_write_json({**document, **cg.as_metrics()}, out / "metrics.json")
+            result.tags["cg_converged"] = str(cg.converged).lower()
         tracker.set_tags(result.tags)
         tracker.log_metrics(result.metrics)
         tracker.log_artifact(out / "metrics.json")

@@ -56,6 +56,7 @@ class KdvTask:
         )  # fmt: skip
         self.n_epochs = settings.epochs
         self.batch_size = settings.batch_size
+        self.batch_size_key = "kdv.train.batch_size"  # named by the Trainer's notices
         self.valid_trajectories, self.valid_starts = self._validation_subset()
         self._step_sum = 0.0
         self._step_n = 0

@@ -37,6 +37,7 @@ class LorenzTask:
         self.n_epochs = settings.n_epochs
         self.n_samples = int(self.windows.shape[0])
         self.batch_size = settings.batch_size
+        self.batch_size_key = "lorenz.train.batch_size"  # named by the Trainer's notices
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
         return torch.optim.Adam(self.model.parameters(), lr=self.settings.lr), None

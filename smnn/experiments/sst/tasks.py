@@ -84,6 +84,7 @@ class _SstTask:
         self.n_epochs = settings.epochs
         self.n_samples = sampler.n_samples
         self.batch_size = settings.batch_size
+        self.batch_size_key = "sst.train.batch_size"  # named by the Trainer's notices
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, None]:
         return torch.optim.Adam(self.model.parameters(), lr=self.settings.lr), None

@@ -180,3 +180,17 @@ def test_train_ends_abandoned_run_names_batch_key_and_summarises_cg(trained, tmp
     assert len([x for x in evaluated.stderr.splitlines() if x.startswith("mnn_cg")]) == 1
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["cg_converged"] in (0.0, 1.0) and "cg_unconverged_solves" in metrics
+
+
+@pytest.mark.slow
+def test_lorenz_training_too_large_for_memory_stops_before_allocating(trained, tmp_path):
+    """`lorenz.model.hidden: 1000000` (64 TB of model and Adam state) stops at once with one
+    line naming the keys and the override, instead of allocating until the OOM killer."""
+    _, _, data, _ = trained
+    config = write_config(tmp_path, {"lorenz": {"model": {"hidden": 1000000}}})
+    proc = run_smnn(*train_args(config, data, tmp_path / "out", "smnn", "--max-epochs", "1"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "lorenz.model.hidden" in errors[0], proc.stderr[-3000:]
+    assert "lorenz.train.memory_budget_gb" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "model.pt").exists()

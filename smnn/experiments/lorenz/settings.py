@@ -11,6 +11,7 @@ from smnn.data.lorenz import LorenzParams
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 N_ORDERS = 3  # R: orders u, u', u'' of every state
+BUDGET_KEY = "lorenz.train.memory_budget_gb"
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class LorenzSettings:
     dtype: str
     max_windows: int | None
     simulate_points: int
+    memory_budget_gb: float | None = None  # None: 80 % of the RAM or GPU memory
 
     @classmethod
     def from_config(cls, config: Config) -> LorenzSettings:
@@ -49,6 +51,11 @@ class LorenzSettings:
             dtype=config.get_str("lorenz.train.dtype", choices=tuple(DTYPES)),
             max_windows=config.get_int("lorenz.train.max_windows", min_value=1, allow_none=True),
             simulate_points=config.get_int("lorenz.evaluate.simulate_points", min_value=2),
+            memory_budget_gb=(
+                config.get_float(BUDGET_KEY, positive=True, allow_none=True)
+                if config.has(BUDGET_KEY)
+                else None
+            ),
         )
         return settings
 

@@ -289,6 +289,31 @@ def test_slow_solver_skips_its_longer_lengths():
     assert "a step at T=16 took" in table["note"].iloc[1]
 
 
+def test_banded_and_cg_cases_over_the_budget_are_out_of_memory_too():
+    """Issue 18: not only MNN dense is refused before it allocates; S-MNN and MNN CG cases whose
+    predicted peak (smnn.memory.solver_step_bytes) exceeds the budget are out_of_memory."""
+    from smnn.memory import solver_step_bytes
+
+    per = {s: [solver_step_bytes(s, 8, t, 1, 3, torch.float32) for t in (16, 64)]
+           for s in ("smnn", "mnn_cg")}  # fmt: skip
+    budget = max(v[0] for v in per.values()) + 1
+    assert all(v[1] > budget for v in per.values())
+    settings = ScalingSettings.from_config(
+        _config(lengths=[16, 64], solvers=["smnn", "mnn_cg"], memory_budget_gb=budget / 1e9),
+        time_budget_s=60.0,
+    )
+    built: list[tuple[str, int, int]] = []
+
+    def make_step(solver, length, s, device):
+        built.append((solver, length, s.batch_size))
+        return lambda: None
+
+    table = run_study(settings, CPU, make_step=make_step, progress=None)
+    assert list(table["status"]) == ["ok", "ok", "out_of_memory", "out_of_memory"]
+    assert all(length == 16 for _, length, _ in built)  # the T=64 cases never built
+    assert (table["predicted_mb"] > 0).all()
+
+
 def test_settings_errors():
     with pytest.raises(ValueError, match="even"):
         ScalingSettings.from_config(_config(batch_size=7))

@@ -15,8 +15,9 @@ present).
 Statuses (column ``status``):
 
 - ``ok``: measured;
-- ``out_of_memory``: MNN dense's predicted memory
-  (:func:`smnn.experiments.step_cost.predict_dense_peak_bytes`, column ``predicted_mb``) exceeds
+- ``out_of_memory``: the solver's predicted memory (:func:`smnn.memory.solver_step_bytes`:
+  MNN dense's three dense matrices, S-MNN's and MNN CG's measured factors; column
+  ``predicted_mb``) exceeds
   the budget ``sst.scaling.memory_budget_gb`` (null: 80 % of the machine's RAM, or of the GPU's
   memory on CUDA); the case is not run, so the workflow never crashes on it. Also when a run
   itself hit the allocator's limit;
@@ -61,6 +62,7 @@ from smnn.experiments.step_cost import (
     memory_budget_bytes,
     predict_dense_peak_bytes,
 )
+from smnn.memory import solver_step_bytes
 from smnn.solver.registry import solver_info, solver_names
 
 __all__ = [
@@ -335,11 +337,11 @@ def run_study(
     start = time.perf_counter()
     for length in settings.lengths:
         for solver in settings.solvers:
-            predicted = None
-            if solver_info(solver).dense:
-                predicted = predict_dense_peak_bytes(
-                    settings.batch_size, length, N_ORDERS, settings.torch_dtype
-                )
+            # every solver's predicted peak (MNN dense: 3 dense matrices; banded and CG:
+            # measured factors), so each is out_of_memory when over the budget, not only dense
+            predicted = solver_step_bytes(
+                solver, settings.batch_size, length, 1, N_ORDERS, settings.torch_dtype
+            )
             if solver in slow and not (predicted is not None and predicted > budget):
                 cost = StepCost("skipped_slow", predicted_mb=_mb(predicted), note=slow[solver])
             else:

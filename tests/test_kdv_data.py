@@ -344,6 +344,22 @@ def test_open_kdv_store_errors(tmp_path):
         open_kdv_store(path)
 
 
+def test_store_of_another_source_is_stale(tmp_path):
+    """Issue 18: training and evaluation check the store against kdv.source, so switching the
+    source without rebuilding data/kdv.zarr stops with the stage to rerun (not a run on the old
+    data)."""
+    from smnn.experiments.kdv.store import open_store
+
+    directory, _ = _lpsda_dir(tmp_path)
+    path = import_lpsda(tmp_path / "kdv.zarr", KdvLpsdaSettings(directory=directory))
+    assert open_store(path, "lpsda").source == "lpsda"
+    with pytest.raises(StoreError) as info:
+        open_store(path, "generate")
+    message = str(info.value)
+    assert "source 'lpsda'" in message and "kdv.source is 'generate'" in message
+    assert "snakemake --forcerun generate_kdv" in message
+
+
 # ------------------------------------------------------------------ the commands
 
 

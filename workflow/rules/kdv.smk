@@ -15,6 +15,7 @@ if config["kdv"]["source"] == "generate":
         params:
             config=effective_config_path(),
             settings=settings("seed", "kdv.generate"),
+            source=config["kdv"]["source"],  # a changed source reruns the data stage
         log:
             results_path("logs", "kdv", "generate.log"),
         threads: config["threads"]
@@ -40,6 +41,7 @@ if config["kdv"]["source"] == "lpsda":
         params:
             config=effective_config_path(),
             settings=settings("kdv.lpsda"),
+            source=config["kdv"]["source"],  # a changed source reruns the data stage
         log:
             results_path("logs", "kdv", "import.log"),
         threads: 1

@@ -195,7 +195,7 @@ def evaluate(
 ) -> Evaluation:
     """The rollout protocol above for the model and persistence on the test split; writes
     ``metrics.json`` and ``plots/*.png`` into ``out_dir``."""
-    store = open_store(data_path)
+    store = open_store(data_path, s.source)
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)

@@ -99,6 +99,7 @@ class KdvSettings:
     n_trajectories: int | None
     sample_trajectories: int
     seed: int
+    source: str = "generate"  # kdv.source: the data stage that must have written the store
 
     @classmethod
     def from_config(cls, config: Config) -> KdvSettings:
@@ -136,6 +137,7 @@ class KdvSettings:
             n_trajectories=config.get_int(e + "n_trajectories", min_value=1, allow_none=True),
             sample_trajectories=config.get_int(e + "sample_trajectories", min_value=1),
             seed=config.get_int("seed", min_value=0),
+            source=config.get_str("kdv.source", choices=("generate", "lpsda")),
         )
         problems = section_problems(config.section("kdv"))
         if not settings.plateau_factor < 1:

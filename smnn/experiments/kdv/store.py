@@ -10,7 +10,7 @@ import torch
 import xarray as xr
 
 from smnn.data.kdv import REMEDY, open_kdv_store, split_indices
-from smnn.data.store import StoreError, store_read_errors
+from smnn.data.store import StoreError, check_store_source, store_read_errors
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,23 @@ class KdvStore:
         return x, t
 
 
-def open_store(path: str | Path) -> KdvStore:
+def open_store(path: str | Path, source: str | None = None) -> KdvStore:
     """Open ``data/kdv.zarr`` (layout checked by :func:`smnn.data.kdv.open_kdv_store`).
 
+    Args:
+        source: when given (``kdv.source`` of the config), the store must have been written from
+            it (``generate`` or ``lpsda``): a store of the other source is stale.
+
     Raises:
-        StoreError: the store is missing, damaged or not in the KdV layout.
+        StoreError: the store is missing, damaged, not in the KdV layout, or of another source.
     """
     path = Path(path)
     ds = open_kdv_store(path)
+    if source is not None:
+        stage = "import_kdv" if source == "lpsda" else "generate_kdv"
+        check_store_source(
+            ds, source, store=path, key="kdv.source", attr="source",
+            remedy=f"rerun its data stage: snakemake --forcerun {stage}",
+        )  # fmt: skip
     _, n_time, n_x = ds["u"].shape
     return KdvStore(path, ds, str(ds.attrs["source"]), int(n_x), int(n_time))

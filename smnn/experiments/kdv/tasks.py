@@ -133,7 +133,7 @@ def build_task(
     settings: KdvSettings, solver: str, data_path: str | Path, device: torch.device
 ) -> KdvTask:
     """The KdV training task on the train split of ``data_path`` (valid split for validation)."""
-    store = open_store(data_path)
+    store = open_store(data_path, settings.source)
     dtype = settings.torch_dtype
     train = store.read("train", dtype=dtype, device=device)
     valid = store.read("valid", dtype=dtype, device=device)

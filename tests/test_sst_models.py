@@ -393,6 +393,21 @@ def test_training_loss_decreases(trained):
     assert bool(torch.from_numpy(store.allowed)[mi_task.sampler.partners.pairable_cells].all())
 
 
+def test_store_of_another_source_is_stale(store_all):
+    """Issue 18: training and evaluation check data/sst.zarr's recorded source against
+    sst.source (synthetic data never pass for NOAA's after the source changed)."""
+    from smnn.data.store import StoreError
+
+    assert open_store(store_all, make_settings()).synthetic  # synthetic store, synthetic config
+    with pytest.raises(StoreError) as info:
+        open_store(store_all, make_settings(source="noaa"))
+    message = str(info.value)
+    assert "source 'synthetic'" in message and "sst.source is 'noaa'" in message
+    assert "snakemake --forcerun preprocess_sst" in message
+    with pytest.raises(StoreError, match="sst.source is 'noaa'"):
+        EXPERIMENT.build_task(make_settings(source="noaa"), "smnn", store_all, torch.device("cpu"))
+
+
 def test_sampler_draws_pairs_from_training_period(store_all):
     config = make_config()
     seed_everything(0)

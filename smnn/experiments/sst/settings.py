@@ -116,6 +116,7 @@ class SstSettings:
     test_weeks: int
     scaling_enabled: bool
     seed: int
+    source: str | None = None  # sst.source: what data/sst.zarr must have been made from
 
     @classmethod
     def from_config(cls, config: Config) -> SstSettings:
@@ -164,6 +165,7 @@ class SstSettings:
             test_weeks=config.get_int("sst.preprocess.test_weeks", min_value=1),
             scaling_enabled=config.get_bool("sst.scaling.enabled"),
             seed=config.get_int("seed", min_value=0),
+            source=config.get_str("sst.source", choices=("noaa", "file", "synthetic")),
         )
 
     @property

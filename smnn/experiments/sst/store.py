@@ -10,7 +10,7 @@ import torch
 import xarray as xr
 
 from smnn.data.sst.preprocess import REMEDY, SstPreprocessSettings, open_sst_store
-from smnn.data.store import StoreError, store_read_errors
+from smnn.data.store import StoreError, check_store_source, store_read_errors
 from smnn.data.windows import (
     read_series,
 )
@@ -70,7 +70,7 @@ def open_store(path: str | Path, settings: SstSettings | None = None) -> SstStor
 
     Args:
         settings: when given, the store must have been made with its ``land`` and
-            ``test_weeks`` (``sst.preprocess``).
+            ``test_weeks`` (``sst.preprocess``) and from its ``source`` (``sst.source``).
 
     Raises:
         StoreError: the store is missing, damaged, lacks a variable or attribute, or was made
@@ -81,6 +81,11 @@ def open_store(path: str | Path, settings: SstSettings | None = None) -> SstStor
     if settings is not None:
         expected = SstPreprocessSettings(land=settings.land, test_weeks=settings.test_weeks)
     ds = open_sst_store(path, expected)
+    if settings is not None and settings.source is not None:
+        check_store_source(
+            ds, settings.source, store=path, key="sst.source", attr="source",
+            remedy="rerun its data stages: snakemake --forcerun preprocess_sst",
+        )  # fmt: skip
     _, n_lat, n_lon = ds["sst"].shape
     with store_read_errors(path, "mask", REMEDY):
         mask = np.asarray(ds["mask"].values).astype(np.int8)

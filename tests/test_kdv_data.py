@@ -298,6 +298,8 @@ def test_import_equals_the_files(tmp_path):
         ("name vs shape", r"test/pde_140-256 has shape \(3, 6, 16\), but its name says"),
         ("other grid", r"the LPSDA files disagree on \(n_kept, n_x\)"),
         ("all zero", r"KdV_test_easy.h5 has only all-zero trajectories"),
+        ("dx and dt swapped", r"spacing of test/x are not test/dx .*dx and dt swapped"),
+        ("t steps not dt", r"steps of test/t are not test/dt"),
     ],
 )
 def test_bad_lpsda_files(tmp_path, case, match):
@@ -320,6 +322,10 @@ def test_bad_lpsda_files(tmp_path, case, match):
         _write_lpsda(path, "test", test, pde_name="pde_140-256")
     elif case == "other grid":
         _write_lpsda(path, "test", _lpsda_data(3, n_x=32))
+    elif case == "dx and dt swapped":
+        _write_lpsda(path, "test", {**test, "dx": test["dt"], "dt": test["dx"]})
+    elif case == "t steps not dt":
+        _write_lpsda(path, "test", {**test, "t": test["t"] * 2})
     elif case == "all zero":
         _write_lpsda(path, "test", {**test, "pde": np.zeros_like(test["pde"])})
     settings = KdvLpsdaSettings(directory=directory)

@@ -242,10 +242,35 @@ def check_lpsda_file(path: str | Path, split: str) -> LpsdaFile:
         for key in ("x", "dx", "t", "dt"):
             if not np.isfinite(group[key][...]).all():
                 raise KdvFileError(f"LPSDA file {path}: {split}/{key} has non-finite values", path)
+        _check_grid(path, split, group)
     return LpsdaFile(
         path=path, split=split, dataset=name, n_rows=n_rows, n_kept=n_kept, n_x=n_x,
         zero_rows=np.asarray(zero, dtype=np.int64),
     )  # fmt: skip
+
+
+GRID_RTOL = 0.05  # spacing vs step: catches swapped or mixed-up grids, not rounding
+
+
+def _check_grid(path: Path, split: str, group) -> None:
+    """The spacing of ``x`` ``(N, n_x)`` is ``dx`` ``(N,)`` and the steps of ``t`` ``(N, n_t)``
+    are ``dt`` ``(N,)`` (within :data:`GRID_RTOL`): a file whose dx and dt are swapped, or whose
+    grids belong to other trajectories, is refused instead of imported silently wrong.
+
+    Raises:
+        KdvFileError: naming the file, the split and the variables that disagree.
+    """
+    for coord, step, hint in (("x", "dx", "spacing"), ("t", "dt", "steps")):
+        values = np.asarray(group[coord][...], dtype=np.float64)
+        steps = np.asarray(group[step][...], dtype=np.float64).reshape(-1, 1)
+        if values.ndim != 2 or values.shape[-1] < 2:
+            continue
+        if not np.allclose(np.diff(values, axis=-1), steps, rtol=GRID_RTOL, atol=0.0):
+            raise KdvFileError(
+                f"LPSDA file {path}: the {hint} of {split}/{coord} are not {split}/{step} "
+                f"({coord} and {step} disagree; dx and dt swapped?)",
+                path,
+            )
 
 
 def _read_rows(segments: list[tuple[str, str, str, np.ndarray]]) -> np.ndarray:

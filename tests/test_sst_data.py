@@ -246,6 +246,20 @@ def test_preprocess_refuses_broken_inputs(raw, tmp_path):
         nc["sst"][5, ocean[0], ocean[1]] = np.ma.masked
     with pytest.raises(SstFileError, match=r"holes\.nc has 1 missing"):
         preprocess_sst(bad, raw["mask"], out, settings(land="ocean"), SstProvenance("file"))
+    # land: all with the hole in an ocean cell: land: ocean would not help, so no such hint
+    with pytest.raises(SstFileError) as info:
+        preprocess_sst(bad, raw["mask"], out, settings(land="all"), SstProvenance("file"))
+    assert "1 of them in ocean cells" in str(info.value) and "land: ocean does not drop" in str(
+        info.value
+    )
+    assert "set sst.preprocess.land: ocean" not in str(info.value)
+    # land: all with a hole only in a land cell: land: ocean is the remedy
+    land_hole = _copy(raw["netcdf4"], tmp_path / "landhole.nc")
+    land = np.argwhere(synthetic_land_mask(N_LAT, N_LON) == 0)[0]
+    with netCDF4.Dataset(land_hole, "a") as nc:
+        nc["sst"][5, land[0], land[1]] = np.ma.masked
+    with pytest.raises(SstFileError, match=r"set sst.preprocess.land: ocean"):
+        preprocess_sst(land_hole, raw["mask"], out, settings(land="all"), SstProvenance("file"))
     assert not out.exists()
     assert not list(tmp_path.glob(".sst.zarr.*"))  # no staging or temporary store left
     with pytest.raises(ConfigError, match=r"cannot reach the Dask scheduler"):

@@ -322,7 +322,14 @@ def preprocess_sst(
             with _progress(progress_bar, settings):
                 _, *parts = dask.compute(store_task, *stats)
             n_finite, mean, std, vmin, vmax = _combine_stats(parts)
-            _check_values(sst_file, settings.land, n_kept * n_weeks, n_finite, vmin, vmax, std)
+            n_missing_ocean = n_kept * n_weeks - n_finite
+            if settings.land == "all" and n_finite != n_kept * n_weeks:  # error path only
+                ocean = mask.astype(bool)[None]
+                n_missing_ocean = int((~da.isfinite(degc) & ocean).sum().compute())
+            _check_values(
+                sst_file, settings.land, n_kept * n_weeks, n_finite, vmin, vmax, std,
+                n_missing_ocean,
+            )  # fmt: skip
 
             say(
                 f"pass 2/2: standardising (mean {mean:.4f} degC, std {std:.4f} degC) into {out} "
@@ -456,15 +463,23 @@ def _progress(enabled: bool, settings: SstPreprocessSettings) -> Iterator[None]:
 
 
 def _check_values(
-    path: Path, land: str, expected: int, n_finite: int, vmin, vmax, std: float
-) -> None:
+    path: Path, land: str, expected: int, n_finite: int, vmin, vmax, std: float,
+    n_missing_ocean: int,
+) -> None:  # fmt: skip
+    """Refuse missing values in the kept cells, implausible values, a constant field.
+    ``n_missing_ocean``: the missing values in ocean cells (mask 1): ``land: ocean`` is the
+    remedy only when there are none."""
     if n_finite != expected:
-        hint = (
-            "NOAA's file fills land cells; with land cells missing in this copy, set "
-            "sst.preprocess.land: ocean"
-            if land == "all"
-            else "re-download it: snakemake --forcerun download_sst"
-        )
+        if land == "all" and n_missing_ocean == 0:
+            hint = (
+                "NOAA's file fills land cells; with land cells missing in this copy, set "
+                "sst.preprocess.land: ocean"
+            )
+        else:
+            hint = (
+                f"{n_missing_ocean} of them in ocean cells, which land: ocean does not drop; "
+                "re-download it: snakemake --forcerun download_sst"
+            )
         raise SstFileError(
             f"SST file {path} has {expected - n_finite} missing or non-finite value(s) in the "
             f"cells kept (land: {land}); {hint}",

@@ -194,3 +194,22 @@ def test_lorenz_training_too_large_for_memory_stops_before_allocating(trained, t
     assert len(errors) == 1 and "lorenz.model.hidden" in errors[0], proc.stderr[-3000:]
     assert "lorenz.train.memory_budget_gb" in errors[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+@pytest.mark.slow
+def test_tracking_init_failure_under_snakemake_reaches_the_console(tmp_path):
+    """The workflow's onstart runs `smnn tracking-init`; when the tracking store cannot be
+    opened, its one-line error is on Snakemake's console (not only in the log file)."""
+    from pipeline_support import make_workdir, run_snakemake
+
+    workdir = make_workdir(tmp_path / "work")
+    absent = "/proc/smnn-absent"  # a directory that cannot be created (Linux, even as root)
+    config = write_config(workdir, {"mlflow": {"tracking_uri": f"sqlite:///{absent}/mlflow.db"}})
+    run = run_snakemake(
+        workdir, ["--cores", "1", "--configfile", str(config)],
+        timeout=300,
+    )  # fmt: skip
+    assert run.proc.returncode != 0
+    errors = [line for line in run.proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and absent in errors[0], run.output[-3000:]
+    assert "Finished job" not in run.output  # onstart failed before any job ran

@@ -225,8 +225,14 @@ onstart:
     # Runs once in the main Snakemake process before any job (not in dry runs, not in jobs).
     write_effective_config(config, effective_config_path())
     Path(results_path("logs")).mkdir(parents=True, exist_ok=True)
+    from smnn.experiments.base import experiments as registered_experiments
+
+    # the registered experiments' MLflow experiments created once; on failure the log (its
+    # one-line error) goes to the console too, not only to the log file
     shell(
-        "smnn tracking-init --config {cfg} > {logfile} 2>&1",
+        "smnn tracking-init --config {cfg} --experiments {names} > {logfile} 2>&1 "
+        "|| {{ cat {logfile} >&2; exit 1; }}",
         cfg=effective_config_path(),
+        names=" ".join(e.mlflow_experiment for e in registered_experiments().values()),
         logfile=results_path("logs", "tracking_init.log"),
     )

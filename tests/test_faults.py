@@ -41,6 +41,15 @@ def test_argparse_errors_name_what_is_expected_not_a_function():
     assert proc.returncode == 2
     assert "expected a port number (0-65535), got 'abc'" in proc.stderr
     assert "_port" not in proc.stderr
+    proc = run_smnn(
+        "train", "--experiment", "lorenz", "--solver", "smnn", "--config", "x.yaml",
+        "--data", "d", "--out", "o", "--max-epochs", "x",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "expected a whole number >= 1, got 'x'" in proc.stderr
+    assert "_positive_int" not in proc.stderr
+    proc = run_smnn("generate-lorenz", "--config", "x.yaml", "--out", "o", "--threads", "two")
+    assert proc.returncode == 2 and "expected a whole number >= 1, got 'two'" in proc.stderr
 
 
 def _flip_a_byte_of_the_largest_member(path: Path) -> str:

@@ -318,6 +318,21 @@ def test_settings_and_problems():
         KdvSettings.from_config(make_config(**{"model.solve_method": "lu"}))
 
 
+def test_training_too_large_for_memory_stops_before_allocating(store):
+    """Issue 18: a model or batch beyond the memory budget is refused with the keys to change
+    (base_filters 100000: ~10^12 parameters, counted on the meta device in milliseconds)."""
+    from smnn.memory import MemoryBudgetError
+
+    cpu = torch.device("cpu")
+    with pytest.raises(
+        MemoryBudgetError, match=r"kdv.model.base_filters.*kdv.train.memory_budget_gb"
+    ):
+        EXPERIMENT.build_task(make_settings(**{"model.base_filters": 100000}), "smnn", store, cpu)
+    with pytest.raises(MemoryBudgetError, match=r"solver .*kdv.train.batch_size"):
+        EXPERIMENT.build_task(make_settings(**{"train.memory_budget_gb": 1e-6}), "smnn", store, cpu)
+    assert EXPERIMENT.build_task(make_settings(), "smnn", store, cpu).model is not None
+
+
 def test_experiment_object():
     assert isinstance(EXPERIMENT, Experiment)
     assert (EXPERIMENT.name, EXPERIMENT.mlflow_experiment, EXPERIMENT.data_store) == (

@@ -100,6 +100,7 @@ class KdvSettings:
     sample_trajectories: int
     seed: int
     source: str = "generate"  # kdv.source: the data stage that must have written the store
+    memory_budget_gb: float | None = None  # kdv.train.memory_budget_gb (None: 80 % of memory)
 
     @classmethod
     def from_config(cls, config: Config) -> KdvSettings:
@@ -138,6 +139,11 @@ class KdvSettings:
             sample_trajectories=config.get_int(e + "sample_trajectories", min_value=1),
             seed=config.get_int("seed", min_value=0),
             source=config.get_str("kdv.source", choices=("generate", "lpsda")),
+            memory_budget_gb=(
+                config.get_float(t + "memory_budget_gb", positive=True, allow_none=True)
+                if config.has(t + "memory_budget_gb")
+                else None
+            ),  # fmt: skip
         )
         problems = section_problems(config.section("kdv"))
         if not settings.plateau_factor < 1:

@@ -45,6 +45,7 @@ class KdvTask:
         if valid.shape[2] != train.shape[2]:
             raise ValueError(f"train and valid grids differ: {train.shape[2]} and {valid.shape[2]}")
         self.settings, self.train, self.valid = settings, train, valid
+        _check_memory(settings, solver, train.shape[2], train.device)
         self.model = KdvModel(
             **settings.model_args(train.shape[2]), solver=solver, **settings.solve_args()
         ).to(device=train.device, dtype=settings.torch_dtype)
@@ -127,6 +128,39 @@ class KdvTask:
         mean = self._step_sum / self._step_n if self._step_n else float("nan")
         self._step_sum, self._step_n = 0.0, 0
         return {"mean_step_size": mean}
+
+
+def _check_memory(settings: KdvSettings, solver: str, n_x: int, device: torch.device) -> None:
+    """Refuse a training job whose predicted peak (model + Adam state, one batch's solves:
+    ``batch * n_x`` order-4 ODEs of ``window`` steps) exceeds the budget, before allocating.
+
+    Raises:
+        smnn.memory.MemoryBudgetError: naming the config keys that size each part.
+    """
+    from smnn.experiments.kdv.settings import N_ORDERS
+    from smnn.memory import (
+        check_memory_budget,
+        memory_budget_bytes,
+        parameter_count,
+        predict_step_bytes,
+    )
+
+    args = settings.model_args(n_x)
+    solve_dtype = settings.solve_args()["solve_dtype"] or settings.torch_dtype
+    estimate = predict_step_bytes(
+        solver=solver, batch=settings.batch_size * n_x, n_steps=settings.window, n_dims=1,
+        n_orders=N_ORDERS, dtype=solve_dtype,
+        n_params=parameter_count(lambda: KdvModel(**args, solver=solver)),
+        keys={
+            "model": ["kdv.model.base_filters", "kdv.model.n_blocks", "kdv.model.init_hidden"],
+            "solver": ["kdv.train.batch_size", "kdv.model.window"],
+        },
+    )  # fmt: skip
+    check_memory_budget(
+        estimate, memory_budget_bytes(device, settings.memory_budget_gb),
+        what=f"kdv training with {solver}", override_key="kdv.train.memory_budget_gb",
+        device=device,
+    )  # fmt: skip
 
 
 def build_task(

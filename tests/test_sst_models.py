@@ -408,6 +408,23 @@ def test_store_of_another_source_is_stale(store_all):
         EXPERIMENT.build_task(make_settings(source="noaa"), "smnn", store_all, torch.device("cpu"))
 
 
+def test_training_too_large_for_memory_stops_before_allocating(store_all):
+    """Issue 18: a model or batch beyond the memory budget is refused with the keys to change."""
+    from smnn.memory import MemoryBudgetError
+
+    cpu = torch.device("cpu")
+    with pytest.raises(
+        MemoryBudgetError, match=r"sst.model.encoder_hidden.*sst.train.memory_budget_gb"
+    ):
+        EXPERIMENT.build_task(
+            make_settings(**{"model.encoder_hidden": 10**7}), "smnn", store_all, cpu
+        )
+    with pytest.raises(MemoryBudgetError, match=r"solver .*sst.train.batch_size"):
+        EXPERIMENT.build_task(
+            make_settings(**{"train.memory_budget_gb": 1e-6}), "smnn", store_all, cpu
+        )
+
+
 def test_sampler_draws_pairs_from_training_period(store_all):
     config = make_config()
     seed_everything(0)

@@ -117,6 +117,7 @@ class SstSettings:
     scaling_enabled: bool
     seed: int
     source: str | None = None  # sst.source: what data/sst.zarr must have been made from
+    memory_budget_gb: float | None = None  # sst.train.memory_budget_gb (None: 80 % of memory)
 
     @classmethod
     def from_config(cls, config: Config) -> SstSettings:
@@ -166,6 +167,11 @@ class SstSettings:
             scaling_enabled=config.get_bool("sst.scaling.enabled"),
             seed=config.get_int("seed", min_value=0),
             source=config.get_str("sst.source", choices=("noaa", "file", "synthetic")),
+            memory_budget_gb=(
+                config.get_float(t + "memory_budget_gb", positive=True, allow_none=True)
+                if config.has(t + "memory_budget_gb")
+                else None
+            ),  # fmt: skip
         )
 
     @property

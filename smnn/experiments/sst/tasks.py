@@ -93,6 +93,40 @@ class _SstTask:
         pass
 
 
+def _check_memory(settings: SstSettings, solver: str, device: torch.device) -> None:
+    """Refuse a Mechanistic Identifier training job whose predicted peak (model + Adam state,
+    one batch's ``2 * batch`` ODEs of ``window`` steps) exceeds the budget, before allocating.
+
+    Raises:
+        smnn.memory.MemoryBudgetError: naming the config keys that size each part.
+    """
+    from smnn.experiments.sst.settings import N_ORDERS
+    from smnn.memory import (
+        check_memory_budget,
+        memory_budget_bytes,
+        parameter_count,
+        predict_step_bytes,
+    )
+
+    solve_dtype = settings.solve_args()["solve_dtype"] or settings.torch_dtype
+    estimate = predict_step_bytes(
+        solver=solver, batch=2 * settings.batch_size, n_steps=settings.window, n_dims=1,
+        n_orders=N_ORDERS, dtype=solve_dtype,
+        n_params=parameter_count(lambda: MechanisticIdentifier(**settings.mi_args(),
+                                                               solver=solver)),
+        keys={
+            "model": ["sst.model.encoder_hidden", "sst.model.decoder_hidden",
+                      "sst.model.latents"],
+            "solver": ["sst.train.batch_size", "sst.model.window"],
+        },
+    )  # fmt: skip
+    check_memory_budget(
+        estimate, memory_budget_bytes(device, settings.memory_budget_gb),
+        what=f"sst training with {solver}", override_key="sst.train.memory_budget_gb",
+        device=device,
+    )  # fmt: skip
+
+
 class MiTask(_SstTask):
     """The Mechanistic Identifier as a :class:`smnn.training.TrainingTask`."""
 
@@ -103,6 +137,7 @@ class MiTask(_SstTask):
         device: torch.device,
     ):  # fmt: skip
         super().__init__(settings, sampler, store)
+        _check_memory(settings, solver, device)
         self.model = MechanisticIdentifier(
             **settings.mi_args(), solver=solver, **settings.solve_args()
         ).to(device=device, dtype=settings.torch_dtype)

@@ -212,7 +212,14 @@ def _store_lock(target: TrackingTarget) -> Iterator[None]:
     if db is None:
         yield
         return
-    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingStoreError(
+            f"cannot create the MLflow store's directory {db.parent}: {exc.strerror or exc}; "
+            "point mlflow.tracking_uri at a writable place",
+            db,
+        ) from None
     path = db.parent / f".{db.name}.init-lock"
     while True:
         handle = open(path, "a")

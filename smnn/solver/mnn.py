@@ -166,16 +166,17 @@ def record_convergence() -> Iterator[ConvergenceRecord]:
     Uses :func:`warnings.catch_warnings`, so it belongs around work in the job's main thread.
     """
     record = ConvergenceRecord()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", MNNConvergenceWarning)
-        try:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", MNNConvergenceWarning)
             yield record
-        finally:
-            for w in caught:
-                if isinstance(w.message, MNNConvergenceWarning):
-                    record.add(w.message)
-                else:
-                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    finally:
+        # outside the recording block: a warning passed on here must not land in `caught`
+        for w in caught:
+            if isinstance(w.message, MNNConvergenceWarning):
+                record.add(w.message)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 # ----------------------------------------------------------------------------- C^T C, banded

@@ -37,16 +37,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
 from smnn.solver import qr_lane_kernels as kernels
 from smnn.solver.banded import raise_if_failed
-from smnn.solver.fused import n_workers
+from smnn.solver.fused import _run_kernel as _run
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
-from smnn.solver.lane_kernels import slp_vectorization
 from smnn.solver.layout import BatchFolding
 
 __all__ = ["QrLaneFactor", "QrLaneLeftHandSide", "qr_lane_factorize", "qr_lane_ode_forward"]
@@ -60,23 +58,6 @@ _REFINE_STEPS = 2
 def lane_width(n_items: int) -> int:
     """Lanes per group: 32, or 8 when fewer than two groups of 32 would be filled."""
     return WIDE if n_items >= 2 * WIDE else NARROW
-
-
-def _run(kernel, n_jobs: int, *args) -> None:
-    """Call a kernel (compiling it with SLP vectorisation on) on as many threads as torch uses,
-    at most ``n_jobs``; torch's thread count is put back afterwards (numba's OpenMP layer
-    shares it)."""
-    workers = n_workers(n_jobs)
-    torch_threads = torch.get_num_threads()
-    with slp_vectorization():
-        previous = numba.get_num_threads()
-        numba.set_num_threads(workers)
-        try:
-            kernel(*args, workers)
-        finally:
-            numba.set_num_threads(previous)
-            if torch.get_num_threads() != torch_threads:
-                torch.set_num_threads(torch_threads)
 
 
 @dataclass(frozen=True)

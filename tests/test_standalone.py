@@ -210,8 +210,16 @@ def test_help_describes_every_argument(capsys):
     with pytest.raises(SystemExit):
         main(["standalone", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--out", "--config", "--solvers", "--device", "--threads", "--rule",
-                 "--mlflow-uri", "--no-mlflow"):
+    for flag in (
+        "--out",
+        "--config",
+        "--solvers",
+        "--device",
+        "--threads",
+        "--rule",
+        "--mlflow-uri",
+        "--no-mlflow",
+    ):
         assert flag in text
     assert all(name in text for name in OUTPUT_FILES)
 
@@ -227,8 +235,22 @@ def test_config_and_mlflow_run(tmp_path, capsys):
     before = torch.get_num_threads()
     out = tmp_path / "out"
     try:
-        assert main(["standalone", "--config", str(cfg), "--out", str(out), "--solvers", "smnn",
-                     "--rule", "standalone"]) == 0
+        assert (
+            main(
+                [
+                    "standalone",
+                    "--config",
+                    str(cfg),
+                    "--out",
+                    str(out),
+                    "--solvers",
+                    "smnn",
+                    "--rule",
+                    "standalone",
+                ]
+            )
+            == 0
+        )
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)

@@ -122,10 +122,7 @@ def _smoothness_blocks(
         ab = (w2 * a * bb)[..., None, None]
         b2 = (w2 * bb * bb)[..., None, None]
         diag = (
-            diag
-            + _pad_time(aa * E22, 0, 2)
-            + _pad_time(b2 * E11, 1, 1)
-            + _pad_time(aa * E22, 2, 0)
+            diag + _pad_time(aa * E22, 0, 2) + _pad_time(b2 * E11, 1, 1) + _pad_time(aa * E22, 2, 0)
         )
         sub = sub + _pad_time(ab * E12, 0, 1) - _pad_time(ab * E21, 1, 0)
         sub2 = -aa * E22

@@ -230,8 +230,7 @@ def prepare_problem(
         S = int(n_init_var_steps)
         if u0.shape[-3] not in (1, S):
             raise ValueError(
-                f"init_vars has {u0.shape[-3]} steps (dim -3) but n_init_var_steps={S}; "
-                "need S or 1"
+                f"init_vars has {u0.shape[-3]} steps (dim -3) but n_init_var_steps={S}; need S or 1"
             )
     if S < 0:
         raise ValueError(f"n_init_var_steps must be >= 0, got S={S}")

@@ -110,9 +110,7 @@ def solver_info(name: str) -> SolverInfo:
     try:
         return SOLVERS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}"
-        ) from None
+        raise ValueError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}") from None
 
 
 def get_solver(name: str) -> Callable[..., torch.Tensor]:

@@ -1,20 +1,21 @@
 """The Triton engine (smnn.solver.triton_engine): values, gradients, failures, dispatch.
 
 Where no CUDA device is present the kernels run under Triton's interpreter on CPU tensors:
-``TRITON_INTERPRET=1`` is set below, before anything imports the kernels (triton reads it when a
-kernel is defined). Where CUDA is present the variable is left alone, the interpreter tests skip
-and the ``cuda``-marked tests run the compiled kernels (``pytest -m cuda tests/test_triton.py``).
+``TRITON_INTERPRET=1`` is set by conftest.py, before any test module imports triton (triton reads
+it when a function, its own library's included, is defined). Where CUDA is present the variable
+is left alone, the interpreter tests skip and the ``cuda``-marked tests run the compiled kernels
+(``pytest -m cuda tests/test_triton.py``).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
@@ -232,6 +233,35 @@ def test_triton_available_and_dispatch_rule():
         triton_path_applies(torch.device("meta"), "triton", "auto", plain, None)
 
 
+LATE_INTERPRETER = """
+import os
+import torch
+import triton
+os.environ["TRITON_INTERPRET"] = "1"
+from conftest import random_problem
+from smnn import ode_forward
+try:
+    ode_forward(*random_problem(), backend="triton")
+except ValueError as err:
+    print("REFUSED", err)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter matters where no CUDA is")
+def test_interpreter_switched_on_after_import_is_refused_with_the_remedy():
+    """TRITON_INTERPRET set after ``import triton`` leaves triton's library compiled-only; the
+    call must refuse with a message naming the remedy, not fail deep inside the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    proc = subprocess.run(
+        [sys.executable, "-c", LATE_INTERPRETER], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "REFUSED" in proc.stdout
+    assert "set after triton was imported" in proc.stdout
+    assert "before anything imports triton" in proc.stdout
+
+
 COMPILE_FOR_SM90 = """
 import sys
 import triton
@@ -262,9 +292,6 @@ print("compiled")
 def test_kernels_compile_for_a_gpu_without_one():
     """The compiler (not the interpreter) accepts both kernels: PTX for sm_90 and ptxas, in a
     process without TRITON_INTERPRET; skipped where triton's compiler API differs."""
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run(
@@ -354,9 +381,6 @@ def test_backend_triton_says_why_it_cannot_run():
 
 
 def test_import_smnn_does_not_import_triton():
-    import subprocess
-    import sys
-
     code = "import sys, smnn; smnn.ode_forward; print('triton' in sys.modules)"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

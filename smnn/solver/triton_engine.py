@@ -74,9 +74,25 @@ def triton_available() -> tuple[bool, str]:
             f"the triton package cannot be imported ({err}); install it with "
             "`pip install triton` (or the extra `smnn[gpu]`)"
         )
+    if interpreter_on() and not torch.cuda.is_available() and not _interpreter_loaded():
+        return False, (
+            "TRITON_INTERPRET=1 was set after triton was imported, so triton's own library "
+            "functions are compiled-only and the interpreter cannot run the kernels; set the "
+            "variable before anything imports triton (e.g. in the shell)"
+        )
     if interpreter_on() or torch.cuda.is_available():
         return True, ""
     return False, "no CUDA device is available and TRITON_INTERPRET=1 is not set"
+
+
+def _interpreter_loaded() -> bool:
+    """Whether triton's language library was defined under the interpreter: triton decides
+    per function, when it is defined, so TRITON_INTERPRET set after ``import triton`` leaves
+    the library compiled-only and every interpreted launch fails inside it."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:

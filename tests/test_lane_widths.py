@@ -19,7 +19,9 @@ LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
 
 def _solve(inputs, width: int, monkeypatch, **kw):
     """u and the gradients of a weighted sum of u, with the kernels of ``width`` lanes."""
-    monkeypatch.setattr(fused, "kernels_for", lambda N, P: lane_kernels.kernels(width))
+    monkeypatch.setattr(
+        fused, "kernels_for", lambda N, P, threads=None: lane_kernels.kernels(width)
+    )
     inputs = [x.detach().clone().requires_grad_() for x in inputs]
     u = ode_forward(*inputs, **kw)
     weight = torch.randn(u.shape, generator=torch.Generator().manual_seed(3), dtype=u.dtype)

@@ -251,7 +251,22 @@ def _frozen_version(value) -> int:
     return v
 
 
-def _frozen_key(version, problem, weights, central, method, backend) -> tuple:
+def _check_threads(threads) -> int | None:
+    """``threads`` as given (None, or an int >= 1); a ValueError naming it otherwise."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool):
+        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+    try:
+        n = operator.index(threads)
+    except TypeError:
+        raise ValueError(f"threads must be None or an int >= 1, got {threads!r}") from None
+    if n < 1:
+        raise ValueError(f"threads must be None or an int >= 1, got {n}")
+    return n
+
+
+def _frozen_key(version, problem, weights, central, method, backend, threads) -> tuple:
     c, h = problem.coefficients, problem.steps
     return (
         version,
@@ -266,6 +281,7 @@ def _frozen_key(version, problem, weights, central, method, backend) -> tuple:
         central,
         method,
         backend,
+        threads,
     )
 
 
@@ -289,6 +305,7 @@ def ode_forward(
     check_inputs: bool = True,
     check_pivots: bool = True,
     cuda_graphs: CudaGraphPool | None = None,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """Least-squares solution of a batch of linear ODEs (docs/solver.md sections 1-5).
 
@@ -321,7 +338,7 @@ def ode_forward(
             factorizes the left-hand side (:func:`factorize`) and stores the factorization in
             a bounded LRU cache (:mod:`smnn.solver.frozen`: 8 entries, keyed by ``v`` with the
             shapes of the coefficients and steps, T, S, K, dtype, device, weights, central flag,
-            method and backend; :func:`~smnn.solver.frozen.clear_frozen_lhs_cache` empties
+            method, backend and threads; :func:`~smnn.solver.frozen.clear_frozen_lhs_cache` empties
             it); later calls only substitute. Gradients then reach ``rhs_equation`` and
             ``init_vars`` only, in every call with ``v > 0``. ``0`` (default): no caching.
         method: 'sequential' (block LDL^T, T dependent steps), 'cyclic' (block cyclic
@@ -339,6 +356,11 @@ def ode_forward(
             rank deficient; off: those come back NaN.
         cuda_graphs: a caller-owned :class:`~smnn.solver.cuda_graphs.CudaGraphPool`: replay
             the sequential torch path from captured CUDA graphs (CUDA tensors only).
+        threads: the number of threads of the CPU lane engines' compiled kernels (the numba
+            paths, LDL^T and QR): an int >= 1, or None (default) for torch's own count,
+            ``torch.get_num_threads()``, read at each call. Passing it leaves torch's count as
+            it was; the same thread count gives the same bits either way. The torch and Triton
+            paths ignore it (torch ops use torch's count).
 
     Returns:
         u: ``(*batch, T, D, R)`` (``(T, *batch, D, R)`` with ``is_step_dim_first``),
@@ -359,16 +381,19 @@ def ode_forward(
     weights = _check_weights(weight_equation, weight_init_var, weight_smooth)
     central = bool(enable_central_smoothness)
     _check_options(method, problem.coefficients.dtype)
+    threads = _check_threads(threads)
     if version > 0:
         u = _frozen_solve(
-            version, problem, weights, central, method, backend, check_inputs, check_pivots
-        )
+            version, problem, weights, central, method, backend, check_inputs, check_pivots,
+            threads,
+        )  # fmt: skip
     else:
         if cuda_graphs is None and prefer_cuda_graph:
             cuda_graphs = _default_graphs(problem, weights, central, method, backend)
         u = _solve_problem(
-            problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs
-        )
+            problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs,
+            threads,
+        )  # fmt: skip
     return u.movedim(-3, 0) if is_step_dim_first else u
 
 
@@ -388,8 +413,10 @@ def _default_graphs(problem, weights, central, method, backend):
     return default_pool()
 
 
-def _frozen_solve(version, problem, weights, central, method, backend, check_inputs, check_pivots):
-    key = _frozen_key(version, problem, weights, central, method, backend)
+def _frozen_solve(
+    version, problem, weights, central, method, backend, check_inputs, check_pivots, threads
+):
+    key = _frozen_key(version, problem, weights, central, method, backend, threads)
 
     def make() -> OdeFactorization:
         return factorize(
@@ -406,6 +433,7 @@ def _frozen_solve(version, problem, weights, central, method, backend, check_inp
             backend=backend,
             check_inputs=check_inputs,
             check_pivots=check_pivots,
+            threads=threads,
         )
 
     factorization = FROZEN_LHS_CACHE.get_or_create(key, make)
@@ -413,8 +441,9 @@ def _frozen_solve(version, problem, weights, central, method, backend, check_inp
 
 
 def _solve_problem(
-    problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs
-):
+    problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs,
+    threads=None,
+):  # fmt: skip
     _check_central(problem, central)
     if _uses_triton(problem, weights, method, backend, cuda_graphs):
         from smnn.solver.triton_engine import triton_ode_forward
@@ -427,7 +456,7 @@ def _solve_problem(
             from smnn.solver.qr_lanes import qr_lane_ode_forward
 
             plain = _plain_weights(weights)
-            return qr_lane_ode_forward(problem, plain, check_inputs, check_pivots, central)
+            return qr_lane_ode_forward(problem, plain, check_inputs, check_pivots, central, threads)
         if check_inputs:
             check_values_of(
                 problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
@@ -437,7 +466,7 @@ def _solve_problem(
         from smnn.solver.fused import fused_ode_forward
 
         plain = _plain_weights(weights)
-        return fused_ode_forward(problem, plain, check_inputs, check_pivots, central)
+        return fused_ode_forward(problem, plain, check_inputs, check_pivots, central, threads)
     if check_inputs:
         check_values_of(
             problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
@@ -509,6 +538,7 @@ def factorize(
     backend: str = "auto",
     check_inputs: bool = True,
     check_pivots: bool = True,
+    threads: int | None = None,
 ) -> OdeFactorization:
     """Factorize the normal matrix of fixed coefficients and steps once (docs/solver.md section 8).
 
@@ -517,6 +547,8 @@ def factorize(
         steps: ``(..., T-1 or 1)``.
         n_init_orders: K, the number of derivative orders fixed by ``init_vars`` (K <= R).
         n_init_var_steps: S, the number of initial-value steps.
+        threads: the lane engines' threads in the factorization and in every ``solve`` of the
+            result (None: torch's count at each call), as in :func:`ode_forward`.
         Other arguments as in :func:`ode_forward`.
 
     Returns:
@@ -552,6 +584,7 @@ def factorize(
     )
     central = bool(enable_central_smoothness)
     _check_options(method, problem.coefficients.dtype)
+    threads = _check_threads(threads)
     _check_central(problem, central)
     if _uses_triton(problem, weights, method, backend, None):
         from smnn.solver.triton_engine import triton_factorize
@@ -567,7 +600,7 @@ def factorize(
 
             plain = _plain_weights(weights)
             return OdeFactorization(
-                problem, qr_lane_factorize(problem, plain, check_pivots, central)
+                problem, qr_lane_factorize(problem, plain, check_pivots, central, threads)
             )
         return OdeFactorization(
             problem, qr_factorize_problem(problem, weights, central, check_pivots)
@@ -575,7 +608,7 @@ def factorize(
     if _uses_lanes(problem, weights, central, method, backend, None):
         from smnn.solver.fused import lane_factorize
 
-        lhs = lane_factorize(problem, _plain_weights(weights), check_pivots, central)
+        lhs = lane_factorize(problem, _plain_weights(weights), check_pivots, central, threads)
     else:
         with torch.no_grad():
             lhs = _factorize_torch(problem, weights, central, method, check_pivots)

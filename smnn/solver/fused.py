@@ -91,29 +91,33 @@ def pivot_floor(block_size: int, dtype: torch.dtype) -> float:
     return pivot_tolerance(block_size, dtype)
 
 
-def n_workers(n_jobs: int) -> int:
-    """Parallel jobs for ``n_jobs`` units of work: as many threads as torch uses, at most
-    numba's pool and ``n_jobs``."""
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, n_jobs))
+def n_workers(n_jobs: int, threads: int | None = None) -> int:
+    """Parallel jobs for ``n_jobs`` units of work: ``threads`` (the caller's thread count;
+    None: as many as torch uses, ``torch.get_num_threads()``), at most numba's pool and
+    ``n_jobs``."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return max(1, min(threads, numba.config.NUMBA_NUM_THREADS, n_jobs))
 
 
-def lanes_are_columns(n_systems: int, n_columns: int, width: int = LANES) -> bool:
+def lanes_are_columns(
+    n_systems: int, n_columns: int, width: int = LANES, threads: int | None = None
+) -> bool:
     """Lay the lanes out as columns of one system (True) or as systems (False)?
 
     Lanes of systems: ceil(N / W) jobs of P columns each. Lanes of columns: N * ceil(P / W) jobs
     of one column each. The substitutions cost about the same per column and lane in both, so
     compare the columns per thread (the busiest thread), with a margin for the column jobs'
-    own factor loads.
+    own factor loads. ``threads``: as in :func:`n_workers`.
     """
     N, P = n_systems, n_columns
     groups = -(-N // width)
     column_jobs = N * -(-P // width)
-    per_thread_systems = -(-groups // n_workers(groups)) * P
-    per_thread_columns = -(-column_jobs // n_workers(column_jobs))
+    per_thread_systems = -(-groups // n_workers(groups, threads)) * P
+    per_thread_columns = -(-column_jobs // n_workers(column_jobs, threads))
     return _COLUMN_JOB_OVERHEAD * per_thread_columns < per_thread_systems
 
 
-def kernels_for(n_systems: int, n_columns: int):
+def kernels_for(n_systems: int, n_columns: int, threads: int | None = None):
     """The lane kernels for a call: the wide ones (:mod:`lane_kernels`, ``LANES`` lanes) when
     the lanes' items (systems, or columns when :func:`lanes_are_columns`) fill at least two wide
     groups, else the same kernels at 8 lanes (``lane_kernels.kernels(8)``; 8 systems of
@@ -121,24 +125,25 @@ def kernels_for(n_systems: int, n_columns: int):
     or faster). Given the layout (:func:`lanes_are_columns`, which weighs the threads), the width
     does not depend on the thread count. Lanes of systems give the same
     bits at either width; with lanes as columns, the gradients of shared coefficients and steps
-    are sums over jobs, whose number depends on the width (equal to rounding)."""
+    are sums over jobs, whose number depends on the width (equal to rounding). ``threads``: as
+    in :func:`n_workers`."""
     N, P = n_systems, n_columns
-    items = N * P if lanes_are_columns(N, P) else N
+    items = N * P if lanes_are_columns(N, P, threads=threads) else N
     if items >= 2 * LANES:
         return lane_kernels.kernels(LANES)
     return lane_kernels.kernels(lane_kernels.NARROW_LANES)
 
 
-def _run_kernel(kernel, n_jobs: int, *args) -> None:
-    """Call a :mod:`lane_kernels` kernel with SLP vectorisation on (it may compile), on as many
-    threads as torch uses, with its last argument, the number of parallel jobs, appended (at
-    most ``n_jobs``).
+def _run_kernel(kernel, n_jobs: int, *args, threads: int | None = None) -> None:
+    """Call a lane kernel (:mod:`lane_kernels`, :mod:`qr_lane_kernels`) with SLP vectorisation
+    on (it may compile), on ``threads`` threads (None: as many as torch uses), with its last
+    argument, the number of parallel jobs, appended (:func:`n_workers`: at most ``n_jobs``).
 
     Numba's OpenMP threading layer shares libgomp with torch, so changing numba's thread count
     changes torch's too: torch's count is put back afterwards, so a caller's
-    ``torch.set_num_threads`` (the ``threads`` of a job) survives every solve.
+    ``torch.set_num_threads`` survives every solve, with or without ``threads``.
     """
-    workers = n_workers(n_jobs)
+    workers = n_workers(n_jobs, threads)
     torch_threads = torch.get_num_threads()
     with lane_kernels.slp_vectorization():
         previous = numba.get_num_threads()
@@ -162,6 +167,7 @@ class _Sizes:
     n_init_orders: int
     weights: tuple[float, float, float]  # w_eq, w_in, w_s
     central: bool = False
+    threads: int | None = None  # the kernels' threads (:func:`n_workers`)
 
     def constants(self, dtype: torch.dtype):
         """Taylor Gram matrices g0, g1, g2 (R, R) of the Taylor orders (0..R-1, or 0..R-2 with
@@ -198,6 +204,8 @@ class LaneFactor:
         above :func:`pivot_floor` times its diagonal entry of M_t), 0 where none.
         l1: ``(G, T, m, m, W)``, l2: ``(G, T, D, m, W)``: with central rows only, the stored
         off-diagonal blocks of the block Cholesky factor (:mod:`lane_kernels`); else None.
+        threads: the threads of every solve with the factor (:func:`n_workers`; None: torch's
+        count at the time of the solve).
     """
 
     chol: torch.Tensor
@@ -209,6 +217,7 @@ class LaneFactor:
     l1: torch.Tensor | None = None
     l2: torch.Tensor | None = None
     kernels: ModuleType | None = None  # lane_kernels.kernels(width) that made the factor
+    threads: int | None = None
     _replicated: tuple | None = field(default=None, repr=False)
 
     @property
@@ -293,7 +302,7 @@ class LaneFactor:
             rhs = _empty(dtype, 0, T, m, P)
             S, K = sizes.n_init_steps, sizes.n_init_orders
         W = self.width
-        columns = lanes_are_columns(N, P, W)
+        columns = lanes_are_columns(N, P, W, self.threads)
         chol, rdiag, l1, l2 = self.layout(columns)
         n_jobs = N * -(-P // W) if columns else chol.shape[0]
         out = hugepages.empty((N, T, m, P), dtype)
@@ -311,6 +320,7 @@ class LaneFactor:
                 columns,
                 out.numpy(),
                 bad_input.numpy(),
+                threads=self.threads,
             )
         self.bad_input = bool(bad_input.any())
         return out
@@ -346,6 +356,7 @@ def _factor_kernel(
         n_systems=N,
         failed_at=torch.empty(N, dtype=torch.int64),
         kernels=kernels,
+        threads=sizes.threads,
     )
     if sizes.central:
         factor.l1 = hugepages.empty((G, T, m, m, W), dtype)
@@ -361,6 +372,7 @@ def _factor_kernel(
         x.numpy(),
         factor.failed_at.numpy(),
         bad_input.numpy(),
+        threads=sizes.threads,
     )
     factor.bad_input = bool(bad_input.any())
     return factor
@@ -384,8 +396,8 @@ class _FusedLaneSolve(torch.autograd.Function):
         init = init.detach().contiguous()
         N, m, P = coef.shape[0], coef.shape[3], rhs_eq.shape[3]
         T, dtype = sizes.n_steps, coef.dtype
-        kernels = kernels_for(N, P)
-        columns = lanes_are_columns(N, P, kernels.LANES)
+        kernels = kernels_for(N, P, sizes.threads)
+        columns = lanes_are_columns(N, P, kernels.LANES, sizes.threads)
         if columns:
             no_rhs = (_empty(dtype, N, 1, rhs_eq.shape[2], 0), _empty(dtype, N, 1, 0, 0))
             x_none = _empty(dtype, N, T, m, 0)
@@ -436,6 +448,7 @@ class _FusedLaneSolve(torch.autograd.Function):
                 lane_kernels.Gradients(
                     grad_coef.numpy(), grad_steps.numpy(), grad_rhs_eq.numpy(), grad_init.numpy()
                 ),
+                threads=factor.threads,
             )
         else:
             for g in (grad_coef, grad_steps):
@@ -479,7 +492,7 @@ def _fold_rhs_inputs(problem: OdeProblem, folding: BatchFolding, rhs_equation, i
     return rhs_eq, folding.fold_rhs(u0)
 
 
-def _sizes(problem: OdeProblem, weights, central: bool) -> _Sizes:
+def _sizes(problem: OdeProblem, weights, central: bool, threads: int | None = None) -> _Sizes:
     return _Sizes(
         problem.n_steps,
         problem.n_dims,
@@ -488,6 +501,7 @@ def _sizes(problem: OdeProblem, weights, central: bool) -> _Sizes:
         problem.n_init_orders,
         tuple(float(w) for w in weights),
         central,
+        threads,
     )
 
 
@@ -497,6 +511,7 @@ def fused_ode_forward(
     check_values: bool,
     check_pivots: bool,
     central: bool = False,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """u ``(*batch, T, D, R)`` for a problem validated with ``check_values=False``.
 
@@ -507,6 +522,7 @@ def fused_ode_forward(
         check_values: raise the usual ValueError for non-finite inputs or steps <= 0.
         check_pivots: raise :class:`~smnn.solver.banded.NonPositivePivotError` for systems whose
             normal matrix is not positive definite.
+        threads: the kernels' threads (:func:`n_workers`; None: torch's count).
     """
     T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
     batch, lhs_batch = tuple(problem.batch_shape), tuple(problem.lhs_batch_shape)
@@ -514,7 +530,7 @@ def fused_ode_forward(
     coef, steps = _fold_lhs_inputs(problem, lhs_batch)
     rhs_eq, init = _fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
     outcome = _Outcome()
-    sizes = _sizes(problem, weights, central)
+    sizes = _sizes(problem, weights, central, threads)
     x = _FusedLaneSolve.apply(coef, steps, rhs_eq, init, sizes, outcome)
     if check_values and outcome.bad_input:
         check_values_of(
@@ -597,12 +613,14 @@ def lane_factorize(
     weights: tuple[float, float, float],
     check_pivots: bool,
     central: bool = False,
+    threads: int | None = None,
 ) -> LaneLeftHandSide:
     """Factorize the left-hand side of ``problem`` (its values checked by the caller) on the
-    lane engine; the right-hand sides of ``problem`` are not used."""
+    lane engine; the right-hand sides of ``problem`` are not used. ``threads``: the kernels'
+    threads in the factorization and every later solve (None: torch's count at each call)."""
     lhs_batch = tuple(problem.lhs_batch_shape)
     coef, steps = (x.detach().contiguous() for x in _fold_lhs_inputs(problem, lhs_batch))
-    sizes = _sizes(problem, weights, central)
+    sizes = _sizes(problem, weights, central, threads)
     N, E, m, dtype = coef.shape[0], coef.shape[2], coef.shape[3], coef.dtype
     no_rhs = (_empty(dtype, N, 1, E, 0), _empty(dtype, N, 1, 0, 0))
     factor = _factor_kernel(coef, steps, *no_rhs, sizes, _empty(dtype, N, problem.n_steps, m, 0))

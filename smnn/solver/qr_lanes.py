@@ -69,6 +69,7 @@ class _Sizes:
     n_init_orders: int
     weights: tuple[float, float, float]  # w_eq, w_in, w_s
     central: bool
+    threads: int | None = None  # the kernels' threads (smnn.solver.fused.n_workers)
 
     def args(self, dtype: torch.dtype) -> tuple:
         """(T, D, S, K, central, weights array, inverse factorials array) for the kernels."""
@@ -113,7 +114,7 @@ def _constants(n_orders: int, weights: tuple, dtype: torch.dtype):
     return wts, finv
 
 
-def _sizes(problem: OdeProblem, weights, central: bool) -> _Sizes:
+def _sizes(problem: OdeProblem, weights, central: bool, threads: int | None = None) -> _Sizes:
     return _Sizes(
         problem.n_steps,
         problem.n_dims,
@@ -122,6 +123,7 @@ def _sizes(problem: OdeProblem, weights, central: bool) -> _Sizes:
         problem.n_init_orders,
         tuple(float(w) for w in weights),
         bool(central),
+        threads,
     )
 
 
@@ -223,6 +225,7 @@ class QrLaneFactor:
                 self.taus.numpy(),
                 out.numpy(),
                 bad.numpy(),
+                threads=self.sizes.threads,
             )
         self.bad_input = bool(bad.any())
         return _refine(self.rs, self.coef, self.steps, rhs_eq, init, out, self.sizes)
@@ -244,6 +247,7 @@ def _solve_normal(rs: torch.Tensor, rhs: torch.Tensor, sizes: _Sizes) -> torch.T
             sizes.central,
             W,
             out.numpy(),
+            threads=sizes.threads,
         )
     return out
 
@@ -280,6 +284,7 @@ def _refine(rs, coef, steps, rhs_eq, init, u: torch.Tensor, sizes: _Sizes) -> to
             finv,
             W,
             r.numpy(),
+            threads=sizes.threads,
         )
         r = r.to(u.dtype)
         du = _solve_normal(rs, r, sizes)
@@ -321,6 +326,7 @@ def _factorize(coef: torch.Tensor, steps: torch.Tensor, sizes: _Sizes) -> QrLane
         factor.taus.numpy(),
         factor.failed_at.numpy(),
         bad.numpy(),
+        threads=sizes.threads,
     )
     factor.bad_input = bool(bad.any())
     return factor
@@ -381,6 +387,7 @@ class _QrLaneSolve(torch.autograd.Function):
                     _empty(dtype, 0, 1, 1, 1).numpy(),
                     failed_at.numpy(),
                     bad.numpy(),
+                    threads=sizes.threads,
                 )
             x = _refine(rs, coef, steps, rhs_eq, init, x, sizes)
             by_system = False
@@ -427,6 +434,7 @@ class _QrLaneSolve(torch.autograd.Function):
                 g_steps.numpy(),
                 g_rhs.numpy(),
                 g_init.numpy(),
+                threads=sizes.threads,
             )
         if P != 1:
             g_coef, g_steps = (_sum_items(g, N, P) for g in (g_coef, g_steps))
@@ -449,6 +457,7 @@ def qr_lane_ode_forward(
     check_inputs: bool,
     check_pivots: bool,
     central: bool,
+    threads: int | None = None,
 ) -> torch.Tensor:
     """u ``(*batch, T, D, R)``, the least-squares solution by the orthogonal lane solve,
     differentiable w.r.t. coefficients, rhs_equation, init_vars and steps.
@@ -462,6 +471,7 @@ def qr_lane_ode_forward(
             systems whose stacked rows are rank deficient (rank check of
             :mod:`qr_lane_kernels`); else those systems come back as NaN.
         central: central smoothness rows on.
+        threads: the kernels' threads (:func:`smnn.solver.fused.n_workers`; None: torch's count).
     """
     T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
     batch, lhs_batch = tuple(problem.batch_shape), tuple(problem.lhs_batch_shape)
@@ -469,7 +479,7 @@ def qr_lane_ode_forward(
     coef, steps = _fold_lhs(problem)
     rhs_eq, init = _fold_rhs(problem, folding)
     outcome = _Outcome()
-    sizes = _sizes(problem, plain_weights, central)
+    sizes = _sizes(problem, plain_weights, central, threads)
     x = _QrLaneSolve.apply(coef, steps, rhs_eq, init, sizes, outcome)
     if check_inputs and outcome.bad_input:
         check_values_of(
@@ -544,11 +554,14 @@ def qr_lane_factorize(
     plain_weights: tuple[float, float, float],
     check_pivots: bool,
     central: bool,
+    threads: int | None = None,
 ) -> QrLaneLeftHandSide:
     """Triangularise the left-hand side of ``problem`` (values checked by the caller) on the
-    lane engine, keeping the reflectors; the right-hand sides of ``problem`` are not used."""
+    lane engine, keeping the reflectors; the right-hand sides of ``problem`` are not used.
+    ``threads``: the kernels' threads in the factorization and every later solve (None:
+    torch's count at each call)."""
     coef, steps = (x.detach().contiguous() for x in _fold_lhs(problem))
-    factor = _factorize(coef, steps, _sizes(problem, plain_weights, central))
+    factor = _factorize(coef, steps, _sizes(problem, plain_weights, central, threads))
     if check_pivots:
         raise_if_failed(factor, tuple(problem.lhs_batch_shape), rank=True)
     return QrLaneLeftHandSide(factor, problem.lhs_batch_shape)

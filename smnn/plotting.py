@@ -35,8 +35,14 @@ def new_figure(
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Write ``fig`` as PNG to ``path`` atomically; returns the path."""
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi), binary=True)
+    """Write ``fig`` as PNG to ``path`` atomically; returns the path. The figure's title
+    (``suptitle``), when it has one, is also stored as the PNG's ``Title`` text chunk, so a
+    reader (or a test: ``PIL.Image.open(path).info["Title"]``) sees what the image says."""
+    title = fig.get_suptitle()
+    metadata = {"Title": title} if title else None
+    return atomic_write(
+        path, lambda f: fig.savefig(f, format="png", dpi=dpi, metadata=metadata), binary=True
+    )
 
 
 def mark_quick(fig: Figure, note: str = QUICK_NOTE) -> Figure:

@@ -4,7 +4,8 @@ error against the float64 reference solve, :mod:`smnn.benchmark.accuracy`, with 
 maximum as crosses; the methods that compute the S-MNN function).
 
 One line per method and dtype (colour per method, solid float64, dashed float32; peers drawn
-with square markers), measured cases only. A quick run's figures carry
+with square markers), measured cases only; a method with rows that did not converge is labelled
+``mnn_cg (not converged)`` (:func:`smnn.benchmark.report.method_label`). A quick run's figures carry
 :data:`smnn.plotting.QUICK_NOTE` in their title and as a stamp (:func:`smnn.plotting.mark_quick`).
 Made with :mod:`smnn.plotting` (no pyplot) and written atomically.
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from smnn.benchmark.report import method_label
 from smnn.plotting import QUICK_NOTE, mark_quick, new_figure, save_figure
 
 __all__ = ["SWEEPS", "ACCURACY_FIGURE", "scaling_figure", "accuracy_figure", "write_figures"]
@@ -41,7 +43,7 @@ def scaling_figure(table, group: str, axis: str, quick: bool = False) -> Figure:
             ls="-" if d == "float64" else "--",
             marker="s" if m in peers else "o",
             ms=3.5,
-            label=f"{m} {d}",
+            label=f"{method_label(table, m)} {d}",
         )
         ax_t.plot(line[axis], line["median_ms"], **style)
         ax_m.plot(line[axis], line["peak_mb"].clip(lower=1e-3), **style)
@@ -87,7 +89,7 @@ def accuracy_figure(table, quick: bool = False, reference: str = "qr") -> Figure
             ls=ls,
             marker="o",
             ms=3.5,
-            label=f"{m} {d}",
+            label=f"{method_label(table, m)} {d}",
         )
         ax.plot(
             line["T"], line["error_max"].clip(lower=1e-18), color=color, ls="none", marker="x", ms=4

@@ -23,6 +23,11 @@ median error), the accuracy of every method per named shape and dtype (median an
 beside the time), the side-by-side comparison (every method that is not S-MNN against the best
 S-MNN method, per shape) with the check of docs/solver.md section 9 (best S-MNN at least
 :data:`PEER_TARGET` x faster than each peer on every named shape), and the floors.
+
+Non-convergence is marked wherever a method's numbers appear: a row whose CG solves stopped at
+the iteration cap (column ``converged`` False: ``mnn_cg``) has ``(not converged)`` in its cell,
+and its method is named ``mnn_cg (not converged)`` (:func:`smnn.solver.mnn.convergence_label`)
+in the column headers, the accuracy table and the side-by-side comparison.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 from smnn.benchmark.catalog import DTYPES, NAMED_SHAPES
 from smnn.benchmark.measure import COLUMNS, MB
 from smnn.plotting import QUICK_NOTE
+from smnn.solver.mnn import NOT_CONVERGED, converged_flag, convergence_label
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -45,6 +51,7 @@ __all__ = [
     "make_table",
     "floor_table",
     "markdown_report",
+    "method_label",
 ]
 
 TABLE_COLUMNS = [*COLUMNS, "best_smnn_method", "time_vs_best_smnn", "memory_vs_best_smnn"]
@@ -179,12 +186,26 @@ def _error_text(row) -> str:
     return "" if value is None or value != value else f"err {value:.1e}"
 
 
+def _not_converged(row) -> bool:
+    """Whether the row's solves stopped before converging (column ``converged`` False)."""
+    return converged_flag(row.get("converged")) is False
+
+
+def method_label(table, method: str) -> str:
+    """``method`` as the tables and figures name it: ``mnn_cg (not converged)`` when any of
+    its rows in ``table`` did not converge."""
+    rows = table[table["method"] == method]
+    unconverged = "converged" in rows and any(converged_flag(c) is False for c in rows["converged"])
+    return convergence_label(method, False if unconverged else None)
+
+
 def _cell(row) -> str:
     error = _error_text(row)
     if row["status"] != "ok":
         return f"{row['status']} ({error})" if error else row["status"]
     text = f"{row['median_ms']:.4g} ms, {row['peak_mb']:.4g} MB"
-    return f"{text}, {error}" if error else text
+    text = f"{text}, {error}" if error else text
+    return f"{text} ({NOT_CONVERGED})" if _not_converged(row) else text
 
 
 def _accuracy_lines(table, reference: str) -> list[str]:
@@ -206,7 +227,8 @@ def _accuracy_lines(table, reference: str) -> list[str]:
     for _, r in part.iterrows():
         time = f"{r['median_ms']:.4g}" if r["status"] == "ok" else r["status"]
         lines.append(
-            f"| {r['case']} | {r['B']} | {r['dtype']} | {r['method']} | {time} | "
+            f"| {r['case']} | {r['B']} | {r['dtype']} | "
+            f"{convergence_label(r['method'], r.get('converged'))} | {time} | "
             f"{r['error_median']:.2e} | {r['error_max']:.2e} |"
         )
     return lines
@@ -231,7 +253,7 @@ def _comparison_lines(table) -> list[str]:
         "method is).",
         "",
     ]
-    header = ["case", "dtype", "B", "best S-MNN", *others]
+    header = ["case", "dtype", "B", "best S-MNN", *(method_label(table, m) for m in others)]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for (case, dtype), rows in compared.groupby(["case", "dtype"], sort=False):
@@ -254,6 +276,7 @@ def _comparison_lines(table) -> list[str]:
                 cells.append(
                     f"time {_ratio(r['time_vs_best_smnn'])}, "
                     f"memory {_ratio(r['memory_vs_best_smnn'])}"
+                    + (f" ({NOT_CONVERGED})" if _not_converged(r) else "")
                 )
         lines.append("| " + " | ".join(cells) + " |")
     lines += _target_lines(table)
@@ -374,7 +397,14 @@ def markdown_report(
         if part.empty:
             continue
         lines += ["", f"## {title}", ""]
-        header = ["case", "B", "T", "D", "R", *(f"{m} {d}" for m, d in columns)]
+        header = [
+            "case",
+            "B",
+            "T",
+            "D",
+            "R",
+            *(f"{method_label(table, m)} {d}" for m, d in columns),
+        ]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for case in dict.fromkeys(part["case"]):

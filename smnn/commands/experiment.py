@@ -201,7 +201,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.baseline is not None:
         task = experiment.build_baseline_task(settings, args.baseline, Path(args.data), device)
     else:
-        task = experiment.build_task(settings, args.solver, Path(args.data), device)
+        task = experiment.build_task(
+            settings, args.solver, Path(args.data), device, threads=context.threads
+        )
     out.mkdir(parents=True, exist_ok=True)
     identity = {
         "experiment": args.experiment,
@@ -393,11 +395,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 baseline_models,
             )  # fmt: skip
         if args.solver == "mnn_cg":
-            print(cg.summary(), file=sys.stderr, flush=True)
-            result.metrics.update(cg.as_metrics())
+            # merged with the training's record the evaluation may carry (Lorenz): an
+            # evaluation that solved nothing never marks a non-converged model as converged
+            cg_metrics = cg.merged_metrics(result.metrics)
+            if cg.converged and cg_metrics["cg_converged"] == 0.0:
+                print(
+                    "mnn_cg did NOT converge in the training of this model (its cg_* metrics "
+                    "are carried into metrics.json); the evaluation's own CG solves converged",
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
+            else:
+                print(cg.summary(), file=sys.stderr, flush=True)
+            result.metrics.update(cg_metrics)
             document = read_json(out / "metrics.json", "metrics file")
-            atomic_write_json({**document, **cg.as_metrics()}, out / "metrics.json")
-            result.tags["cg_converged"] = str(cg.converged).lower()
+            atomic_write_json({**document, **cg_metrics}, out / "metrics.json")
+            result.tags["cg_converged"] = str(cg_metrics["cg_converged"] == 1.0).lower()
         tracker.set_tags(result.tags)
         tracker.log_metrics(result.metrics)
         tracker.log_artifact(out / "metrics.json")

@@ -44,7 +44,9 @@ the original faithfully, and its non-convergence is a property of the method at 
 cap. It is therefore marked wherever its numbers appear: each solve warns
 (:class:`MNNConvergenceWarning`), and a job collects them with :func:`record_convergence` into
 one summary line and the metrics ``cg_converged``, ``cg_unconverged_solves`` and
-``cg_worst_relative_residual`` next to its results.
+``cg_worst_relative_residual`` next to its results. Tables, legends, titles and summary lines
+name such results with :func:`convergence_label` (``mnn_cg (not converged)``), the one helper
+every output uses (the Lorenz evaluation and figures, the SST scaling study, the benchmark).
 
 Both solvers build the same structured C^T C (:class:`_BandedGram`: the bands of m x m blocks,
 m = D*R, of the u-part plus the dense eps row) with vectorised tensor ops from the inputs; the
@@ -55,9 +57,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +74,9 @@ __all__ = [
     "MNNConvergenceWarning",
     "ConvergenceRecord",
     "record_convergence",
+    "NOT_CONVERGED",
+    "converged_flag",
+    "convergence_label",
 ]
 
 Weight = float | torch.Tensor
@@ -151,9 +157,23 @@ class ConvergenceRecord:
             "cg_worst_relative_residual": float(self.worst_residual),
         }
 
+    def merged_metrics(self, earlier: Mapping[str, Any]) -> dict[str, float]:
+        """:meth:`as_metrics` combined with an earlier record's metrics in ``earlier`` (e.g. a
+        model's training record, carried into its evaluation's metrics): converged only when
+        both are, solves summed, the worse residual. Keys absent from ``earlier``: this
+        record alone (an evaluation that solved nothing never hides a training that did not
+        converge)."""
+        out = self.as_metrics()
+        if converged_flag(earlier.get("cg_converged")) is False:
+            out["cg_converged"] = 0.0
+        out["cg_unconverged_solves"] += float(earlier.get("cg_unconverged_solves", 0.0) or 0.0)
+        worst = float(earlier.get("cg_worst_relative_residual", 0.0) or 0.0)
+        out["cg_worst_relative_residual"] = max(out["cg_worst_relative_residual"], worst)
+        return out
+
 
 @contextmanager
-def record_convergence() -> Iterator[ConvergenceRecord]:
+def record_convergence(into: ConvergenceRecord | None = None) -> Iterator[ConvergenceRecord]:
     """Collect :class:`MNNConvergenceWarning` raised inside the block into a
     :class:`ConvergenceRecord` instead of printing one warning per solve; other warnings pass
     through. A job prints :meth:`ConvergenceRecord.summary` once and stores
@@ -163,9 +183,12 @@ def record_convergence() -> Iterator[ConvergenceRecord]:
             trainer.fit()
         print(cg.summary())
 
+    ``into``: an existing record to add to (several blocks, e.g. each measured step of a case,
+    collected into one); default a new one.
+
     Uses :func:`warnings.catch_warnings`, so it belongs around work in the job's main thread.
     """
-    record = ConvergenceRecord()
+    record = ConvergenceRecord() if into is None else into
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MNNConvergenceWarning)
@@ -177,6 +200,48 @@ def record_convergence() -> Iterator[ConvergenceRecord]:
                 record.add(w.message)
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+NOT_CONVERGED = "not converged"  # the mark beside every result of a non-converged solve
+
+
+def converged_flag(value: object) -> bool | None:
+    """Whether a recorded convergence value says converged: ``True``/``False``, or ``None`` when
+    nothing was recorded or it does not apply (a direct solver).
+
+    Accepts what the outputs hold: bools (numpy's too), the metric ``cg_converged`` (1.0/0.0,
+    NaN), the strings of a CSV read back (``"True"``, ``"false"``, ``""``) and ``None``.
+
+    Raises:
+        ValueError: for any other value (naming it).
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("", "nan", "none", "n/a"):
+            return None
+        if text in ("true", "1", "1.0"):
+            return True
+        if text in ("false", "0", "0.0"):
+            return False
+        raise ValueError(f"not a convergence flag: {value!r} (true, false or empty)")
+    try:
+        number = float(value)  # bool, numpy bool, int, float
+    except (TypeError, ValueError):
+        raise ValueError(f"not a convergence flag: {value!r}") from None
+    if math.isnan(number):
+        return None
+    if number not in (0.0, 1.0):
+        raise ValueError(f"not a convergence flag: {value!r} (1 or 0)")
+    return number == 1.0
+
+
+def convergence_label(name: str, converged: object) -> str:
+    """``name`` as a table, legend, title or summary line shows it: ``"mnn_cg (not
+    converged)"`` when ``converged`` (any value :func:`converged_flag` reads) says it did not
+    converge, else ``name`` unchanged (converged, or not applicable)."""
+    return f"{name} ({NOT_CONVERGED})" if converged_flag(converged) is False else name
 
 
 # ----------------------------------------------------------------------------- C^T C, banded

@@ -4,6 +4,13 @@ The recovered coefficients ``xi`` against the truth (errors; terms wrongly kept,
 with the wrong sign), the recovered equations simulated with scipy from the data's initial state
 against the true trajectory, the denoiser's error against the clean data, and the figures of
 :mod:`smnn.experiments.lorenz.figures`; :func:`evaluate` writes ``metrics.json`` and the plots.
+
+A model trained with a solver whose CG solves did not converge (``mnn_cg``: its training
+recorded ``cg_converged`` 0 in the model's final metrics) is marked wherever its numbers
+appear: ``metrics.json`` carries ``"converged": false`` and the ``cg_*`` metrics of its
+training, the summary lines and the figures' titles say ``mnn_cg (not converged)``
+(:func:`smnn.solver.mnn.convergence_label`). Solvers with nothing to converge (direct solvers)
+carry no such key.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from smnn.experiments.lorenz.models import lorenz_library, true_coefficients
 from smnn.experiments.lorenz.settings import LorenzSettings
 from smnn.experiments.lorenz.tasks import load_model
 from smnn.io import atomic_write_json
+from smnn.solver.mnn import converged_flag, convergence_label
 
 __all__ = ["coefficient_metrics", "simulate", "simulation_metrics", "evaluate"]
 
@@ -146,20 +154,26 @@ def evaluate(
         x_hat = model.denoise(windows.double())
     target = make_windows(clean, starts, settings.data.window)
     metrics["denoise_rmse_vs_clean"] = float(torch.sqrt(torch.mean((x_hat - target) ** 2)))
-    final_loss = payload.get("final_metrics", {}).get("final_train_loss")
+    final_metrics = payload.get("final_metrics", {})
+    final_loss = final_metrics.get("final_train_loss")
     if final_loss is not None:
         metrics["train_final_loss"] = float(final_loss)
+    # the training's CG record (mnn_cg): carried next to every number the model produced
+    cg_metrics = {k: float(v) for k, v in final_metrics.items() if k.startswith("cg_")}
+    metrics.update(cg_metrics)
+    converged = converged_flag(cg_metrics.get("cg_converged"))
+    label = f"solver {convergence_label(solver, converged)}"
 
     files = [
-        plot_trajectories(clean[:n_sim], sim, plots / "trajectories.png", f"solver {solver}"),
+        plot_trajectories(clean[:n_sim], sim, plots / "trajectories.png", label),
         plot_time_series(
-            clean[:n_sim], sim, settings.data.dt, plots / "time_series.png", f"solver {solver}"
+            clean[:n_sim], sim, settings.data.dt, plots / "time_series.png", label
         ),
         plot_losses(
             payload.get("history", []), payload.get("step_losses", []),
-            settings.epochs_per_cycle, plots / "loss.png", f"solver {solver}",
+            settings.epochs_per_cycle, plots / "loss.png", label,
         ),
-        plot_coefficients(library, xi, truth, plots / "coefficients.png", f"solver {solver}"),
+        plot_coefficients(library, xi, truth, plots / "coefficients.png", label),
     ]  # fmt: skip
     equations = library.equations(xi)
     document = {
@@ -172,13 +186,21 @@ def evaluate(
         "true_coefficients": truth.tolist(),
         "terms": list(library.names),
     }
+    if converged is not None:
+        document["converged"] = converged
     atomic_write_json(document, out_dir / "metrics.json")
     summary = [
-        "recovered equations:",
+        f"{label}: recovered equations:",
         *(f"  {line}" for line in equations),
         f"terms wrongly kept {metrics['n_wrongly_kept']:.0f}, wrongly dropped "
         f"{metrics['n_wrongly_dropped']:.0f}, sign errors {metrics['n_sign_errors']:.0f}; "
         f"simulation valid for {metrics['simulation_valid_time']:.2f} time units",
     ]
+    if converged is False:
+        summary.append(
+            f"{label}: the model was trained with {cg_metrics.get('cg_unconverged_solves', 0):.0f} "
+            "CG solve(s) stopped at the iteration cap; these numbers come from the last "
+            "iterates, not from solutions of the MNN problem"
+        )
     tags = {"train_run_id": payload["run_id"]} if payload.get("run_id") else {}
     return Evaluation(metrics, document, files, tags, summary)

@@ -4,6 +4,10 @@
 - :func:`plot_time_series`: x, y, z against time, true and recovered;
 - :func:`plot_losses`: the loss per epoch (thresholding cycles marked) and per optimisation step;
 - :func:`plot_coefficients`: recovered against true coefficients, one panel per equation.
+
+Each takes a ``title`` (the evaluation passes ``solver <name>``, with the mark of
+:func:`smnn.solver.mnn.convergence_label` -- ``solver mnn_cg (not converged)`` -- for a model
+whose CG solves did not converge), drawn above the panels and stored as the PNG's ``Title``.
 """
 
 from __future__ import annotations

@@ -29,10 +29,18 @@ Statuses (column ``status``):
   a CPU, where MNN dense's O(T^3) factorization and MNN CG's 200 iterations grow fast;
 - ``failed``: the case raised; the message is in ``note``; the study goes on.
 
+Convergence (column ``converged``): for a solver that reports it (``mnn_cg``), whether every CG
+solve of the case's measured steps (warm-up included) reached its tolerance, collected with
+:func:`smnn.solver.mnn.record_convergence`; empty for direct solvers and for cases not run.
+A case that did not converge is measured like any other, but its label reads ``mnn_cg (not
+converged)`` (:func:`smnn.solver.mnn.convergence_label`) in the progress line, the Markdown
+table and the figure's legend: its time is that of 200 iterations that stop short of a solution.
+
 Outputs (in ``out``): ``scaling.csv`` (one row per length and solver: length, solver, status,
-time_ms, min_ms, warmup_ms, peak_mb, predicted_mb, device, dtype, threads, batch_size, repeats,
-note), ``scaling.png`` (log-log time and memory against length, one line per solver, cases out
-of memory marked at their predicted memory), ``scaling.md`` (the table, and the smnn / mnn_dense
+converged, time_ms, min_ms, warmup_ms, peak_mb, predicted_mb, device, dtype, threads,
+batch_size, repeats, note), ``scaling.png`` (log-log time and memory against length, one line
+per solver, cases out of memory marked at their predicted memory), ``scaling.md`` (the table,
+and the smnn / mnn_dense
 time and memory ratios at 208 weeks beside the paper's: 4.9x faster with half the memory; MNN
 dense out of memory beyond 104 weeks on an 80 GB GPU at the paper's batch) and one MLflow run in
 the experiment ``sst``.
@@ -63,6 +71,12 @@ from smnn.experiments.step_cost import (
     predict_dense_peak_bytes,
 )
 from smnn.memory import solver_step_bytes
+from smnn.solver.mnn import (
+    ConvergenceRecord,
+    converged_flag,
+    convergence_label,
+    record_convergence,
+)
 from smnn.solver.registry import solver_info, solver_names
 
 __all__ = [
@@ -91,8 +105,8 @@ __all__ = [
 MLFLOW_EXPERIMENT = "sst"
 OUTPUT_FILES = ("scaling.csv", "scaling.md", "scaling.png")
 COLUMNS = [
-    "length", "solver", "status", "time_ms", "min_ms", "warmup_ms", "peak_mb", "predicted_mb",
-    "device", "dtype", "threads", "batch_size", "repeats", "note",
+    "length", "solver", "status", "converged", "time_ms", "min_ms", "warmup_ms", "peak_mb",
+    "predicted_mb", "device", "dtype", "threads", "batch_size", "repeats", "note",
 ]  # fmt: skip
 TIME_BUDGET_S = 2.0
 QUICK_TIME_BUDGET_S = 0.5
@@ -284,11 +298,36 @@ def _print(line: str) -> None:
 def _progress_line(row: Mapping[str, Any], done: int, total: int, elapsed_s: float) -> str:
     """``[sst-scaling 3/15 0:12] mnn_dense T=208: 812 ms (median of 3), 310 MB``."""
     minutes, seconds = divmod(int(elapsed_s), 60)
-    head = f"[sst-scaling {done}/{total} {minutes}:{seconds:02d}] {row['solver']} T={row['length']}"
+    name = convergence_label(row["solver"], row.get("converged"))
+    head = f"[sst-scaling {done}/{total} {minutes}:{seconds:02d}] {name} T={row['length']}"
     if row["status"] != "ok":
         return f"{head}: {row['status']} ({row['note']})"
     text = f"{head}: {row['time_ms']:.4g} ms (median of {row['repeats']}), {row['peak_mb']:.4g} MB"
     return f"{text}; {row['note']}" if row["note"] else text
+
+
+def _recorded_case(
+    make_step: StepFactory,
+    solver: str,
+    length: int,
+    settings: ScalingSettings,
+    device: torch.device,
+    record: ConvergenceRecord,
+) -> Callable[[], Callable[[], Any]]:
+    """The case's step factory for :func:`measure_case`: its steps collect their CG
+    convergence warnings into ``record`` (one summary per case instead of a warning per solve,
+    and never lost in the step's warning note)."""
+
+    def build() -> Callable[[], Any]:
+        step = make_step(solver, length, settings, device)
+
+        def run() -> Any:
+            with record_convergence(into=record):
+                return step()
+
+        return run
+
+    return build
 
 
 def _compile(
@@ -342,11 +381,13 @@ def run_study(
             predicted = solver_step_bytes(
                 solver, settings.batch_size, length, 1, N_ORDERS, settings.torch_dtype
             )
+            converged = None  # not run, or nothing to converge
             if solver in slow and not (predicted is not None and predicted > budget):
                 cost = StepCost("skipped_slow", predicted_mb=_mb(predicted), note=slow[solver])
             else:
+                cg = ConvergenceRecord()  # the case's CG solves, warm-up included
                 cost = measure_case(
-                    lambda s=solver, t=length: make_step(s, t, settings, device),
+                    _recorded_case(make_step, solver, length, settings, device, cg),
                     device,
                     repeats=settings.repeats,
                     time_budget_s=settings.time_budget_s,
@@ -354,6 +395,11 @@ def run_study(
                     predicted_bytes=predicted,
                     budget_bytes=budget,
                 )
+                if cost.status == "ok" and (cg.solves or solver_info(solver).reports_convergence):
+                    converged = cg.converged
+                    if not converged:
+                        note = "; ".join(filter(None, [cost.note, cg.summary()]))
+                        cost = replace(cost, note=note)
                 took_ms = cost.time_ms if cost.status == "ok" else cost.warmup_ms
                 if took_ms > 1e3 * settings.time_budget_s:  # NaN: False
                     slow[solver] = (
@@ -364,6 +410,7 @@ def run_study(
                 "length": length,
                 "solver": solver,
                 **cost.as_row(),
+                "converged": converged,
                 "device": str(device),
                 "dtype": settings.dtype,
                 "threads": threads,
@@ -481,8 +528,9 @@ def scaling_markdown(
     ]
     for _, r in table.iterrows():
         note = str(r["note"]).replace("|", "/")
+        name = convergence_label(r["solver"], r.get("converged"))
         lines.append(
-            f"| {r['length']} | {r['solver']} | {r['status']} | {_fmt(r['time_ms'])} | "
+            f"| {r['length']} | {name} | {r['status']} | {_fmt(r['time_ms'])} | "
             f"{_fmt(r['peak_mb'])} | {_fmt(r['predicted_mb'])} | {note} |"
         )
     length = comparison["length"]
@@ -529,8 +577,9 @@ def scaling_figure(table, quick: bool = False):
     fig, (ax_t, ax_m) = new_figure(1, 2, size=(11, 4.4))
     for i, (solver, part) in enumerate(table.groupby("solver", sort=False)):
         color = f"C{i % 10}"
-        label = solver_info(solver).label
         ok = part[part["status"] == "ok"].sort_values("length")
+        unconverged = any(converged_flag(c) is False for c in ok.get("converged", []))
+        label = convergence_label(solver_info(solver).label, False if unconverged else None)
         ax_t.plot(ok["length"], ok["time_ms"], "o-", color=color, ms=4, label=label)
         ax_m.plot(ok["length"], ok["peak_mb"].clip(lower=1e-3), "o-", color=color, ms=4,
                   label=label)  # fmt: skip

@@ -88,7 +88,7 @@ class Toy(Experiment):
     def describe(self, settings):
         return "toy decay"
 
-    def build_task(self, settings, solver, data_path, device):
+    def build_task(self, settings, solver, data_path, device, threads=None):
         y = torch.from_numpy(open_dataset(data_path, ("y",))["y"].values)
         return Task(y, solver, settings.lr)
 

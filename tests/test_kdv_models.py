@@ -331,6 +331,9 @@ def test_training_too_large_for_memory_stops_before_allocating(store):
     with pytest.raises(MemoryBudgetError, match=r"solver .*kdv.train.batch_size"):
         EXPERIMENT.build_task(make_settings(**{"train.memory_budget_gb": 1e-6}), "smnn", store, cpu)
     assert EXPERIMENT.build_task(make_settings(), "smnn", store, cpu).model is not None
+    # the job's thread count (its run context) reaches the model's MNN layer
+    task = EXPERIMENT.build_task(make_settings(), "smnn", store, cpu, threads=2)
+    assert task.model.layer.threads == 2 and task.model.layer.options["threads"] == 2
 
 
 def test_experiment_object():

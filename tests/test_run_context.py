@@ -115,3 +115,35 @@ def test_bad_threads_are_refused_by_name(bad, entry):
             ode_forward(c, b, u0, h, threads=bad)
         else:
             factorize(c, h, n_init_orders=1, threads=bad)
+
+
+# ------------------------------------------------------------------ the MNN layer and the tasks
+
+
+def test_mnn_layer_passes_threads_to_ode_forward_and_factorize(torch_threads):
+    from smnn.experiments.mnn_layer import MnnLayer
+
+    c, b, u0, h = random_problem(batch=(2, 2), T=8, c_batch=(2, 1), h_batch=(2, 1), seed=8)
+    torch.set_num_threads(2)
+    expected = _solve((c, b, u0, h))
+    torch.set_num_threads(1)
+    layer = MnnLayer("smnn", threads=2)
+    leaves = [x.detach().clone().requires_grad_() for x in (c, b, u0, h)]
+    u = layer(leaves[1], leaves[2], leaves[0], leaves[3])
+    weight = torch.randn(u.shape, generator=torch.Generator().manual_seed(0), dtype=u.dtype)
+    (u * weight).sum().backward()
+    for label, a, e in zip(LABELS, [u.detach(), *(x.grad for x in leaves)], expected, strict=True):
+        assert torch.equal(a, e), label
+    frozen = MnnLayer("smnn", threads=2).freeze_lhs(c[:, :1], h[:, :1], n_steps=8, n_init_orders=1)
+    assert frozen._frozen.factorization.factor.threads == 2
+    assert torch.get_num_threads() == 1
+    # the solvers without a thread count ignore it
+    assert MnnLayer("mnn_dense", threads=2).options == {}
+
+
+def test_lorenz_window_ode_takes_the_thread_count():
+    from smnn.experiments.lorenz.models import WindowOde
+
+    ode = WindowOde("smnn", 6, 0.01, torch.float64, torch.device("cpu"), threads=2)
+    assert ode.layer.threads == 2
+    assert ode.layer._frozen.factorization.factor.threads == 2

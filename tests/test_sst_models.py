@@ -293,8 +293,9 @@ def test_float32_qr_training_from_the_settings(store_all, tmp_path):
     settings = settings_of(config)
     assert settings.solve_args() == {"solve_dtype": torch.float32, "solve_method": "qr"}
     seed_everything(3)
-    task = EXPERIMENT.build_task(settings, "smnn", store_all, torch.device("cpu"))
+    task = EXPERIMENT.build_task(settings, "smnn", store_all, torch.device("cpu"), threads=1)
     assert task.model.layer.method == "qr" and task.model.solve_dtype == torch.float32
+    assert task.model.layer.options["threads"] == 1  # the job's thread count reaches the layer
     result = _train(task, tmp_path, None)
     losses = [r["train_loss"] for r in result.history]
     assert len(losses) == 2 and all(np.isfinite(losses)) and losses[-1] < losses[0], losses

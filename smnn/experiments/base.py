@@ -167,9 +167,17 @@ class Experiment:
         raise NotImplementedError
 
     def build_task(
-        self, settings: Any, solver: str, data_path: Path, device: torch.device
+        self,
+        settings: Any,
+        solver: str,
+        data_path: Path,
+        device: torch.device,
+        threads: int | None = None,
     ) -> TrainingTask:
-        """The training task (:class:`smnn.training.TrainingTask`) for one solver."""
+        """The training task (:class:`smnn.training.TrainingTask`) for one solver.
+        ``threads``: the job's thread count (:class:`smnn.jobs.RunContext`), for the MNN
+        layer (:class:`~smnn.experiments.mnn_layer.MnnLayer`, ``threads``); None: torch's
+        count."""
         raise NotImplementedError
 
     def model_payload(self, task: TrainingTask) -> dict[str, Any]:

@@ -42,6 +42,10 @@ class MnnLayer:
             row weights), passed to every solve.
         method: the ``smnn`` solver's method (:func:`smnn.ode_forward`: ``auto``,
             ``sequential``, ``cyclic`` or ``qr``); the other solvers have none and ignore it.
+        threads: the ``smnn`` solver's thread count (``threads`` of :func:`smnn.ode_forward`
+            and :func:`smnn.factorize`: the CPU lane engines' threads; a job passes its run
+            context's, :class:`smnn.jobs.RunContext`); None: torch's count. The other solvers
+            run torch operations on torch's count and ignore it.
     """
 
     def __init__(
@@ -52,11 +56,13 @@ class MnnLayer:
         weight_init_var: float = 1.0,
         weight_smooth: float = 1.0,
         method: str = "auto",
+        threads: int | None = None,
     ):
         self.info: SolverInfo = solver_info(solver)
         self.method = method
-        # only ode_forward / factorize (solver smnn) take a method
-        self.options = {"method": method} if self.info.name == "smnn" else {}
+        self.threads = threads
+        # only ode_forward / factorize (solver smnn) take a method and a thread count
+        self.options = {"method": method, "threads": threads} if self.info.name == "smnn" else {}
         self.weights = {
             "weight_equation": weight_equation,
             "weight_init_var": weight_init_var,

@@ -129,10 +129,10 @@ class KdvExperiment(Experiment):
             f"{'all' if s.n_trajectories is None else s.n_trajectories} test trajectories"
         )
 
-    def build_task(self, settings, solver, data_path, device):
+    def build_task(self, settings, solver, data_path, device, threads=None):
         from smnn.experiments.kdv.tasks import build_task
 
-        return build_task(settings, solver, data_path, device)
+        return build_task(settings, solver, data_path, device, threads)
 
     def model_payload(self, task) -> dict[str, Any]:
         from smnn.experiments.kdv.tasks import model_payload

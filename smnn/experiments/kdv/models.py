@@ -112,12 +112,15 @@ class KdvModel(nn.Module):
             to the model's dtype); None = the model's dtype. Default :data:`SOLVE_DTYPE`.
         solve_method: the ``smnn`` solver's method (:func:`smnn.ode_forward`); ``auto`` picks
             the orthogonal (QR) solve in float32 and LDL^T in float64.
+        threads: the solver's thread count (:class:`~smnn.experiments.mnn_layer.MnnLayer`;
+            None: torch's count); not in ``state_dict``.
     """
 
     def __init__(
         self, n_x: int, window: int, base_filters: int, kernel_size: int, n_blocks: int,
         double_every: int, init_hidden: int, step_floor: float, solver: str = "smnn",
         solve_dtype: torch.dtype | None = SOLVE_DTYPE, solve_method: str = "auto",
+        threads: int | None = None,
     ):  # fmt: skip
         super().__init__()
         if window < 2 or n_x < 1:
@@ -141,7 +144,7 @@ class KdvModel(nn.Module):
         start = (STEP_INIT - step_floor) / (1.0 - step_floor)  # sigmoid of the first step
         nn.init.constant_(self.step_head.bias, math.log(start / (1.0 - start)))
         self.solve_dtype = solve_dtype
-        self.layer = MnnLayer(solver, method=solve_method)
+        self.layer = MnnLayer(solver, method=solve_method, threads=threads)
 
     @property
     def solver(self) -> str:

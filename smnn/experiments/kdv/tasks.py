@@ -28,13 +28,15 @@ class KdvTask:
         train, valid: ``(n, T, n_x)`` the train and valid trajectories on the training device
             in the training dtype.
         solver: the MNN layer's solver.
+        threads: the solver's thread count (the job's run context; None: torch's count).
     """
 
     kind = MODEL_KIND
 
     def __init__(
-        self, settings: KdvSettings, train: torch.Tensor, valid: torch.Tensor, solver: str
-    ):
+        self, settings: KdvSettings, train: torch.Tensor, valid: torch.Tensor, solver: str,
+        threads: int | None = None,
+    ):  # fmt: skip
         w = settings.window
         for name, data in (("train", train), ("valid", valid)):
             if data.ndim != 3 or data.shape[0] < 1 or data.shape[1] < 2 * w - 1:
@@ -47,7 +49,10 @@ class KdvTask:
         self.settings, self.train, self.valid = settings, train, valid
         _check_memory(settings, solver, train.shape[2], train.device)
         self.model = KdvModel(
-            **settings.model_args(train.shape[2]), solver=solver, **settings.solve_args()
+            **settings.model_args(train.shape[2]),
+            solver=solver,
+            **settings.solve_args(),
+            threads=threads,
         ).to(device=train.device, dtype=settings.torch_dtype)
         self.n_starts = train.shape[1] - 2 * w + 2  # window starts per train trajectory
         self.random_windows = settings.windows_per_epoch is not None
@@ -164,14 +169,19 @@ def _check_memory(settings: KdvSettings, solver: str, n_x: int, device: torch.de
 
 
 def build_task(
-    settings: KdvSettings, solver: str, data_path: str | Path, device: torch.device
+    settings: KdvSettings,
+    solver: str,
+    data_path: str | Path,
+    device: torch.device,
+    threads: int | None = None,
 ) -> KdvTask:
-    """The KdV training task on the train split of ``data_path`` (valid split for validation)."""
+    """The KdV training task on the train split of ``data_path`` (valid split for validation);
+    ``threads``: the solver's thread count (None: torch's count)."""
     store = open_store(data_path, settings.source)
     dtype = settings.torch_dtype
     train = store.read("train", dtype=dtype, device=device)
     valid = store.read("valid", dtype=dtype, device=device)
-    return KdvTask(settings, train, valid, solver)
+    return KdvTask(settings, train, valid, solver, threads)
 
 
 def model_payload(task: KdvTask) -> dict[str, Any]:

@@ -79,10 +79,10 @@ class LorenzExperiment(Experiment):
             f"epochs, batch {s.batch_size}, lr {s.lr}, {s.dtype}, threshold {s.threshold}"
         )
 
-    def build_task(self, settings, solver, data_path, device):
+    def build_task(self, settings, solver, data_path, device, threads=None):
         from smnn.experiments.lorenz.tasks import build_task
 
-        return build_task(settings, solver, data_path, device)
+        return build_task(settings, solver, data_path, device, threads)
 
     def model_payload(self, task) -> dict[str, Any]:
         from smnn.experiments.lorenz.tasks import model_payload

@@ -88,18 +88,21 @@ class WindowOde:
         n_steps: T, points per window.
         dt: the step.
         dtype, device: of the coefficients and step (and of the right-hand sides passed in).
+        threads: the solver's thread count (:class:`~smnn.experiments.mnn_layer.MnnLayer`;
+            None: torch's count).
     """
 
     def __init__(
-        self, solver: str, n_steps: int, dt: float, dtype: torch.dtype, device: torch.device
-    ):
+        self, solver: str, n_steps: int, dt: float, dtype: torch.dtype, device: torch.device,
+        threads: int | None = None,
+    ):  # fmt: skip
         self.n_steps = n_steps
         # c[t, e, d, k]: one equation 0 * u + 1 * u' + 0 * u'' = rhs, shared by all steps
         coefficients = torch.tensor([0.0, 1.0, 0.0], dtype=dtype, device=device).view(
             1, 1, 1, N_ORDERS
         )
         steps = torch.full((1,), dt, dtype=dtype, device=device)
-        self.layer = MnnLayer(solver).freeze_lhs(
+        self.layer = MnnLayer(solver, threads=threads).freeze_lhs(
             coefficients, steps, n_steps=n_steps, n_init_orders=1
         )
 

@@ -17,7 +17,8 @@ STEP_LOSS_POINTS = 1000  # per-step losses kept for the loss-curve figure (paper
 
 
 class LorenzTask:
-    """The Lorenz experiment as a :class:`smnn.training.TrainingTask`."""
+    """The Lorenz experiment as a :class:`smnn.training.TrainingTask`; ``threads``: the
+    solver's thread count (the job's run context; None: torch's count)."""
 
     def __init__(
         self,
@@ -25,6 +26,7 @@ class LorenzTask:
         windows: torch.Tensor,
         solver: str,
         device: torch.device,
+        threads: int | None = None,
     ):
         self.settings = settings
         self.library = lorenz_library()
@@ -34,7 +36,9 @@ class LorenzTask:
         self.model = LorenzModel(
             settings.data.window, settings.hidden, settings.latent, self.library.n_terms, 3
         ).to(device=device, dtype=dtype)
-        self.ode = WindowOde(solver, settings.data.window, settings.data.dt, dtype, device)
+        self.ode = WindowOde(
+            solver, settings.data.window, settings.data.dt, dtype, device, threads=threads
+        )
         self.n_epochs = settings.n_epochs
         self.n_samples = int(self.windows.shape[0])
         self.batch_size = settings.batch_size
@@ -114,14 +118,19 @@ def _check_memory(
 
 
 def build_task(
-    settings: LorenzSettings, solver: str, data_path: str | Path, device: torch.device
+    settings: LorenzSettings,
+    solver: str,
+    data_path: str | Path,
+    device: torch.device,
+    threads: int | None = None,
 ) -> LorenzTask:
-    """The training task: windows of the observed trajectory in ``data_path``."""
+    """The training task: windows of the observed trajectory in ``data_path``; ``threads``:
+    the solver's thread count (None: torch's count)."""
     ds = load_lorenz(data_path, settings.data)
     series = ds["observed"].values
     starts = window_starts(series.shape[0], settings.data.window, settings.max_windows)
     windows = make_windows(series, starts, settings.data.window)
-    return LorenzTask(settings, windows, solver, device)
+    return LorenzTask(settings, windows, solver, device, threads)
 
 
 def model_payload(task: LorenzTask) -> dict[str, Any]:

@@ -138,10 +138,10 @@ class SstExperiment(Experiment):
             f"and forecasts {s.forecast_weeks} test weeks"
         )
 
-    def build_task(self, settings, solver, data_path, device):
+    def build_task(self, settings, solver, data_path, device, threads=None):
         from smnn.experiments.sst.tasks import build_mi_task
 
-        return build_mi_task(settings, solver, data_path, device)
+        return build_mi_task(settings, solver, data_path, device, threads)
 
     def build_baseline_task(self, settings, baseline, data_path, device):
         if baseline != ADAGVAE:

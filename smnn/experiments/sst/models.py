@@ -93,12 +93,15 @@ class MechanisticIdentifier(nn.Module):
             to the model's dtype); None (default) = the model's dtype.
         solve_method: the ``smnn`` solver's method (:func:`smnn.ode_forward`); ``auto`` picks
             the orthogonal (QR) solve in float32 and LDL^T in float64.
+        threads: the solver's thread count (:class:`~smnn.experiments.mnn_layer.MnnLayer`;
+            None: torch's count); not in ``state_dict``.
     """
 
     def __init__(
         self, window: int, n_dct: int, encoder_hidden: int, encoder_layers: int, latents: int,
         shared_latents: int, decoder_hidden: int, n_init: int, solver: str = "smnn",
         solve_dtype: torch.dtype | None = None, solve_method: str = "auto",
+        threads: int | None = None,
     ):  # fmt: skip
         super().__init__()
         if not 0 <= shared_latents <= latents:
@@ -116,7 +119,7 @@ class MechanisticIdentifier(nn.Module):
         nn.init.zeros_(last.weight)
         nn.init.constant_(last.bias, math.log(STEP_INIT / (1.0 - STEP_INIT)))
         self.solve_dtype = solve_dtype
-        self.layer = MnnLayer(solver, method=solve_method)
+        self.layer = MnnLayer(solver, method=solve_method, threads=threads)
 
     @property
     def solver(self) -> str:

@@ -128,18 +128,19 @@ def _check_memory(settings: SstSettings, solver: str, device: torch.device) -> N
 
 
 class MiTask(_SstTask):
-    """The Mechanistic Identifier as a :class:`smnn.training.TrainingTask`."""
+    """The Mechanistic Identifier as a :class:`smnn.training.TrainingTask`; ``threads``: the
+    solver's thread count (the job's run context; None: torch's count)."""
 
     kind = MI_KIND
 
     def __init__(
         self, settings: SstSettings, sampler: PairSampler, store: SstStore | None, solver: str,
-        device: torch.device,
+        device: torch.device, threads: int | None = None,
     ):  # fmt: skip
         super().__init__(settings, sampler, store)
         _check_memory(settings, solver, device)
         self.model = MechanisticIdentifier(
-            **settings.mi_args(), solver=solver, **settings.solve_args()
+            **settings.mi_args(), solver=solver, **settings.solve_args(), threads=threads
         ).to(device=device, dtype=settings.torch_dtype)
         self._step_sum = 0.0
         self._step_n = 0
@@ -220,11 +221,16 @@ def _sampler(settings: SstSettings, store: SstStore, device: torch.device) -> Pa
 
 
 def build_mi_task(
-    settings: SstSettings, solver: str, data_path: str | Path, device: torch.device
+    settings: SstSettings,
+    solver: str,
+    data_path: str | Path,
+    device: torch.device,
+    threads: int | None = None,
 ) -> MiTask:
-    """The identifier's training task on the training period of ``data_path``."""
+    """The identifier's training task on the training period of ``data_path``; ``threads``:
+    the solver's thread count (None: torch's count)."""
     store = open_store(data_path, settings)
-    return MiTask(settings, _sampler(settings, store, device), store, solver, device)
+    return MiTask(settings, _sampler(settings, store, device), store, solver, device, threads)
 
 
 def build_adagvae_task(

@@ -29,7 +29,6 @@ __all__ = [
     "job_config",
     "job_settings",
     "apply_threads",
-    "resolve_job_device",
     "RunContext",
     "run_context",
     "clean_errors",
@@ -121,17 +120,6 @@ def apply_threads(config: Config) -> int:
     return n
 
 
-def resolve_job_device(config: Config) -> torch.device:
-    """The torch device for ``device`` (``auto``: CUDA when present); a missing GPU is a config
-    error."""
-    from smnn.training import resolve_device
-
-    try:
-        return resolve_device(config.get_str("device", choices=("auto", "cpu", "cuda")))
-    except RuntimeError as exc:
-        raise ConfigError(f"{config.source}: device: {exc}") from exc
-
-
 @dataclass(frozen=True)
 class RunContext:
     """What a job resolved once at its start and passes down: device, threads, seed."""
@@ -142,9 +130,16 @@ class RunContext:
 
 
 def run_context(config: Config) -> RunContext:
-    """Resolve the job's run context: torch's threads set, the device chosen, the seed read."""
+    """Resolve the job's run context: torch's threads set, the device chosen
+    (:func:`smnn.devices.resolve_device`; a missing GPU is a config error naming ``device``),
+    the seed read."""
+    from smnn.devices import resolve_device
+
     threads = apply_threads(config)
-    device = resolve_job_device(config)
+    try:
+        device = resolve_device(config.get_str("device", choices=("auto", "cpu", "cuda")))
+    except ValueError as exc:
+        raise ConfigError(f"{config.source}: {exc}") from exc
     return RunContext(device=device, threads=threads, seed=config.get_int("seed", min_value=0))
 
 

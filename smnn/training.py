@@ -86,7 +86,6 @@ __all__ = [
     "CheckpointLock",
     "CheckpointLocked",
     "seed_everything",
-    "resolve_device",
     "atomic_torch_save",
     "atomic_write_json",
 ]
@@ -340,17 +339,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -147,3 +147,24 @@ def test_lorenz_window_ode_takes_the_thread_count():
     ode = WindowOde("smnn", 6, 0.01, torch.float64, torch.device("cpu"), threads=2)
     assert ode.layer.threads == 2
     assert ode.layer._frozen.factorization.factor.threads == 2
+
+
+# ------------------------------------------------------------------ the one device resolver
+
+
+def test_device_resolver_accepts_the_names_and_names_the_key():
+    from smnn.devices import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "meta", "cpu:1", "", "cuda:x"):
+        with pytest.raises(ValueError, match=r"^--device must be one of auto, cpu, cuda, cuda:N"):
+            resolve_device(bad, what="--device")
+    beyond = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (cuda:0 without any)
+    with pytest.raises(ValueError, match=rf"^device: {beyond} was requested"):
+        resolve_device(beyond)
+    if torch.cuda.is_available():
+        assert resolve_device("cuda:0", what="--device") == torch.device("cuda:0")
+    else:
+        with pytest.raises(ValueError, match="^sst.device: cuda was requested but no CUDA"):
+            resolve_device("cuda", what="sst.device")

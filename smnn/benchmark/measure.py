@@ -75,7 +75,6 @@ __all__ = [
     "timed_step",
     "measure_case",
     "run_grid",
-    "resolve_device",
     "default_max_dense_bytes",
     "environment",
     "load_average",
@@ -431,21 +430,6 @@ def _empty_row(method: Method, shape: Shape, dtype: str, opts: GridOptions, thre
 # --------------------------------------------------------------------------------------------
 # Machine
 # --------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``, ``cpu`` or ``cuda[:n]`` -> a device (ValueError naming ``--device``)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"--device: {exc}") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu, cuda or auto, got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
-    return dev
 
 
 def _physical_memory_bytes() -> int:

@@ -73,12 +73,12 @@ from smnn.benchmark.measure import (
     default_max_dense_bytes,
     environment,
     load_average,
-    resolve_device,
     run_grid,
 )
 from smnn.benchmark.peer import load_peer
 from smnn.benchmark.report import TABLE_COLUMNS, floor_table, make_table, markdown_report
 from smnn.config import Config
+from smnn.devices import resolve_device
 from smnn.io import atomic_write, atomic_write_text
 from smnn.tracking import TrackingTarget
 
@@ -198,7 +198,7 @@ def plan_benchmark(
         bad = [g for g in groups if g not in GROUPS]
         if bad or not groups:
             raise ValueError(f"--groups: unknown {bad or 'empty list'}; choose from {GROUPS}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, what="--device")
     chosen = [METHODS[m] for m in dict.fromkeys(methods)]
     peer_methods = [p if isinstance(p, Method) else load_peer(p) for p in peers]
     names = [m.name for m in chosen + peer_methods]

@@ -83,7 +83,7 @@ def options_from_config(config: Config) -> dict:
 def run_command(args: argparse.Namespace) -> int:
     import torch
 
-    from smnn.training import resolve_device
+    from smnn.devices import resolve_device
 
     try:
         config = job_config(args.config) if args.config else None
@@ -99,7 +99,9 @@ def run_command(args: argparse.Namespace) -> int:
         if args.device is not None:
             opts["device"] = args.device
         solvers = check_solvers(opts.get("solvers"))
-        device = resolve_device(opts.get("device", "cpu"))
+        device = resolve_device(
+            opts.get("device", "cpu"), what="--device" if args.device is not None else "device"
+        )
         target = tracking_target(args, config)
         out = prepare_output_dir(args.out)
     except (ValueError, RuntimeError) as exc:  # ConfigError is a ValueError; no CUDA

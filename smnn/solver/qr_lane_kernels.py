@@ -49,10 +49,14 @@ results depend only on its own lanes, sums run in a fixed order.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
+
+from smnn.solver import lane_ops
 
 _OPTS = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 _helper = njit(**_OPTS)
@@ -60,6 +64,31 @@ _helper = njit(**_OPTS)
 # view or argument would cost an atomic increment and decrement); scratch comes from the caller
 _leaf = njit(_nrt=False, **_OPTS)
 _kernel = njit(parallel=True, **_OPTS)
+
+# The hottest lane loops (reflections, substitutions) at the two widths the engine uses, spelled
+# out lane by lane by lane_ops (one tuple assignment per operation, which LLVM's SLP vectoriser
+# turns into vector instructions) from qr_lane_helpers_source.py; any other width runs the
+# generic loops of this module. Both forms run the same operations in the same order per lane.
+# At W = 8, float64, one reflection of 8 rows: 116 ns generic, 49 ns spelled out.
+QR_OPS = {
+    **lane_ops.LANE_OPS,
+    "_subtract": lane_ops.LaneOp("dst, a", "dst[{i}] = dst[{i}] - a[{i}]", "dst -= a."),
+    "_divide": lane_ops.LaneOp("dst, a, b", "dst[{i}] = a[{i}] / b[{i}]", "dst = a / b."),
+    "_plus_scaled_differences": lane_ops.LaneOp(
+        "acc, d, r, x, s, y",
+        "acc[{i}] + d[{i}] * (r[{i}] * x[{i}] - s[{i}] * y[{i}])",
+        "acc + d * (r * x - s * y) (a lane value).",
+    ),
+}
+HELPERS_SOURCE = Path(__file__).with_name("qr_lane_helpers_source.py")
+NARROW_WIDTH, WIDE_WIDTH = 8, 32
+_narrow = lane_ops.kernel_module("smnn_qr_lane_helpers", HELPERS_SOURCE, NARROW_WIDTH, QR_OPS)
+_wide = lane_ops.kernel_module("smnn_qr_lane_helpers", HELPERS_SOURCE, WIDE_WIDTH, QR_OPS)
+_reflect_column_narrow, _reflect_column_wide = _narrow.reflect_column, _wide.reflect_column
+_squared_norm_narrow, _squared_norm_wide = _narrow.squared_norm, _wide.squared_norm
+_scale_rows_narrow, _scale_rows_wide = _narrow.scale_rows, _wide.scale_rows
+_back_substitute_narrow, _back_substitute_wide = _narrow.back_substitute, _wide.back_substitute
+_adjoint_sweep_narrow, _adjoint_sweep_wide = _narrow.adjoint_sweep, _wide.adjoint_sweep
 
 # row kinds of _build_rows (the backward pass chains each kind to its input)
 EQUATION, INITIAL, TAYLOR, CENTRAL, PADDING, CARRIED = 0, 1, 2, 3, 4, 5
@@ -283,6 +312,12 @@ def _reflect_column(a, j, rows, nr, c, taus, s):
     """Apply the reflector stored in column j of ``a`` (unit at row j, entries on the rows
     ``rows[1:nr]``; factor ``taus[j]``) to column c (``s`` (W,) scratch)."""
     W = a.shape[2]
+    if W == NARROW_WIDTH:
+        _reflect_column_narrow(a, j, rows, nr, c, taus, s)
+        return
+    if W == WIDE_WIDTH:
+        _reflect_column_wide(a, j, rows, nr, c, taus, s)
+        return
     for l in range(W):
         s[l] = a[j, c, l]
     for ii in range(1, nr):
@@ -306,12 +341,17 @@ def _reflector(a, j, rows, nr, taus, sig, one):
     tau = 0. ``sig`` (W,) scratch; ``one``: 1 in the working type."""
     W = a.shape[2]
     zero = one - one
-    for l in range(W):
-        sig[l] = zero
-    for ii in range(1, nr):
-        i = rows[ii]
+    if W == NARROW_WIDTH:
+        _squared_norm_narrow(a, j, rows, nr, sig)
+    elif W == WIDE_WIDTH:
+        _squared_norm_wide(a, j, rows, nr, sig)
+    else:
         for l in range(W):
-            sig[l] += a[i, j, l] * a[i, j, l]
+            sig[l] = zero
+        for ii in range(1, nr):
+            i = rows[ii]
+            for l in range(W):
+                sig[l] += a[i, j, l] * a[i, j, l]
     for l in range(W):
         alpha = a[j, j, l]
         nrm = np.sqrt(alpha * alpha + sig[l])
@@ -320,6 +360,12 @@ def _reflector(a, j, rows, nr, taus, sig, one):
         taus[j, l] = (beta - alpha) / beta if ok else zero
         sig[l] = one / (alpha - beta) if ok else zero  # reused: the scale of the vector
         a[j, j, l] = beta
+    if W == NARROW_WIDTH:
+        _scale_rows_narrow(a, j, rows, nr, sig)
+        return
+    if W == WIDE_WIDTH:
+        _scale_rows_wide(a, j, rows, nr, sig)
+        return
     for ii in range(1, nr):
         i = rows[ii]
         for l in range(W):
@@ -449,6 +495,13 @@ def _back_substitute(rs, sg, sl, wsol, ux, TB, acc):
     sides ``wsol`` (TB, nb, W); lane l reads ``rs[sg[l], :, :, :, sl[l]]``."""
     W = ux.shape[2]
     nb = ux.shape[1]
+    g = _contiguous_source(sg, sl, rs.shape[4])
+    if g >= 0 and W == NARROW_WIDTH:
+        _back_substitute_narrow(rs, g, wsol, ux, TB, acc)
+        return
+    if g >= 0 and W == WIDE_WIDTH:
+        _back_substitute_wide(rs, g, wsol, ux, TB, acc)
+        return
     for t in range(TB - 1, -1, -1):
         for i in range(nb - 1, -1, -1):
             for l in range(W):
@@ -470,6 +523,13 @@ def _adjoint_sweep(rs, sg, sl, gv, w, TB, acc):
     w_{t-1} (``gv`` (TB, nb, W) is left unchanged)."""
     W = w.shape[2]
     nb = w.shape[1]
+    g = _contiguous_source(sg, sl, rs.shape[4])
+    if g >= 0 and W == NARROW_WIDTH:
+        _adjoint_sweep_narrow(rs, g, gv, w, TB, acc)
+        return
+    if g >= 0 and W == WIDE_WIDTH:
+        _adjoint_sweep_wide(rs, g, gv, w, TB, acc)
+        return
     for t in range(TB):
         for j in range(nb):
             for l in range(W):
@@ -483,6 +543,19 @@ def _adjoint_sweep(rs, sg, sl, gv, w, TB, acc):
                     acc[l] -= rs[sg[l], t, i, j, sl[l]] * w[t, i, l]
             for l in range(W):
                 w[t, j, l] = acc[l] / rs[sg[l], t, j, j, sl[l]]
+
+
+@_leaf
+def _contiguous_source(sg, sl, Wr):
+    """The factor group g when lane l reads ``rs[g, ..., l]`` for every lane (and the factor
+    has as many lanes as the group), else -1."""
+    W = sg.shape[0]
+    if W != Wr:
+        return -1
+    for l in range(W):
+        if sg[l] != sg[0] or sl[l] != l:
+            return -1
+    return sg[0]
 
 
 @_leaf

@@ -313,6 +313,7 @@ def part_sst(args, rows: Rows) -> None:
     import torch
 
     from smnn import ode_forward
+    from smnn.memory import solver_step_bytes
     from smnn.solver.registry import solver_info
 
     device = _device(args)
@@ -331,7 +332,7 @@ def part_sst(args, rows: Rows) -> None:
     gone: set[str] = set()
     for T in lengths:
         shape = catalog.Shape(f"sst_T{T}", "sst", batch, T, 1, 3)
-        predicted = catalog.dense_matrix_bytes(shape, dtype) / MB
+        predicted = solver_step_bytes("mnn_dense", batch, T, 1, 3, dtype) / MB
         for name, solve in solvers.items():
             row = dict(case=shape.case, method=name, dtype="float32", B=batch, T=T, D=1, R=3)
             if name in gone:

@@ -30,7 +30,6 @@ from smnn.benchmark import (
     Shape,
     batch_sweep,
     default_grid,
-    dense_matrix_bytes,
     make_inputs,
     make_table,
     markdown_report,
@@ -52,6 +51,7 @@ from smnn.benchmark.figures import accuracy_figure, scaling_figure
 from smnn.benchmark.measure import COLUMNS, COMPILE_BATCHES
 from smnn.cli import main
 from smnn.config import Config
+from smnn.memory import solver_step_bytes
 from smnn.plotting import QUICK_NOTE
 from smnn.solver import METHODS as SOLVER_METHODS
 from smnn.solver import dense_reference
@@ -219,7 +219,8 @@ def test_dense_rows_skipped_when_limit_is_tiny(tmp_path):
 def test_dense_limit_is_the_documented_estimate(tmp_path):
     """A limit exactly at the estimate runs the case; one byte less skips it."""
     shape = TINY[1]
-    need = dense_matrix_bytes(shape, make_inputs(shape, *CPU64)[0].dtype)
+    dtype = make_inputs(shape, *CPU64)[0].dtype
+    need = solver_step_bytes("mnn_dense", shape.B, shape.T, shape.D, shape.R, dtype)
     at = run_benchmark(
         tmp_path / "a",
         ("mnn_dense",),

@@ -12,7 +12,6 @@ from smnn.benchmark.catalog import (
     METHODS,
     Shape,
     default_grid,
-    dense_matrix_bytes,
     make_inputs,
 )
 from smnn.data.lorenz import LorenzParams
@@ -24,6 +23,7 @@ from smnn.experiments.lorenz.figures import (
     plot_trajectories,
 )
 from smnn.experiments.lorenz.models import lorenz_library, true_coefficients
+from smnn.memory import solver_step_bytes
 from smnn.solver.reference import dense_reference
 from smnn.solver.registry import solver_names
 
@@ -51,7 +51,9 @@ def test_catalog_inputs_are_seeded_and_every_smnn_method_solves_them():
 
 def test_catalog_dense_bytes_and_quick_grid():
     shape = Shape("x", "named", B=2, T=10, D=1, R=3)
-    assert dense_matrix_bytes(shape, torch.float64) == 2 * 31 * 31 * 8 * 3
+    # the benchmark's dense limit is smnn.memory's estimate: B * (1 + T*D*R)^2 * itemsize * 3
+    need = solver_step_bytes("mnn_dense", shape.B, shape.T, shape.D, shape.R, torch.float64)
+    assert need == 2 * 31 * 31 * 8 * 3
     quick = default_grid(quick=True)
     assert all(s.B * s.T * s.D <= 2**12 or s.B == 1 for s in quick if s.group == "named")
     assert len(default_grid(quick=False)) > len(quick)

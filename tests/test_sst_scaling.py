@@ -28,15 +28,17 @@ from smnn.experiments.sst.scaling import (
     write_outputs,
 )
 from smnn.experiments.step_cost import (
-    DENSE_COPIES,
     StepCost,
-    dense_system_bytes,
     measure_case,
     measure_step,
-    memory_budget_bytes,
     predict_dense_peak_bytes,
 )
-from smnn.memory import measure_peak_memory_profiler
+from smnn.memory import (
+    DENSE_COPIES,
+    dense_system_bytes,
+    measure_peak_memory_profiler,
+    memory_budget_bytes,
+)
 from smnn.solver.mnn import mnn_dense
 from smnn.tracking import job_tags, resolve_tracking
 
@@ -91,7 +93,7 @@ def test_dense_prediction_is_the_dense_system_mnn_dense_builds():
     normal matrix and its Cholesky factor); the prediction is three, so it covers the measured
     peak and is within a factor 1.5 of it."""
     B, T, R = 4, 60, 3
-    system = dense_system_bytes(B, T, R, torch.float64)
+    system = dense_system_bytes(B, T, 1, R, torch.float64)
     assert system == B * (1 + T * R) ** 2 * 8
     assert predict_dense_peak_bytes(B, T, R, torch.float64) == DENSE_COPIES * system
     inputs = make_inputs(Shape("t", "t", B, T, 1, R), torch.float64, CPU)

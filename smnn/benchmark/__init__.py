@@ -29,7 +29,6 @@ from smnn.benchmark.catalog import (
     Shape,
     batch_sweep,
     default_grid,
-    dense_matrix_bytes,
     make_inputs,
     t_sweep,
 )
@@ -66,7 +65,6 @@ __all__ = [
     "Shape",
     "batch_sweep",
     "default_grid",
-    "dense_matrix_bytes",
     "floor_table",
     "load_peer",
     "make_inputs",

@@ -48,7 +48,6 @@ __all__ = [
     "batch_sweep",
     "default_grid",
     "make_inputs",
-    "dense_matrix_bytes",
     "dtype_name",
     "qr_available",
     "solver_methods",
@@ -267,10 +266,3 @@ def make_inputs(
     u0 = torch.randn(B, 1, D, 1, generator=g, dtype=torch.float64)
     h = 0.05 + 0.1 * torch.rand(B, T - 1, generator=g, dtype=torch.float64)
     return tuple(x.to(device=device, dtype=dtype).requires_grad_(True) for x in (c, b, u0, h))
-
-
-def dense_matrix_bytes(shape: Shape, dtype: torch.dtype) -> int:
-    """Estimated memory of MNN dense: B * (1 + T*D*R)^2 * itemsize * 3."""
-    n = 1 + shape.T * shape.D * shape.R
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return shape.B * n * n * itemsize * 3

@@ -61,11 +61,15 @@ from smnn.benchmark.catalog import (
     METHODS,
     Method,
     Shape,
-    dense_matrix_bytes,
     dtype_name,
     make_inputs,
 )
-from smnn.memory import cpu_peak_method, measure_peak_memory
+from smnn.memory import (
+    cpu_peak_method,
+    measure_peak_memory,
+    physical_memory_bytes,
+    solver_step_bytes,
+)
 
 __all__ = [
     "MB",
@@ -269,7 +273,7 @@ def _skip_reason(method: Method, shape: Shape, dtype, opts: GridOptions, over_bu
     if method.unavailable:
         return f"skipped: {method.unavailable}"
     if method.dense:
-        need = dense_matrix_bytes(shape, dtype)
+        need = solver_step_bytes("mnn_dense", shape.B, shape.T, shape.D, shape.R, dtype)
         if need > opts.max_dense_bytes:
             return (
                 f"skipped: dense matrix needs ~{need / 1e9:.3g} GB "
@@ -432,16 +436,9 @@ def _empty_row(method: Method, shape: Shape, dtype: str, opts: GridOptions, thre
 # --------------------------------------------------------------------------------------------
 
 
-def _physical_memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 def default_max_dense_bytes() -> int:
     """A quarter of the physical memory (8 GB when unknown)."""
-    return _physical_memory_bytes() // 4 or 8 * 10**9
+    return physical_memory_bytes() // 4 or 8 * 10**9
 
 
 def load_average() -> float | None:

@@ -32,13 +32,14 @@ not fit after all),
 ``MNNConvergenceWarning``) are collected into ``note`` instead of being printed every step.
 
 The memory predictor for MNN dense: its forward pass assembles the dense normal matrix of
-``n = 1 + T*D*R`` unknowns per system, ``batch * n^2`` numbers (:func:`dense_system_bytes`), and
+``n = 1 + T*D*R`` unknowns per system, ``batch * n^2`` numbers
+(:func:`smnn.memory.dense_system_bytes`), and
 factorizes it into a second matrix of the same size (the Cholesky factor, kept for the backward
 pass). Measured with torch's profiler, the peak of a forward+backward step is 2.0 to 2.1 times
-:func:`dense_system_bytes`; the resident set (LAPACK workspace, allocator granularity) reaches 2
-to 4.3 times at small sizes. :func:`predict_dense_peak_bytes` is three dense matrices, the same
-estimate the solver benchmark uses (:func:`smnn.benchmark.catalog.dense_matrix_bytes`), so the
-benchmark and the studies agree on which cases are too big.
+that; the resident set (LAPACK workspace, allocator granularity) reaches 2 to 4.3 times at small
+sizes. The prediction is three dense matrices (:data:`smnn.memory.DENSE_COPIES`,
+:func:`smnn.memory.solver_step_bytes`), the one estimate the solver benchmark and the training
+jobs use too, so they all agree on which cases are too big.
 """
 
 from __future__ import annotations
@@ -54,9 +55,14 @@ from typing import Any
 
 import torch
 
-from smnn.benchmark.catalog import Shape, dense_matrix_bytes
-from smnn.benchmark.measure import _physical_memory_bytes, _sync
-from smnn.memory import measure_peak_memory
+from smnn.benchmark.measure import _sync
+from smnn.memory import (
+    DEFAULT_BUDGET_FRACTION,
+    DENSE_COPIES,
+    measure_peak_memory,
+    memory_budget_bytes,
+    solver_step_bytes,
+)
 
 __all__ = [
     "MB",
@@ -66,7 +72,6 @@ __all__ = [
     "MAX_REPEATS",
     "SLOW_WARMUP_FACTOR",
     "StepCost",
-    "dense_system_bytes",
     "predict_dense_peak_bytes",
     "memory_budget_bytes",
     "measure_step",
@@ -78,9 +83,6 @@ MB = 1_000_000
 # skipped_slow: not run because this or a smaller case of the solver exceeded the time budget;
 # failed: raised (the message is in note)
 STATUSES = ("ok", "out_of_memory", "skipped_slow", "failed")
-DEFAULT_BUDGET_FRACTION = 0.8
-# dense matrices of the size of the normal matrix in smnn.benchmark.catalog.dense_matrix_bytes
-DENSE_COPIES = 3
 MAX_REPEATS = 50  # timed steps at most when repeating a fast step up to min_timed_s
 # a warm-up step longer than this many time budgets ends the case (first-call costs such as
 # compilation make a warm-up step slower than the steps after it, so not at one budget)
@@ -128,52 +130,15 @@ class StepCost:
 # --------------------------------------------------------------------------------------------
 
 
-def dense_system_bytes(
-    batch: int, n_steps: int, n_orders: int, dtype: torch.dtype, n_dims: int = 1
-) -> int:
-    """Bytes of the dense normal matrices MNN dense builds: ``batch * (1 + T*D*R)^2 * itemsize``.
-
-    Args:
-        batch: systems solved together (one matrix each: per-sample coefficients and steps).
-        n_steps: T.
-        n_orders: R.
-        dtype: the solve's dtype.
-        n_dims: D.
-    """
-    return predict_dense_peak_bytes(batch, n_steps, n_orders, dtype, n_dims) // DENSE_COPIES
-
-
 def predict_dense_peak_bytes(
     batch: int, n_steps: int, n_orders: int, dtype: torch.dtype, n_dims: int = 1
 ) -> int:
-    """Predicted peak memory of an MNN dense forward+backward step: three dense matrices
-    (the normal matrix, its Cholesky factor, headroom for LAPACK workspace and the allocator;
-    module docstring). Increasing in ``batch`` and ``n_steps`` (quadratic in T)."""
-    for name, value, low in (
-        ("batch", batch, 1),
-        ("n_steps", n_steps, 2),
-        ("n_orders", n_orders, 1),
-        ("n_dims", n_dims, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    shape = Shape("dense_prediction", "study", batch, n_steps, n_dims, n_orders)
-    return dense_matrix_bytes(shape, dtype)
-
-
-def memory_budget_bytes(device: torch.device, budget_gb: float | None = None) -> int:
-    """The memory a case may use: ``budget_gb`` * 10^9 bytes when given, else 80 % of the
-    device's memory (the GPU's total memory on CUDA, the machine's physical memory on CPU; 8 GB
-    when the machine does not say)."""
-    if budget_gb is not None:
-        if not (math.isfinite(budget_gb) and budget_gb > 0):
-            raise ValueError(f"memory budget must be a number of GB > 0, got {budget_gb!r}")
-        return int(budget_gb * 1e9)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = _physical_memory_bytes() or 10 * 10**9
-    return int(DEFAULT_BUDGET_FRACTION * total)
+    """:func:`smnn.memory.solver_step_bytes` of ``mnn_dense`` in a study's terms (a window of
+    T >= 2 steps, D = 1 by default): three dense matrices (module docstring). Increasing in
+    ``batch`` and ``n_steps`` (quadratic in T)."""
+    if isinstance(n_steps, int) and not isinstance(n_steps, bool) and n_steps < 2:
+        raise ValueError(f"n_steps must be an integer >= 2, got {n_steps!r}")
+    return solver_step_bytes("mnn_dense", batch, n_steps, n_dims, n_orders, dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ by the commands like every :class:`~smnn.io.StoreError`), naming the store and t
 - missing while earlier results exist (run folders under the artifact root, or the backup): a
   store that vanished is reported, never silently replaced by an empty one (``smnn tracking-init
   --new-store`` starts a new history on purpose); deleted while a job runs: said so;
-- a server that does not answer ``/health``: start it or fix the URI.
+- a server that does not answer ``/health`` (a busy one is asked again for up to two minutes,
+  one that refuses the connection three times): start it or fix the URI.
 
 ``smnn tracking-init`` checks the whole file (``PRAGMA quick_check``) and then copies it to
 ``<db>.backup`` (SQLite's online backup, written atomically), the backup those messages name.
@@ -341,18 +342,38 @@ def _sqlite_quick_check(db: Path) -> str | None:
     return None
 
 
-def _server_problem(uri: str, timeout_s: float = 5.0) -> str | None:
+def _server_problem(
+    uri: str, timeout_s: float = 10.0, busy_wait_s: float = 120.0, refused_tries: int = 3
+) -> str | None:
+    """Why the server at ``uri`` cannot be used (None when ``/health`` answers 200).
+
+    A server that is busy (a probe that times out: many jobs starting at once on a small node)
+    is asked again until ``busy_wait_s`` have passed; one that refuses the connection is asked
+    ``refused_tries`` times a second apart (it may be restarting), so a mistyped URI still
+    fails within seconds.
+    """
     import urllib.error
     import urllib.request
 
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
-            if r.status == 200:
-                return None
-            return f"answers /health with HTTP {r.status}"
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return f"cannot be reached ({reason})"
+    deadline = time.monotonic() + busy_wait_s
+    refused = 0
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as r:
+                if r.status == 200:
+                    return None
+                return f"answers /health with HTTP {r.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            timed_out = isinstance(reason, TimeoutError) or "timed out" in str(reason)
+            if timed_out and time.monotonic() < deadline:
+                continue
+            refused += 1
+            if not timed_out and refused < refused_tries:
+                time.sleep(1.0)
+                continue
+            waited = f" after {busy_wait_s:.0f} s of tries" if timed_out else ""
+            return f"cannot be reached ({reason}){waited}"
 
 
 def check_tracking_store(

@@ -270,28 +270,40 @@ from triton.compiler import ASTSource
 from smnn.solver import triton_kernels as K
 
 target = GPUTarget("cuda", 90, 32)
+cases = []
 for dt, NB, NP, BLOCK in (("fp64", 3, 4, 32), ("fp32", 18, 32, 1)):
     ptr = "*" + dt
-    for kernel, args in (
-        (K.block_cholesky_kernel, [ptr] * 4 + ["*i64", "i32", "i32", "fp32"]),
-        (K.block_solve_kernel, [ptr] * 4 + ["i32", "i32", "i32"]),
-    ):
-        names = kernel.arg_names
-        signature = dict(zip(names, args + ["constexpr"] * 3))
-        try:
-            src = ASTSource(kernel, signature, constexprs={"NB": NB, "NP": NP, "BLOCK": BLOCK})
-        except TypeError as err:  # another triton's compiler API
-            print("API", err)
-            sys.exit(3)
-        compiled = triton.compile(src, target=target)
-        assert "ld.global" in compiled.asm["ptx"], kernel
+    blocks = {"NB": NB, "NP": NP, "BLOCK": BLOCK}
+    cases.append((K.block_cholesky_kernel, [ptr] * 4 + ["*i64", "i32", "i32", "fp32"], blocks))
+    cases.append((K.block_solve_kernel, [ptr] * 4 + ["i32", "i32", "i32"], blocks))
+# the fused kernels: plain (R = 3, m = 3), central pairs (R = 3 in float32; R = 2, NB = 4)
+for dt, R, PAIR, NP, BLOCK in (("fp64", 3, 1, 4, 32), ("fp32", 3, 2, 8, 8), ("fp64", 2, 2, 4, 32)):
+    ptr = "*" + dt
+    shape = dict(M=R, R=R, K=1, PAIR=PAIR, CENTRAL=PAIR == 2)
+    for factorize in (True, False):
+        flags = dict(shape, FACTORIZE=factorize, NP=NP, BLOCK=BLOCK)
+        cases.append((K.ode_sweep_kernel, [ptr] * 8 + ["*i64"] + ["i32"] * 10 + ["fp32"], flags))
+    flags = dict(shape, LHS_GRADS=True, NP=NP, MP=4, BLOCK=BLOCK)
+    cases.append((K.ode_backward_kernel, [ptr] * 14 + ["i32"] * 9, flags))
+for kernel, args, constexprs in cases:
+    names = kernel.arg_names
+    signature = dict(zip(names, args + ["constexpr"] * len(constexprs)))
+    assert len(signature) == len(names), kernel
+    try:
+        src = ASTSource(kernel, signature, constexprs=constexprs)
+    except TypeError as err:  # another triton's compiler API
+        print("API", err)
+        sys.exit(3)
+    compiled = triton.compile(src, target=target)
+    assert "ld.global" in compiled.asm["ptx"], kernel
 print("compiled")
 """
 
 
 def test_kernels_compile_for_a_gpu_without_one():
-    """The compiler (not the interpreter) accepts both kernels: PTX for sm_90 and ptxas, in a
-    process without TRITON_INTERPRET; skipped where triton's compiler API differs."""
+    """The compiler (not the interpreter) accepts every kernel (the blocks path's two, the fused
+    forward in both modes and the fused backward, plain and central): PTX for sm_90 and ptxas,
+    in a process without TRITON_INTERPRET; skipped where triton's compiler API differs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     proc = subprocess.run(

@@ -29,7 +29,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["block_cholesky_kernel", "block_solve_kernel"]
+__all__ = [
+    "block_cholesky_kernel",
+    "block_solve_kernel",
+    "ode_backward_kernel",
+    "ode_sweep_kernel",
+]
 
 
 @triton.jit
@@ -174,3 +179,549 @@ def block_solve_kernel(
         u = tl.sum(x * v[:, :, None], axis=1)
         tl.store(out_t + vofs, u, mask=vmask)
         wmul_t -= step
+
+
+# ------------------------------------------------------------------ fused: assembly in the kernel
+#
+# The kernels below read the inputs themselves (docs/solver.md sections 3 and 11): no block of M
+# is ever stored. Input layouts (batch last; a step axis of size 1 has stride 0, so one value
+# serves every step):
+#
+# - ``coef`` ``(Tc, E, m, N)``, ``steps`` ``(Th, N)``, ``rhs`` ``(Tb, E, N*P)``,
+#   ``init`` ``(Su, D*K, N*P)`` (lane of column p of system i: i * P + p), ``grams``
+#   ``(3, R, R)``: the Taylor Gram matrices G0, G1, G2 of :func:`smnn.solver.blocks.
+#   taylor_gram_matrices`.
+# - with central smoothness (PAIR = 2) steps 2k and 2k+1 form super-step k (blocks of
+#   NB = 2m, :mod:`smnn.solver.layout`); an odd T gets a padding step T (identity block).
+#   Without, PAIR = 1 and NB = m. Index i of a tile axis is (half s, state d, order k):
+#   i = s*m + d*R + k, its step a = PAIR * super-step + s.
+# - solutions, gradients of the solution: ``(T2, NB, N*P)`` in super-steps.
+
+
+@triton.jit
+def _powers(h, k, R: tl.constexpr):
+    """h^k for integer orders 0 <= k < R, by repeated multiplication (as the CPU lane engine);
+    the shape is that of h and k broadcast."""
+    p = h * 0.0 + tl.where(k >= 0, 1.0, 1.0)
+    for kk in range(1, R):
+        p = tl.where(k >= kk, p * h, p)
+    return p
+
+
+@triton.jit
+def _int_power(s, n: tl.constexpr):
+    """s^n for a compile-time integer n (negative: 1 / s^-n)."""
+    p = s * 0.0 + 1.0
+    if n >= 0:
+        for _ in range(n):
+            p = p * s
+    else:
+        for _ in range(-n):
+            p = p * s
+        p = 1.0 / p
+    return p
+
+
+@triton.jit
+def _step_powers(steps_ptr, sh, a, k, lane, lane_ok, ok, T, R: tl.constexpr):
+    """(h_a^k, h_{a-1}^k) ``[BLOCK, NP]`` for the steps a ``[NP]`` of a tile axis: the powers
+    of interval a (zero past the last interval) and of interval a-1 (zero before the first)."""
+    lane2 = lane[:, None]
+    base = lane_ok[:, None] & ok[None, :]
+    cur = base & (a < T - 1)[None, :]
+    prev = base & (a >= 1)[None, :] & (a <= T - 1)[None, :]
+    h_cur = tl.load(steps_ptr + (a * sh)[None, :] + lane2, mask=cur, other=0.0)
+    h_prev = tl.load(steps_ptr + ((a - 1) * sh)[None, :] + lane2, mask=prev, other=0.0)
+    kk = k[None, :]
+    p_cur = tl.where(cur, _powers(h_cur, kk, R), 0.0)
+    p_prev = tl.where(prev, _powers(h_prev, kk, R), 0.0)
+    return p_cur, p_prev
+
+
+@triton.jit
+def _lhs_tile(
+    coef_ptr,
+    steps_ptr,
+    g_ptr,
+    lane,
+    lane_ok,
+    t_row,
+    t_col,
+    N,
+    T,
+    S,
+    sc,
+    sh,
+    E,
+    weq2,
+    win2,
+    ws2,
+    M: tl.constexpr,
+    R: tl.constexpr,
+    K: tl.constexpr,
+    PAIR: tl.constexpr,
+    CENTRAL: tl.constexpr,
+    DIAG: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The block of M at rows of super-step ``t_row`` and columns of super-step ``t_col``
+    (``DIAG``: t_row == t_col, the diagonal block; else t_row = t_col + 1), ``[BLOCK, NP, NP]``,
+    zero past NB (docs/solver.md section 3, entry by entry):
+
+    - equation rows (diagonal blocks): w_eq^2 sum_e C_a[e, i] C_a[e, j];
+    - initial rows: w_in^2 on the diagonal at orders k < K of steps a < S;
+    - Taylor rows of interval a (powers e = h_a^k): w_s^2 e_i e_j G0 on M_a, G1 on M_{a+1},
+      G2 on M_{a+1,a} (and its transpose above the diagonal), within a state;
+    - central rows q (``CENTRAL``): w_s^2 v_q v_q^T, v_q = a_q e(q, R-2) + b_q e(q+1, R-1) -
+      a_q e(q+2, R-2) with a_q = s^(R-3), b_q = s^(R-2), s = h_q + h_{q+1}, within a state;
+    - the padding step T (odd T with pairs): the identity.
+    """
+    r = tl.arange(0, NP)
+    ok = r < PAIR * M
+    half = r // M
+    w = r % M
+    d = w // R
+    k = w % R
+    a = t_row * PAIR + half
+    b = t_col * PAIR + half
+    lane2 = lane[:, None]
+    lok2 = lane_ok[:, None]
+    a_r = a[None, :, None]
+    b_c = b[None, None, :]
+    k_r = k[None, :, None]
+    k_c = k[None, None, :]
+    w_r = w[None, :, None]
+    w_c = w[None, None, :]
+    ok_rc = ok[None, :, None] & ok[None, None, :]
+    same = (d[None, :, None] == d[None, None, :]) & ok_rc
+    tile = tl.zeros([BLOCK, NP, NP], dtype=coef_ptr.dtype.element_ty)
+    if DIAG:
+        valid_a = lok2 & (ok & (a < T))[None, :]
+        for e in range(E):
+            cv = tl.load(coef_ptr + (a * sc + e * M * N + w * N)[None, :] + lane2, mask=valid_a)
+            tile = tile + cv[:, :, None] * cv[:, None, :]
+        tile = tl.where(a_r == b_c, tile * weq2, 0.0)  # equation rows couple no two steps
+        init = (a_r == b_c) & (w_r == w_c) & (a_r < S) & (k_r < K) & ok_rc
+        tile = tile + tl.where(init, win2, 0.0)
+    pc_r, pp_r = _step_powers(steps_ptr, sh, a, k, lane, lane_ok, ok, T, R)
+    pc_c, pp_c = _step_powers(steps_ptr, sh, b, k, lane, lane_ok, ok, T, R)
+    g0 = tl.load(g_ptr + k_r * R + k_c, mask=ok_rc, other=0.0)
+    g1 = tl.load(g_ptr + R * R + k_r * R + k_c, mask=ok_rc, other=0.0)
+    g2 = tl.load(g_ptr + 2 * R * R + k_r * R + k_c, mask=ok_rc, other=0.0)
+    g2t = tl.load(g_ptr + 2 * R * R + k_c * R + k_r, mask=ok_rc, other=0.0)
+    smooth = tl.where(a_r == b_c, pc_r[:, :, None] * pc_c[:, None, :] * g0, 0.0)
+    smooth += tl.where(a_r == b_c, pp_r[:, :, None] * pp_c[:, None, :] * g1, 0.0)
+    smooth += tl.where(a_r == b_c + 1, pp_r[:, :, None] * pc_c[:, None, :] * g2, 0.0)
+    smooth += tl.where(a_r + 1 == b_c, pc_r[:, :, None] * pp_c[:, None, :] * g2t, 0.0)
+    if CENTRAL:
+        lane3 = lane[:, None, None]
+        lok3 = lane_ok[:, None, None]
+        top = tl.maximum(a_r, b_c)
+        low = tl.minimum(a_r, b_c)
+        for o in range(3):
+            q = top - 2 + o
+            on = same & (q >= 0) & (q <= low) & (q <= T - 3) & lok3
+            s = tl.load(steps_ptr + q * sh + lane3, mask=on, other=1.0)
+            s += tl.load(steps_ptr + (q + 1) * sh + lane3, mask=on, other=1.0)
+            av = _int_power(s, R - 3)
+            bv = av * s
+            v_r = tl.where((a_r == q) & (k_r == R - 2), av, 0.0)
+            v_r = tl.where((a_r == q + 1) & (k_r == R - 1), bv, v_r)
+            v_r = tl.where((a_r == q + 2) & (k_r == R - 2), -av, v_r)
+            v_c = tl.where((b_c == q) & (k_c == R - 2), av, 0.0)
+            v_c = tl.where((b_c == q + 1) & (k_c == R - 1), bv, v_c)
+            v_c = tl.where((b_c == q + 2) & (k_c == R - 2), -av, v_c)
+            smooth += tl.where(on, v_r * v_c, 0.0)
+    tile = tile + tl.where(same, smooth * ws2, 0.0)
+    pad = (a_r >= T) | (b_c >= T)
+    tile = tl.where(pad, tl.where((a_r == b_c) & (w_r == w_c), 1.0, 0.0), tile)
+    return tl.where(ok_rc, tile, 0.0)
+
+
+@triton.jit
+def _rhs_vector(
+    coef_ptr,
+    rhs_ptr,
+    init_ptr,
+    lane,
+    lane_ok,
+    t2,
+    p,
+    N,
+    P,
+    T,
+    S,
+    sc,
+    sb,
+    su,
+    E,
+    weq2,
+    win2,
+    M: tl.constexpr,
+    R: tl.constexpr,
+    K: tl.constexpr,
+    PAIR: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """r at super-step ``t2`` for column ``p`` of the lanes' systems ``[BLOCK, NP]``:
+    w_eq^2 C_a^T b_a + w_in^2 [u0_a; 0] (zero at the padding step)."""
+    r = tl.arange(0, NP)
+    ok = r < PAIR * M
+    half = r // M
+    w = r % M
+    d = w // R
+    k = w % R
+    a = t2 * PAIR + half
+    valid = lane_ok[:, None] & (ok & (a < T))[None, :]
+    col = (lane * P + p)[:, None]
+    acc = tl.zeros([BLOCK, NP], dtype=coef_ptr.dtype.element_ty)
+    for e in range(E):
+        cv = tl.load(coef_ptr + (a * sc + e * M * N + w * N)[None, :] + lane[:, None], mask=valid)
+        bv = tl.load(rhs_ptr + (a * sb + e * N * P)[None, :] + col, mask=valid)
+        acc += cv * bv
+    acc = acc * weq2
+    at_init = valid & ((a < S) & (k < K))[None, :]
+    u0 = tl.load(init_ptr + (a * su + (d * K + k) * N * P)[None, :] + col, mask=at_init)
+    return acc + tl.where(at_init, u0 * win2, 0.0)
+
+
+@triton.jit
+def _back_sweep(
+    cinv_ptr, wmul_ptr, out_ptr, lane, lane_ok, N, P, T2, NB: tl.constexpr, NP: tl.constexpr
+):
+    """In place on ``out`` ``(T2, NB, N*P)`` (every column of the lanes' systems): y on entry,
+    x on exit, x_t = C_t^{-T} (y_t - W_{t+1}^T x_{t+1}) from the last step back."""
+    r = tl.arange(0, NP)
+    rows = r[None, :, None]
+    cols = r[None, None, :]
+    ent = (rows * NB + cols) * N + lane[:, None, None]
+    mask = lane_ok[:, None, None] & (rows < NB) & (cols < NB)
+    vmask = lane_ok[:, None] & (r[None, :] < NB)
+    step = N * (NB * NB)
+    vstep = N * P * NB
+    for tt in range(T2):
+        t = T2 - 1 - tt
+        x = tl.load(cinv_ptr + t * step + ent, mask=mask, other=0.0)
+        has_next = mask & ((lane * 0 + t + 1) < T2)[:, None, None]
+        w = tl.load(wmul_ptr + (t + 1) * step + ent, mask=has_next, other=0.0)
+        for p in range(P):
+            vofs = r[None, :] * (N * P) + (lane * P + p)[:, None]
+            yt = tl.load(out_ptr + t * vstep + vofs, mask=vmask, other=0.0)
+            nxt = vmask & ((lane * 0 + t + 1) < T2)[:, None]
+            un = tl.load(out_ptr + (t + 1) * vstep + vofs, mask=nxt, other=0.0)
+            v = yt - tl.sum(w * un[:, :, None], axis=1)
+            u = tl.sum(x * v[:, :, None], axis=1)
+            tl.store(out_ptr + t * vstep + vofs, u, mask=vmask)
+        tl.debug_barrier()
+
+
+@triton.jit
+def ode_sweep_kernel(
+    coef_ptr,
+    steps_ptr,
+    rhs_ptr,
+    init_ptr,
+    g_ptr,
+    cinv_ptr,
+    wmul_ptr,
+    out_ptr,
+    failed_ptr,
+    N,
+    P,
+    T,
+    T2,
+    S,
+    sc,
+    sh,
+    sb,
+    su,
+    E,
+    pivot_scale,
+    M: tl.constexpr,
+    R: tl.constexpr,
+    K: tl.constexpr,
+    PAIR: tl.constexpr,
+    CENTRAL: tl.constexpr,
+    FACTORIZE: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Assemble, factorize and solve N systems in one sweep, one lane per system (its P
+    right-hand-side columns in turn); see the comment above :func:`_powers` for the layouts.
+
+    ``FACTORIZE``: per super-step, assemble M_t and M_{t+1,t} (:func:`_lhs_tile`), factorize
+    as :func:`block_cholesky_kernel` does (the same pivot rule and ``failed_ptr``), store
+    ``cinv`` and ``wmul``; else read them (a factor made by this kernel). With P > 0 it then
+    substitutes the right-hand sides it assembles (:func:`_rhs_vector`): forward
+    y_t = C_t^{-1} (r_t - W_t y_{t-1}) in the same step, then :func:`_back_sweep`; x into
+    ``out`` ``(T2, NB, N*P)``. The same operations in either mode, so a stored factor gives
+    the bits of the one-launch call.
+    """
+    NB: tl.constexpr = PAIR * M
+    # squared weights (w_eq^2, w_in^2, w_s^2) after the Gram matrices, in the inputs' dtype
+    weq2 = tl.load(g_ptr + 3 * R * R)
+    win2 = tl.load(g_ptr + 3 * R * R + 1)
+    ws2 = tl.load(g_ptr + 3 * R * R + 2)
+    pid = tl.program_id(0)
+    lane = pid * BLOCK + tl.arange(0, BLOCK)
+    lane_ok = lane < N
+    r = tl.arange(0, NP)
+    rows = r[None, :, None]
+    cols = r[None, None, :]
+    vec = r[None, :]
+    ent = (rows * NB + cols) * N + lane[:, None, None]
+    mask = lane_ok[:, None, None] & (rows < NB) & (cols < NB)
+    vmask = lane_ok[:, None] & (vec < NB)
+    step = N * (NB * NB)
+    vstep = N * P * NB
+    zero = tl.zeros([BLOCK, NP, NP], dtype=cinv_ptr.dtype.element_ty)
+    wmul = zero
+    failed = tl.zeros([BLOCK], dtype=tl.int64)
+    for t in range(T2):
+        if FACTORIZE:
+            a = _lhs_tile(
+                coef_ptr, steps_ptr, g_ptr, lane, lane_ok, t, t, N, T, S, sc, sh, E,
+                weq2, win2, ws2, M, R, K, PAIR, CENTRAL, True, NP, BLOCK,
+            )  # fmt: skip
+            floor = pivot_scale * tl.sum(tl.where(rows == cols, a, 0.0), axis=2)
+            for kk in range(NB):
+                wk = tl.sum(tl.where(cols == kk, wmul, 0.0), axis=2)
+                a = a - wk[:, :, None] * wk[:, None, :]
+            c = zero
+            for j in range(NB):
+                colj = tl.sum(tl.where(cols == j, a, 0.0), axis=2)
+                dj = tl.sum(tl.where(vec == j, colj, 0.0), axis=1)
+                fl = tl.sum(tl.where(vec == j, floor, 0.0), axis=1)
+                good = (dj > fl) & (dj < float("inf"))
+                failed = tl.where((failed == 0) & (good == 0) & lane_ok, t + 1, failed)
+                dj = tl.where(good, dj, float("nan"))
+                lj = tl.where(vec >= j, colj / tl.sqrt(dj)[:, None], 0.0)
+                c = tl.where(cols == j, lj[:, :, None], c)
+                a = a - lj[:, :, None] * lj[:, None, :]
+            x = zero
+            for i in range(NB):
+                crow = tl.sum(tl.where(rows == i, c, 0.0), axis=1)
+                cii = tl.sum(tl.where(vec == i, crow, 0.0), axis=1)
+                acc = tl.sum(crow[:, :, None] * x, axis=1)
+                new = (tl.where(vec == i, 1.0, 0.0) - acc) / cii[:, None]
+                new = tl.where(vec <= i, new, 0.0)
+                x = tl.where(rows == i, new[:, None, :], x)
+            tl.store(cinv_ptr + t * step + ent, x, mask=mask)
+            w_now = wmul
+            has_next = mask & ((lane * 0 + t + 1) < T2)[:, None, None]
+            bsub = _lhs_tile(
+                coef_ptr, steps_ptr, g_ptr, lane, lane_ok, t + 1, t, N, T, S, sc, sh, E,
+                weq2, win2, ws2, M, R, K, PAIR, CENTRAL, False, NP, BLOCK,
+            )  # fmt: skip
+            bsub = tl.where(has_next, bsub, 0.0)
+            wmul = zero
+            for kk in range(NB):
+                bk = tl.sum(tl.where(cols == kk, bsub, 0.0), axis=2)
+                xk = tl.sum(tl.where(cols == kk, x, 0.0), axis=2)
+                wmul = wmul + bk[:, :, None] * xk[:, None, :]
+            tl.store(wmul_ptr + (t + 1) * step + ent, wmul, mask=has_next)
+        else:
+            x = tl.load(cinv_ptr + t * step + ent, mask=mask, other=0.0)
+            after_first = mask & ((lane * 0 + t) > 0)[:, None, None]
+            w_now = tl.load(wmul_ptr + t * step + ent, mask=after_first, other=0.0)
+        for p in range(P):
+            v = _rhs_vector(
+                coef_ptr, rhs_ptr, init_ptr, lane, lane_ok, t, p, N, P, T, S, sc, sb, su, E,
+                weq2, win2, M, R, K, PAIR, NP, BLOCK,
+            )  # fmt: skip
+            vofs = vec * (N * P) + (lane * P + p)[:, None]
+            prev = vmask & ((lane * 0 + t) > 0)[:, None]
+            y = tl.load(out_ptr + (t - 1) * vstep + vofs, mask=prev, other=0.0)
+            v = v - tl.sum(w_now * y[:, None, :], axis=2)
+            y = tl.sum(x * v[:, None, :], axis=2)
+            tl.store(out_ptr + t * vstep + vofs, y, mask=vmask)
+        tl.debug_barrier()
+    if FACTORIZE:
+        tl.store(failed_ptr + lane, failed, mask=lane_ok)
+    if P > 0:
+        _back_sweep(cinv_ptr, wmul_ptr, out_ptr, lane, lane_ok, N, P, T2, NB, NP)
+
+
+@triton.jit
+def _step_vector(buf_ptr, t, j, lane, lane_ok, p, N, P, T, M: tl.constexpr, NB: tl.constexpr):
+    """Entries j ``[MP]`` of (unpaired) step t of column p of a ``(T2, NB, N*P)`` buffer,
+    ``[BLOCK, MP]`` (zero past m or past the last step)."""
+    PAIR: tl.constexpr = NB // M
+    row = (t // PAIR) * NB + (t % PAIR) * M + j
+    ok = lane_ok[:, None] & ((j < M) & (j >= 0) & ((j * 0 + t) < T))[None, :]
+    return tl.load(buf_ptr + (row * (N * P))[None, :] + (lane * P + p)[:, None], mask=ok, other=0.0)
+
+
+@triton.jit
+def ode_backward_kernel(
+    grad_ptr,
+    x_ptr,
+    lam_ptr,
+    cinv_ptr,
+    wmul_ptr,
+    coef_ptr,
+    steps_ptr,
+    rhs_ptr,
+    g_ptr,
+    gcoef_ptr,
+    gsteps_ptr,
+    gcent_ptr,
+    grhs_ptr,
+    ginit_ptr,
+    N,
+    P,
+    T,
+    T2,
+    S,
+    sc,
+    sh,
+    sb,
+    E,
+    M: tl.constexpr,
+    R: tl.constexpr,
+    K: tl.constexpr,
+    PAIR: tl.constexpr,
+    CENTRAL: tl.constexpr,
+    LHS_GRADS: tl.constexpr,
+    NP: tl.constexpr,
+    MP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Every gradient of :func:`ode_sweep_kernel`'s solve in one launch, one lane per system.
+
+    lambda = M^{-1} g (``grad`` ``(T2, NB, N*P)``, with the factor ``cinv``, ``wmul``) into
+    ``lam``; then per step t (docs/solver.md section 5; the formulas of the CPU lane engine's
+    backward kernel, :mod:`smnn.solver.lane_kernels_source`), summed over the P columns:
+
+    - ``grhs`` ``(T, E, N*P)``: w_eq^2 C_t[e] . lambda_t;
+    - ``ginit`` ``(S, D*K, N*P)``: w_in^2 lambda_t at orders k < K;
+    - ``gcoef`` ``(T, E, m, N)``:
+      w_eq^2 ((b_t[e] - C_t[e] . x_t) lambda_t - (C_t[e] . lambda_t) x_t);
+    - ``gsteps`` ``(T-1, N)``: dl/dh_t of the Taylor rows of interval t;
+    - ``gcent`` ``(T-2, N)`` (``CENTRAL``): dl/ds of central row q (s = h_q + h_{q+1}; the
+      caller adds it to h_q and h_{q+1}).
+
+    ``LHS_GRADS`` False: only ``grhs`` and ``ginit`` (a factor kept by ``factorize``). Each
+    lane writes its own entries: no atomics; sums over shared inputs are the caller's.
+    """
+    NB: tl.constexpr = PAIR * M
+    # squared weights (w_eq^2, w_in^2, w_s^2) after the Gram matrices, in the inputs' dtype
+    weq2 = tl.load(g_ptr + 3 * R * R)
+    win2 = tl.load(g_ptr + 3 * R * R + 1)
+    ws2 = tl.load(g_ptr + 3 * R * R + 2)
+    pid = tl.program_id(0)
+    lane = pid * BLOCK + tl.arange(0, BLOCK)
+    lane_ok = lane < N
+    r = tl.arange(0, NP)
+    rows = r[None, :, None]
+    cols = r[None, None, :]
+    vec = r[None, :]
+    ent = (rows * NB + cols) * N + lane[:, None, None]
+    mask = lane_ok[:, None, None] & (rows < NB) & (cols < NB)
+    vmask = lane_ok[:, None] & (vec < NB)
+    step = N * (NB * NB)
+    vstep = N * P * NB
+    # ---- lambda = M^{-1} g: forward sweep, then back
+    for t in range(T2):
+        x = tl.load(cinv_ptr + t * step + ent, mask=mask, other=0.0)
+        after_first = mask & ((lane * 0 + t) > 0)[:, None, None]
+        w = tl.load(wmul_ptr + t * step + ent, mask=after_first, other=0.0)
+        for p in range(P):
+            vofs = vec * (N * P) + (lane * P + p)[:, None]
+            v = tl.load(grad_ptr + t * vstep + vofs, mask=vmask, other=0.0)
+            prev = vmask & ((lane * 0 + t) > 0)[:, None]
+            y = tl.load(lam_ptr + (t - 1) * vstep + vofs, mask=prev, other=0.0)
+            v = v - tl.sum(w * y[:, None, :], axis=2)
+            y = tl.sum(x * v[:, None, :], axis=2)
+            tl.store(lam_ptr + t * vstep + vofs, y, mask=vmask)
+        tl.debug_barrier()
+    _back_sweep(cinv_ptr, wmul_ptr, lam_ptr, lane, lane_ok, N, P, T2, NB, NP)
+    # ---- gradients per step
+    j = tl.arange(0, MP)
+    jok = j < M
+    jd = j // R
+    jk = j % R
+    DK = (M // R) * K
+    col_ok = lane_ok[:, None] & jok[None, :]
+    j_r = j[None, :, None]
+    j_c = j[None, None, :]
+    same = (jd[None, :, None] == jd[None, None, :]) & (j_r < M) & (j_c < M)
+    if LHS_GRADS:
+        k_r = jk[None, :, None]
+        k_c = jk[None, None, :]
+        g0 = tl.load(g_ptr + k_r * R + k_c, mask=same, other=0.0)
+        g1 = tl.load(g_ptr + R * R + k_r * R + k_c, mask=same, other=0.0)
+        g2 = tl.load(g_ptr + 2 * R * R + k_r * R + k_c, mask=same, other=0.0)
+    for t in range(T):
+        # equation rows: right-hand sides and coefficients
+        for e in range(E):
+            cv = tl.load(coef_ptr + t * sc + e * M * N + (j * N)[None, :] + lane[:, None],
+                         mask=col_ok, other=0.0)  # fmt: skip
+            gce = tl.zeros([BLOCK, MP], dtype=cv.dtype)
+            for p in range(P):
+                lt = _step_vector(lam_ptr, t, j, lane, lane_ok, p, N, P, T, M, NB)
+                xt = _step_vector(x_ptr, t, j, lane, lane_ok, p, N, P, T, M, NB)
+                beta = tl.sum(cv * lt, axis=1)
+                bofs = t * sb + e * N * P + lane * P + p
+                alpha = tl.load(rhs_ptr + bofs, mask=lane_ok, other=0.0) - tl.sum(cv * xt, axis=1)
+                gofs = (t * E + e) * N * P + lane * P + p
+                tl.store(grhs_ptr + gofs, weq2 * beta, mask=lane_ok)
+                gce += weq2 * (alpha[:, None] * lt - beta[:, None] * xt)
+            if LHS_GRADS:
+                tl.store(gcoef_ptr + (t * E + e) * M * N + (j * N)[None, :] + lane[:, None],
+                         gce, mask=col_ok)  # fmt: skip
+        # initial-value rows
+        at_init = col_ok & ((jk < K) & ((j * 0 + t) < S))[None, :]
+        for p in range(P):
+            lt = _step_vector(lam_ptr, t, j, lane, lane_ok, p, N, P, T, M, NB)
+            iofs = ((t * DK + jd * K + jk) * N * P)[None, :] + (lane * P + p)[:, None]
+            tl.store(ginit_ptr + iofs, win2 * lt, mask=at_init)
+        if LHS_GRADS:
+            # Taylor rows of interval t: d(e_i e_j)/dh = dpw_i pw_j + pw_i dpw_j
+            has_interval = lane_ok & ((lane * 0 + t) < T - 1)
+            h = tl.load(steps_ptr + t * sh + lane, mask=has_interval, other=1.0)
+            pw = _powers(h[:, None], jk[None, :], R)
+            dpw = jk[None, :] * _powers(h[:, None], jk[None, :] - 1, R)
+            dpw = tl.where(jk[None, :] >= 1, dpw, 0.0)
+            qq = dpw[:, :, None] * pw[:, None, :] + pw[:, :, None] * dpw[:, None, :]
+            sv = tl.zeros([BLOCK, MP, MP], dtype=h.dtype)
+            for p in range(P):
+                lt = _step_vector(lam_ptr, t, j, lane, lane_ok, p, N, P, T, M, NB)
+                xt = _step_vector(x_ptr, t, j, lane, lane_ok, p, N, P, T, M, NB)
+                l1 = _step_vector(lam_ptr, t + 1, j, lane, lane_ok, p, N, P, T, M, NB)
+                x1 = _step_vector(x_ptr, t + 1, j, lane, lane_ok, p, N, P, T, M, NB)
+                sv += g0 * lt[:, :, None] * xt[:, None, :]
+                sv += g1 * l1[:, :, None] * x1[:, None, :]
+                sv += g2 * l1[:, :, None] * xt[:, None, :]
+                sv += g2 * x1[:, :, None] * lt[:, None, :]
+            gh = -tl.sum(tl.sum(tl.where(same, qq * sv, 0.0), axis=2), axis=1)
+            tl.store(gsteps_ptr + t * N + lane, ws2 * gh, mask=has_interval)
+            if CENTRAL:
+                # central row q = t: s = h_t + h_{t+1}, a = s^(R-3), b = s^(R-2)
+                has_row = lane_ok & ((lane * 0 + t) < T - 2)
+                s = tl.load(steps_ptr + t * sh + lane, mask=has_row, other=1.0)
+                s += tl.load(steps_ptr + (t + 1) * sh + lane, mask=has_row, other=1.0)
+                av = _int_power(s, R - 3)
+                bv = av * s
+                da = (R - 3) * _int_power(s, R - 4)
+                db = (R - 2) * av
+                m2 = (jk == R - 2) & jok
+                g_aa = tl.zeros([BLOCK], dtype=s.dtype)
+                g_bb = tl.zeros([BLOCK], dtype=s.dtype)
+                g_ab = tl.zeros([BLOCK], dtype=s.dtype)
+                for p in range(P):
+                    l0 = _step_vector(lam_ptr, t, j, lane, lane_ok, p, N, P, T, M, NB)
+                    x0 = _step_vector(x_ptr, t, j, lane, lane_ok, p, N, P, T, M, NB)
+                    l2 = _step_vector(lam_ptr, t + 2, j, lane, lane_ok, p, N, P, T, M, NB)
+                    x2 = _step_vector(x_ptr, t + 2, j, lane, lane_ok, p, N, P, T, M, NB)
+                    l1 = _step_vector(lam_ptr, t + 1, j + 1, lane, lane_ok, p, N, P, T, M, NB)
+                    x1 = _step_vector(x_ptr, t + 1, j + 1, lane, lane_ok, p, N, P, T, M, NB)
+                    aa = -(l0 * x0) - (l2 * x2) + (l2 * x0 + x2 * l0)
+                    ab = -(l1 * x0 + x1 * l0) + (l2 * x1 + x2 * l1)
+                    g_aa += tl.sum(tl.where(m2[None, :], aa, 0.0), axis=1)
+                    g_bb += tl.sum(tl.where(m2[None, :], -(l1 * x1), 0.0), axis=1)
+                    g_ab += tl.sum(tl.where(m2[None, :], ab, 0.0), axis=1)
+                ds = 2.0 * av * da * g_aa + 2.0 * bv * db * g_bb + (da * bv + av * db) * g_ab
+                tl.store(gcent_ptr + t * N + lane, ws2 * ds, mask=has_row)

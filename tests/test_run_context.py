@@ -168,3 +168,25 @@ def test_device_resolver_accepts_the_names_and_names_the_key():
     else:
         with pytest.raises(ValueError, match="^sst.device: cuda was requested but no CUDA"):
             resolve_device("cuda", what="sst.device")
+
+
+# ------------------------------------------------------------------ the one timing core
+
+
+def test_timing_core_times_a_call_with_the_thread_count_set(torch_threads):
+    import time
+
+    from smnn.timing import summary_ms, timed_call
+
+    torch.set_num_threads(2)
+    seconds, result = timed_call(
+        lambda x: (time.sleep(0.02), torch.get_num_threads() * x)[1],
+        torch.device("cpu"),
+        5,
+        threads=1,
+    )
+    assert result == 5 and 0.02 <= seconds < 1.0
+    assert torch.get_num_threads() == 1  # set before the call (outside the timed region)
+    assert summary_ms([0.003, 0.001, 0.002]) == (2.0, 1.0, 3.0)
+    with pytest.raises(ValueError, match="at least one"):
+        summary_ms([])

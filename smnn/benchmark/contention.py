@@ -22,7 +22,6 @@ lane kernels follow it (:func:`smnn.solver.fused.n_workers`).
 from __future__ import annotations
 
 import math
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ import torch
 
 from smnn.benchmark.catalog import DTYPES, Method, Shape, make_inputs
 from smnn.benchmark.measure import compile_steps, timed_step
+from smnn.timing import summary_ms
 
 __all__ = [
     "CONTENTION_COLUMNS",
@@ -180,13 +180,14 @@ def _case_rows(method, shape, dtype, device, seed, repeats, load, base, progress
         ]
     out = []
     for threads, seconds in times.items():
+        median_ms, min_ms, max_ms = summary_ms(seconds)
         row = {
             **base,
             "load": load,
             "threads": threads,
-            "median_ms": 1e3 * statistics.median(seconds),
-            "min_ms": 1e3 * min(seconds),
-            "max_ms": 1e3 * max(seconds),
+            "median_ms": median_ms,
+            "min_ms": min_ms,
+            "max_ms": max_ms,
             "status": "ok",
             "note": "",
         }

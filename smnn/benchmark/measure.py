@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -70,6 +69,7 @@ from smnn.memory import (
     physical_memory_bytes,
     solver_step_bytes,
 )
+from smnn.timing import summary_ms, timed_call
 
 __all__ = [
     "MB",
@@ -120,11 +120,6 @@ COMPILE_BATCHES = (2, 64)
 _SAME_FUNCTION = ("smnn", "peer")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_step(
     method: Method,
     inputs: tuple,
@@ -139,20 +134,13 @@ def timed_step(
     With ``keep_output`` the detached solution is in ``info["u"]``. ``threads`` is set with
     ``torch.set_num_threads`` before the step (outside the timed region): a solver that changes
     the process's thread count (numba's OpenMP layer shares it with torch) cannot change the
-    next step's.
+    next step's (:func:`smnn.timing.timed_call`).
     """
-    if threads is not None and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
     for x in inputs:
         x.grad = None
-    _sync(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        start = time.perf_counter()
-        u, info = method.solve(*inputs)
-        (u**2).sum().backward()
-        _sync(device)
-        seconds = time.perf_counter() - start
+        seconds, (u, info) = timed_call(_forward_backward, device, method, inputs, threads=threads)
     info = dict(info)
     for w in caught:
         if type(w.message).__name__ == "MNNConvergenceWarning" and "backward" in str(w.message):
@@ -167,6 +155,13 @@ def timed_step(
     if keep_output:
         info["u"] = u.detach()
     return seconds, info
+
+
+def _forward_backward(method: Method, inputs: tuple) -> tuple[torch.Tensor, dict]:
+    """The step: solve, then the gradient of sum(u^2) into the four inputs."""
+    u, info = method.solve(*inputs)
+    (u**2).sum().backward()
+    return u, info
 
 
 def _diff_vs_smnn(u: torch.Tensor, inputs: tuple) -> float:
@@ -224,11 +219,12 @@ def measure_case(
         if "converged" in info:
             converged.append(info["converged"] and info["backward_converged"])
     torch.set_num_threads(threads)
+    median_ms, min_ms, max_ms = summary_ms(times)
     row.update(
         {
-            "median_ms": 1e3 * statistics.median(times),
-            "min_ms": 1e3 * min(times),
-            "max_ms": 1e3 * max(times),
+            "median_ms": median_ms,
+            "min_ms": min_ms,
+            "max_ms": max_ms,
             "status": "ok",
             "converged": all(converged) if converged else None,
         }

@@ -44,10 +44,7 @@ jobs use too, so they all agree on which cases are too big.
 
 from __future__ import annotations
 
-import gc
 import math
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -55,7 +52,6 @@ from typing import Any
 
 import torch
 
-from smnn.benchmark.measure import _sync
 from smnn.memory import (
     DEFAULT_BUDGET_FRACTION,
     DENSE_COPIES,
@@ -63,6 +59,7 @@ from smnn.memory import (
     memory_budget_bytes,
     solver_step_bytes,
 )
+from smnn.timing import release, summary_ms, timed_call
 
 __all__ = [
     "MB",
@@ -147,12 +144,8 @@ def predict_dense_peak_bytes(
 
 
 def _run_timed(step: Callable[[], Any], device: torch.device) -> float:
-    """Seconds of one call of ``step``, synchronised on CUDA."""
-    _sync(device)
-    start = time.perf_counter()
-    step()
-    _sync(device)
-    return time.perf_counter() - start
+    """Seconds of one call of ``step`` (:func:`smnn.timing.timed_call`)."""
+    return timed_call(step, device)[0]
 
 
 def _warning_note(caught: list[warnings.WarningMessage]) -> str:
@@ -217,10 +210,11 @@ def measure_step(
             while len(times) < repeats or (sum(times) < min_timed_s and len(times) < MAX_REPEATS):
                 times.append(_run_timed(step, device))
     notes.append(_warning_note(caught))
+    time_ms, min_ms, _ = summary_ms(times)
     return StepCost(
         "ok",
-        time_ms=1e3 * statistics.median(times),
-        min_ms=1e3 * min(times),
+        time_ms=time_ms,
+        min_ms=min_ms,
         warmup_ms=1e3 * first_s,
         peak_mb=peak / MB,
         repeats=len(times),
@@ -233,12 +227,6 @@ def _is_out_of_memory(exc: Exception) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
     )
-
-
-def _release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def measure_case(
@@ -291,5 +279,5 @@ def measure_case(
         cost = StepCost(status, note=f"{what}{exc}"[:_NOTE_LIMIT])
     finally:
         del step
-        _release(device)
+        release(device)
     return StepCost(**{**cost.as_row(), "predicted_mb": predicted_mb})

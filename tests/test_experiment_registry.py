@@ -163,6 +163,23 @@ def test_top_level_help_imports_no_experiment_code():
         assert name in proc.stdout
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_subcommand_help_imports_no_torch(command):
+    """``smnn <command> --help`` builds that command's parser without importing torch (it took
+    9 s when the solver package, the trainer and the CG baseline were imported to build it)."""
+    code = (
+        "import sys\n"
+        "from smnn.cli import main\n"
+        f"try:\n    main([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "usage: smnn" in proc.stdout
+    assert "TORCH False" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_a_subcommand_parses_its_full_options():
     from smnn.cli import build_parser
 

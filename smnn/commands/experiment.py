@@ -42,10 +42,8 @@ from smnn.jobs import (
     run_context,
     setup_logging,
 )
-from smnn.solver.mnn import record_convergence
 from smnn.solver.registry import solver_names
 from smnn.tracking import RunTracker, end_abandoned_runs, job_tags, resolve_tracking
-from smnn.training import Trainer, TrainerSettings, TrainingInterrupted, seed_everything
 
 __all__ = ["add_parser", "run_train", "run_evaluate", "experiment_hash"]
 
@@ -194,6 +192,8 @@ def _start_job(args: argparse.Namespace) -> tuple[Config, Experiment, Any, RunCo
 
 @clean_errors
 def run_train(args: argparse.Namespace) -> int:
+    from smnn.training import Trainer, TrainerSettings, seed_everything
+
     config, experiment, settings, context = _start_job(args)
     seed, device = context.seed, context.device
     out = Path(args.out)
@@ -224,6 +224,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _train(args, config, experiment, device, task, trainer, identity, out) -> int:
+    from smnn.solver.mnn import record_convergence
+    from smnn.training import TrainingInterrupted
+
     previous_run = trainer.restore()
     for note in trainer.recovery_notes:
         print(f"warning: {note}", file=sys.stderr, flush=True)
@@ -366,6 +369,9 @@ def _check_evaluate_inputs(data: Path, models: list[Path]) -> None:
 
 @clean_errors
 def run_evaluate(args: argparse.Namespace) -> int:
+    from smnn.solver.mnn import record_convergence
+    from smnn.training import seed_everything
+
     config, experiment, settings, context = _start_job(args)
     device = context.device
     seed_everything(context.seed)

@@ -14,16 +14,53 @@
 
 from __future__ import annotations
 
-from smnn.solver.api import METHODS, OdeFactorization, factorize, ode_forward
-from smnn.solver.banded import NonPositivePivotError
-from smnn.solver.factor import Factor
-from smnn.solver.frozen import FROZEN_LHS_CACHE, FrozenLhsCache, clear_frozen_lhs_cache
-from smnn.solver.inputs import OdeProblem, prepare_problem
-from smnn.solver.mnn import MNNConvergenceWarning, mnn_cg, mnn_dense
-from smnn.solver.reference import build_dense_system, dense_reference
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from smnn.solver.registry import SOLVERS, SolverInfo, get_solver, solver_info, solver_names
 
 SOLVER_NAMES = solver_names()
+
+# public name -> the module defining it: imported on first use, so that the registry (solver
+# names for configs and the command line) is available without importing torch
+_LAZY = {
+    "METHODS": "smnn.solver.api",
+    "OdeFactorization": "smnn.solver.api",
+    "factorize": "smnn.solver.api",
+    "ode_forward": "smnn.solver.api",
+    "NonPositivePivotError": "smnn.solver.banded",
+    "Factor": "smnn.solver.factor",
+    "FROZEN_LHS_CACHE": "smnn.solver.frozen",
+    "FrozenLhsCache": "smnn.solver.frozen",
+    "clear_frozen_lhs_cache": "smnn.solver.frozen",
+    "OdeProblem": "smnn.solver.inputs",
+    "prepare_problem": "smnn.solver.inputs",
+    "MNNConvergenceWarning": "smnn.solver.mnn",
+    "mnn_cg": "smnn.solver.mnn",
+    "mnn_dense": "smnn.solver.mnn",
+    "build_dense_system": "smnn.solver.reference",
+    "dense_reference": "smnn.solver.reference",
+}
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from smnn.solver.api import METHODS, OdeFactorization, factorize, ode_forward
+    from smnn.solver.banded import NonPositivePivotError
+    from smnn.solver.factor import Factor
+    from smnn.solver.frozen import FROZEN_LHS_CACHE, FrozenLhsCache, clear_frozen_lhs_cache
+    from smnn.solver.inputs import OdeProblem, prepare_problem
+    from smnn.solver.mnn import MNNConvergenceWarning, mnn_cg, mnn_dense
+    from smnn.solver.reference import build_dense_system, dense_reference
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'smnn.solver' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "FROZEN_LHS_CACHE",

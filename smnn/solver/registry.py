@@ -18,8 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
 
 __all__ = ["SolverInfo", "SOLVERS", "solver_names", "solver_info", "get_solver"]
 
@@ -68,6 +70,8 @@ class SolverInfo:
         caller silences them; this method does not touch the warning filters.
         """
         if self.reports_convergence:
+            import torch
+
             u, info = self.function(*args, return_info=True, **kwargs)
             return u, {"converged": bool(torch.as_tensor(info["converged"]).all())}
         return self.function(*args, **kwargs), {}

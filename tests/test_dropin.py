@@ -230,7 +230,9 @@ def test_signature_has_the_authors_positional_order():
         "frozen_lhs_cache_version": 0,
     }
     keyword_only = [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    assert keyword_only == ["method", "backend", "check_inputs", "check_pivots", "cuda_graphs"]
+    assert keyword_only == [
+        "method", "backend", "check_inputs", "check_pivots", "cuda_graphs", "threads"
+    ]  # fmt: skip
 
 
 def test_positional_arguments_mean_what_the_authors_mean():

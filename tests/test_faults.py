@@ -1,6 +1,7 @@
 """Faults of issue 18's table, each reproduced: the T message of a size-1 step axis, argparse
 errors that name what is expected instead of a Python function, a damaged model.pt, and
-`smnn evaluate` with missing inputs (one error line, no FAILED MLflow run)."""
+`smnn evaluate` with missing inputs (one error line, no FAILED MLflow run), a KdV source changed
+without its files (the pipeline stops, no metrics.json claims the old source)."""
 
 from __future__ import annotations
 
@@ -222,3 +223,65 @@ def test_tracking_init_failure_under_snakemake_reaches_the_console(tmp_path):
     errors = [line for line in run.proc.stderr.splitlines() if line.startswith("error:")]
     assert errors and absent in errors[0], run.output[-3000:]
     assert "Finished job" not in run.output  # onstart failed before any job ran
+
+
+@pytest.mark.slow
+def test_kdv_source_changed_to_lpsda_without_its_files_stops_and_claims_nothing(tmp_path):
+    """`--config 'kdv={source: lpsda}'` without LPSDA's files, after a pipeline that generated
+    the KdV store, trained and evaluated on it: the rerun (it used to exit 0, retrain on the
+    old store and write a metrics.json saying "source": "generate") stops with a non-zero exit
+    and one error line saying the store was made from 'generate' while kdv.source is 'lpsda',
+    and the stage to rerun. Snakemake keeps the existing data/kdv.zarr (the import rule's
+    inputs are missing, so it is not scheduled); the training job refuses it, evaluation never
+    runs, metrics.json is not rewritten. Training and evaluation run by hand refuse the store
+    the same way, so no metrics.json can claim the old source for an lpsda configuration."""
+    from pipeline_support import (
+        failure_report,
+        make_workdir,
+        merge,
+        run_snakemake,
+        tiny_config,
+        write_yaml,
+    )
+
+    work = make_workdir(tmp_path / "work")
+    off = {"enabled": False}
+    config = write_yaml(
+        work / "kdv_only.yaml",
+        merge(tiny_config(), {"standalone": off, "benchmark": off, "lorenz": off, "sst": off}),
+    )
+    first = run_snakemake(work, ["--cores", "2", "--configfile", str(config)], timeout=1500)
+    assert first.proc.returncode == 0, failure_report(work, first)
+    metrics = work / "results" / "kdv" / "smnn" / "eval" / "metrics.json"
+    assert json.loads(metrics.read_text())["source"] == "generate"
+    before = metrics.read_bytes(), metrics.stat().st_mtime_ns
+    model = tmp_path / "model_generate.pt"  # (Snakemake removes a failed job's outputs)
+    model.write_bytes((work / "results" / "kdv" / "smnn" / "model.pt").read_bytes())
+
+    lpsda = ["--cores", "2", "--configfile", str(config), "--config", "kdv={source: lpsda}"]
+    run = run_snakemake(work, lpsda, timeout=600)
+    assert run.proc.returncode != 0, run.output[-3000:]
+    errors = [line for line in run.output.splitlines() if line.startswith("error:")]
+    assert errors, run.output[-3000:]
+    assert "source 'generate'" in errors[0] and "kdv.source is 'lpsda'" in errors[0], errors
+    assert "snakemake --forcerun import_kdv" in errors[0], errors  # the stage to rerun
+    assert "Finished job" not in run.output  # nothing ran on the old store
+    assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before  # not rewritten
+
+    # every consumer checks the store's source against the config: training and evaluation
+    # run by hand (outside Snakemake) on the generated store under kdv.source: lpsda stop
+    changed = write_yaml(work / "lpsda.yaml", merge(tiny_config(), {"kdv": {"source": "lpsda"}}))
+    store = work / "data" / "kdv.zarr"
+    for args in (
+        ["train", "--experiment", "kdv", "--solver", "smnn", "--config", changed,
+         "--data", store, "--out", tmp_path / "train_lpsda"],
+        ["evaluate", "--experiment", "kdv", "--solver", "smnn", "--config", changed,
+         "--data", store, "--model", model, "--out", tmp_path / "eval_lpsda"],
+    ):  # fmt: skip
+        proc = run_smnn(*args, env=None)
+        assert proc.returncode != 0, (args[0], proc.stdout[-2000:], proc.stderr[-2000:])
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert errors and "source 'generate'" in errors[0], (args[0], proc.stderr[-3000:])
+        assert "kdv.source is 'lpsda'" in errors[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "eval_lpsda" / "metrics.json").exists()
+    assert not (tmp_path / "train_lpsda" / "model.pt").exists()

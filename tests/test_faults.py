@@ -285,3 +285,43 @@ def test_kdv_source_changed_to_lpsda_without_its_files_stops_and_claims_nothing(
         assert "kdv.source is 'lpsda'" in errors[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "eval_lpsda" / "metrics.json").exists()
     assert not (tmp_path / "train_lpsda" / "model.pt").exists()
+
+
+def test_deleted_mask_chunk_of_the_sst_store_names_store_variable_and_rule(tmp_path):
+    """A chunk file of `mask` deleted from data/sst.zarr used to read as fill values and end
+    in a raw "no cell has a partner"; opening the store now names the store, the variable,
+    the missing chunk and the rule that rewrites it."""
+    from smnn.data.sst.preprocess import (
+        SstPreprocessSettings,
+        SstProvenance,
+        open_sst_store,
+        preprocess_sst,
+    )
+    from smnn.data.sst.synthetic import write_synthetic_mask, write_synthetic_sst
+
+    mask = write_synthetic_mask(tmp_path / "lsmask.nc", n_lat=18, n_lon=36)
+    sst = write_synthetic_sst(tmp_path / "sst.nc", n_weeks=40, n_lat=18, n_lon=36, seed=1)
+    settings = SstPreprocessSettings(land="all", test_weeks=10, chunk_lat=5, chunk_lon=8)
+    store = tmp_path / "sst.zarr"
+    preprocess_sst(sst, mask, store, settings, SstProvenance("synthetic"))
+    open_sst_store(store, settings)  # intact: opens
+    chunk = next(p for p in sorted((store / "mask" / "c").rglob("*")) if p.is_file())
+    chunk.unlink()
+    with pytest.raises(StoreError) as info:
+        open_sst_store(store, settings)
+    message = str(info.value)
+    assert info.value.variable == "mask" and str(store) in message, message
+    assert "missing" in message and "preprocess_sst" in message, message
+
+
+def test_deleted_time_chunk_of_the_lorenz_store_is_not_read_as_nan(tmp_path):
+    """Lorenz `time` with a chunk file deleted used to load silently as NaN."""
+    from smnn.data.lorenz import LorenzParams, load_lorenz, write_lorenz_store
+
+    store = write_lorenz_store(LorenzParams(n_points=200), 0, tmp_path / "lorenz.zarr")
+    chunk = next(p for p in sorted((store / "time" / "c").rglob("*")) if p.is_file())
+    chunk.unlink()
+    with pytest.raises(StoreError) as info:
+        load_lorenz(store)
+    assert info.value.variable == "time" and "missing" in str(info.value)
+    assert "snakemake --forcerun generate_lorenz" in str(info.value)

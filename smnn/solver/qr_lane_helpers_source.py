@@ -162,3 +162,18 @@ def step_gradient(da, r, res, ll, al, ul, ncol, acc):
     for c in range(ncol):
         v = _plus_scaled_differences(v, da[r, c], res, ll[c], al, ul[c])
     _store_value(acc, v)
+
+
+@helper
+def add_row_residual(a, r, ux, gl, t, nb, rc, res):
+    """Row r of block t: res = a[r, rc] - sum_c (a[r, c] ux[t, c] and a[r, nb + c]
+    ux[t + 1, c]) (in that order), then gl[t, c] += a[r, c] res, gl[t + 1, c] +=
+    a[r, nb + c] res: row r's share of A^T (beta - A x)."""
+    v = _value_of(a[r, rc])
+    for c in range(nb):
+        v = _minus_products(v, a[r, c], ux[t, c])
+        v = _minus_products(v, a[r, nb + c], ux[t + 1, c])
+    _store_value(res, v)
+    for c in range(nb):
+        _add_product(gl[t, c], a[r, c], res)
+        _add_product(gl[t + 1, c], a[r, nb + c], res)

@@ -156,7 +156,6 @@ def _build_rows(
     n = D * R
     G = 2 if central else 1
     nT = R - 1 if central else R
-    ncol = a.shape[1]
     Tc, Tb, Th, Su = coef.shape[1], rhs_eq.shape[1], steps.shape[1], init.shape[1]
     E = coef.shape[2]
     w_eq, w_in, w_s = wts[0], wts[1], wts[2]
@@ -168,9 +167,7 @@ def _build_rows(
         if s >= T:
             # padding step of an odd T with central rows: its unknowns fixed to 0
             for j in range(n):
-                for c in range(ncol):
-                    for l in range(W):
-                        a[q, c, l] = 0
+                _zero_row(a, q)
                 for l in range(W):
                     a[q, cs + j, l] = 1
                 kind[q, 0] = PADDING
@@ -178,9 +175,7 @@ def _build_rows(
             continue
         tc, tb = min(s, Tc - 1), min(s, Tb - 1)
         for e in range(E):
-            for c in range(ncol):
-                for l in range(W):
-                    a[q, c, l] = 0
+            _zero_row(a, q)
             for j in range(n):
                 for l in range(W):
                     v = coef[sysl[l], tc, e, j]
@@ -199,9 +194,7 @@ def _build_rows(
             tu = min(s, Su - 1)
             for d in range(D):
                 for k in range(K):
-                    for c in range(ncol):
-                        for l in range(W):
-                            a[q, c, l] = 0
+                    _zero_row(a, q)
                     for l in range(W):
                         a[q, cs + d * R + k, l] = w_in
                     if with_rhs:
@@ -230,9 +223,7 @@ def _build_rows(
             for d in range(D):
                 for k in range(nT):
                     # forward: sum_{o>=k} h^o/(o-k)! u[s,d,o] - h^k u[s+1,d,k]
-                    for c in range(ncol):
-                        for l in range(W):
-                            a[q, c, l] = 0
+                    _zero_row(a, q)
                     for o in range(k, R):
                         f = w_s * finv[o - k]
                         for l in range(W):
@@ -240,9 +231,7 @@ def _build_rows(
                     for l in range(W):
                         a[q, c1 + d * R + k, l] = -w_s * sv[1 + k, l]
                     if with_deriv:
-                        for c in range(ncol):
-                            for l in range(W):
-                                da[q, c, l] = 0
+                        _zero_row(da, q)
                         for o in range(max(k, 1), R):
                             f = w_s * finv[o - k] * ordv[o]
                             for l in range(W):
@@ -254,9 +243,7 @@ def _build_rows(
                     aux[q, 0] = s
                     q += 1
                     # backward: sum_{o>=k} (-h)^o/(o-k)! u[s+1,d,o] - (-h)^k u[s,d,k]
-                    for c in range(ncol):
-                        for l in range(W):
-                            a[q, c, l] = 0
+                    _zero_row(a, q)
                     for o in range(k, R):
                         f = w_s * finv[o - k]
                         for l in range(W):
@@ -264,9 +251,7 @@ def _build_rows(
                     for l in range(W):
                         a[q, cs + d * R + k, l] = -w_s * sv[R + 2 + k, l]
                     if with_deriv:
-                        for c in range(ncol):
-                            for l in range(W):
-                                da[q, c, l] = 0
+                        _zero_row(da, q)
                         for o in range(max(k, 1), R):
                             f = -w_s * finv[o - k] * ordv[o]
                             for l in range(W):
@@ -281,13 +266,9 @@ def _build_rows(
             # s^(R-3) u[s,d,R-2] + s^(R-2) u[s+1,d,R-1] - s^(R-3) u[s+2,d,R-2], s = h_s + h_{s+1}
             th0, th1 = min(s, Th - 1), min(s + 1, Th - 1)
             for d in range(D):
-                for c in range(ncol):
-                    for l in range(W):
-                        a[q, c, l] = 0
+                _zero_row(a, q)
                 if with_deriv:
-                    for c in range(ncol):
-                        for l in range(W):
-                            da[q, c, l] = 0
+                    _zero_row(da, q)
                 for l in range(W):
                     sc = steps[sysl[l], th0] + steps[sysl[l], th1]
                     p3 = _ipow(sc, R - 3, one)
@@ -418,16 +399,7 @@ def _factor_group(
             for l in range(W):
                 carried[i, j, l] = 0
     for t in range(TB):
-        # carried triangle (zero at t = 0)
-        for i in range(nb):
-            for c in range(2 * nb + 1):
-                for l in range(W):
-                    a[i, c, l] = 0
-            for j in range(i, nb):
-                for l in range(W):
-                    a[i, j, l] = carried[i, j, l]
-            for l in range(W):
-                a[i, rc, l] = carried[i, nb, l]
+        _load_carried(a, carried, nb, rc)  # carried triangle (zero at t = 0)
         q = _build_rows(
             t, nb, T, D, R, S, K, central, coef, steps, rhs_eq, init, sysl, coll, wts, finv,
             a, da, kind, aux, chk, with_rhs, False, rc, sv, ordv,
@@ -436,14 +408,7 @@ def _factor_group(
         # squared norms of the columns of A on u_t: rows of the previous block (on its u_{t+1},
         # kept in cn2[nb:]) and this block's rows (not the carried triangle, whose column of a
         # dependent direction is rounding noise)
-        for j in range(nb):
-            for l in range(W):
-                cn2[j, l] = cn2[nb + j, l] if t > 0 else 0
-                cn2[nb + j, l] = 0
-            for i in range(nb, q):
-                for l in range(W):
-                    cn2[j, l] += a[i, j, l] * a[i, j, l]
-                    cn2[nb + j, l] += a[i, nb + j, l] * a[i, nb + j, l]
+        _column_norms(a, cn2, nb, q, t == 0)
         _triangularise(a, btype[t], sup, rc, taus, with_rhs, sv[0], ordv[1])
         # rank check, then R_t, S_t (NaN diagonal from a failed block on)
         for j in range(nb):
@@ -452,10 +417,8 @@ def _factor_group(
                 bad = not (abs(d) > nb * eps * np.sqrt(cn2[j, l]) and abs(d) < np.inf)
                 if bad and dead[l] == 0:
                     dead[l] = t + 1
+        _store_block(rs, g, t, a, nb, rc, wsol, with_rhs)
         for i in range(nb):
-            for c in range(2 * nb):
-                for l in range(W):
-                    rs[g, t, i, c, l] = a[i, c, l] if c >= i else 0
             for l in range(W):
                 if dead[l] > 0:
                     rs[g, t, i, i, l] = np.nan
@@ -467,17 +430,8 @@ def _factor_group(
             for j in range(ncx):
                 for l in range(W):
                     taus_out[g, t, j, l] = taus[j, l]
-        if with_rhs:
-            for i in range(nb):
-                for l in range(W):
-                    wsol[t, i, l] = a[i, rc, l]
         if t < TB - 1:
-            for i in range(nb):
-                for j in range(i, nb):
-                    for l in range(W):
-                        carried[i, j, l] = a[nb + i, nb + j, l]
-                for l in range(W):
-                    carried[i, nb, l] = a[nb + i, rc, l]
+            _save_carried(carried, a, nb, rc)
     for l in range(W):
         if g * W + l < n_items:
             failed_at[g * W + l] = dead[l]
@@ -543,6 +497,95 @@ def _adjoint_sweep(rs, sg, sl, gv, w, TB, acc):
                     acc[l] -= rs[sg[l], t, i, j, sl[l]] * w[t, i, l]
             for l in range(W):
                 w[t, j, l] = acc[l] / rs[sg[l], t, j, j, sl[l]]
+
+
+@_leaf
+def _check_width(W):
+    if W != NARROW_WIDTH and W != WIDE_WIDTH:
+        raise ValueError("QR lane kernels: the width must be 8 or 32")
+
+
+@_leaf
+def _zero_row(a, q):
+    """a[q] = 0 (every column; any width: :func:`_pattern` builds rows on one lane)."""
+    if a.shape[2] == NARROW_WIDTH:
+        _narrow.zero_row(a, q)
+    elif a.shape[2] == WIDE_WIDTH:
+        _wide.zero_row(a, q)
+    else:
+        for c in range(a.shape[1]):
+            for l in range(a.shape[2]):
+                a[q, c, l] = 0
+
+
+@_leaf
+def _load_carried(a, carried, nb, rc):
+    """Rows 0..nb-1 of ``a`` = the carried triangle (qr_lane_helpers_source.load_carried)."""
+    _check_width(a.shape[2])
+    if a.shape[2] == NARROW_WIDTH:
+        _narrow.load_carried(a, carried, nb, rc)
+    else:
+        _wide.load_carried(a, carried, nb, rc)
+
+
+@_leaf
+def _save_carried(carried, a, nb, rc):
+    """The triangle carried to the next block (qr_lane_helpers_source.save_carried)."""
+    _check_width(a.shape[2])
+    if a.shape[2] == NARROW_WIDTH:
+        _narrow.save_carried(carried, a, nb, rc)
+    else:
+        _wide.save_carried(carried, a, nb, rc)
+
+
+@_leaf
+def _column_norms(a, cn2, nb, q, first):
+    """Squared column norms of the rank check (qr_lane_helpers_source.column_norms)."""
+    _check_width(a.shape[2])
+    if a.shape[2] == NARROW_WIDTH:
+        _narrow.column_norms(a, cn2, nb, q, first)
+    else:
+        _wide.column_norms(a, cn2, nb, q, first)
+
+
+@_leaf
+def _store_block(rs, g, t, a, nb, rc, wsol, with_rhs):
+    """[R_t | S_t] into rs[g, t], z_t into wsol[t] (qr_lane_helpers_source.store_block)."""
+    _check_width(a.shape[2])
+    if a.shape[2] == NARROW_WIDTH:
+        _narrow.store_block(rs, g, t, a, nb, rc, wsol, with_rhs)
+    else:
+        _wide.store_block(rs, g, t, a, nb, rc, wsol, with_rhs)
+
+
+@_leaf
+def _row_products(a, r, ul, ll, ncol, au, al):
+    """au = a[r] . ul, al = a[r] . ll (qr_lane_helpers_source.row_products)."""
+    _check_width(a.shape[2])
+    if a.shape[2] == NARROW_WIDTH:
+        _narrow.row_products(a, r, ul, ll, ncol, au, al)
+    else:
+        _wide.row_products(a, r, ul, ll, ncol, au, al)
+
+
+@_leaf
+def _step_gradient(da, r, res, ll, al, ul, ncol, acc):
+    """acc = sum_c da[r, c] (res ll[c] - al ul[c]) (qr_lane_helpers_source.step_gradient)."""
+    _check_width(da.shape[2])
+    if da.shape[2] == NARROW_WIDTH:
+        _narrow.step_gradient(da, r, res, ll, al, ul, ncol, acc)
+    else:
+        _wide.step_gradient(da, r, res, ll, al, ul, ncol, acc)
+
+
+@_leaf
+def _add_row_residual(a, r, ux, gl, t, nb, rc, res):
+    """Row r's share of A^T (beta - A x) (qr_lane_helpers_source.add_row_residual)."""
+    _check_width(a.shape[2])
+    if a.shape[2] == NARROW_WIDTH:
+        _narrow.add_row_residual(a, r, ux, gl, t, nb, rc, res)
+    else:
+        _wide.add_row_residual(a, r, ux, gl, t, nb, rc, res)
 
 
 @_leaf
@@ -862,13 +905,7 @@ def backward(
                     wts, finv, a, da, kind, aux, chk, True, True, rc, sv, ordv,
                 )  # fmt: skip
                 for r in range(q):
-                    for l in range(W):
-                        au[l] = 0
-                        al[l] = 0
-                    for c in range(2 * nb):
-                        for l in range(W):
-                            au[l] += a[r, c, l] * ul[c, l]
-                            al[l] += a[r, c, l] * ll[c, l]
+                    _row_products(a, r, ul, ll, 2 * nb, au, al)
                     for l in range(W):
                         res[l] = a[r, rc, l] - au[l]
                     k = kind[r, 0]
@@ -889,11 +926,7 @@ def backward(
                         for l in range(nl):
                             g_init[sysl[l], tu, aux[r, 1], coll[l]] += w_in * al[l]
                     elif k == TAYLOR or k == CENTRAL:
-                        for l in range(W):
-                            acc[l] = 0
-                        for c in range(2 * nb):
-                            for l in range(W):
-                                acc[l] += da[r, c, l] * (res[l] * ll[c, l] - al[l] * ul[c, l])
+                        _step_gradient(da, r, res, ll, al, ul, 2 * nb, acc)
                         for l in range(nl):
                             g_steps[g * W + l, min(s, Th - 1)] += acc[l]
                             if k == CENTRAL:
@@ -1027,14 +1060,6 @@ def normal_residual(
                     wts, finv, a, da, kind, aux, chk, True, False, rc, sv, ordv,
                 )  # fmt: skip
                 for r in range(q):
-                    for l in range(W):
-                        res[l] = a[r, rc, l]
-                    for c in range(nb):
-                        for l in range(W):
-                            res[l] -= a[r, c, l] * ux[t, c, l] + a[r, nb + c, l] * ux[t + 1, c, l]
-                    for c in range(nb):
-                        for l in range(W):
-                            gl[t, c, l] += a[r, c, l] * res[l]
-                            gl[t + 1, c, l] += a[r, nb + c, l] * res[l]
+                    _add_row_residual(a, r, ux, gl, t, nb, rc, res)
             _write_solution(out, gl, g, T, m, n_items, P, sysl, coll)
             g = _claim_job(next_job)

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from smnn.solver import hugepages
 from smnn.solver import qr_lane_kernels as kernels
 from smnn.solver.banded import raise_if_failed
 from smnn.solver.fused import _run_kernel as _run
@@ -205,7 +206,7 @@ class QrLaneFactor:
         N, P = self.n_systems, rhs_eq.shape[3]
         T, m = self.n_steps, self.block_size
         dtype = self.rs.dtype
-        out = torch.empty((N, T, m, P), dtype=dtype)
+        out = hugepages.empty((N, T, m, P), dtype)
         W = lane_width(N * P)
         n_jobs = -(-N * P // W)
         bad = torch.zeros(max(n_jobs, 1), dtype=torch.int64)
@@ -234,7 +235,7 @@ class QrLaneFactor:
 def _solve_normal(rs: torch.Tensor, rhs: torch.Tensor, sizes: _Sizes) -> torch.Tensor:
     """(R^T R)^{-1} rhs for ``rhs`` (N, T, m, P) with ``rs`` by groups of systems."""
     rhs = rhs.contiguous()
-    out = torch.empty(rhs.shape, dtype=rhs.dtype)
+    out = hugepages.empty(tuple(rhs.shape), rhs.dtype)
     N, P = rhs.shape[0], rhs.shape[3]
     W = lane_width(N * P)
     if P > 0 and N > 0:
@@ -270,7 +271,7 @@ def _refine(rs, coef, steps, rhs_eq, init, u: torch.Tensor, sizes: _Sizes) -> to
     N, P = u.shape[0], u.shape[3]
     W = lane_width(N * P)
     for _ in range(_REFINE_STEPS):
-        r = torch.empty(u.shape, dtype=f64)
+        r = hugepages.empty(tuple(u.shape), f64)
         _run(
             kernels.normal_residual,
             -(-N * P // W),
@@ -300,9 +301,9 @@ def _factorize(coef: torch.Tensor, steps: torch.Tensor, sizes: _Sizes) -> QrLane
     W = lane_width(N)
     Gs = -(-N // W)
     factor = QrLaneFactor(
-        rs=torch.empty((Gs, TB, nb, 2 * nb, W), dtype=dtype),
-        refl=torch.empty((Gs, TB, pmax, 2 * nb, W), dtype=dtype),
-        taus=torch.empty((Gs, TB, 2 * nb, W), dtype=dtype),
+        rs=hugepages.empty((Gs, TB, nb, 2 * nb, W), dtype),
+        refl=hugepages.empty((Gs, TB, pmax, 2 * nb, W), dtype),
+        taus=hugepages.empty((Gs, TB, 2 * nb, W), dtype),
         coef=coef,
         steps=steps,
         sizes=sizes,
@@ -365,8 +366,8 @@ class _QrLaneSolve(torch.autograd.Function):
             _, nb, TB, _ = sizes.blocks(E)
             W = lane_width(N * P)
             Gi = -(-N * P // W)
-            x = torch.empty((N, sizes.n_steps, m, P), dtype=dtype)
-            rs = torch.empty((Gi, TB, nb, 2 * nb, W), dtype=dtype)
+            x = hugepages.empty((N, sizes.n_steps, m, P), dtype)
+            rs = hugepages.empty((Gi, TB, nb, 2 * nb, W), dtype)
             failed_at = torch.zeros(N * P, dtype=torch.int64)
             bad = torch.zeros(max(Gi, 1), dtype=torch.int64)
             if P > 0:
@@ -406,10 +407,10 @@ class _QrLaneSolve(torch.autograd.Function):
         grad_x = grad_x.detach().to(dtype).contiguous()
         N, P = coef.shape[0], rhs_eq.shape[3]
         W = lane_width(N * P)
-        g_coef = torch.empty((N * P, *coef.shape[1:]), dtype=dtype)
-        g_steps = torch.empty((N * P, steps.shape[1]), dtype=dtype)
-        g_rhs = torch.empty(rhs_eq.shape, dtype=dtype)
-        g_init = torch.empty(init.shape, dtype=dtype)
+        g_coef = hugepages.empty((N * P, *coef.shape[1:]), dtype)
+        g_steps = hugepages.empty((N * P, steps.shape[1]), dtype)
+        g_rhs = hugepages.empty(tuple(rhs_eq.shape), dtype)
+        g_init = hugepages.empty(tuple(init.shape), dtype)
         T, D, S, K, central, wts, finv = sizes.args(dtype)
         if P > 0:
             _run(

@@ -27,6 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 GENERIC = (
     "smnn/cli.py",
     "smnn/jobs.py",
+    "smnn/devices.py",
+    "smnn/timing.py",
+    "smnn/memory.py",
     "smnn/commands/experiment.py",
     "smnn/config_validation.py",
     "workflow/rules/common.smk",

@@ -84,6 +84,8 @@ CASES = [
     ("central_odd_T", dict(batch=(2,), T=7), CENTRAL),
     ("central_R5", dict(batch=(2,), T=5, E=2, D=2, R=5, S=2, K=4), CENTRAL),
     ("central_shared", dict(batch=(4,), T=5, c_batch=(), h_batch=()), CENTRAL),
+    # R = 2: the central row's a = s^-1 (a negative power in the kernels)
+    ("central_R2_shared_steps", dict(batch=(2,), T=4, R=2, h_time=1, b_time=1), CENTRAL),
 ]
 
 
@@ -161,6 +163,65 @@ def test_factorize_then_solve_many(central):
         ref_grads = torch.autograd.grad((ref * weight).sum(), (b2, u02))
         for g, rg in zip(grads, ref_grads, strict=True):
             assert rel_err(g, rg) < 1e-9
+
+
+class _LaunchSpy:
+    """A real kernel that records each launch (``kernel[grid](...)``) and then runs it."""
+
+    def __init__(self, kernel, name: str, log: list[str]):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+@interp
+@pytest.mark.parametrize("central", [False, True])
+def test_launches_per_call(monkeypatch, central):
+    """ode_forward: one launch forward, one backward; factorize: one; each solve of it: one
+    forward, one backward (and the same bits as ode_forward)."""
+    from smnn.solver import triton_kernels
+
+    log: list[str] = []
+    for name in ("ode_sweep_kernel", "ode_backward_kernel", "block_cholesky_kernel"):
+        spy = _LaunchSpy(getattr(triton_kernels, name), name, log)
+        monkeypatch.setattr(triton_kernels, name, spy)
+    pk = dict(batch=(3, 2), T=5, E=2, D=2, S=2, K=2, c_batch=(3, 1), h_batch=(3, 1))
+    fk = CENTRAL if central else {}
+    inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
+    u = _triton(inputs, pk, fk)
+    assert log == ["ode_sweep_kernel"]
+    torch.autograd.grad((u * _loss_weight(u.shape)).sum(), inputs)
+    assert log == ["ode_sweep_kernel", "ode_backward_kernel"]
+    log.clear()
+    c, b, u0, h = (x.detach() for x in inputs)
+    lhs = triton_factorize(_problem((c, b, u0, h), pk), _weights(fk), True, central)
+    assert log == ["ode_sweep_kernel"]
+    b.requires_grad_()
+    u2 = lhs.solve(_problem((c, b, u0, h), pk), check_values=True)
+    torch.autograd.grad(u2.sum(), b)
+    assert log == ["ode_sweep_kernel"] * 2 + ["ode_backward_kernel"]
+    assert torch.equal(u2, u.detach())
+
+
+@interp
+def test_blocks_path_for_huge_calls_agrees():
+    """The path of calls past 32-bit offsets (torch-assembled blocks, two launches) gives the
+    fused kernels' values and gradients on a small problem."""
+    from smnn.solver.triton_engine import _blocks_forward
+
+    pk = dict(batch=(3,), T=5, E=2, D=2, S=2, K=2)
+    for fk in ({}, CENTRAL):
+        inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
+        u = _triton(inputs, pk, fk)
+        ub = _blocks_forward(_problem(inputs, pk), _weights(fk), bool(fk), True)
+        assert rel_err(ub, u) < 1e-12
+        weight = _loss_weight(u.shape)
+        grads = torch.autograd.grad((u * weight).sum(), inputs)
+        block_grads = torch.autograd.grad((ub * weight).sum(), inputs)
+        for label, g, bg in zip(LABELS, grads, block_grads, strict=True):
+            assert rel_err(g, bg) < 1e-10, label
 
 
 def _pivot_problem(n: int, failing: dict[int, int], T: int = 6):

@@ -139,7 +139,7 @@ def triton_path_applies(
       pool, and a method that resolves to the normal equations: 'sequential', or 'auto' in
       float64 (``dtype``; in float32 'auto' means the QR sweep,
       :func:`smnn.solver.api.choose_method`, which runs on the torch path).
-      ``method='auto'`` in float64 on CUDA thus means Triton's sequential sweep (2 launches
+      ``method='auto'`` in float64 on CUDA thus means Triton's sequential sweep (1 launch
       forward, 1 backward, whatever T) instead of the torch path's cyclic reduction: a
       documented rule until a GPU has measured it (docs/gpu.md).
       Everything else keeps the torch path.
@@ -537,9 +537,9 @@ def _backward(grad_x, out, lanes: _LaneInputs, sizes: _Sizes, factor: TritonFact
         return x.sum(1, keepdim=True) if shared else x
 
     grad_rhs = per_system(grhs, lanes.rhs.shape[0] == 1 and T > 1)
-    Su = lanes.init.shape[0]
-    if S == 0 or Su == 0:
-        grad_init = torch.zeros_like(lanes.init).reshape(Su, -1, N, P).permute(2, 0, 1, 3)
+    Su, DK = lanes.init.shape[0], lanes.init.shape[1]
+    if S == 0 or Su == 0 or DK == 0:
+        grad_init = torch.zeros((N, Su, DK, P), dtype=dtype, device=device)
     else:
         grad_init = per_system(ginit, Su == 1 and S > 1)
     if not lhs:

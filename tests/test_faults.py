@@ -325,3 +325,35 @@ def test_deleted_time_chunk_of_the_lorenz_store_is_not_read_as_nan(tmp_path):
         load_lorenz(store)
     assert info.value.variable == "time" and "missing" in str(info.value)
     assert "snakemake --forcerun generate_lorenz" in str(info.value)
+
+
+def test_sst_scaling_with_a_huge_batch_marks_every_case_out_of_memory(tmp_path):
+    """`sst.scaling.batch_size: 100000000` used to run S-MNN until the kernel's OOM killer
+    ended the process (21.6 GB, no message, no output): the memory budget predicted MNN dense
+    only. Now every solver's case is predicted, marked out_of_memory and never built; the job
+    ends normally with its outputs."""
+    import pandas as pd
+    from pipeline_support import CLI_CONFIG, merge, write_yaml
+
+    from smnn.cli import main
+
+    cfg = merge(CLI_CONFIG, {"sst": {"scaling": {
+        "lengths": [16, 32], "batch_size": 100000000, "solvers": ["smnn", "mnn_dense", "mnn_cg"],
+        "repeats": 1, "memory_budget_gb": None,
+    }}})  # fmt: skip
+    cfg["paths"] = {"data": str(tmp_path / "data"), "results": str(tmp_path / "results")}
+    config = write_yaml(tmp_path / "config.yaml", cfg)
+    out = tmp_path / "scaling"
+    threads = torch.get_num_threads()
+    try:
+        code = main(["sst-scaling", "--config", str(config), "--out", str(out), "--no-mlflow"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    csv = pd.read_csv(out / "scaling.csv")
+    assert len(csv) == 6 and set(csv["status"]) == {"out_of_memory"}, csv[["solver", "note"]]
+    assert (csv["predicted_mb"] > csv["memory_budget_mb"]).all()
+    assert csv["note"].str.contains("not run").all()
+    assert csv["converged"].isna().all()  # nothing ran, nothing converged or failed to
+    assert "out_of_memory" in (out / "scaling.md").read_text()
+    assert (out / "scaling.png").stat().st_size > 0  # the figure of a study with nothing run

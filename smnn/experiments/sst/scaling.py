@@ -598,9 +598,19 @@ def scaling_figure(table, quick: bool = False):
     if (table["status"] == "out_of_memory").any() or highest > budget_mb / 100:
         ax_m.axhline(budget_mb, color="0.5", ls="--", lw=1,
                      label="memory budget")  # fmt: skip
-    for ax, ylabel in ((ax_t, "training step time (ms, median)"), (ax_m, "peak memory (MB)")):
+    # a log axis needs a positive value: with no case measured (e.g. every case out of
+    # memory) the time panel says so and stays linear
+    measured = bool((table["status"] == "ok").any())
+    drawn_memory = measured or bool(((table["status"] == "out_of_memory")
+                                     & (table["predicted_mb"] > 0)).any())  # fmt: skip
+    panels = ((ax_t, "training step time (ms, median)", measured),
+              (ax_m, "peak memory (MB)", drawn_memory))  # fmt: skip
+    for ax, ylabel, has_data in panels:
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        if has_data:
+            ax.set_yscale("log")
+        else:
+            ax.text(0.5, 0.5, "no measured cases", ha="center", transform=ax.transAxes)
         ax.set_xlabel("sequence length T (weeks)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)

@@ -37,7 +37,7 @@ config keys read:
   sst.scaling.solvers                smnn, mnn_dense, mnn_cg
   sst.scaling.batch_size             systems per step (two per pair)
   sst.scaling.repeats                timed steps per case (median)
-  sst.scaling.memory_budget_gb       MNN dense cases predicted above it are out_of_memory
+  sst.scaling.memory_budget_gb       cases of any solver predicted above it are out_of_memory
                                      (null: 80 % of RAM, or of the GPU's memory)
   sst.scaling.time_budget            optional: seconds per step (--time-budget; default \
 {TIME_BUDGET_S:g}, quick {QUICK_TIME_BUDGET_S:g})
@@ -45,7 +45,9 @@ config keys read:
   mlflow.tracking_uri, mlflow.artifact_location, paths.results   where the MLflow run goes
 
 statuses in scaling.csv: ok, out_of_memory (predicted memory over the budget: not run),
-skipped_slow (a shorter length of the solver exceeded the time budget), failed (see note)
+skipped_slow (a shorter length of the solver exceeded the time budget), failed (see note);
+column converged: false where mnn_cg's CG stopped at its iteration cap, labelled
+"mnn_cg (not converged)" in scaling.md, scaling.png and the progress lines
 
 outputs in --out: {", ".join(OUTPUT_FILES)}
 """
@@ -57,8 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="SST long-sequence study: training step time and peak memory against length",
         description="Time (median over repeats after a warm-up step) and peak memory of one "
         "training step of the SST Mechanistic Identifier (forward, loss, backward, Adam) "
-        "against the sequence length, for each solver; MNN dense is marked out of memory "
-        "where its predicted memory exceeds the budget instead of being run.",
+        "against the sequence length, for each solver; a case is marked out of memory "
+        "where its predicted memory exceeds the budget instead of being run, and MNN CG's "
+        "cases are marked where CG did not converge.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

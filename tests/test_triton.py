@@ -224,6 +224,36 @@ def test_blocks_path_for_huge_calls_agrees():
             assert rel_err(g, bg) < 1e-10, label
 
 
+@interp
+def test_qr_sweep_equals_torch_qr_path():
+    """The Triton QR sweep (one launch) against the torch path's QR (method='qr'): plain rows
+    with a left-hand side shared by two right-hand sides, central rows with odd T, float64 to
+    rounding and float32 to float32 rounding (no row sorting yet); a rank-deficient system
+    raises the torch path's error."""
+    from smnn.solver.triton_qr import triton_qr_ode_forward
+
+    for pk, fk, dtype, tol in (
+        (dict(batch=(3, 2), T=5, E=2, D=2, c_batch=(3, 1), h_batch=(3, 1)), {}, F64, 1e-12),
+        (dict(batch=(2,), T=7, E=2, D=2, S=2, K=2), CENTRAL, F64, 1e-12),
+        (dict(batch=(2,), T=5), {}, torch.float32, 1e-5),
+    ):
+        inputs = random_problem(**pk, dtype=dtype)
+        T, S = pk["T"], pk.get("S", 1)
+        u = triton_qr_ode_forward(_problem(inputs, pk), _weights(fk), bool(fk), True)
+        ref = ode_forward(
+            *inputs, n_steps=T, n_init_var_steps=S, backend="torch", method="qr", **fk
+        )
+        assert u.dtype == dtype and u.shape == ref.shape
+        assert rel_err(u.double(), ref.double()) < tol, (pk, dtype)
+        assert float(ref.abs().max()) > 0
+    c, b, u0, h = _pivot_problem(3, {1: 2})
+    with pytest.raises(NonPositivePivotError) as info:
+        triton_qr_ode_forward(_problem((c, b, u0, h), dict(T=6)), (1.0, 1.0, 1.0), False, True)
+    with pytest.raises(NonPositivePivotError) as torch_info:
+        ode_forward(c, b, u0, h, backend="torch", method="qr")
+    assert str(info.value) == str(torch_info.value)
+
+
 def _pivot_problem(n: int, failing: dict[int, int], T: int = 6):
     """Entry i of ``failing`` has an exactly singular normal matrix from block ``failing[i]``
     on (steps of 1e-170 make h^2 underflow, and order 2 leaves the equations there)."""
@@ -346,6 +376,11 @@ for dt, R, PAIR, NP, BLOCK in (("fp64", 3, 1, 4, 32), ("fp32", 3, 2, 8, 8), ("fp
         cases.append((K.ode_sweep_kernel, [ptr] * 8 + ["*i64"] + ["i32"] * 10 + ["fp32"], flags))
     flags = dict(shape, LHS_GRADS=True, NP=NP, MP=4, BLOCK=BLOCK)
     cases.append((K.ode_backward_kernel, [ptr] * 14 + ["i32"] * 9, flags))
+# the QR sweep: m = 3 plain (n = 3), and central pairs in float32 (n = 6)
+for dt, NB, RP, CP, NP, BLOCK in (("fp64", 3, 16, 8, 4, 4), ("fp32", 6, 32, 16, 8, 1)):
+    flags = dict(NB=NB, RP=RP, CP=CP, NP=NP, BLOCK=BLOCK)
+    args = ["*" + dt] * 8 + ["*i64"] + ["i32"] * 4 + ["fp32"]
+    cases.append((K.qr_sweep_kernel, args, flags))
 for kernel, args, constexprs in cases:
     names = kernel.arg_names
     signature = dict(zip(names, args + ["constexpr"] * len(constexprs)))
@@ -363,7 +398,8 @@ print("compiled")
 
 def test_kernels_compile_for_a_gpu_without_one():
     """The compiler (not the interpreter) accepts every kernel (the blocks path's two, the fused
-    forward in both modes and the fused backward, plain and central): PTX for sm_90 and ptxas,
+    forward in both modes, the fused backward and the QR sweep, plain and central): PTX for
+    sm_90 and ptxas,
     in a process without TRITON_INTERPRET; skipped where triton's compiler API differs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"

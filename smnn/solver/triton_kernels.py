@@ -725,3 +725,142 @@ def ode_backward_kernel(
                     g_ab += tl.sum(tl.where(m2[None, :], ab, 0.0), axis=1)
                 ds = 2.0 * av * da * g_aa + 2.0 * bv * db * g_bb + (da * bv + av * db) * g_ab
                 tl.store(gcent_ptr + t * N + lane, ws2 * ds, mask=has_row)
+
+
+# ------------------------------------------------------------------ the QR sweep
+
+
+@triton.jit
+def qr_sweep_kernel(
+    x_ptr,
+    y_ptr,
+    beta_ptr,
+    r_ptr,
+    s_ptr,
+    z_ptr,
+    carried_ptr,
+    u_ptr,
+    failed_ptr,
+    N,
+    P,
+    Ts,
+    p,
+    rank_tol,
+    NB: tl.constexpr,
+    RP: tl.constexpr,
+    CP: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The QR sweep of docs/solver.md section 10 (:mod:`smnn.solver.triton_qr`), one lane per
+    system, in one launch: triangularise, then back-substitute.
+
+    Layouts (batch last): ``x``, ``y`` ``(Ts, p, n, N)``, ``beta`` ``(Ts, p, P, N)``; out
+    ``r``, ``s`` ``(Ts, n, n, N)``, ``z``, ``u`` ``(Ts, n, P', N)`` (P' = max(P, 1)),
+    ``carried`` ``(n, CP, N)`` scratch, ``failed`` ``(N,)``. Per step the tile
+    ``[BLOCK, RP, CP]`` holds rows [carried triangle | 0 | carried z ; x_t | y_t | beta_t]
+    (columns u_t, u_{t+1}, right-hand sides); the Householder reflection of each of the first
+    2n columns (n at the last step) is applied to every column (LAPACK's convention:
+    H = I - tau v v^T, v_j = 1, R_jj = -sign(a_jj) ||a_j||).
+    """
+    pid = tl.program_id(0)
+    lane = pid * BLOCK + tl.arange(0, BLOCK)
+    lane_ok = lane < N
+    rr = tl.arange(0, RP)
+    cc = tl.arange(0, CP)
+    rows = rr[None, :, None]
+    cols = cc[None, None, :]
+    lane3 = lane[:, None, None]
+    lok3 = lane_ok[:, None, None]
+    PP = tl.maximum(P, 1)
+    in_x = lok3 & (rows >= NB) & (rows < NB + p) & (cols < NB)
+    in_y = lok3 & (rows >= NB) & (rows < NB + p) & (cols >= NB) & (cols < 2 * NB)
+    in_b = lok3 & (rows >= NB) & (rows < NB + p) & (cols >= 2 * NB) & (cols < 2 * NB + P)
+    in_c = lok3 & (rows < NB) & ((cols < NB) | ((cols >= 2 * NB) & (cols < 2 * NB + P)))
+    xofs = ((rows - NB) * NB + cols) * N + lane3
+    yofs = ((rows - NB) * NB + cols - NB) * N + lane3
+    bofs = ((rows - NB) * P + cols - 2 * NB) * N + lane3
+    cofs = (rows * CP + cols) * N + lane3
+    xstep = p * NB * N
+    bstep = p * P * N
+    failed = tl.zeros([BLOCK], dtype=tl.int64)
+    for t in range(Ts):
+        a = tl.load(x_ptr + t * xstep + xofs, mask=in_x, other=0.0)
+        a += tl.load(y_ptr + t * xstep + yofs, mask=in_y, other=0.0)
+        a += tl.load(beta_ptr + t * bstep + bofs, mask=in_b, other=0.0)
+        a += tl.load(carried_ptr + cofs, mask=in_c & ((lane3 * 0 + t) > 0), other=0.0)
+        # ||column j of A||^2: this step's rows of u_t and the previous step's coupling rows
+        col_sq = tl.sum(tl.where(in_x, a * a, 0.0), axis=1)  # [BLOCK, CP]
+        prev = in_x & ((lane3 * 0 + t) > 0)
+        yp = tl.load(y_ptr + (t - 1) * xstep + xofs, mask=prev, other=0.0)
+        col_sq += tl.sum(yp * yp, axis=1)
+        n_cols = tl.where(t == Ts - 1, NB, 2 * NB)
+        for j in range(2 * NB):
+            colj = tl.sum(tl.where(cols == j, a, 0.0), axis=2)  # [BLOCK, RP]
+            ajj = tl.sum(tl.where(rr[None, :] == j, colj, 0.0), axis=1)
+            below = tl.where(rr[None, :] > j, colj, 0.0)
+            sigma = tl.sum(below * below, axis=1)
+            norm = tl.sqrt(ajj * ajj + sigma)
+            beta_h = tl.where(ajj >= 0, -norm, norm)
+            act = (sigma > 0) & (j < n_cols)
+            safe = tl.where(act, beta_h, 1.0)
+            tau = tl.where(act, (beta_h - ajj) / safe, 0.0)
+            scale = tl.where(act, 1.0 / (ajj - beta_h), 0.0)
+            v = tl.where(rr[None, :] == j, 1.0, below * scale[:, None])
+            w = tl.sum(v[:, :, None] * a, axis=1)  # v^T A, [BLOCK, CP]
+            a = a - tau[:, None, None] * v[:, :, None] * w[:, None, :]
+            # column j is exactly (.., beta_h, 0, ..) below row j-1
+            new_col = tl.where(rr[None, :] == j, tl.where(act, beta_h, ajj)[:, None], 0.0)
+            new_col = tl.where(rr[None, :] < j, colj, new_col)
+            a = tl.where((cols == j) & (j < n_cols), new_col[:, :, None], a)
+        # rank: |R_jj| against the column's norm
+        diag = tl.sum(tl.where((rows == cols) & (rows < NB), a, 0.0), axis=1)  # [BLOCK, CP]
+        ok = (tl.abs(diag) > rank_tol * tl.sqrt(col_sq)) | (cc[None, :] >= NB)
+        bad = tl.sum(tl.where(ok, 0, 1), axis=1) > 0
+        failed = tl.where((failed == 0) & bad & lane_ok, t + 1, failed)
+        top = lok3 & (rows < NB)
+        rofs = (rows * NB + cols) * N + lane3
+        tl.store(r_ptr + t * NB * NB * N + rofs, a, mask=top & (cols < NB) & (cols >= rows))
+        sofs = (rows * NB + cols - NB) * N + lane3
+        tl.store(s_ptr + t * NB * NB * N + sofs, a, mask=top & (cols >= NB) & (cols < 2 * NB))
+        zofs = (rows * PP + cols - 2 * NB) * N + lane3
+        zmask = top & (cols >= 2 * NB) & (cols < 2 * NB + P)
+        tl.store(z_ptr + t * NB * PP * N + zofs, a, mask=zmask)
+        # the next step's carried rows: rows n..2n-1, columns of u_{t+1} and the right-hand sides
+        mid = lok3 & (rows >= NB) & (rows < 2 * NB)
+        tofs = ((rows - NB) * CP + cols - NB) * N + lane3
+        tl.store(carried_ptr + tofs, a, mask=mid & (cols >= NB) & (cols < 2 * NB) & (cols >= rows))
+        lower = mid & (cols >= NB) & (cols < 2 * NB) & (cols < rows)
+        tl.store(carried_ptr + tofs, tl.zeros_like(a), mask=lower)
+        kofs = ((rows - NB) * CP + cols) * N + lane3
+        tl.store(carried_ptr + kofs, a, mask=mid & (cols >= 2 * NB) & (cols < 2 * NB + P))
+        tl.debug_barrier()
+    tl.store(failed_ptr + lane, failed, mask=lane_ok)
+    # back substitution: u_t = R_t^{-1} (z_t - S_t u_{t+1})
+    q = tl.arange(0, NP)
+    qr_ = q[None, :, None]
+    qc = q[None, None, :]
+    qvec = q[None, :]
+    tile = lane_ok[:, None, None] & (qr_ < NB) & (qc < NB)
+    tofs2 = (qr_ * NB + qc) * N + lane[:, None, None]
+    vmask = lane_ok[:, None] & (qvec < NB)
+    for tt in range(Ts):
+        t = Ts - 1 - tt
+        rt = tl.load(r_ptr + t * NB * NB * N + tofs2, mask=tile, other=0.0)
+        st = tl.load(s_ptr + t * NB * NB * N + tofs2, mask=tile, other=0.0)
+        for c in range(P):
+            vofs = (qvec * PP + c) * N + lane[:, None]
+            zt = tl.load(z_ptr + t * NB * PP * N + vofs, mask=vmask, other=0.0)
+            nxt = vmask & ((lane[:, None] * 0 + t + 1) < Ts)
+            un = tl.load(u_ptr + (t + 1) * NB * PP * N + vofs, mask=nxt, other=0.0)
+            rhs = zt - tl.sum(st * un[:, None, :], axis=2)
+            ut = tl.zeros([BLOCK, NP], dtype=rhs.dtype)
+            for ii in range(NB):
+                i = NB - 1 - ii
+                row = tl.sum(tl.where(qr_ == i, rt, 0.0), axis=1)
+                rii = tl.sum(tl.where(qvec == i, row, 0.0), axis=1)
+                acc = tl.sum(row * ut, axis=1)
+                vi = tl.sum(tl.where(qvec == i, rhs, 0.0), axis=1)
+                ut = tl.where(qvec == i, ((vi - acc) / rii)[:, None], ut)
+            tl.store(u_ptr + t * NB * PP * N + vofs, ut, mask=vmask)
+        tl.debug_barrier()

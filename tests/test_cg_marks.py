@@ -245,3 +245,31 @@ def test_lorenz_evaluation_marks_a_model_trained_with_unconverged_cg(tmp_path):
     assert "converged" not in doc and "cg_converged" not in doc["metrics"]
     assert NOT_CONVERGED not in output
     assert len(titles) == 4 and all(t == "solver smnn" for t in titles.values()), titles
+
+
+@pytest.mark.slow
+def test_pipeline_closing_summary_marks_mnn_cg(tmp_path):
+    """The workflow's closing summary names the Lorenz result of mnn_cg ``mnn_cg (not
+    converged)``, from the evaluation's metrics.json."""
+    from pipeline_support import (
+        failure_report,
+        make_workdir,
+        merge,
+        run_snakemake,
+        tiny_config,
+        write_yaml,
+    )
+
+    work = make_workdir(tmp_path / "work")
+    off = {"enabled": False}
+    lorenz = merge(LORENZ["lorenz"], {"solvers": ["mnn_cg"]})
+    config = write_yaml(
+        work / "cg.yaml",
+        merge(tiny_config(), {"standalone": off, "benchmark": off, "sst": off, "kdv": off,
+                              "lorenz": lorenz}),
+    )  # fmt: skip
+    run = run_snakemake(work, ["--cores", "2", "--configfile", str(config)], timeout=1200)
+    assert run.proc.returncode == 0, failure_report(work, run)
+    doc = json.loads((work / "results/lorenz/mnn_cg/eval/metrics.json").read_text())
+    assert doc["converged"] is False
+    assert f"lorenz ({CG_MARKED}):" in run.output, run.output[-3000:]

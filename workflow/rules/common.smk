@@ -13,6 +13,7 @@ from smnn.config import Config, ConfigError
 from smnn.config_validation import check_config
 from smnn.experiments.base import BASELINE_PREFIX, experiments
 from smnn.io import atomic_write_text
+from smnn.solver.mnn import convergence_label
 from smnn.solver.registry import solver_names
 from smnn.tracking import resolve_tracking
 
@@ -199,10 +200,14 @@ def print_summary():
             continue
         for solver in config[name]["solvers"]:
             path = Path(results_path(name, solver, "eval", "metrics.json"))
-            lines.append(f"  {name} ({solver}):  {path.parent}/ (metrics.json, plots/)")
             try:
                 document = json.loads(path.read_text())
             except (OSError, ValueError):
+                document = None
+            # "mnn_cg (not converged)" where its CG stopped at the cap (metrics cg_converged)
+            label = convergence_label(solver, (document or {}).get("cg_converged"))
+            lines.append(f"  {name} ({label}):  {path.parent}/ (metrics.json, plots/)")
+            if document is None:
                 continue
             for line in EXPERIMENTS[name].summary_lines(document):
                 lines.append(f"      {line}")

@@ -97,27 +97,19 @@ class Rows:
               flush=True)  # fmt: skip
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(step, device, *, max_repeats: int = 10, min_total_s: float = 0.3, slow_s: float = 5):
     """(median ms, peak MB above the memory in use before a step, repeats) of ``step()``.
 
     One untimed warm-up step (compilation, graph capture); a warm-up over ``slow_s`` seconds
     counts as the only (timed) step. Then steps until ``max_repeats`` or, past 3, until they add
-    up to ``min_total_s``. Peak memory from torch's allocator on CUDA (NaN on CPU).
+    up to ``min_total_s``. Peak memory from torch's allocator on CUDA (NaN on CPU). Each step
+    is timed by :func:`smnn.timing.timed_call` (synchronised on CUDA).
     """
     import torch
 
-    _sync(device)
-    t0 = time.perf_counter()
-    step()
-    _sync(device)
-    warm = time.perf_counter() - t0
+    from smnn.timing import timed_call
+
+    warm, _ = timed_call(step, device)
     if warm > slow_s:
         return 1e3 * warm, math.nan, 1
     peak = math.nan
@@ -128,11 +120,7 @@ def measure(step, device, *, max_repeats: int = 10, min_total_s: float = 0.3, sl
     while len(times) < max_repeats and (
         len(times) < min(3, max_repeats) or sum(times) < min_total_s
     ):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(timed_call(step, device)[0])
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - base) / MB
     return 1e3 * statistics.median(times), peak, len(times)
@@ -142,16 +130,6 @@ def _is_oom(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _release(device) -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _load_catalog():
@@ -261,6 +239,8 @@ def _shapes(args):
 def part_solver(args, rows: Rows) -> None:
     import torch
 
+    from smnn.timing import release
+
     device = _device(args)
     catalog, shapes = _shapes(args)
     methods = _solver_methods(args)
@@ -300,7 +280,7 @@ def part_solver(args, rows: Rows) -> None:
                 except Exception as exc:  # recorded, the part goes on
                     status = "out_of_memory" if _is_oom(exc) else "failed"
                     rows.add(**row, status=status, note=f"{type(exc).__name__}: {exc}"[:300])
-                _release(device)
+                release(device)
             del inputs
 
 
@@ -315,6 +295,7 @@ def part_sst(args, rows: Rows) -> None:
     from smnn import ode_forward
     from smnn.memory import solver_step_bytes
     from smnn.solver.registry import solver_info
+    from smnn.timing import release
 
     device = _device(args)
     catalog = _load_catalog()
@@ -364,7 +345,7 @@ def part_sst(args, rows: Rows) -> None:
                 gone.add(name)
             finally:
                 inputs = None
-                _release(device)
+                release(device)
 
 
 # ------------------------------------------------------------------ part: train
@@ -455,6 +436,8 @@ def _importer(exc: BaseException) -> str:
 def part_train(args, rows: Rows) -> None:
     import torch
 
+    from smnn.timing import release
+
     device = _device(args)
     config = _paper_config(args.cpu_smoke)
     for name, build in (("lorenz", _lorenz_step), ("sst", _sst_step), ("kdv", _kdv_step)):
@@ -482,7 +465,7 @@ def part_train(args, rows: Rows) -> None:
         except Exception as exc:
             status = "out_of_memory" if _is_oom(exc) else "failed"
             rows.add(**row, status=status, note=f"{type(exc).__name__}: {exc}"[:300])
-        _release(device)
+        release(device)
 
 
 # ------------------------------------------------------------------ part: kdv
@@ -536,6 +519,7 @@ def kdv_fixed_budget(args, rows: Rows) -> None:
     from smnn.data.kdv.generate import KdvGenerateSettings, regenerate
     from smnn.experiments.kdv.settings import KdvSettings
     from smnn.experiments.kdv.tasks import KdvTask
+    from smnn.timing import sync
 
     device = _device(args)
     start = time.perf_counter()
@@ -564,7 +548,7 @@ def kdv_fixed_budget(args, rows: Rows) -> None:
         loss.backward()
         optimizer.step()
         steps += 1
-    _sync(device)
+    sync(device)
     trained_s = time.perf_counter() - t0
     task.model.eval()
     w = s.window

@@ -314,12 +314,15 @@ def _recorded_case(
     device: torch.device,
     record: ConvergenceRecord,
 ) -> Callable[[], Callable[[], Any]]:
-    """The case's step factory for :func:`measure_case`: its steps collect their CG
-    convergence warnings into ``record`` (one summary per case instead of a warning per solve,
-    and never lost in the step's warning note)."""
+    """The case's step factory for :func:`measure_case`: the steps of a solver that reports
+    convergence (``mnn_cg``) collect their CG convergence warnings into ``record`` (one summary
+    per case instead of a warning per solve, and never lost in the step's warning note);
+    other solvers' steps are returned as they are."""
 
     def build() -> Callable[[], Any]:
         step = make_step(solver, length, settings, device)
+        if not solver_info(solver).reports_convergence:
+            return step  # a direct solver: its timed step untouched
 
         def run() -> Any:
             with record_convergence(into=record):

@@ -35,6 +35,7 @@ lanes, or 8 below 64 items; lanes never mix, so the width does not change the bi
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,6 +151,22 @@ def _fold_rhs(problem: OdeProblem, folding: BatchFolding):
 
 def _empty(dtype: torch.dtype, *shape: int) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
+
+
+# The factors [R | S] (and reflectors) of a call on huge pages (smnn.solver.hugepages) only up to
+# this size. Forward + backward over the LDL^T lane time, float64, 1 thread, alternating in one
+# process on a loaded 2-core machine: coupled (factor 83 MB) 2.4x with huge pages, 3.0x
+# without; SST (388 MB) 2.2x with, 1.8x without (the faults of many huge pages at once cost more
+# than the 4 KiB faults they save there).
+_HUGE_FACTOR_MAX_BYTES = 128 * 2**20
+
+
+def _factor_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised factor array: on huge pages up to ``_HUGE_FACTOR_MAX_BYTES``."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes > _HUGE_FACTOR_MAX_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    return hugepages.empty(shape, dtype)
 
 
 @dataclass
@@ -301,8 +318,8 @@ def _factorize(coef: torch.Tensor, steps: torch.Tensor, sizes: _Sizes) -> QrLane
     W = lane_width(N)
     Gs = -(-N // W)
     factor = QrLaneFactor(
-        rs=hugepages.empty((Gs, TB, nb, 2 * nb, W), dtype),
-        refl=hugepages.empty((Gs, TB, pmax, 2 * nb, W), dtype),
+        rs=_factor_empty((Gs, TB, nb, 2 * nb, W), dtype),
+        refl=_factor_empty((Gs, TB, pmax, 2 * nb, W), dtype),
         taus=hugepages.empty((Gs, TB, 2 * nb, W), dtype),
         coef=coef,
         steps=steps,
@@ -367,7 +384,7 @@ class _QrLaneSolve(torch.autograd.Function):
             W = lane_width(N * P)
             Gi = -(-N * P // W)
             x = hugepages.empty((N, sizes.n_steps, m, P), dtype)
-            rs = hugepages.empty((Gi, TB, nb, 2 * nb, W), dtype)
+            rs = _factor_empty((Gi, TB, nb, 2 * nb, W), dtype)
             failed_at = torch.zeros(N * P, dtype=torch.int64)
             bad = torch.zeros(max(Gi, 1), dtype=torch.int64)
             if P > 0:

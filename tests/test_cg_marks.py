@@ -24,7 +24,9 @@ from smnn.benchmark.run import run_benchmark
 from smnn.config import Config
 from smnn.experiments.sst.scaling import (
     ScalingSettings,
+    paper_comparison,
     run_study,
+    scaling_metrics,
     write_outputs,
 )
 from smnn.experiments.sst.scaling import scaling_figure as sst_scaling_figure
@@ -196,6 +198,8 @@ def test_sst_scaling_marks_mnn_cg_in_csv_markdown_and_figure(tmp_path):
     assert labels.count(f"MNN CG {MARK}") == 2, labels  # the time and the memory panel
     assert labels.count("S-MNN") == 2 and sum(MARK in x for x in labels) == 2, labels
     assert Image.open(tmp_path / "scaling.png").format == "PNG"
+    metrics = scaling_metrics(table, paper_comparison(table))  # the MLflow run's metrics
+    assert metrics["converged_mnn_cg_T64"] == 0.0 and "converged_smnn_T64" not in metrics
 
 
 # ------------------------------------------------------------------ the Lorenz evaluation

@@ -472,8 +472,9 @@ def scaling_metrics(table, comparison: Mapping[str, Any]) -> dict[str, float]:
     """MLflow metrics: ``time_ms_<solver>_T<len>``, ``min_ms_...``, ``peak_mb_...`` of the
     measured cases, ``predicted_mb_mnn_dense_T<len>``, the comparison at the paper's length
     (``time_ratio_smnn_over_mnn_dense_T208``, ``speedup_smnn_vs_mnn_dense_T208``,
-    ``memory_ratio_smnn_over_mnn_dense_T208``, with ``paper_...`` beside them) and counts per
-    status (``n_ok``, ``n_out_of_memory`` ...)."""
+    ``memory_ratio_smnn_over_mnn_dense_T208``, with ``paper_...`` beside them), counts per
+    status (``n_ok``, ``n_out_of_memory`` ...) and ``converged_<solver>_T<len>`` (1/0) of the
+    measured cases of a solver that reports convergence (``mnn_cg``)."""
     metrics: dict[str, float] = {}
     for _, r in table.iterrows():
         key = f"{r['solver']}_T{r['length']}"
@@ -483,6 +484,9 @@ def scaling_metrics(table, comparison: Mapping[str, Any]) -> dict[str, float]:
             metrics[f"peak_mb_{key}"] = float(r["peak_mb"])
         if math.isfinite(r["predicted_mb"]):
             metrics[f"predicted_mb_{key}"] = float(r["predicted_mb"])
+        flag = converged_flag(r.get("converged"))
+        if flag is not None:  # mnn_cg's measured cases: 1 converged, 0 stopped at the cap
+            metrics[f"converged_{key}"] = float(flag)
     suffix = f"smnn_over_mnn_dense_T{comparison['length']}"
     for name in ("time_ratio", "memory_ratio"):
         if math.isfinite(comparison[name]):

@@ -47,14 +47,15 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="threads of this job, replacing the config's threads (the workflow passes "
         "Snakemake's {threads})",
     )
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``--threads``, ``--max-epochs``, ``--workers``)."""
     try:
         value = int(text)
     except ValueError:

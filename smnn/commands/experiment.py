@@ -39,6 +39,7 @@ from smnn.jobs import (
     add_job_arguments,
     clean_errors,
     job_settings,
+    positive_int,
     run_context,
     setup_logging,
 )
@@ -85,7 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         )  # fmt: skip
         if name == "train":
             p.add_argument(
-                "--max-epochs", type=_positive_int, default=None,
+                "--max-epochs", type=positive_int, default=None,
                 help="stop after this many epochs in total (for tests); default: the schedule",
             )  # fmt: skip
             p.set_defaults(func=run_train)
@@ -96,16 +97,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                 help="model.pt of a trained baseline to compare against (repeatable)",
             )  # fmt: skip
             p.set_defaults(func=run_evaluate)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def experiment_hash(config: Config, experiment: str) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from smnn.config import Config, ConfigError, load_config
 from smnn.io import StoreError, atomic_write_text
+from smnn.jobs import positive_int
 from smnn.tracking import (
     TrackingTarget,
     backup_tracking_store,
@@ -76,17 +77,6 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {value:g}")
-    return value
-
-
-def _count(text: str) -> int:
-    """A whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
     return value
 
 
@@ -149,7 +139,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"copy the database to the shared file system this often (default "
         f"{DEFAULT_BACKUP_EVERY_S:g})",
     )  # fmt: skip
-    s.add_argument("--workers", type=_count, default=2, help="server worker processes (default 2)")
+    s.add_argument(
+        "--workers", type=positive_int, default=2, help="server worker processes (default 2)"
+    )
     s.set_defaults(func=run_server)
 
 

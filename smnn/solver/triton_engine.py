@@ -46,7 +46,6 @@ from torch.autograd.function import once_differentiable
 from smnn.solver.autograd import solve_with_factor
 from smnn.solver.banded import pivot_tolerance, raise_if_failed
 from smnn.solver.blocks import build_lhs_blocks, build_rhs, taylor_gram_matrices
-from smnn.solver.fused import _fold_lhs_inputs, _fold_rhs_inputs
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
 from smnn.solver.layout import BatchFolding, pair_rhs, pair_steps, unpair_solution
 
@@ -338,6 +337,28 @@ def _sizes(problem: OdeProblem, weights, central: bool) -> _Sizes:
         tuple(float(w) for w in weights),
         central,
     )
+
+
+def _fold_lhs_inputs(problem: OdeProblem, lhs_batch: tuple[int, ...]):
+    """coefficients ``(N, Tc, E, m)`` and steps ``(N, Th)`` at the left-hand side's batch
+    shape (the layout of :mod:`smnn.solver.fused`, whose module needs numba: a GPU image may
+    lack it)."""
+    c, h = problem.coefficients, problem.steps
+    N = BatchFolding(tuple(problem.batch_shape), lhs_batch).n_systems
+    E, m = problem.n_equations, problem.block_size
+    coef = c.expand(*lhs_batch, *c.shape[-4:]).reshape(N, c.shape[-4], E, m)
+    return coef, h.expand(*lhs_batch, h.shape[-1]).reshape(N, h.shape[-1])
+
+
+def _fold_rhs_inputs(problem: OdeProblem, folding: BatchFolding, rhs_equation, init_vars):
+    """rhs_eq ``(N, Tb, E, P)`` and init ``(N, Su, D*K, P)`` (the batch dims the left-hand
+    side is shared over become the P columns)."""
+    batch = tuple(problem.batch_shape)
+    D, K = problem.n_dims, problem.n_init_orders
+    b, u0 = rhs_equation, init_vars
+    rhs_eq = folding.fold_rhs(b.expand(*batch, *b.shape[-2:]))
+    u0 = u0.expand(*batch, *u0.shape[-3:]).reshape(*batch, u0.shape[-3], D * K)
+    return rhs_eq, folding.fold_rhs(u0)
 
 
 def _pointer(x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ from smnn.config import Config, ConfigError
 from smnn.config_validation import check_config
 from smnn.experiments.base import BASELINE_PREFIX, experiments
 from smnn.io import atomic_write_text
-from smnn.solver.mnn import convergence_label
 from smnn.solver.registry import solver_names
 from smnn.tracking import resolve_tracking
 
@@ -190,6 +189,8 @@ def write_effective_config(cfg, path):
 def print_summary():
     """Where the results are, each experiment's headline result (its `summary_lines`) and how
     to look at the MLflow runs."""
+    from smnn.solver.mnn import convergence_label  # here: torch only at the end, not per parse
+
     lines = ["", "smnn: the pipeline finished. Results:"]
     if config["standalone"]["enabled"]:
         lines.append(f"  standalone check:  {results_path('standalone', 'errors.md')}")

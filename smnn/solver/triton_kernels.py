@@ -413,6 +413,8 @@ def _back_sweep(
             un = tl.load(out_ptr + (t + 1) * vstep + vofs, mask=nxt, other=0.0)
             v = yt - tl.sum(w * un[:, :, None], axis=1)
             u = tl.sum(x * v[:, :, None], axis=1)
+            # u_t overwrites y_t: every thread has read y_t first (a thread may hold a copy)
+            tl.debug_barrier()
             tl.store(out_ptr + t * vstep + vofs, u, mask=vmask)
         tl.debug_barrier()
 
@@ -826,7 +828,9 @@ def qr_sweep_kernel(
         zofs = (rows * PP + cols - 2 * NB) * N + lane3
         zmask = top & (cols >= 2 * NB) & (cols < 2 * NB + P)
         tl.store(z_ptr + t * NB * PP * N + zofs, a, mask=zmask)
-        # the next step's carried rows: rows n..2n-1, columns of u_{t+1} and the right-hand sides
+        # the next step's carried rows: rows n..2n-1, columns of u_{t+1} and the right-hand
+        # sides (over this step's carried rows: every thread has read them first)
+        tl.debug_barrier()
         mid = lok3 & (rows >= NB) & (rows < 2 * NB)
         tofs = ((rows - NB) * CP + cols - NB) * N + lane3
         tl.store(carried_ptr + tofs, a, mask=mid & (cols >= NB) & (cols < 2 * NB) & (cols >= rows))

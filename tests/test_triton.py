@@ -228,8 +228,8 @@ def test_blocks_path_for_huge_calls_agrees():
 def test_qr_sweep_equals_torch_qr_path():
     """The Triton QR sweep (one launch) against the torch path's QR (method='qr'): plain rows
     with a left-hand side shared by two right-hand sides, central rows with odd T, float64 to
-    rounding and float32 to float32 rounding (no row sorting yet); a rank-deficient system
-    raises the torch path's error."""
+    rounding and float32 to float32 rounding (the torch path refines its float32 solution,
+    this sweep does not yet); a rank-deficient system raises the torch path's error."""
     from smnn.solver.triton_qr import triton_qr_ode_forward
 
     for pk, fk, dtype, tol in (

@@ -761,7 +761,8 @@ def qr_sweep_kernel(
     ``r``, ``s`` ``(Ts, n, n, N)``, ``z``, ``u`` ``(Ts, n, P', N)`` (P' = max(P, 1)),
     ``carried`` ``(n, CP, N)`` scratch, ``failed`` ``(N,)``. Per step the tile
     ``[BLOCK, RP, CP]`` holds rows [carried triangle | 0 | carried z ; x_t | y_t | beta_t]
-    (columns u_t, u_{t+1}, right-hand sides); the Householder reflection of each of the first
+    (columns u_t, u_{t+1}, right-hand sides), sorted by decreasing max-norm (stable, as the
+    torch path); the Householder reflection of each of the first
     2n columns (n at the last step) is applied to every column (LAPACK's convention:
     H = I - tau v v^T, v_j = 1, R_jj = -sign(a_jj) ||a_j||).
     """
@@ -796,6 +797,18 @@ def qr_sweep_kernel(
         prev = in_x & ((lane3 * 0 + t) > 0)
         yp = tl.load(y_ptr + (t - 1) * xstep + xofs, mask=prev, other=0.0)
         col_sq += tl.sum(yp * yp, axis=1)
+        # rows by decreasing max-norm over the 2n columns, stable (the torch path's row
+        # order, smnn.solver.qr._row_order): rank_i = #(keys above) + #(equal keys before i)
+        key = tl.max(tl.where(cols < 2 * NB, tl.abs(a), 0.0), axis=2)  # [BLOCK, RP]
+        k_i = key[:, :, None]
+        k_j = key[:, None, :]
+        before = (k_j > k_i) | ((k_j == k_i) & (rr[None, None, :] < rows))
+        rank = tl.sum(tl.where(before, 1, 0), axis=2)  # [BLOCK, RP]
+        sorted_a = tl.zeros_like(a)
+        for i in range(RP):
+            row = tl.sum(tl.where(rows == i, a, 0.0), axis=1)  # [BLOCK, CP]
+            sorted_a = tl.where(rank[:, :, None] == i, row[:, None, :], sorted_a)
+        a = sorted_a
         n_cols = tl.where(t == Ts - 1, NB, 2 * NB)
         for j in range(2 * NB):
             colj = tl.sum(tl.where(cols == j, a, 0.0), axis=2)  # [BLOCK, RP]

@@ -229,12 +229,12 @@ def test_tracking_init_failure_under_snakemake_reaches_the_console(tmp_path):
 def test_kdv_source_changed_to_lpsda_without_its_files_stops_and_claims_nothing(tmp_path):
     """`--config 'kdv={source: lpsda}'` without LPSDA's files, after a pipeline that generated
     the KdV store, trained and evaluated on it: the rerun (it used to exit 0, retrain on the
-    old store and write a metrics.json saying "source": "generate") stops with a non-zero exit
-    and one error line saying the store was made from 'generate' while kdv.source is 'lpsda',
-    and the stage to rerun. Snakemake keeps the existing data/kdv.zarr (the import rule's
-    inputs are missing, so it is not scheduled); the training job refuses it, evaluation never
-    runs, metrics.json is not rewritten. Training and evaluation run by hand refuse the store
-    the same way, so no metrics.json can claim the old source for an lpsda configuration."""
+    old store and write a metrics.json saying "source": "generate") stops before any job with a
+    non-zero exit, naming the missing LPSDA files and the remedy (the workflow checks them when
+    it reads the config, as for sst.source: file); metrics.json is not rewritten. Training and
+    evaluation run by hand on the generated store under kdv.source: lpsda refuse it (the store
+    records its source), so no metrics.json can claim the old source for an lpsda
+    configuration."""
     from pipeline_support import (
         failure_report,
         make_workdir,
@@ -261,10 +261,9 @@ def test_kdv_source_changed_to_lpsda_without_its_files_stops_and_claims_nothing(
     lpsda = ["--cores", "2", "--configfile", str(config), "--config", "kdv={source: lpsda}"]
     run = run_snakemake(work, lpsda, timeout=600)
     assert run.proc.returncode != 0, run.output[-3000:]
-    errors = [line for line in run.output.splitlines() if line.startswith("error:")]
-    assert errors, run.output[-3000:]
-    assert "source 'generate'" in errors[0] and "kdv.source is 'lpsda'" in errors[0], errors
-    assert "snakemake --forcerun import_kdv" in errors[0], errors  # the stage to rerun
+    assert "kdv.source is 'lpsda' but LPSDA's file(s)" in run.output, run.output[-3000:]
+    assert "KdV_train_512_easy.h5" in run.output and "do not exist" in run.output
+    assert "set kdv.source to generate" in run.output  # the remedy
     assert "Finished job" not in run.output  # nothing ran on the old store
     assert (metrics.read_bytes(), metrics.stat().st_mtime_ns) == before  # not rewritten
 

@@ -257,6 +257,20 @@ def test_sst_source_file_names_a_missing_file(tmp_path):
     assert "synthetic" in run.output  # the remedy
 
 
+def test_kdv_source_lpsda_names_the_missing_files(tmp_path):
+    """kdv.source: lpsda without LPSDA's files stops the run at once (no rule writes them),
+    naming each missing file and the remedy, like sst.source: file."""
+    work = make_workdir(tmp_path / "kdvlpsda")
+    where = tmp_path / "nowhere"
+    run = run_snakemake(
+        work, ["-n", *TINY, "--config", f"kdv={{source: lpsda, lpsda: {{directory: {where}}}}}"]
+    )
+    assert run.proc.returncode != 0
+    assert "kdv.source is 'lpsda'" in run.output, run.output[-3000:]
+    assert str(where / "KdV_test_easy.h5") in run.output
+    assert "set kdv.source to generate" in run.output  # the remedy
+
+
 def test_conda_environment_has_the_package_dependencies():
     """environment.yml (for --software-deployment-method conda) lists every dependency of
     pyproject.toml, from conda-forge or in its pip section."""

@@ -3,7 +3,6 @@
 #   kdv.source: generate   generate_kdv (seeded ETDRK4, parallel with Dask) -> data/kdv.zarr
 #   kdv.source: lpsda      import_kdv (LPSDA's HDF5 files, read with h5py)  -> data/kdv.zarr
 
-from smnn.data.kdv import SPLITS
 from smnn.data.kdv.lpsda import KdvLpsdaSettings
 
 
@@ -32,9 +31,12 @@ if config["kdv"]["source"] == "lpsda":
 
     rule import_kdv:
         input:
+            # no rule writes LPSDA's files: a missing one stops the run at once, naming it
             [
-                str(KdvLpsdaSettings.from_config(Config(config, "configuration")).path(split))
-                for split in SPLITS
+                str(path)
+                for path in KdvLpsdaSettings.from_config(
+                    Config(config, "configuration")
+                ).existing_files()
             ],
         output:
             directory(data_path("kdv.zarr")),

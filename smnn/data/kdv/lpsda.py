@@ -102,6 +102,23 @@ class KdvLpsdaSettings:
         """The file of ``split``."""
         return Path(self.directory) / self.files[split]
 
+    def existing_files(self) -> list[Path]:
+        """The file of every split, for the workflow (``kdv.source: lpsda``: no rule writes
+        them, so they must be there before the run starts).
+
+        Raises:
+            KdvFileError: naming every missing file and where the import looks for them.
+        """
+        paths = [self.path(split) for split in SPLITS]
+        missing = [str(path) for path in paths if not path.is_file()]
+        if missing:
+            raise KdvFileError(
+                f"kdv.source is 'lpsda' but LPSDA's file(s) {', '.join(missing)} do not exist; "
+                f"{_remedy(self)}, or set kdv.source to generate",
+                Path(missing[0]),
+            )
+        return paths
+
     @classmethod
     def from_config(cls, config: Config, directory: str | Path | None = None) -> KdvLpsdaSettings:
         """The settings of ``config``; ``directory`` (e.g. ``--directory``) overrides

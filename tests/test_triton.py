@@ -203,6 +203,14 @@ def test_launches_per_call(monkeypatch, central):
     torch.autograd.grad(u2.sum(), b)
     assert log == ["ode_sweep_kernel"] * 2 + ["ode_backward_kernel"]
     assert torch.equal(u2, u.detach())
+    # one system shared by 9 right-hand sides: the blocks path (columns in lanes)
+    log.clear()
+    pk = dict(batch=(9,), T=4, c_batch=(), h_batch=())
+    shared = tuple(x.requires_grad_() for x in random_problem(**pk))
+    u3 = _triton(shared, pk, fk)
+    assert log == ["block_cholesky_kernel"]
+    ref = dense_reference(*shared, n_steps=4, n_init_var_steps=1, **fk)
+    assert rel_err(u3, ref) < 1e-10
 
 
 @interp

@@ -17,14 +17,16 @@ coefficients, steps and weights and never stored):
   ``ode_forward``: the same bits), **1** backward; :meth:`TritonFactor.solve` (assembled
   right-hand sides, lanes = columns): **1** launch of
   :func:`~smnn.solver.triton_kernels.block_solve_kernel`;
-- calls whose offsets would pass 2**31 elements (:func:`_fits_one_launch`) take the blocks
-  path: blocks assembled by torch (:mod:`smnn.solver.blocks`), **2** launches forward
+- calls whose offsets would pass 2**31 elements (:func:`_fits_one_launch`), and
+  ``ode_forward`` calls with many columns per system (:func:`_columns_in_lanes`), take the
+  blocks path: blocks assembled by torch (:mod:`smnn.solver.blocks`), **2** launches forward
   (:func:`~smnn.solver.triton_kernels.block_cholesky_kernel`, ``block_solve_kernel``), **1**
   backward plus the block gradients through torch autograd.
 
-A lane carries its system's P right-hand-side columns one after another, so a left-hand side
-shared by many right-hand sides (the Lorenz pattern, one system and P = batch) runs in few lanes:
-that layout is not yet tuned (the blocks path's solve puts columns in lanes).
+A lane carries its system's P right-hand-side columns one after another; a left-hand side
+shared by many right-hand sides (P > 8 and P > N, the Lorenz pattern: one system, P = batch)
+would leave most lanes idle, so such ``ode_forward`` calls take the blocks path, whose solve
+puts each column in its own lane (:func:`_columns_in_lanes`).
 
 Every sum is a fixed-order per-lane loop or a fixed-order torch reduction: the same inputs give
 the same bits (no atomics). Weights and Gram constants reach the kernels in a tensor of the
@@ -409,6 +411,18 @@ def _lane_rhs(rhs_eq: torch.Tensor, init: torch.Tensor) -> tuple[torch.Tensor, t
     return lanes(rhs_eq), lanes(init)
 
 
+# right-hand-side columns a lane of the fused kernels carries before a call moves its columns
+# into lanes (the blocks path's solve, one lane per column)
+_MAX_COLUMNS_PER_LANE = 8
+
+
+def _columns_in_lanes(n_systems: int, n_columns: int) -> bool:
+    """Few systems shared by many right-hand sides (the Lorenz pattern: N = 1, P = batch): a
+    lane of the fused kernels would substitute its P columns one after another, so such calls
+    take the blocks path, whose solve puts each column in its own lane."""
+    return n_columns > _MAX_COLUMNS_PER_LANE and n_columns > n_systems
+
+
 def _fits_one_launch(sizes: _Sizes, N: int, P: int, E: int) -> bool:
     """Whether every offset of the fused kernels fits in 32 bits (they index whole arrays from
     their base pointers); larger calls take the blocks path."""
@@ -710,7 +724,8 @@ def triton_ode_forward(
     One launch forward (:func:`~smnn.solver.triton_kernels.ode_sweep_kernel`: assembly,
     factorization, both substitutions), one launch backward
     (:func:`~smnn.solver.triton_kernels.ode_backward_kernel`: every gradient); calls too large
-    for 32-bit offsets take the blocks path (2 launches forward, 1 backward).
+    for 32-bit offsets, or with more than 8 right-hand sides per system and more of them than
+    systems, take the blocks path (2 launches forward, 1 backward).
 
     Args:
         plain_weights: (w_eq, w_in, w_s) as python floats.
@@ -732,7 +747,8 @@ def triton_ode_forward(
     folding = BatchFolding(batch, lhs_batch)
     coef, steps = _fold_lhs_inputs(problem, lhs_batch)
     rhs_eq, init = _fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
-    if not _fits_one_launch(sizes, coef.shape[0], rhs_eq.shape[3], coef.shape[2]):
+    N, P = coef.shape[0], rhs_eq.shape[3]
+    if _columns_in_lanes(N, P) or not _fits_one_launch(sizes, N, P, coef.shape[2]):
         return _blocks_forward(problem, weights, central, check_pivots)
     holder: dict = {}
     x = _FusedSolve.apply(coef, steps, rhs_eq, init, sizes, holder)

@@ -274,6 +274,9 @@ def solver_step_bytes(
         batch: systems solved together; n_steps: T; n_dims: D; n_orders: R.
         dtype: the solve's dtype.
     """
+    _check_sizes(batch=batch, n_steps=n_steps, n_dims=n_dims, n_orders=n_orders)
+    if n_steps < 2:
+        raise ValueError(f"n_steps must be an integer >= 2 (a solve has T >= 2), got {n_steps}")
     if solver == "mnn_dense":
         return DENSE_COPIES * dense_system_bytes(batch, n_steps, n_dims, n_orders, dtype)
     _check_sizes(batch=batch, n_steps=n_steps, n_dims=n_dims, n_orders=n_orders)

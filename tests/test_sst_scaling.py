@@ -27,17 +27,13 @@ from smnn.experiments.sst.scaling import (
     run_study,
     write_outputs,
 )
-from smnn.experiments.step_cost import (
-    StepCost,
-    measure_case,
-    measure_step,
-    predict_dense_peak_bytes,
-)
+from smnn.experiments.step_cost import StepCost, measure_case, measure_step
 from smnn.memory import (
     DENSE_COPIES,
     dense_system_bytes,
     measure_peak_memory_profiler,
     memory_budget_bytes,
+    solver_step_bytes,
 )
 from smnn.solver.mnn import mnn_dense
 from smnn.tracking import job_tags, resolve_tracking
@@ -95,7 +91,7 @@ def test_dense_prediction_is_the_dense_system_mnn_dense_builds():
     B, T, R = 4, 60, 3
     system = dense_system_bytes(B, T, 1, R, torch.float64)
     assert system == B * (1 + T * R) ** 2 * 8
-    assert predict_dense_peak_bytes(B, T, R, torch.float64) == DENSE_COPIES * system
+    assert solver_step_bytes("mnn_dense", B, T, 1, R, torch.float64) == DENSE_COPIES * system
     inputs = make_inputs(Shape("t", "t", B, T, 1, R), torch.float64, CPU)
 
     def step():
@@ -104,18 +100,18 @@ def test_dense_prediction_is_the_dense_system_mnn_dense_builds():
     step()
     _, peak = measure_peak_memory_profiler(step)
     assert 1.9 * system <= peak <= 2.3 * system, peak / system
-    predicted = predict_dense_peak_bytes(B, T, R, torch.float64)
+    predicted = solver_step_bytes("mnn_dense", B, T, 1, R, torch.float64)
     assert peak <= predicted <= 1.5 * peak
 
 
 def test_dense_prediction_is_monotone_and_checks_its_arguments():
     lengths = [4, 16, 52, 104, 208, 416, 1727]
-    values = [predict_dense_peak_bytes(64, t, 3, torch.float32) for t in lengths]
+    values = [solver_step_bytes("mnn_dense", 64, t, 1, 3, torch.float32) for t in lengths]
     assert values == sorted(values) and len(set(values)) == len(values)
-    assert predict_dense_peak_bytes(128, 208, 3, torch.float32) == 2 * values[4]
-    assert predict_dense_peak_bytes(64, 208, 3, torch.float64) == 2 * values[4]
+    assert solver_step_bytes("mnn_dense", 128, 208, 1, 3, torch.float32) == 2 * values[4]
+    assert solver_step_bytes("mnn_dense", 64, 208, 1, 3, torch.float64) == 2 * values[4]
     with pytest.raises(ValueError, match="n_steps"):
-        predict_dense_peak_bytes(4, 1, 3, torch.float32)
+        solver_step_bytes("mnn_dense", 4, 1, 1, 3, torch.float32)
     assert memory_budget_bytes(CPU, 2.5) == 2_500_000_000
     assert memory_budget_bytes(CPU) > 0
     with pytest.raises(ValueError, match="memory budget"):
@@ -185,8 +181,8 @@ def study(tmp_path_factory):
     budget_gb = (
         0.5
         * (
-            predict_dense_peak_bytes(8, 16, 3, torch.float32)
-            + predict_dense_peak_bytes(8, 32, 3, torch.float32)
+            solver_step_bytes("mnn_dense", 8, 16, 1, 3, torch.float32)
+            + solver_step_bytes("mnn_dense", 8, 32, 1, 3, torch.float32)
         )
         / 1e9
     )
@@ -294,7 +290,6 @@ def test_slow_solver_skips_its_longer_lengths():
 def test_banded_and_cg_cases_over_the_budget_are_out_of_memory_too():
     """Issue 18: not only MNN dense is refused before it allocates; S-MNN and MNN CG cases whose
     predicted peak (smnn.memory.solver_step_bytes) exceeds the budget are out_of_memory."""
-    from smnn.memory import solver_step_bytes
 
     per = {s: [solver_step_bytes(s, 8, t, 1, 3, torch.float32) for t in (16, 64)]
            for s in ("smnn", "mnn_cg")}  # fmt: skip

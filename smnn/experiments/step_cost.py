@@ -5,8 +5,9 @@ solver and a size), a *step* -- a callable that runs one whole training step (fo
 backward, optimiser update) on fixed inputs -- and :func:`measure_case` measures it:
 
 1. memory check first, without running anything: when a prediction of the case's memory is
-   given (for MNN dense, :func:`predict_dense_peak_bytes`) and exceeds the budget
-   (:func:`memory_budget_bytes`), the case is ``out_of_memory`` and its step is never built;
+   given (:func:`smnn.memory.solver_step_bytes`) and exceeds the budget
+   (:func:`smnn.memory.memory_budget_bytes`), the case is ``out_of_memory`` and its step is
+   never built;
 2. ``warmup`` untimed steps (first-call costs: numba compilation, allocations, page faults, the
    optimiser's state; the first one's time is ``warmup_ms``); a warm-up step longer than
    :data:`SLOW_WARMUP_FACTOR` times the time budget ends the case as ``skipped_slow``;
@@ -56,8 +57,6 @@ from smnn.memory import (
     DEFAULT_BUDGET_FRACTION,
     DENSE_COPIES,
     measure_peak_memory,
-    memory_budget_bytes,
-    solver_step_bytes,
 )
 from smnn.timing import release, summary_ms, timed_call
 
@@ -69,8 +68,6 @@ __all__ = [
     "MAX_REPEATS",
     "SLOW_WARMUP_FACTOR",
     "StepCost",
-    "predict_dense_peak_bytes",
-    "memory_budget_bytes",
     "measure_step",
     "measure_case",
 ]
@@ -120,22 +117,6 @@ class StepCost:
     def as_row(self) -> dict[str, Any]:
         """The fields as a flat dict (one table row)."""
         return asdict(self)
-
-
-# --------------------------------------------------------------------------------------------
-# Memory: the dense MNN prediction and the budget
-# --------------------------------------------------------------------------------------------
-
-
-def predict_dense_peak_bytes(
-    batch: int, n_steps: int, n_orders: int, dtype: torch.dtype, n_dims: int = 1
-) -> int:
-    """:func:`smnn.memory.solver_step_bytes` of ``mnn_dense`` in a study's terms (a window of
-    T >= 2 steps, D = 1 by default): three dense matrices (module docstring). Increasing in
-    ``batch`` and ``n_steps`` (quadratic in T)."""
-    if isinstance(n_steps, int) and not isinstance(n_steps, bool) and n_steps < 2:
-        raise ValueError(f"n_steps must be an integer >= 2, got {n_steps!r}")
-    return solver_step_bytes("mnn_dense", batch, n_steps, n_dims, n_orders, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,9 +229,9 @@ def measure_case(
             only when the memory check passes.
         device: where the step runs.
         repeats, warmup, time_budget_s, min_timed_s: as :func:`measure_step`.
-        predicted_bytes: predicted memory of the case (e.g. :func:`predict_dense_peak_bytes`),
+        predicted_bytes: predicted memory of the case (e.g. :func:`smnn.memory.solver_step_bytes`),
             or None for no check.
-        budget_bytes: the memory budget (:func:`memory_budget_bytes`); None: no check.
+        budget_bytes: the memory budget (:func:`smnn.memory.memory_budget_bytes`); None: no check.
 
     Returns:
         The case's :class:`StepCost` (``predicted_mb`` filled when a prediction was given).

@@ -63,14 +63,8 @@ from smnn.config import Config, ConfigError
 from smnn.data.windows import RowPartners, seeded_generator
 from smnn.experiments.sst.settings import N_ORDERS, SstSettings
 from smnn.experiments.sst.tasks import MiTask, PairSampler
-from smnn.experiments.step_cost import (
-    MB,
-    StepCost,
-    measure_case,
-    memory_budget_bytes,
-    predict_dense_peak_bytes,
-)
-from smnn.memory import solver_step_bytes
+from smnn.experiments.step_cost import MB, StepCost, measure_case
+from smnn.memory import memory_budget_bytes, solver_step_bytes
 from smnn.solver.mnn import (
     ConvergenceRecord,
     converged_flag,
@@ -560,7 +554,10 @@ def scaling_markdown(
             f"{PAPER_MEMORY_RATIO:g}."
         )
     limit = comparison["dense_limit"]
-    paper_gb = predict_dense_peak_bytes(PAPER_BATCH, PAPER_LENGTH, N_ORDERS, torch.float32) / 1e9
+    paper_bytes = solver_step_bytes(
+        "mnn_dense", PAPER_BATCH, PAPER_LENGTH, 1, N_ORDERS, torch.float32
+    )
+    paper_gb = paper_bytes / 1e9
     lines += [
         "",
         f"MNN dense measured up to {limit if limit is not None else 'no'} weeks here; the paper "

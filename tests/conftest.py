@@ -1,4 +1,5 @@
-"""Shared test helpers: random well-conditioned ODE problems (docs/solver.md section 7)."""
+"""Shared test helpers: random well-conditioned ODE problems (docs/solver.md, "Dense reference and
+accuracy bars")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """`smnn bench --quick` on a fresh install: numba compiles the lane kernels (minutes) before the
 first timed step, and compilation never counts against the time budget, so S-MNN is
-measured at every named shape (docs/solver.md section 9: compilation is never a measured step).
+measured at every named shape (docs/solver.md, "Complexity and performance targets": compilation is
+never a measured step).
 
 A real subprocess with empty numba and smnn caches (NUMBA_CACHE_DIR, SMNN_CACHE_DIR in a
 temporary directory), restricted to the named shapes, float64 and the S-MNN solver, so that it

@@ -1,4 +1,4 @@
-"""The lane engine's relative pivot threshold (docs/solver.md section 7).
+"""The lane engine's relative pivot threshold (docs/solver.md, "Dense reference and accuracy bars").
 
 The normal equations square the condition number; in float32 that returned silently wrong
 solutions: 18 % on KdV-like problems, 100 % on a growing solution, with every pivot positive.

@@ -1,5 +1,6 @@
-"""MNN baselines (docs/solver.md section 6): mnn_dense against the row-by-row least squares,
-mnn_cg against mnn_dense, gradients, convergence reporting and input checks."""
+"""MNN baselines (docs/solver.md, "Baselines from the original MNN"): mnn_dense against the
+row-by-row least squares, mnn_cg against mnn_dense, gradients, convergence reporting and input
+checks."""
 
 from __future__ import annotations
 

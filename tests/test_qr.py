@@ -230,8 +230,9 @@ def test_ldlt_torch_paths_fail_negligible_pivots(method):
 
 
 def _sparse_rows(A_dense_free_inputs):
-    """A (scipy CSR) and beta of one system, row by row from docs/solver.md section 2 (no
-    central rows): an independent statement of the rows, for problems too long to be dense."""
+    """A (scipy CSR) and beta of one system, row by row from docs/solver.md, "The over-determined
+    linear system" (no central rows): an independent statement of the rows, for problems too long to
+    be dense."""
     c, b, u0, h = (x.numpy() for x in A_dense_free_inputs)
     T, E, D, R = c.shape
     S, _, K = u0.shape

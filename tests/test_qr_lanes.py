@@ -1,7 +1,7 @@
 """The orthogonal (QR) lane solve (smnn.solver.qr_lanes, qr_lane_kernels) against independent
 oracles: values and every gradient against the dense reference (a dense QR of the rows of
-docs/solver.md section 2, differentiated by autograd), float32 against float64, an
-ill-conditioned float64 case against a sparse augmented-system solve written here, rank
+docs/solver.md, "The over-determined linear system", differentiated by autograd), float32 against
+float64, an ill-conditioned float64 case against a sparse augmented-system solve written here, rank
 deficiency, both lane widths, factorize().solve and reruns bit for bit."""
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""The dense row-by-row oracles of smnn.solver.reference (docs/solver.md sections 2, 3, 6, 7)."""
+"""The dense row-by-row oracles of smnn.solver.reference (docs/solver.md, "The over-determined
+linear system", "Structure of M", "Baselines from the original MNN" and "Dense reference and
+accuracy bars")."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def test_normal_equations_and_lstsq(name, pk, fk):
 
 
 def _expected_normal_matrix(c, h, T, S, D, R, K, w_eq, w_in, w_s, central) -> np.ndarray:
-    """M = A^T A of one system from the closed forms of docs/solver.md section 3.
+    """M = A^T A of one system from the closed forms of docs/solver.md, "Structure of M".
 
     c ``(T, E, D, R)``, h ``(T-1,)`` numpy arrays.
     """

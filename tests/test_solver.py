@@ -214,7 +214,8 @@ def test_factorization_reuse_freezes_coefficients():
 
 
 def test_shared_lhs_is_factorized_once_per_distinct_system():
-    """Shared coefficients/steps are not materialised per batch entry (docs/solver.md section 3)."""
+    """Shared coefficients/steps are not materialised per batch entry (docs/solver.md, "Structure of
+    M")."""
     c, b, u0, h = random_problem(batch=(50,), T=10, c_batch=(), h_batch=())
     fac = factorize(c, h, n_init_orders=1)
     assert fac.factor.n_systems == 1

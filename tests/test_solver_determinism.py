@@ -1,4 +1,5 @@
-"""CPU results do not depend on how the lane kernels were compiled (docs/solver.md section 4).
+"""CPU results do not depend on how the lane kernels were compiled (docs/solver.md, "Solving M u = r
+in O(T)").
 
 The same forward+backward runs twice in fresh processes: first with an empty numba cache
 (every kernel compiled in that process), then with the cache the first run wrote (every kernel

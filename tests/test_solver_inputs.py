@@ -1,4 +1,5 @@
-"""Bad input is refused with a ValueError naming the argument (docs/solver.md section 7)."""
+"""Bad input is refused with a ValueError naming the argument (docs/solver.md, "Dense reference and
+accuracy bars")."""
 
 from __future__ import annotations
 

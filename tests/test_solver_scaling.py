@@ -1,5 +1,6 @@
 """Complexity of the solver: memory linear in T, logarithmic depth of cyclic reduction, and
-cyclic reduction exact for every kind of T (docs/solver.md sections 4, 5, 9).
+cyclic reduction exact for every kind of T (docs/solver.md, "Solving M u = r in O(T)", "Backward
+pass" and "Complexity and performance targets").
 
 Nothing here times anything: time is measured by `smnn bench`, not asserted in tests.
 """

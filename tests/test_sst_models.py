@@ -245,9 +245,10 @@ def test_adagvae_adaptive_averaging():
 
 def test_mi_solves_match_the_row_by_row_systems():
     """The identifier's solve is the least-squares solution of the system built row by row from
-    its decoded ODE: docs/solver.md section 2 for ``smnn`` (dense reference), section 6 for
-    ``mnn_dense`` (the original MNN's system, with a slack variable and central rows: another
-    problem, so its solution differs from smnn's by design)."""
+    its decoded ODE: docs/solver.md, "The over-determined linear system" for ``smnn`` (dense
+    reference), "Baselines from the original MNN" for ``mnn_dense`` (the original MNN's system, with
+    a slack variable and central rows: another problem, so its solution differs from smnn's by
+    design)."""
     from smnn.solver.reference import build_mnn_dense_system, dense_reference
 
     torch.manual_seed(1)

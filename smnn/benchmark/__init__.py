@@ -1,5 +1,6 @@
 """Scaling benchmark of the solvers: forward+backward time and peak memory
-(docs/experiments.md, "Scaling benchmark"; targets in docs/solver.md, section 9).
+(docs/experiments.md, "Scaling benchmark"; targets in docs/solver.md, "Complexity and performance
+targets").
 
 One module per idea:
 

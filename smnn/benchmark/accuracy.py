@@ -2,10 +2,10 @@
 
 Reference: the same problem (:func:`smnn.benchmark.catalog.make_inputs` draws it in float64, so
 the float32 inputs of a case are that problem rounded) solved in float64 by the orthogonal
-factorization of the rows (``ode_forward(..., method="qr")``, docs/solver.md section 10), whose
-error grows with cond(A) rather than cond(A)^2. Where the installed solver has no ``qr``
-(:func:`smnn.benchmark.catalog.qr_available`), the float64 sequential block LDL^T solve stands in
-(:func:`reference_method` says which; bench.md and the MLflow params record it).
+factorization of the rows (``ode_forward(..., method="qr")``, docs/solver.md, "The orthogonal (QR)
+solve"), whose error grows with cond(A) rather than cond(A)^2. Where the installed solver has no
+``qr`` (:func:`smnn.benchmark.catalog.qr_available`), the float64 sequential block LDL^T solve
+stands in (:func:`reference_method` says which; bench.md and the MLflow params record it).
 
 Error of a solution ``u`` (B, T, D, R) against the reference ``u_ref``: per system b, the max
 relative error of u over every step, state and order,
@@ -14,7 +14,8 @@ relative error of u over every step, state and order,
 
 and the row reports the median of e_b over the batch (``error_median``) and its maximum
 (``error_max``). Only methods that compute the same function are compared (families ``smnn``
-and ``peer``); the original MNN solvers solve another system (docs/solver.md section 6).
+and ``peer``); the original MNN solvers solve another system (docs/solver.md, "Baselines from the
+original MNN").
 """
 
 from __future__ import annotations

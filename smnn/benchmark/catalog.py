@@ -4,19 +4,19 @@ Methods (:data:`METHODS`) are the solvers of the registry (:data:`smnn.solver.re
 ``smnn``, ``mnn_dense``, ``mnn_cg``) plus the S-MNN variants that force one ``method`` of
 :func:`smnn.ode_forward` (``smnn_sequential``: block LDL^T of the normal equations;
 ``smnn_cyclic``: block cyclic reduction; ``smnn_qr``: the orthogonal factorization of the rows,
-docs/solver.md section 10). ``smnn_qr`` exists only where the installed solver has
+docs/solver.md, "The orthogonal (QR) solve"). ``smnn_qr`` exists only where the installed solver has
 ``method="qr"`` (:func:`qr_available`); elsewhere it stays in :data:`METHODS`, with
 ``Method.unavailable`` saying why, and its rows are skipped with that note. Each method has a
 ``family``: ``smnn`` (the S-MNN solver and its variants; the "best S-MNN method" of a case is the
 fastest of these), ``baseline`` (the original MNN solvers, which solve a different system:
-docs/solver.md section 6) or ``peer`` (another implementation of the same function, given with
-``--peer``; :mod:`smnn.benchmark.peer`).
+docs/solver.md, "Baselines from the original MNN") or ``peer`` (another implementation of the same
+function, given with ``--peer``; :mod:`smnn.benchmark.peer`).
 
 Shapes (``B`` systems of ``T`` steps, ``D`` states, ``R`` orders; always ``E = D`` equations and
 one initial step ``S = 1`` holding the order-0 values, ``K = 1``):
 
-- the named shapes of docs/solver.md section 9 (:data:`NAMED_SHAPES`): lorenz, kdv, sst, long
-  at T = 16384 and T = 65536, coupled;
+- the named shapes of docs/solver.md, "Complexity and performance targets"
+  (:data:`NAMED_SHAPES`): lorenz, kdv, sst, long at T = 16384 and T = 65536, coupled;
 - a sweep over T = 2^6 .. 2^16 at B = 8, D = 1, R = 3 (:func:`t_sweep`);
 - a sweep over B = 2^0 .. 2^14 at T = 256, D = 1, R = 3 (:func:`batch_sweep`).
 
@@ -108,7 +108,8 @@ def solver_methods() -> tuple[str, ...]:
 
 
 def qr_available() -> bool:
-    """Whether the installed solver has ``method="qr"`` (docs/solver.md section 10)."""
+    """Whether the installed solver has ``method="qr"`` (docs/solver.md, "The orthogonal (QR)
+    solve")."""
     return "qr" in solver_methods()
 
 

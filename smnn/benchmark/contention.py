@@ -1,6 +1,6 @@
 """Threads under contention (``smnn bench --contention``): 1 and 2 threads, on a quiet machine
-and with a busy process beside the solver (docs/solver.md section 9: with one core taken, 2
-threads must be no slower than 1, median and worst case).
+and with a busy process beside the solver (docs/solver.md, "Complexity and performance targets":
+with one core taken, 2 threads must be no slower than 1, median and worst case).
 
 For every named shape of the plan, dtype and S-MNN method (family ``smnn``, available in this
 install), :func:`run_contention`:
@@ -208,7 +208,7 @@ def _ratio(a: float, b: float) -> str:
 def contention_lines(table) -> list[str]:
     """bench.md's contention section: per case, dtype, method and load, the median and worst
     step at 1 and 2 threads and their ratios (2 threads / 1 thread; below 1: 2 threads
-    faster), and the check of docs/solver.md section 9."""
+    faster), and the check of docs/solver.md, "Complexity and performance targets"."""
     ok = table[table["status"] == "ok"]
     if ok.empty:
         return []

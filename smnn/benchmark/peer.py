@@ -5,9 +5,10 @@ A peer is given as ``PATH_OR_MODULE:FUNCTION[=LABEL]`` (``smnn bench --peer``, o
 
 - ``PATH_OR_MODULE``: a ``.py`` file (e.g. the authors' published ``smnn.py``, fetched by the
   user; nothing is vendored or downloaded here) or the dotted name of an importable module;
-- ``FUNCTION``: a function with the public signature of docs/solver.md section 1, called as
-  ``FUNCTION(coefficients, rhs_equation, init_vars, steps)`` with the benchmark's inputs in the
-  default layout (batch first, ``is_step_dim_first=False``), returning ``u (B, T, D, R)``;
+- ``FUNCTION``: a function with the public signature of docs/solver.md, "Inputs, shapes,
+  broadcasting", called as ``FUNCTION(coefficients, rhs_equation, init_vars, steps)`` with the
+  benchmark's inputs in the default layout (batch first, ``is_step_dim_first=False``),
+  returning ``u (B, T, D, R)``;
 - ``LABEL``: the method name in the outputs (default ``<file stem or module>.<FUNCTION>``).
 
 A file is loaded under a private module name (``_smnn_peer_<label>``), so a file called

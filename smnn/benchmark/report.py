@@ -21,8 +21,9 @@ its header when no row applies, e.g. on CUDA), so the workflow can declare it.
 ``bench.md``: one table per shape group (rows shapes, columns method/dtype with ms, MB and the
 median error), the accuracy of every method per named shape and dtype (median and max error
 beside the time), the side-by-side comparison (every method that is not S-MNN against the best
-S-MNN method, per shape) with the check of docs/solver.md section 9 (best S-MNN at least
-:data:`PEER_TARGET` x faster than each peer on every named shape), and the floors.
+S-MNN method, per shape) with the check of docs/solver.md, "Complexity and performance targets"
+(best S-MNN at least :data:`PEER_TARGET` x faster than each peer on every named shape), and the
+floors.
 
 Non-convergence is marked wherever a method's numbers appear: a row whose CG solves stopped at
 the iteration cap (column ``converged`` False: ``mnn_cg``) has ``(not converged)`` in its cell,
@@ -71,7 +72,8 @@ FLOOR_COLUMNS = [
     "best_ms",
     "ratio",
 ]
-PEER_TARGET = 10.0  # docs/solver.md section 9: at least 10x faster than the authors' solver
+# docs/solver.md, "Complexity and performance targets": at least 10x faster than the authors' solver
+PEER_TARGET = 10.0
 
 
 def make_table(rows: Sequence[dict]):
@@ -284,7 +286,8 @@ def _comparison_lines(table) -> list[str]:
 
 
 def _target_lines(table) -> list[str]:
-    """The peer target of docs/solver.md section 9 on the named shapes, per peer and dtype."""
+    """The peer target of docs/solver.md, "Complexity and performance targets" on the named shapes,
+    per peer and dtype."""
     peers = list(dict.fromkeys(table.loc[table["family"] == "peer", "method"]))
     named = [s.case for s in NAMED_SHAPES]
     lines = []
@@ -388,7 +391,7 @@ def markdown_report(
         ]
     columns = list(dict.fromkeys(zip(table["method"], table["dtype"], strict=True)))
     titles = {
-        "named": "Named shapes (docs/solver.md section 9)",
+        "named": "Named shapes (docs/solver.md, 'Complexity and performance targets')",
         "T_sweep": "Sweep over T",
         "batch_sweep": "Sweep over batch size",
     }

@@ -82,7 +82,8 @@ contention (--contention): after the grid, each named shape again with 1 and 2 t
 (alternating, {CONTENTION_REPEATS} rounds, quick {QUICK_CONTENTION_REPEATS}), first on the
 machine as it is, then with a busy-loop process (one core taken) started beside it; the median
 and the worst step of each go to {CONTENTION_FILE}, a bench.md section and MLflow. The
-target (docs/solver.md section 9): with one core taken, 2 threads no slower than 1.
+target (docs/solver.md, "Complexity and performance targets"): with one core taken, 2 threads no
+slower than 1.
 
 example, timing the authors' published solver beside ours (their file fetched by you into a
 directory outside this repository):
@@ -104,8 +105,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="time and peak memory of the solvers (forward+backward) against T and batch",
         description="Scaling benchmark of the solvers: forward+backward time (median of timed "
         "repeats after a warm-up step on the same shape) and peak memory of every method on "
-        "the named shapes of docs/solver.md section 9, a sweep over T and a sweep over the "
-        "batch size; optionally beside other implementations of the same function (--peer).",
+        "the named shapes of docs/solver.md, 'Complexity and performance targets', a sweep over "
+        "T and a sweep over the batch size; optionally beside other implementations of the same "
+        "function (--peer).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

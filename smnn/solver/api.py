@@ -54,8 +54,8 @@ def choose_method(
     - float64: the normal equations (LDL^T), because they cost less than QR everywhere it was
       measured and lose nothing that matters at cond(A)^2 * 1e-16 on these problems. QR would
       be chosen where it costs at most 1.3x the LDL^T time; it costs more at every named shape
-      (docs/solver.md section 10, time table, forward + backward on the CPU torch path, SST
-      and long scaled down: QR / best torch LDL^T = 2.9x Lorenz, 2.8x KdV, 3.7x SST, 12.7x
+      (docs/solver.md, "The orthogonal (QR) solve", time table, forward + backward on the CPU torch
+      path, SST and long scaled down: QR / best torch LDL^T = 2.9x Lorenz, 2.8x KdV, 3.7x SST, 12.7x
       long, 3.5x coupled; 31x-75x the LDL^T lane engine, the CPU default).
     - Among the LDL^T methods on the torch path (CUDA, CPU without numba or with
       ``backend='torch'``, weights that need gradients; the lane engine is always sequential):
@@ -307,7 +307,8 @@ def ode_forward(
     cuda_graphs: CudaGraphPool | None = None,
     threads: int | None = None,
 ) -> torch.Tensor:
-    """Least-squares solution of a batch of linear ODEs (docs/solver.md sections 1-5).
+    """Least-squares solution of a batch of linear ODEs (docs/solver.md, "Inputs, shapes,
+    broadcasting" to "Backward pass").
 
     A drop-in replacement for the authors' published ``ode_forward``: the same positional
     arguments in the same order and with the same meaning; our own options are keyword-only.
@@ -476,7 +477,8 @@ def _solve_problem(
 
 
 class OdeFactorization:
-    """A factorized left-hand side, reusable for many right-hand sides (docs/solver.md section 8).
+    """A factorized left-hand side, reusable for many right-hand sides (docs/solver.md, "Reusing a
+    factorization").
 
     Create with :func:`factorize`; call :meth:`solve` with ``rhs_equation`` and ``init_vars``.
     The object is owned by the caller (no hidden cache). The coefficients and steps are frozen
@@ -540,7 +542,8 @@ def factorize(
     check_pivots: bool = True,
     threads: int | None = None,
 ) -> OdeFactorization:
-    """Factorize the normal matrix of fixed coefficients and steps once (docs/solver.md section 8).
+    """Factorize the normal matrix of fixed coefficients and steps once (docs/solver.md, "Reusing a
+    factorization").
 
     Args:
         coefficients: ``(..., T or 1, E, D, R)``.

@@ -136,7 +136,7 @@ def build_lhs_blocks(
     weight_smooth=1.0,
     central: bool = False,
 ) -> NormalBlocks:
-    """Blocks of M from the coefficients, steps and weights (docs/solver.md section 3).
+    """Blocks of M from the coefficients, steps and weights (docs/solver.md, "Structure of M").
 
     Returns blocks at ``problem.lhs_batch_shape`` (coefficients and steps broadcast only).
     """

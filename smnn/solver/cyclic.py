@@ -1,4 +1,5 @@
-"""Block cyclic reduction: a parallel-in-time factorization (docs/solver.md section 4).
+"""Block cyclic reduction: a parallel-in-time factorization (docs/solver.md, "Solving M u = r in
+O(T)").
 
 One level eliminates the odd-numbered steps of a block-tridiagonal SPD system at once (given the
 even steps they are independent), which leaves a block-tridiagonal Schur complement on the even

@@ -1,4 +1,5 @@
-"""What every factorization of the solver provides (docs/solver.md sections 4 and 8).
+"""What every factorization of the solver provides (docs/solver.md, "Solving M u = r in O(T)" and
+"Reusing a factorization").
 
 Three classes implement :class:`Factor`:
 

@@ -1,9 +1,10 @@
 """The bounded cache behind ``ode_forward(..., frozen_lhs_cache_version=v)`` (docs/solver.md
-sections 1 and 8).
+"Inputs, shapes, broadcasting" and "Reusing a factorization").
 
 The authors' ``ode_forward`` keeps every factorized left-hand side in a global dict keyed by the
 integer version ``v`` alone, forever. For drop-in compatibility we support the argument, but on
-top of the explicit object of section 8 (:func:`smnn.solver.factorize`) and with three limits:
+top of the explicit object of "Reusing a factorization" (:func:`smnn.solver.factorize`) and with
+three limits:
 
 - **opt-in**: nothing is stored unless a caller passes ``v > 0``;
 - **keyed by more than v**: the key also holds the shapes of the coefficients and steps, T, S, K,

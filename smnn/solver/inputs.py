@@ -1,4 +1,5 @@
-"""Validation and shape bookkeeping for the solver inputs (docs/solver.md sections 1 and 7).
+"""Validation and shape bookkeeping for the solver inputs (docs/solver.md, "Inputs, shapes,
+broadcasting" and "Dense reference and accuracy bars").
 
 Every solver in :mod:`smnn.solver` (S-MNN, the dense reference, the MNN baselines) accepts the
 same four tensors and goes through :func:`prepare_problem`, so that shapes, broadcasting and error
@@ -13,7 +14,7 @@ Shapes (``...`` are batch dims that broadcast like torch broadcasting):
 
 S = 0 or K = 0 (``init_vars`` of shape ``(..., 0, D, 0)``, say) is valid: the problem then has no
 initial-value rows and is determined by the equation and smoothness rows alone (docs/solver.md
-section 1); a singular one is reported by the solvers' pivot checks.
+"Inputs, shapes, broadcasting"); a singular one is reported by the solvers' pivot checks.
 """
 
 from __future__ import annotations

@@ -3,13 +3,13 @@
 Kernels (each parallel over jobs; the torch side is :mod:`smnn.solver.fused`):
 
 - :func:`forward`: for a group of ``LANES`` systems at a time and every step t in order, assemble
-  M_t and M_{t+1,t} from the coefficients and steps (docs/solver.md section 3), build the
+  M_t and M_{t+1,t} from the coefficients and steps (docs/solver.md, "Structure of M"), build the
   right-hand side r_t, factorize (block Cholesky, below) and forward-substitute; then
   back-substitute and write u. With no right-hand side (P = 0) it only factorizes.
 - :func:`forward_central`: the same with central smoothness rows (block pentadiagonal M).
 - :func:`solve`: substitutions with stored factors, for given right-hand sides or for ones it
   assembles from (coefficients, b, u0) exactly as :func:`forward` does.
-- :func:`backward`: lambda = M^{-1} g with the stored factors and the chain rule of section 5
+- :func:`backward`: lambda = M^{-1} g with the stored factors and the chain rule of "Backward pass"
   through the assembly to the coefficients, steps, right-hand sides and initial values.
 
 Neither the blocks of M, nor r, nor their gradients are ever stored: the only (N, T, ...) arrays
@@ -42,8 +42,8 @@ results do not depend on how a kernel was compiled (cold or warm numba cache); j
 workers as they become free (:func:`_claim_job`), but each job's work does not depend on which
 worker runs it or on the number of threads, and sums over jobs run in job order.
 
-The factorization is the block LDL^T of docs/solver.md section 4, with each pivot block D_t kept
-as its Cholesky factor D_t = L_t L_t^T. With Y_t = L_t^{-1} M_{t+1,t}^T,
+The factorization is the block LDL^T of docs/solver.md, "Solving M u = r in O(T)", with each pivot
+block D_t kept as its Cholesky factor D_t = L_t L_t^T. With Y_t = L_t^{-1} M_{t+1,t}^T,
 
     D_0 = M_0,   D_{t+1} = M_{t+1} - Y_t^T Y_t      (= M_{t+1} - M_{t+1,t} D_t^{-1} M_{t+1,t}^T)
     forward:  z_t = r_t - M_{t,t-1} y_{t-1},   y_t = D_t^{-1} z_t
@@ -99,7 +99,8 @@ def _rsqrt_pivot(x, floor):
 
     ``floor`` is ``pivot_floor`` (:class:`~smnn.solver.lane_kernels.Constants`) times the
     diagonal entry of the assembled block M_t, so a pivot that cancellation has reduced to
-    rounding noise fails like a non-positive one (docs/solver.md section 7).
+    rounding noise fails like a non-positive one (docs/solver.md, "Dense reference and accuracy
+    bars").
 
     Computed for every x and then selected, without a branch, so that the lanes of
     :func:`_reciprocal_sqrt_pivot` vectorise (with a branch per lane they were scalar square
@@ -1066,7 +1067,7 @@ def _forward_central_groups(
 def backward(grad_out, x, inputs, sizes, constants, factor, central, columns, grads, n_workers):
     """Gradients of all four inputs from g = ``grad_out`` and the solution ``x`` (N, T, m, P).
 
-    lambda = M^{-1} g with the stored factors, then (docs/solver.md section 5)
+    lambda = M^{-1} g with the stored factors, then (docs/solver.md, "Backward pass")
     dl/dM_t = -sym(lambda_t x_t^T), dl/dM_{t+1,t} = -(lambda_{t+1} x_t^T + x_{t+1} lambda_t^T),
     dl/dr = lambda, carried through the assembly (summed over the P columns):
 
@@ -1259,7 +1260,7 @@ def _backward_jobs(
 
 @helper
 def _central_step_gradient(lam, xs, steps, b0, nl, q, R, ws2, gs, tmp):
-    """gs (Th, W) += dl/dh of central row q (section 5 block gradients, see :func:`backward`);
+    """gs (Th, W) += dl/dh of central row q ("Backward pass" block gradients, see :func:`backward`);
     ``tmp`` (W,) scratch."""
     Th, Pl, m = steps.shape[1], lam.shape[1], lam.shape[2]
     D = m // R

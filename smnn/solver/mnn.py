@@ -1,4 +1,5 @@
-"""Baselines from the original MNN (docs/solver.md section 6): dense Cholesky and CG.
+"""Baselines from the original MNN (docs/solver.md, "Baselines from the original MNN"): dense
+Cholesky and CG.
 
 The original MNN solves a least-squares problem over z = [eps, u] with one slack variable eps per
 system (column 0):
@@ -353,7 +354,8 @@ def _pad_steps(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
 
 
 def _mnn_gram(problem: OdeProblem, w_eq, w_in, w_s) -> _BandedGram:
-    """G = C^T C from the rows of docs/solver.md section 6 (weights already 0-dim tensors).
+    """G = C^T C from the rows of docs/solver.md, "Baselines from the original MNN" (weights already
+    0-dim tensors).
 
     Each group of rows touches a window of steps, so its Gram matrix is a small local matrix
     added to the bands: equation rows (one step), initial rows (one step, diagonal), the 2(R-1)

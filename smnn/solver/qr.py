@@ -1,5 +1,5 @@
 """The orthogonal (QR) least-squares solve on the torch path (docs/solver.md, "The orthogonal
-(QR) solve"; SOLVER_SPEC section 10).
+(QR) solve").
 
 The normal equations M = A^T A square the condition number of A; this module never forms M.
 It sweeps the rows of A block by block along the steps, keeping an upper triangle carried from

@@ -1,4 +1,5 @@
-"""Numba kernels of the orthogonal (QR) least-squares solve on lanes (docs/solver.md section 10).
+"""Numba kernels of the orthogonal (QR) least-squares solve on lanes (docs/solver.md, "The
+orthogonal (QR) solve").
 
 The torch side is :mod:`smnn.solver.qr_lanes`. Every kernel works on groups of W lanes side by
 side, W a run-time value (8 or 32, the ``width`` argument): all innermost loops run over the

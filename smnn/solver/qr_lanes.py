@@ -1,4 +1,5 @@
-"""The orthogonal (QR) least-squares solve on the CPU lane engine (docs/solver.md section 10).
+"""The orthogonal (QR) least-squares solve on the CPU lane engine (docs/solver.md, "The orthogonal
+(QR) solve").
 
 ``method="qr"`` on CPU with numba: the least-squares problem min ||A u - beta|| is solved by
 Householder reflections of the stacked rows of A, block by block along T, never forming A^T A,

@@ -4,10 +4,11 @@ Nothing here is fast or memory-efficient on purpose. Every row of the over-deter
 written out one at a time, exactly as the spec states it, so that the faster solvers can be checked
 against a statement that is easy to read. Only the batch axes are vectorised.
 
-- :func:`build_dense_system` / :func:`dense_reference`: the S-MNN system A u = beta (section 2),
+- :func:`build_dense_system` / :func:`dense_reference`: the S-MNN system A u = beta ("The
+over-determined linear system"),
   solved in the least-squares sense by a dense QR factorization.
 - :func:`build_mnn_dense_system`: the rows C z = r of the original MNN over z = [eps, u]
-  (section 6), the oracle for :mod:`smnn.solver.mnn`.
+  ("Baselines from the original MNN"), the oracle for :mod:`smnn.solver.mnn`.
 
 Unknowns are flattened in (t, d, k) order: u[t, d, k] sits at column (t*D + d)*R + k (plus 1 in the
 MNN system, whose column 0 is the slack variable eps).
@@ -69,7 +70,8 @@ def build_dense_system(
     weight_smooth: Weight = 1.0,
     enable_central_smoothness: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The over-determined S-MNN system A u = beta of docs/solver.md section 2, row by row.
+    """The over-determined S-MNN system A u = beta of docs/solver.md, "The over-determined linear
+    system", row by row.
 
     Args:
         coefficients: c ``(..., T or 1, E, D, R)``.
@@ -217,7 +219,8 @@ def build_mnn_dense_system(
     weight_init_var: Weight = 1.0,
     weight_smooth: Weight = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows C z = r of the original MNN (docs/solver.md section 6), row by row.
+    """The rows C z = r of the original MNN (docs/solver.md, "Baselines from the original MNN"), row
+    by row.
 
     Unknown z = [eps, u]: column 0 is the slack eps, u[t, d, k] is column 1 + (t*D + d)*R + k.
     Rows (the weights default to 1, which is the spec; a weight multiplies its whole row,

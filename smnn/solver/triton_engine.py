@@ -1,5 +1,6 @@
 """The GPU engine: the sequential block factorization and its substitutions as Triton kernels
-(docs/solver.md sections 4, 5, 8 and 11; user guide: docs/gpu.md).
+(docs/solver.md, "Solving M u = r in O(T)", "Backward pass" and "Reusing a factorization"; user
+guide: docs/gpu.md).
 
 Launches per call (:mod:`smnn.solver.triton_kernels`; one lane per system, the sweep over T
 inside the kernel, every block of the normal equations assembled in the kernel from the

@@ -183,9 +183,9 @@ def block_solve_kernel(
 
 # ------------------------------------------------------------------ fused: assembly in the kernel
 #
-# The kernels below read the inputs themselves (docs/solver.md sections 3 and 11): no block of M
-# is ever stored. Input layouts (batch last; a step axis of size 1 has stride 0, so one value
-# serves every step):
+# The kernels below read the inputs themselves (docs/solver.md, "Structure of M"; docs/gpu.md): no
+# block of M is ever stored. Input layouts (batch last; a step axis of size 1 has stride 0, so one
+# value serves every step):
 #
 # - ``coef`` ``(Tc, E, m, N)``, ``steps`` ``(Th, N)``, ``rhs`` ``(Tb, E, N*P)``,
 #   ``init`` ``(Su, D*K, N*P)`` (lane of column p of system i: i * P + p), ``grams``
@@ -267,7 +267,7 @@ def _lhs_tile(
 ):
     """The block of M at rows of super-step ``t_row`` and columns of super-step ``t_col``
     (``DIAG``: t_row == t_col, the diagonal block; else t_row = t_col + 1), ``[BLOCK, NP, NP]``,
-    zero past NB (docs/solver.md section 3, entry by entry):
+    zero past NB (docs/solver.md, "Structure of M", entry by entry):
 
     - equation rows (diagonal blocks): w_eq^2 sum_e C_a[e, i] C_a[e, j];
     - initial rows: w_in^2 on the diagonal at orders k < K of steps a < S;
@@ -594,7 +594,7 @@ def ode_backward_kernel(
     """Every gradient of :func:`ode_sweep_kernel`'s solve in one launch, one lane per system.
 
     lambda = M^{-1} g (``grad`` ``(T2, NB, N*P)``, with the factor ``cinv``, ``wmul``) into
-    ``lam``; then per step t (docs/solver.md section 5; the formulas of the CPU lane engine's
+    ``lam``; then per step t (docs/solver.md, "Backward pass"; the formulas of the CPU lane engine's
     backward kernel, :mod:`smnn.solver.lane_kernels_source`), summed over the P columns:
 
     - ``grhs`` ``(T, E, N*P)``: w_eq^2 C_t[e] . lambda_t;
@@ -754,8 +754,8 @@ def qr_sweep_kernel(
     NP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The QR sweep of docs/solver.md section 10 (:mod:`smnn.solver.triton_qr`), one lane per
-    system, in one launch: triangularise, then back-substitute.
+    """The QR sweep of docs/solver.md, "The orthogonal (QR) solve" (:mod:`smnn.solver.triton_qr`),
+    one lane per system, in one launch: triangularise, then back-substitute.
 
     Layouts (batch last): ``x``, ``y`` ``(Ts, p, n, N)``, ``beta`` ``(Ts, p, P, N)``; out
     ``r``, ``s`` ``(Ts, n, n, N)``, ``z``, ``u`` ``(Ts, n, P', N)`` (P' = max(P, 1)),

@@ -1,4 +1,5 @@
-"""The orthogonal (QR) sweep of docs/solver.md section 10 as one Triton kernel (forward only).
+"""The orthogonal (QR) sweep of docs/solver.md, "The orthogonal (QR) solve" as one Triton kernel
+(forward only).
 
 :func:`triton_qr_solve` solves the least-squares problem min ||A u - beta|| of the row blocks
 of :func:`smnn.solver.qr.build_step_rows` (``x``, ``y`` ``(N, Ts, p, n)``) and

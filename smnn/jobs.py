@@ -71,7 +71,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     (which every experiment's own errors subclass), Zarr store errors, missing files, a locked
     checkpoint, and FloatingPointError (a generated trajectory blew up, e.g. an unstable KdV
     setting)."""
-    from smnn.data.store import StoreError
+    from smnn.io import StoreError
     from smnn.training import CheckpointLocked
 
     return (UserError, StoreError, FileNotFoundError, CheckpointLocked, FloatingPointError)

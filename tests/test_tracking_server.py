@@ -46,7 +46,7 @@ class _Server:
         self.cwd = cwd
         self.args = [
             "tracking-server", "--config", str(config), "--host", "127.0.0.1",
-            "--port", str(port), "--local-dir", str(tmp_path / "node-local"), "--workers", "2",
+            "--port", str(port), "--local-dir", str(tmp_path / "node-local"),
         ]  # fmt: skip
         self.log_path = tmp_path / "server.log"
         self.proc: subprocess.Popen | None = None
@@ -138,7 +138,7 @@ def test_eight_concurrent_writers_over_http_lose_nothing(server):
     assert n_metrics == n_writers * n_steps * 2
 
     # a server gone for good, with few retries: the writer stops, naming it
-    env = smnn_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0.1")
+    env = smnn_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER, server.uri, "99", "1000", "0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

@@ -140,7 +140,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"{DEFAULT_BACKUP_EVERY_S:g})",
     )  # fmt: skip
     s.add_argument(
-        "--workers", type=positive_int, default=2, help="server worker processes (default 2)"
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="server worker processes (default 1: one process, whose thread pool serves the "
+        "jobs' requests; more starts uvicorn's multi-process supervisor, whose health pings "
+        "were seen to stall the server on a fully loaded small node)",
     )
     s.set_defaults(func=run_server)
 
@@ -276,7 +281,9 @@ def run_server(args: argparse.Namespace) -> int:
         stop.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    proc = subprocess.Popen(command, start_new_session=True)
+    # the server's own output (access logs) goes to stderr: stdout carries only this command's
+    # lines (the URI), so a caller that reads the URI and stops reading never blocks the server
+    proc = subprocess.Popen(command, start_new_session=True, stdout=sys.stderr)
     try:
         local_uri = f"http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{port}"
         deadline = time.monotonic() + HEALTH_TIMEOUT_S

@@ -47,7 +47,7 @@ from smnn.solver import hugepages, lane_kernels
 from smnn.solver.banded import PIVOT_FACTOR, pivot_tolerance, raise_if_failed  # noqa: F401
 from smnn.solver.blocks import taylor_gram_matrices
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
-from smnn.solver.layout import BatchFolding
+from smnn.solver.layout import BatchFolding, fold_lhs_inputs, fold_rhs_inputs
 
 __all__ = [
     "LaneFactor",
@@ -471,27 +471,6 @@ def _sum_jobs(partials: torch.Tensor, n_systems: int, n_column_groups: int) -> t
     return out
 
 
-def _fold_lhs_inputs(problem: OdeProblem, lhs_batch: tuple[int, ...]):
-    """coefficients (N, Tc, E, m) and steps (N, Th) at the left-hand side's batch shape."""
-    c, h = problem.coefficients, problem.steps
-    folding = BatchFolding(tuple(problem.batch_shape), lhs_batch)
-    N = folding.n_systems
-    E, m = problem.n_equations, problem.block_size
-    coef = c.expand(*lhs_batch, *c.shape[-4:]).reshape(N, c.shape[-4], E, m)
-    steps = h.expand(*lhs_batch, h.shape[-1]).reshape(N, h.shape[-1])
-    return coef, steps
-
-
-def _fold_rhs_inputs(problem: OdeProblem, folding: BatchFolding, rhs_equation, init_vars):
-    """rhs_eq (N, Tb, E, P) and init (N, Su, D*K, P)."""
-    batch = tuple(problem.batch_shape)
-    D, K = problem.n_dims, problem.n_init_orders
-    b, u0 = rhs_equation, init_vars
-    rhs_eq = folding.fold_rhs(b.expand(*batch, *b.shape[-2:]))
-    u0 = u0.expand(*batch, *u0.shape[-3:]).reshape(*batch, u0.shape[-3], D * K)
-    return rhs_eq, folding.fold_rhs(u0)
-
-
 def _sizes(problem: OdeProblem, weights, central: bool, threads: int | None = None) -> _Sizes:
     return _Sizes(
         problem.n_steps,
@@ -527,8 +506,8 @@ def fused_ode_forward(
     T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
     batch, lhs_batch = tuple(problem.batch_shape), tuple(problem.lhs_batch_shape)
     folding = BatchFolding(batch, lhs_batch)
-    coef, steps = _fold_lhs_inputs(problem, lhs_batch)
-    rhs_eq, init = _fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
+    coef, steps = fold_lhs_inputs(problem, lhs_batch)
+    rhs_eq, init = fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
     outcome = _Outcome()
     sizes = _sizes(problem, weights, central, threads)
     x = _FusedLaneSolve.apply(coef, steps, rhs_eq, init, sizes, outcome)
@@ -600,7 +579,7 @@ class LaneLeftHandSide:
         T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
         batch = tuple(problem.batch_shape)
         folding = BatchFolding(batch, tuple(self.lhs_batch_shape))
-        rhs_eq, init = _fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
+        rhs_eq, init = fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
         x = _FactorSolve.apply(rhs_eq, init, self)
         if check_values and self.factor.bad_input:
             check_finite("rhs_equation", problem.rhs_equation)
@@ -619,7 +598,7 @@ def lane_factorize(
     lane engine; the right-hand sides of ``problem`` are not used. ``threads``: the kernels'
     threads in the factorization and every later solve (None: torch's count at each call)."""
     lhs_batch = tuple(problem.lhs_batch_shape)
-    coef, steps = (x.detach().contiguous() for x in _fold_lhs_inputs(problem, lhs_batch))
+    coef, steps = (x.detach().contiguous() for x in fold_lhs_inputs(problem, lhs_batch))
     sizes = _sizes(problem, weights, central, threads)
     N, E, m, dtype = coef.shape[0], coef.shape[2], coef.shape[3], coef.dtype
     no_rhs = (_empty(dtype, N, 1, E, 0), _empty(dtype, N, 1, 0, 0))

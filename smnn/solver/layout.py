@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from smnn.solver.inputs import OdeProblem
 
 __all__ = ["pair_steps", "pair_rhs", "unpair_solution", "BatchFolding"]
 
@@ -117,3 +121,24 @@ class BatchFolding:
         for pos, dim in enumerate(perm):
             inverse[dim] = pos
         return x.permute(*inverse)
+
+
+def fold_lhs_inputs(problem: OdeProblem, lhs_batch: tuple[int, ...]):
+    """coefficients ``(N, Tc, E, m)`` and steps ``(N, Th)`` at the left-hand side's batch shape
+    ``lhs_batch`` (N systems), for the lane and Triton engines."""
+    c, h = problem.coefficients, problem.steps
+    N = BatchFolding(tuple(problem.batch_shape), lhs_batch).n_systems
+    E, m = problem.n_equations, problem.block_size
+    coef = c.expand(*lhs_batch, *c.shape[-4:]).reshape(N, c.shape[-4], E, m)
+    return coef, h.expand(*lhs_batch, h.shape[-1]).reshape(N, h.shape[-1])
+
+
+def fold_rhs_inputs(problem: OdeProblem, folding: BatchFolding, rhs_equation, init_vars):
+    """rhs_eq ``(N, Tb, E, P)`` and init ``(N, Su, D*K, P)``: the batch dims the left-hand side
+    is shared over become the P columns."""
+    batch = tuple(problem.batch_shape)
+    D, K = problem.n_dims, problem.n_init_orders
+    b, u0 = rhs_equation, init_vars
+    rhs_eq = folding.fold_rhs(b.expand(*batch, *b.shape[-2:]))
+    u0 = u0.expand(*batch, *u0.shape[-3:]).reshape(*batch, u0.shape[-3], D * K)
+    return rhs_eq, folding.fold_rhs(u0)

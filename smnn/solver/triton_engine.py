@@ -50,7 +50,14 @@ from smnn.solver.autograd import solve_with_factor
 from smnn.solver.banded import pivot_tolerance, raise_if_failed
 from smnn.solver.blocks import build_lhs_blocks, build_rhs, taylor_gram_matrices
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
-from smnn.solver.layout import BatchFolding, pair_rhs, pair_steps, unpair_solution
+from smnn.solver.layout import (
+    BatchFolding,
+    fold_lhs_inputs,
+    fold_rhs_inputs,
+    pair_rhs,
+    pair_steps,
+    unpair_solution,
+)
 
 __all__ = [
     "TRITON_METHODS",
@@ -340,28 +347,6 @@ def _sizes(problem: OdeProblem, weights, central: bool) -> _Sizes:
         tuple(float(w) for w in weights),
         central,
     )
-
-
-def _fold_lhs_inputs(problem: OdeProblem, lhs_batch: tuple[int, ...]):
-    """coefficients ``(N, Tc, E, m)`` and steps ``(N, Th)`` at the left-hand side's batch
-    shape (the layout of :mod:`smnn.solver.fused`, whose module needs numba: a GPU image may
-    lack it)."""
-    c, h = problem.coefficients, problem.steps
-    N = BatchFolding(tuple(problem.batch_shape), lhs_batch).n_systems
-    E, m = problem.n_equations, problem.block_size
-    coef = c.expand(*lhs_batch, *c.shape[-4:]).reshape(N, c.shape[-4], E, m)
-    return coef, h.expand(*lhs_batch, h.shape[-1]).reshape(N, h.shape[-1])
-
-
-def _fold_rhs_inputs(problem: OdeProblem, folding: BatchFolding, rhs_equation, init_vars):
-    """rhs_eq ``(N, Tb, E, P)`` and init ``(N, Su, D*K, P)`` (the batch dims the left-hand
-    side is shared over become the P columns)."""
-    batch = tuple(problem.batch_shape)
-    D, K = problem.n_dims, problem.n_init_orders
-    b, u0 = rhs_equation, init_vars
-    rhs_eq = folding.fold_rhs(b.expand(*batch, *b.shape[-2:]))
-    u0 = u0.expand(*batch, *u0.shape[-3:]).reshape(*batch, u0.shape[-3], D * K)
-    return rhs_eq, folding.fold_rhs(u0)
 
 
 def _pointer(x: torch.Tensor) -> torch.Tensor:
@@ -672,7 +657,7 @@ class TritonLeftHandSide:
         T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
         batch = tuple(problem.batch_shape)
         folding = BatchFolding(batch, tuple(self.lhs_batch_shape))
-        rhs_eq, init = _fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
+        rhs_eq, init = fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
         x = _FactorSolve.apply(rhs_eq, init, self)
         return folding.unfold(x).reshape(*batch, T, D, R)
 
@@ -746,8 +731,8 @@ def triton_ode_forward(
     sizes = _sizes(problem, weights, central)
     batch, lhs_batch = tuple(problem.batch_shape), tuple(problem.lhs_batch_shape)
     folding = BatchFolding(batch, lhs_batch)
-    coef, steps = _fold_lhs_inputs(problem, lhs_batch)
-    rhs_eq, init = _fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
+    coef, steps = fold_lhs_inputs(problem, lhs_batch)
+    rhs_eq, init = fold_rhs_inputs(problem, folding, problem.rhs_equation, problem.init_vars)
     N, P = coef.shape[0], rhs_eq.shape[3]
     if _columns_in_lanes(N, P) or not _fits_one_launch(sizes, N, P, coef.shape[2]):
         return _blocks_forward(problem, weights, central, check_pivots)
@@ -775,7 +760,7 @@ def triton_factorize(
     weights = tuple(float(w) for w in plain_weights)
     sizes = _sizes(problem, weights, central)
     lhs_batch = tuple(problem.lhs_batch_shape)
-    coef, steps = _fold_lhs_inputs(problem, lhs_batch)
+    coef, steps = fold_lhs_inputs(problem, lhs_batch)
     N, E = coef.shape[0], coef.shape[2]
     if not _fits_one_launch(sizes, N, 1, E):
         raise ValueError(

@@ -47,7 +47,7 @@ from smnn.solver import hugepages, lane_kernels
 from smnn.solver.banded import PIVOT_FACTOR, pivot_tolerance, raise_if_failed  # noqa: F401
 from smnn.solver.blocks import taylor_gram_matrices
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
-from smnn.solver.layout import BatchFolding, fold_lhs_inputs, fold_rhs_inputs
+from smnn.solver.layout import BatchFolding, EngineSizes, fold_lhs_inputs, fold_rhs_inputs
 
 __all__ = [
     "LaneFactor",
@@ -157,17 +157,8 @@ def _run_kernel(kernel, n_jobs: int, *args, threads: int | None = None) -> None:
 
 
 @dataclass(frozen=True)
-class _Sizes:
-    """What the kernels need besides the tensors."""
-
-    n_steps: int
-    n_dims: int
-    n_orders: int
-    n_init_steps: int
-    n_init_orders: int
-    weights: tuple[float, float, float]  # w_eq, w_in, w_s
-    central: bool = False
-    threads: int | None = None  # the kernels' threads (:func:`n_workers`)
+class _Sizes(EngineSizes):
+    """What the lane kernels need besides the tensors (:class:`~smnn.solver.layout.EngineSizes`)."""
 
     def constants(self, dtype: torch.dtype):
         """Taylor Gram matrices g0, g1, g2 (R, R) of the Taylor orders (0..R-1, or 0..R-2 with
@@ -472,16 +463,7 @@ def _sum_jobs(partials: torch.Tensor, n_systems: int, n_column_groups: int) -> t
 
 
 def _sizes(problem: OdeProblem, weights, central: bool, threads: int | None = None) -> _Sizes:
-    return _Sizes(
-        problem.n_steps,
-        problem.n_dims,
-        problem.n_orders,
-        problem.n_init_var_steps,
-        problem.n_init_orders,
-        tuple(float(w) for w in weights),
-        central,
-        threads,
-    )
+    return _Sizes.of(problem, weights, central, threads)
 
 
 def fused_ode_forward(

@@ -142,3 +142,33 @@ def fold_rhs_inputs(problem: OdeProblem, folding: BatchFolding, rhs_equation, in
     rhs_eq = folding.fold_rhs(b.expand(*batch, *b.shape[-2:]))
     u0 = u0.expand(*batch, *u0.shape[-3:]).reshape(*batch, u0.shape[-3], D * K)
     return rhs_eq, folding.fold_rhs(u0)
+
+
+@dataclass(frozen=True)
+class EngineSizes:
+    """The sizes and constants a compiled engine (lanes, QR lanes, Triton) needs besides the
+    tensors: T, D, R, S, K, the weights (w_eq, w_in, w_s), central rows, and the kernels'
+    threads (None: torch's count). Each engine subclasses it with its own derived values."""
+
+    n_steps: int
+    n_dims: int
+    n_orders: int
+    n_init_steps: int
+    n_init_orders: int
+    weights: tuple[float, float, float]  # w_eq, w_in, w_s
+    central: bool = False
+    threads: int | None = None
+
+    @classmethod
+    def of(cls, problem: OdeProblem, weights, central: bool, threads: int | None = None):
+        """The sizes of ``problem`` with plain-number ``weights``."""
+        return cls(
+            problem.n_steps,
+            problem.n_dims,
+            problem.n_orders,
+            problem.n_init_var_steps,
+            problem.n_init_orders,
+            tuple(float(w) for w in weights),
+            bool(central),
+            threads,
+        )

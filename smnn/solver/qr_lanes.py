@@ -48,7 +48,7 @@ from smnn.solver import qr_lane_kernels as kernels
 from smnn.solver.banded import raise_if_failed
 from smnn.solver.fused import _run_kernel as _run
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
-from smnn.solver.layout import BatchFolding
+from smnn.solver.layout import BatchFolding, EngineSizes
 
 __all__ = ["QrLaneFactor", "QrLaneLeftHandSide", "qr_lane_factorize", "qr_lane_ode_forward"]
 
@@ -64,15 +64,8 @@ def lane_width(n_items: int) -> int:
 
 
 @dataclass(frozen=True)
-class _Sizes:
-    n_steps: int
-    n_dims: int
-    n_orders: int
-    n_init_steps: int
-    n_init_orders: int
-    weights: tuple[float, float, float]  # w_eq, w_in, w_s
-    central: bool
-    threads: int | None = None  # the kernels' threads (smnn.solver.fused.n_workers)
+class _Sizes(EngineSizes):
+    """What the QR lane kernels need besides the tensors (layout.EngineSizes)."""
 
     def args(self, dtype: torch.dtype) -> tuple:
         """(T, D, S, K, central, weights array, inverse factorials array) for the kernels."""
@@ -118,16 +111,7 @@ def _constants(n_orders: int, weights: tuple, dtype: torch.dtype):
 
 
 def _sizes(problem: OdeProblem, weights, central: bool, threads: int | None = None) -> _Sizes:
-    return _Sizes(
-        problem.n_steps,
-        problem.n_dims,
-        problem.n_orders,
-        problem.n_init_var_steps,
-        problem.n_init_orders,
-        tuple(float(w) for w in weights),
-        bool(central),
-        threads,
-    )
+    return _Sizes.of(problem, weights, central, threads)
 
 
 def _fold_lhs(problem: OdeProblem) -> tuple[torch.Tensor, torch.Tensor]:

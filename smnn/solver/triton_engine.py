@@ -52,6 +52,7 @@ from smnn.solver.blocks import build_lhs_blocks, build_rhs, taylor_gram_matrices
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
 from smnn.solver.layout import (
     BatchFolding,
+    EngineSizes,
     fold_lhs_inputs,
     fold_rhs_inputs,
     pair_rhs,
@@ -301,16 +302,9 @@ def _check_device(problem: OdeProblem) -> None:
 
 
 @dataclass(frozen=True)
-class _Sizes:
-    """What the fused kernels need besides the tensors (T, D, R, S, K, weights, central)."""
-
-    n_steps: int
-    n_dims: int
-    n_orders: int
-    n_init_steps: int
-    n_init_orders: int
-    weights: tuple[float, float, float]  # w_eq, w_in, w_s
-    central: bool
+class _Sizes(EngineSizes):
+    """What the fused kernels need besides the tensors (T, D, R, S, K, weights, central;
+    :class:`~smnn.solver.layout.EngineSizes`)."""
 
     @property
     def pair(self) -> int:
@@ -338,15 +332,7 @@ class _Sizes:
 
 
 def _sizes(problem: OdeProblem, weights, central: bool) -> _Sizes:
-    return _Sizes(
-        problem.n_steps,
-        problem.n_dims,
-        problem.n_orders,
-        problem.n_init_var_steps,
-        problem.n_init_orders,
-        tuple(float(w) for w in weights),
-        central,
-    )
+    return _Sizes.of(problem, weights, central)
 
 
 def _pointer(x: torch.Tensor) -> torch.Tensor:

@@ -289,3 +289,29 @@ def test_smoothness_rows_alone_are_rank_deficient(dtype, central):
         qr_lane_ode_forward(_problem(inputs, pk), ONES, True, True, central)
     u = qr_lane_ode_forward(_problem(inputs, pk), ONES, True, False, central)
     assert torch.isnan(u).flatten(1).all(1).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("width", [8, 32])
+def test_spelled_out_helpers_of_qr_lane_helpers_source_match_their_formulas(width):
+    """The helpers generated from smnn/solver/qr_lane_helpers_source.py at 8 and 32 lanes:
+    squared_norm and reflect_column against the formulas of their docstrings, lane by lane."""
+    from smnn.solver import qr_lane_kernels as q
+
+    module = q._narrow if width == 8 else q._wide
+    rng = np.random.default_rng(width)
+    a = rng.standard_normal((6, 4, width))
+    rows, nr, j, c = np.array([1, 2, 3, 5], dtype=np.int64), 4, 1, 3
+    sig = np.empty(width)
+    module.squared_norm(a, j, rows, nr, sig)
+    np.testing.assert_allclose(sig, sum(a[rows[i], j] ** 2 for i in range(1, nr)), rtol=1e-14)
+
+    taus = rng.standard_normal((4, width))
+    got = a.copy()
+    module.reflect_column(got, j, rows, nr, c, taus, np.empty(width))
+    scale = taus[j] * (a[j, c] + sum(a[rows[i], j] * a[rows[i], c] for i in range(1, nr)))
+    want = a.copy()
+    want[j, c] -= scale
+    for i in range(1, nr):
+        want[rows[i], c] -= scale * a[rows[i], j]
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+    assert not np.array_equal(got[:, c], a[:, c])  # the column did change

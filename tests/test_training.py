@@ -65,6 +65,21 @@ def _checkpoint_epoch(out: Path) -> int:
         return -1
 
 
+def _checkpoint_pair_at_rest(out: Path) -> bool:
+    """``last.pt`` and ``previous.pt`` are two files (not the one inode they share between a
+    save's rotation and its rename, when damaging one in place would damage both) holding
+    checkpoints of two different epochs."""
+    last = out / "checkpoints" / "last.pt"
+    previous = last.with_name("previous.pt")
+    try:
+        if os.path.samefile(last, previous):
+            return False
+        epochs = [int(torch.load(p, weights_only=False)["epoch"]) for p in (last, previous)]
+    except Exception:  # missing or replaced while reading
+        return False
+    return epochs[1] < epochs[0]
+
+
 def _start_and_kill(config: Path, data: Path, out: Path, sig: int, after_epochs: int):
     """Start a training process and send ``sig`` once ``after_epochs`` epochs are saved."""
     proc = subprocess.Popen(
@@ -183,11 +198,15 @@ def test_second_job_on_the_same_out_stops_and_a_truncated_checkpoint_is_survived
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while _checkpoint_epoch(out) < 3:
+        while True:
             assert first.poll() is None, f"training ended early: {first.communicate()[1][-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            assert time.monotonic() < deadline, "no checkpoint pair within 300 s"
+            if _checkpoint_epoch(out) >= 3:
+                first.send_signal(signal.SIGSTOP)  # alive (holding its lock), not finishing
+                if _checkpoint_pair_at_rest(out):
+                    break
+                first.send_signal(signal.SIGCONT)  # stopped mid-save: let it finish, try again
             time.sleep(0.05)
-        first.send_signal(signal.SIGSTOP)  # alive (holding its lock) but not finishing meanwhile
         second = run_smnn(*train_args(config, data, out))
         assert second.returncode != 0, second.stdout
         assert f"pid {first.pid}" in second.stderr and str(out / "checkpoints") in second.stderr
@@ -197,13 +216,14 @@ def test_second_job_on_the_same_out_stops_and_a_truncated_checkpoint_is_survived
         first.communicate(timeout=120)
     run_id = json.loads((out / "checkpoints" / "run.json").read_text())["run_id"]
     last = out / "checkpoints" / "last.pt"
-    saved = _checkpoint_epoch(out)
+    previous_epoch = int(torch.load(last.with_name("previous.pt"), weights_only=False)["epoch"])
+    assert previous_epoch < _checkpoint_epoch(out)
     with open(last, "r+b") as f:
         f.truncate(last.stat().st_size // 2)
 
     proc = run_smnn(*train_args(config, data, out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resuming after epoch {saved - 1}" in proc.stdout  # one epoch lower
+    assert f"resuming after epoch {previous_epoch}" in proc.stdout, proc.stdout
     assert f"checkpoint {last} cannot be loaded" in proc.stderr
     resumed = json.loads((out / "train_metrics.json").read_text())
     assert resumed["run_id"] == run_id

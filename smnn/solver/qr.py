@@ -38,7 +38,7 @@ through the triangle, that column is itself rounding noise.) Those systems are r
 
 float32: the rows are sorted by decreasing max-norm in every stacked block before the
 reflections (:func:`_row_order`; Householder QR is not row-wise stable without it), and the
-solution gets one step of mixed-precision refinement (:func:`_refine`: residual and A^T r in
+solution gets one step of mixed-precision refinement (:func:`refine_solution`: residual and A^T r in
 float64, correction with the float32 R), which brings the error from cond(A) * eps32 to about
 the rounding of the inputs on the test problems.
 
@@ -77,13 +77,20 @@ __all__ = [
     "RANK_TOLERANCE_FACTOR",
     "QRFactor",
     "QRLeftHandSide",
+    "apply_rows",
+    "apply_rows_t",
     "build_step_rows",
     "build_step_rhs",
     "factorize_rows",
+    "folded_rhs",
+    "least_squares_backward",
+    "nan_failed",
     "qr_least_squares",
     "qr_factorize_problem",
     "qr_ode_forward",
     "rank_tolerance",
+    "refine_solution",
+    "unfold_solution",
 ]
 
 RANK_TOLERANCE_FACTOR = 4.0
@@ -351,7 +358,7 @@ class QRFactor:
             raise ValueError(
                 f"rhs must have shape (N={N}, T={T}, n={n}, P), got {tuple(rhs.shape)}"
             )
-        return _nan_failed(self.back_substitute(self.forward_substitute(rhs)), self.failed_at)
+        return nan_failed(self.back_substitute(self.forward_substitute(rhs)), self.failed_at)
 
     def solve_rows(self, beta: torch.Tensor) -> torch.Tensor:
         """The least-squares solution u ``(N, Ts, n, P)`` for row right-hand sides ``beta``
@@ -370,10 +377,10 @@ class QRFactor:
             )
             z[:, t] = rotated[:, :n]
             carried = rotated[:, n : 2 * n]
-        return _nan_failed(self.back_substitute(z), self.failed_at)
+        return nan_failed(self.back_substitute(z), self.failed_at)
 
 
-def _nan_failed(u: torch.Tensor, failed_at: torch.Tensor) -> torch.Tensor:
+def nan_failed(u: torch.Tensor, failed_at: torch.Tensor) -> torch.Tensor:
     """NaN for every entry of the systems that failed (no host synchronisation)."""
     dead = (failed_at > 0).reshape(-1, *([1] * (u.dim() - 1)))
     return u.masked_fill(dead, float("nan"))
@@ -475,17 +482,19 @@ def _gather_rows(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------- differentiable solve
 
 
-def _apply_rows(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def apply_rows(x: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """A v in row blocks: x_s v_s + y_s v_{s+1} ``(N, Ts, p, P)`` for v ``(N, Ts, n, P)``."""
     out = x @ v
     out[:, :-1] += y[:, :-1] @ v[:, 1:]
     return out
 
 
-def _refine(factor: QRFactor, x, y, beta, u: torch.Tensor) -> torch.Tensor:
+def refine_solution(factor, x, y, beta, u: torch.Tensor) -> torch.Tensor:
     """One step of mixed-precision refinement of a float32 solution (corrected semi-normal
     equations): r = beta - A u and A^T r in float64, then u + (R^T R)^{-1} A^T r with the
-    float32 factor.
+    float32 factor (any object whose ``solve`` applies (R^T R)^{-1}: :class:`QRFactor`, or the
+    Triton engine's). Shapes: x, y ``(N, Ts, p, n)``, beta ``(N, Ts, p, P)``, u
+    ``(N, Ts, n, P)``; returns u's shape and dtype.
 
     A^T r vanishes at the exact solution and is computed without cancellation in float64, so
     the correction carries no residual term; the error contracts by about cond(A)^2 * eps32
@@ -496,12 +505,12 @@ def _refine(factor: QRFactor, x, y, beta, u: torch.Tensor) -> torch.Tensor:
     """
     xd, yd, bd = x.double(), y.double(), beta.double()
     ud = u.double()
-    atr = _apply_rows_t(xd, yd, bd - _apply_rows(xd, yd, ud))
+    atr = apply_rows_t(xd, yd, bd - apply_rows(xd, yd, ud))
     du = factor.solve(atr.to(u.dtype))
     return (ud + du.double()).to(u.dtype)
 
 
-def _apply_rows_t(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def apply_rows_t(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """A^T r in row blocks: x_s^T r_s + y_{s-1}^T r_{s-1} ``(N, Ts, n, P)``."""
     out = x.mT @ r
     out[:, 1:] += y[:, :-1].mT @ r[:, :-1]
@@ -524,11 +533,11 @@ class _QRLeastSquares(torch.autograd.Function):
     def forward(ctx, x, y, beta, factor):
         if factor is None:
             factor, z = factorize_rows(x, y, beta)
-            u = _nan_failed(factor.back_substitute(z), factor.failed_at)
+            u = nan_failed(factor.back_substitute(z), factor.failed_at)
         else:
             u = factor.solve_rows(beta.detach())
         if u.dtype == torch.float32:
-            u = _refine(factor, x.detach(), y.detach(), beta.detach(), u)
+            u = refine_solution(factor, x.detach(), y.detach(), beta.detach(), u)
         ctx.factor = factor
         ctx.save_for_backward(x, y, beta, u)
         failed_at = factor.failed_at.clone()
@@ -538,23 +547,36 @@ class _QRLeastSquares(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_u, _grad_failed):
         x, y, beta, u = ctx.saved_tensors
-        lam = ctx.factor.solve(grad_u.contiguous())
-        if lam.dtype == torch.float32:  # one refinement step, residual in float64
-            xd, yd = x.detach().double(), y.detach().double()
-            resid = grad_u.double() - _apply_rows_t(xd, yd, _apply_rows(xd, yd, lam.double()))
-            lam = (lam.double() + ctx.factor.solve(resid.to(lam.dtype)).double()).to(lam.dtype)
-        a_lam = _apply_rows(x, y, lam)
-        grad_x = grad_y = grad_beta = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            res = beta - _apply_rows(x, y, u)
-            if ctx.needs_input_grad[0]:
-                grad_x = res @ lam.mT - a_lam @ u.mT
-            if ctx.needs_input_grad[1]:
-                grad_y = torch.zeros_like(y)
-                grad_y[:, :-1] = res[:, :-1] @ lam[:, 1:].mT - a_lam[:, :-1] @ u[:, 1:].mT
-        if ctx.needs_input_grad[2]:
-            grad_beta = a_lam
-        return grad_x, grad_y, grad_beta, None
+        grads = least_squares_backward(ctx.factor, x, y, beta, u, grad_u, ctx.needs_input_grad[:3])
+        return (*grads, None)
+
+
+def least_squares_backward(factor, x, y, beta, u, grad_u, needs_input_grad):
+    """The gradients of u = argmin ||A u - beta|| (A in row blocks x, y ``(N, Ts, p, n)``,
+    beta ``(N, Ts, p, P)``, u ``(N, Ts, n, P)``) for the upstream gradient ``grad_u``
+    ``(N, Ts, n, P)``: lambda = (R^T R)^{-1} g by ``factor.solve`` (refined once in float32,
+    residual in float64), r = beta - A u, dl/dbeta = A lambda,
+    dl/dx_s = r_s lambda_s^T - (A lambda)_s u_s^T, dl/dy_s = r_s lambda_{s+1}^T -
+    (A lambda)_s u_{s+1}^T. ``factor`` is any object whose ``solve`` applies (R^T R)^{-1}
+    (:class:`QRFactor`, or the Triton engine's). Returns (grad_x, grad_y, grad_beta), None
+    where ``needs_input_grad`` (three bools) says it is not needed."""
+    lam = factor.solve(grad_u.contiguous())
+    if lam.dtype == torch.float32:  # one refinement step, residual in float64
+        xd, yd = x.detach().double(), y.detach().double()
+        resid = grad_u.double() - apply_rows_t(xd, yd, apply_rows(xd, yd, lam.double()))
+        lam = (lam.double() + factor.solve(resid.to(lam.dtype)).double()).to(lam.dtype)
+    a_lam = apply_rows(x, y, lam)
+    grad_x = grad_y = grad_beta = None
+    if needs_input_grad[0] or needs_input_grad[1]:
+        res = beta - apply_rows(x, y, u)
+        if needs_input_grad[0]:
+            grad_x = res @ lam.mT - a_lam @ u.mT
+        if needs_input_grad[1]:
+            grad_y = torch.zeros_like(y)
+            grad_y[:, :-1] = res[:, :-1] @ lam[:, 1:].mT - a_lam[:, :-1] @ u[:, 1:].mT
+    if needs_input_grad[2]:
+        grad_beta = a_lam
+    return grad_x, grad_y, grad_beta
 
 
 def qr_least_squares(
@@ -577,12 +599,15 @@ def qr_least_squares(
 # ------------------------------------------------------------------------------ API entries
 
 
-def _folded_rhs(problem, folding, weights, central) -> torch.Tensor:
+def folded_rhs(problem, folding, weights, central) -> torch.Tensor:
+    """beta ``(N, Ts, p, P)``: the row right-hand sides of ``problem``, folded by ``folding``
+    (a :class:`~smnn.solver.layout.BatchFolding`)."""
     beta = build_step_rhs(problem, problem.rhs_equation, problem.init_vars, weights, central)
     return folding.fold_rhs(beta)
 
 
-def _unfold_solution(u: torch.Tensor, problem: OdeProblem, folding, central) -> torch.Tensor:
+def unfold_solution(u: torch.Tensor, problem: OdeProblem, folding, central) -> torch.Tensor:
+    """The canonical solution ``(N, Ts, n, P)`` back to ``(*batch, T, D, R)``."""
     T, D, R = problem.n_steps, problem.n_dims, problem.n_orders
     u = folding.unfold(u)  # (*batch, Ts, n)
     if central:
@@ -603,11 +628,11 @@ def qr_ode_forward(
     """
     folding = BatchFolding(tuple(problem.batch_shape), tuple(problem.lhs_batch_shape))
     x, y = (folding.fold_lhs(v) for v in build_step_rows(problem, weights, central))
-    beta = _folded_rhs(problem, folding, weights, central)
+    beta = folded_rhs(problem, folding, weights, central)
     u, failed_at = qr_least_squares(x, y, beta)
     if check_pivots:
         raise_if_failed(failed_at, tuple(problem.lhs_batch_shape), rank=True)
-    return _unfold_solution(u, problem, folding, central)
+    return unfold_solution(u, problem, folding, central)
 
 
 @dataclass
@@ -635,9 +660,9 @@ class QRLeftHandSide:
             check_finite("rhs_equation", problem.rhs_equation)
             check_finite("init_vars", problem.init_vars)
         folding = BatchFolding(tuple(problem.batch_shape), tuple(self.lhs_batch_shape))
-        beta = _folded_rhs(problem, folding, self.weights, self.central)
+        beta = folded_rhs(problem, folding, self.weights, self.central)
         u, _ = qr_least_squares(self.x, self.y, beta, self.factor)
-        return _unfold_solution(u, problem, folding, self.central)
+        return unfold_solution(u, problem, folding, self.central)
 
 
 def qr_factorize_problem(

@@ -130,6 +130,11 @@ def test_benchmark_marks_mnn_cg_in_csv_report_and_figures(bench):
 
     assert method_label(table, "mnn_cg") == CG_MARKED
     assert method_label(table, "smnn") == "smnn"
+    from smnn.benchmark.mlflow_run import benchmark_metrics
+
+    metrics = benchmark_metrics(table, None)  # what the benchmark's MLflow run logs
+    assert metrics["converged.mnn_cg.float64.T64"] == 0.0
+    assert not any(k.startswith("converged.smnn.") for k in metrics)  # a direct solver
     labels = _legend_labels(scaling_figure(table, "T_sweep", "T"))
     assert f"{CG_MARKED} float64" in labels and "smnn float64" in labels
     labels = _legend_labels(accuracy_figure(table))

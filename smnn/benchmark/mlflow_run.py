@@ -9,8 +9,9 @@
   ``max_time_ms``, ``peak_mb``; ``error_median`` and ``error_max`` (against the float64
   reference solve, :mod:`smnn.benchmark.accuracy`) wherever measured; for every method that is
   not S-MNN, ``time_ratio`` and ``memory_ratio`` (its time and peak over those of the best
-  S-MNN method of the case); the floors as ``floor_ms.<dtype>.<case>`` and
-  ``floor_ratio...``, and the machine's rates; with
+  S-MNN method of the case); ``converged`` (1 or 0) for iterative methods (MNN CG: 0 when a
+  forward or backward solve stopped at its iteration cap); the floors as
+  ``floor_ms.<dtype>.<case>`` and ``floor_ratio...``, and the machine's rates; with
   ``--contention``, ``contention_ms.<method>.<dtype>.<case>.<load>.t<threads>`` (median) and
   ``contention_max_ms...`` (worst step);
 - artifacts: the output files.
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from smnn.solver.mnn import converged_flag
 from smnn.tracking import RunTracker, TrackingTarget
 
 __all__ = ["EXPERIMENT", "benchmark_metrics", "log_benchmark_run"]
@@ -49,6 +51,9 @@ def benchmark_metrics(table, floors, contention=None) -> dict[str, float]:
         if _finite(r.get("max_ms")):
             metrics[f"max_time_ms.{key}"] = r["max_ms"]
         metrics[f"peak_mb.{key}"] = r["peak_mb"]
+        converged = converged_flag(r.get("converged"))
+        if converged is not None:
+            metrics[f"converged.{key}"] = float(converged)
         if r["family"] != "smnn":
             for name, column in (
                 ("time_ratio", "time_vs_best_smnn"),

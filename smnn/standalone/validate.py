@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from smnn.io import atomic_write, atomic_write_json, atomic_write_text
+from smnn.solver.mnn import NOT_CONVERGED, converged_flag
 from smnn.solver.registry import SOLVERS, solver_info
 from smnn.standalone.equations import (
     EQUATIONS,
@@ -223,7 +224,7 @@ def run_standalone(
     _write_csv(cases, out / "errors.csv")
     atomic_write_text(markdown_table(cases, solvers), out / "errors.md")
     drawn = [c for c in cases if c["initial_condition"] == 0 and c.get("converged") is False]
-    notes = {c["solver"]: "not converged" for c in drawn}
+    notes = {c["solver"]: NOT_CONVERGED for c in drawn}
     write_solutions_figure(t, curves, solvers, out / "solutions.png", notes)
     if tracking is not None:
         run_id = _log_mlflow(tracking, out, metrics, tags, config_data)
@@ -288,8 +289,8 @@ def markdown_table(cases: list[dict], solvers: Sequence[str]) -> str:
                 residual = case.get("relative_residual")
                 note = (
                     "converged"
-                    if case["converged"]
-                    else ("not converged" + (f" (residual {residual:.1e})" if residual else ""))
+                    if converged_flag(case["converged"])
+                    else (NOT_CONVERGED + (f" (residual {residual:.1e})" if residual else ""))
                 )
             lines.append(
                 f"| {solver_info(solver).label} | {case['equation']} "

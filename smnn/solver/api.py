@@ -345,8 +345,9 @@ def ode_forward(
         method: 'sequential' (block LDL^T, T dependent steps), 'cyclic' (block cyclic
             reduction, ceil(log2 T) dependent levels), 'qr' (the orthogonal solve of
             :mod:`smnn.solver.qr`: never forms A^T A, error grows with cond(A) instead of
-            cond(A)^2; batched torch ops on any device) or 'auto' (see :func:`choose_method`:
-            'qr' for float32, LDL^T for float64).
+            cond(A)^2; on CUDA the Triton kernels of :mod:`smnn.solver.triton_qr` where
+            Triton serves the call, docs/gpu.md) or 'auto' (see :func:`choose_method`: 'qr'
+            for float32, LDL^T for float64).
         backend: 'auto' (compiled numba kernels on CPU when numba imports; on CUDA the Triton
             kernels when triton imports and they serve the call, docs/gpu.md; batched torch
             ops otherwise), 'numba', 'torch' or 'triton'.

@@ -24,6 +24,11 @@ coefficients, steps and weights and never stored):
   (:func:`~smnn.solver.triton_kernels.block_cholesky_kernel`, ``block_solve_kernel``), **1**
   backward plus the block gradients through torch autograd.
 
+- ``method='qr'`` (and 'auto' in float32, :func:`resolve_triton_method`): the orthogonal
+  sweep of :mod:`smnn.solver.triton_qr` (rows built by torch, **1** launch forward and **1**
+  backward, one more each in float32 for the refinement; ``factorize`` 1, each solve 2 in
+  float64, 3 in float32).
+
 A lane carries its system's P right-hand-side columns one after another; a left-hand side
 shared by many right-hand sides (P > 8 and P > N, the Lorenz pattern: one system, P = batch)
 would leave most lanes idle, so such ``ode_forward`` calls take the blocks path, whose solve
@@ -65,6 +70,7 @@ __all__ = [
     "TritonFactor",
     "TritonLeftHandSide",
     "interpreter_on",
+    "resolve_triton_method",
     "triton_available",
     "triton_factorize",
     "triton_ode_forward",
@@ -72,8 +78,9 @@ __all__ = [
     "triton_unavailable_reason",
 ]
 
-# methods the Triton engine runs ('auto' means the sequential block factorization)
-TRITON_METHODS = ("auto", "sequential")
+# methods the Triton engine runs ('auto': the sequential block factorization in float64, the
+# QR sweep in float32, as smnn.solver.api.choose_method; resolve_triton_method)
+TRITON_METHODS = ("auto", "sequential", "qr")
 # elements of one [BLOCK, NP, NP] tile a program holds per step (4 per thread of 4 warps):
 # small tiles make many programs, and the sweep over T is latency-bound (not yet tuned on a GPU)
 _TILE_ELEMENTS = 512
@@ -131,6 +138,16 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     )
 
 
+def resolve_triton_method(method: str, dtype: torch.dtype) -> str:
+    """'sequential' or 'qr': what ``method`` (one of :data:`TRITON_METHODS`) runs on Triton.
+    'auto' means the QR sweep in float32 (the normal equations square cond(A) and lose every
+    digit there on stiff or long problems, :func:`smnn.solver.api.choose_method`) and the
+    sequential block factorization in float64 (cheaper, and nothing lost at cond(A)^2 * 1e-16)."""
+    if method == "auto":
+        return "qr" if dtype == torch.float32 else "sequential"
+    return method
+
+
 def triton_path_applies(
     device: torch.device,
     backend: str,
@@ -142,17 +159,18 @@ def triton_path_applies(
     """Whether the Triton engine serves a call (the dispatch rule, docs/gpu.md).
 
     - ``backend='triton'``: always, or a ValueError saying why it cannot (triton missing, the
-      tensors neither on CUDA nor on CPU under the interpreter, a method other than 'auto' or
-      'sequential', weights that need gradients, a CUDA-graph pool given). 'auto' then means
-      the sequential sweep (the normal equations) in either dtype.
+      tensors neither on CUDA nor on CPU under the interpreter, a method other than 'auto',
+      'sequential' or 'qr', weights that need gradients, a CUDA-graph pool given). 'auto'
+      then means the QR sweep in float32 and the sequential sweep in float64
+      (:func:`resolve_triton_method`).
     - ``backend='auto'``: CUDA tensors, triton importable, plain-number weights, no CUDA-graph
-      pool, and a method that resolves to the normal equations: 'sequential', or 'auto' in
-      float64 (``dtype``; in float32 'auto' means the QR sweep,
-      :func:`smnn.solver.api.choose_method`, which runs on the torch path).
-      ``method='auto'`` in float64 on CUDA thus means Triton's sequential sweep (1 launch
-      forward, 1 backward, whatever T) instead of the torch path's cyclic reduction: a
-      documented rule until a GPU has measured it (docs/gpu.md).
-      Everything else keeps the torch path.
+      pool, and a method of :data:`TRITON_METHODS` ('auto', 'sequential' or 'qr'; not
+      'cyclic'). ``method='auto'`` on CUDA thus means Triton's sequential sweep in float64
+      (1 launch forward, 1 backward, whatever T) instead of the torch path's cyclic
+      reduction, and Triton's QR sweep in float32 (:mod:`smnn.solver.triton_qr`) instead of
+      the torch path's QR: a documented rule until a GPU has measured it (docs/gpu.md).
+      Everything else keeps the torch path. (``dtype`` is accepted for callers that pass it;
+      the rule no longer depends on it.)
     - any other backend: never.
     """
     if backend == "triton":
@@ -170,8 +188,6 @@ def triton_path_applies(
             raise ValueError(f"backend='triton' cannot run this call: {why}")
         return True
     if backend != "auto" or device.type != "cuda":
-        return False
-    if method == "auto" and dtype == torch.float32:
         return False
     return (
         method in TRITON_METHODS
@@ -705,7 +721,9 @@ def triton_ode_forward(
         check_pivots: raise :class:`~smnn.solver.banded.NonPositivePivotError` naming the
             systems whose normal matrix is not positive definite (else those come back NaN).
         central: central smoothness rows (steps paired into super-blocks of 2m).
-        method: 'auto' or 'sequential' (the block Cholesky sweep).
+        method: 'sequential' (the block Cholesky sweep), 'qr' (the orthogonal sweep,
+            :func:`smnn.solver.triton_qr.triton_qr_ode_forward`: 1 launch forward, 1
+            backward, one more each in float32) or 'auto' (:func:`resolve_triton_method`).
     """
     _check_method(method)
     _check_device(problem)
@@ -714,6 +732,10 @@ def triton_ode_forward(
             problem.coefficients, problem.rhs_equation, problem.init_vars, problem.steps
         )
     weights = tuple(float(w) for w in plain_weights)
+    if resolve_triton_method(method, problem.coefficients.dtype) == "qr":
+        from smnn.solver.triton_qr import triton_qr_ode_forward
+
+        return triton_qr_ode_forward(problem, weights, central, check_pivots)
     sizes = _sizes(problem, weights, central)
     batch, lhs_batch = tuple(problem.batch_shape), tuple(problem.lhs_batch_shape)
     folding = BatchFolding(batch, lhs_batch)
@@ -740,10 +762,18 @@ def triton_factorize(
     """Factorize the left-hand side of ``problem`` (values checked by the caller) in one
     launch; the returned object's ``.solve(problem, check_values)`` substitutes new
     right-hand sides in one launch each (gradients reach those only) and ``.factor`` is the
-    :class:`TritonFactor` (whose own ``solve`` takes assembled right-hand sides)."""
+    :class:`TritonFactor` (whose own ``solve`` takes assembled right-hand sides).
+
+    With ``method='qr'`` (or 'auto' in float32, :func:`resolve_triton_method`):
+    :func:`smnn.solver.triton_qr.triton_qr_factorize` (one launch; each solve by the
+    corrected semi-normal equations, 2 launches in float64, 3 in float32)."""
     _check_method(method)
     _check_device(problem)
     weights = tuple(float(w) for w in plain_weights)
+    if resolve_triton_method(method, problem.coefficients.dtype) == "qr":
+        from smnn.solver.triton_qr import triton_qr_factorize
+
+        return triton_qr_factorize(problem, weights, central, check_pivots)
     sizes = _sizes(problem, weights, central)
     lhs_batch = tuple(problem.lhs_batch_shape)
     coef, steps = fold_lhs_inputs(problem, lhs_batch)

@@ -34,6 +34,8 @@ __all__ = [
     "block_solve_kernel",
     "ode_backward_kernel",
     "ode_sweep_kernel",
+    "qr_normal_solve_kernel",
+    "qr_sweep_kernel",
 ]
 
 
@@ -854,24 +856,46 @@ def qr_sweep_kernel(
         tl.debug_barrier()
     tl.store(failed_ptr + lane, failed, mask=lane_ok)
     # back substitution: u_t = R_t^{-1} (z_t - S_t u_{t+1})
+    _qr_back_sweep(r_ptr, s_ptr, z_ptr, u_ptr, lane, lane_ok, N, P, Ts, NB, NP)
+
+
+@triton.jit
+def _qr_tile(ptr, t, lane, lane_ok, N, Ts, NB: tl.constexpr, NP: tl.constexpr):
+    """The ``[BLOCK, NP, NP]`` tile of block t of a ``(Ts, NB, NB, N)`` array (zero past NB
+    and where t is outside 0..Ts-1)."""
+    q = tl.arange(0, NP)
+    rows = q[None, :, None]
+    cols = q[None, None, :]
+    inside = ((lane * 0 + t) >= 0) & ((lane * 0 + t) < Ts) & lane_ok
+    mask = inside[:, None, None] & (rows < NB) & (cols < NB)
+    ofs = (rows * NB + cols) * N + lane[:, None, None]
+    return tl.load(ptr + t * NB * NB * N + ofs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _qr_back_sweep(
+    r_ptr, s_ptr, in_ptr, out_ptr, lane, lane_ok, N, P, Ts, NB: tl.constexpr, NP: tl.constexpr
+):
+    """out_t = R_t^{-1} (in_t - S_t out_{t+1}) from the last step back, every column.
+
+    ``r``, ``s`` ``(Ts, NB, NB, N)`` (R_t upper triangular, S_{Ts-1} unused); ``in``, ``out``
+    ``(Ts, NB, P', N)`` with P' = max(P, 1); ``in`` may be ``out`` (in place)."""
+    PP = tl.maximum(P, 1)
     q = tl.arange(0, NP)
     qr_ = q[None, :, None]
-    qc = q[None, None, :]
     qvec = q[None, :]
-    tile = lane_ok[:, None, None] & (qr_ < NB) & (qc < NB)
-    tofs2 = (qr_ * NB + qc) * N + lane[:, None, None]
     vmask = lane_ok[:, None] & (qvec < NB)
     for tt in range(Ts):
         t = Ts - 1 - tt
-        rt = tl.load(r_ptr + t * NB * NB * N + tofs2, mask=tile, other=0.0)
-        st = tl.load(s_ptr + t * NB * NB * N + tofs2, mask=tile, other=0.0)
+        rt = _qr_tile(r_ptr, t, lane, lane_ok, N, Ts, NB, NP)
+        st = _qr_tile(s_ptr, t, lane, lane_ok, N, Ts - 1, NB, NP)
         for c in range(P):
             vofs = (qvec * PP + c) * N + lane[:, None]
-            zt = tl.load(z_ptr + t * NB * PP * N + vofs, mask=vmask, other=0.0)
+            zt = tl.load(in_ptr + t * NB * PP * N + vofs, mask=vmask, other=0.0)
             nxt = vmask & ((lane[:, None] * 0 + t + 1) < Ts)
-            un = tl.load(u_ptr + (t + 1) * NB * PP * N + vofs, mask=nxt, other=0.0)
+            un = tl.load(out_ptr + (t + 1) * NB * PP * N + vofs, mask=nxt, other=0.0)
             rhs = zt - tl.sum(st * un[:, None, :], axis=2)
-            ut = tl.zeros([BLOCK, NP], dtype=rhs.dtype)
+            ut = tl.zeros_like(rhs)
             for ii in range(NB):
                 i = NB - 1 - ii
                 row = tl.sum(tl.where(qr_ == i, rt, 0.0), axis=1)
@@ -879,5 +903,67 @@ def qr_sweep_kernel(
                 acc = tl.sum(row * ut, axis=1)
                 vi = tl.sum(tl.where(qvec == i, rhs, 0.0), axis=1)
                 ut = tl.where(qvec == i, ((vi - acc) / rii)[:, None], ut)
-            tl.store(u_ptr + t * NB * PP * N + vofs, ut, mask=vmask)
+            # in place: every thread has read in_t first
+            tl.debug_barrier()
+            tl.store(out_ptr + t * NB * PP * N + vofs, ut, mask=vmask)
         tl.debug_barrier()
+
+
+@triton.jit
+def _qr_forward_sweep(
+    r_ptr, s_ptr, in_ptr, out_ptr, lane, lane_ok, N, P, Ts, NB: tl.constexpr, NP: tl.constexpr
+):
+    """out_t = R_t^{-T} (in_t - S_{t-1}^T out_{t-1}) from the first step on, every column
+    (layouts as :func:`_qr_back_sweep`; ``in`` may be ``out``)."""
+    PP = tl.maximum(P, 1)
+    q = tl.arange(0, NP)
+    qc = q[None, None, :]
+    qvec = q[None, :]
+    vmask = lane_ok[:, None] & (qvec < NB)
+    for t in range(Ts):
+        rt = _qr_tile(r_ptr, t, lane, lane_ok, N, Ts, NB, NP)
+        sp = _qr_tile(s_ptr, t - 1, lane, lane_ok, N, Ts - 1, NB, NP)
+        for c in range(P):
+            vofs = (qvec * PP + c) * N + lane[:, None]
+            gt = tl.load(in_ptr + t * NB * PP * N + vofs, mask=vmask, other=0.0)
+            prv = vmask & ((lane[:, None] * 0 + t) > 0)
+            wp = tl.load(out_ptr + (t - 1) * NB * PP * N + vofs, mask=prv, other=0.0)
+            rhs = gt - tl.sum(sp * wp[:, :, None], axis=1)  # S_{t-1}^T w_{t-1}
+            wt = tl.zeros_like(rhs)
+            for i in range(NB):
+                col = tl.sum(tl.where(qc == i, rt, 0.0), axis=2)  # column i of R_t
+                rii = tl.sum(tl.where(qvec == i, col, 0.0), axis=1)
+                acc = tl.sum(col * wt, axis=1)  # rows k < i only: wt is zero from i on
+                vi = tl.sum(tl.where(qvec == i, rhs, 0.0), axis=1)
+                wt = tl.where(qvec == i, ((vi - acc) / rii)[:, None], wt)
+            tl.debug_barrier()
+            tl.store(out_ptr + t * NB * PP * N + vofs, wt, mask=vmask)
+        tl.debug_barrier()
+
+
+@triton.jit
+def qr_normal_solve_kernel(
+    r_ptr,
+    s_ptr,
+    g_ptr,
+    out_ptr,
+    N,
+    P,
+    Ts,
+    NB: tl.constexpr,
+    NP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """out = (R^T R)^{-1} g for the block-bidiagonal R of the QR sweep
+    (:func:`qr_sweep_kernel`), one lane per system, one launch: the forward substitution
+    R_t^T w_t = g_t - S_{t-1}^T w_{t-1}, then the back substitution
+    R_t x_t = w_t - S_t x_{t+1} (in place on ``out``).
+
+    Layouts (batch last): ``r``, ``s`` ``(Ts, n, n, N)`` as the sweep stores them; ``g``,
+    ``out`` ``(Ts, n, P', N)`` (P' = max(P, 1), P columns per system).
+    """
+    pid = tl.program_id(0)
+    lane = pid * BLOCK + tl.arange(0, BLOCK)
+    lane_ok = lane < N
+    _qr_forward_sweep(r_ptr, s_ptr, g_ptr, out_ptr, lane, lane_ok, N, P, Ts, NB, NP)
+    _qr_back_sweep(r_ptr, s_ptr, out_ptr, out_ptr, lane, lane_ok, N, P, Ts, NB, NP)

@@ -246,6 +246,69 @@ def test_float32_factorize_solve_equals_forward_to_the_bit():
     assert torch.equal(u, v)
 
 
+def _solve_with(inputs, pk, weight_seed=3):
+    """u and the gradients of sum(u * weight), the weight drawn in float64 whatever the dtype
+    (so float32 and float64 runs differentiate the same function)."""
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    u = qr_lane_ode_forward(_problem(inputs, pk), ONES, True, True, False)
+    weight = torch.randn(u.shape, generator=torch.Generator().manual_seed(weight_seed), dtype=F64)
+    return u.detach(), torch.autograd.grad((u * weight.to(u.dtype)).sum(), inputs)
+
+
+# Measured (max relative error of each gradient against float64, coefficients, rhs_equation,
+# init_vars, steps): KdV-like 2.7e-8, 3.3e-8, 3.1e-8, 2.1e-8; Lorenz-like 4.4e-8, 7.3e-8,
+# 4.0e-8, 4.4e-8; long 3.6e-8, 4.9e-8, 1.5e-8, 3.5e-8. Without refining the adjoint and with the
+# gradients chained in float32 from the float32 solution: 0.13, 0.48, 5.4e-2, 3.0e-3 (KdV-like)
+# up to 0.77, 2.3, 1.6e-2, 3.8e-2 (long).
+@pytest.mark.parametrize("pk,h", [c[1:3] for c in FLOAT32_CASES], ids=[c[0] for c in FLOAT32_CASES])
+def test_float32_gradients_close_to_float64(pk, h):
+    """Every input's float32 gradient within 1e-6 (max relative error over the tensor) of the
+    float64 gradient of the same (float32) inputs: the adjoint refined, the chain in float64."""
+    inputs = random_problem(**pk) if h is None else _fixed_step(pk, h)
+    in32 = [x.float() for x in inputs]
+    _, g32 = _solve_with(in32, pk)
+    _, g64 = _solve_with([x.double() for x in in32], pk)
+    for label, a, b in zip(LABELS, g32, g64, strict=True):
+        assert a.dtype == torch.float32, label
+        assert rel_err(a.double(), b) <= 1e-6, label
+
+
+def test_float32_factorize_gradients_close_to_float64():
+    """Gradients to rhs_equation and init_vars through a stored float32 factor (refined adjoint)
+    against the float64 forward's, shared left-hand side (P = 4)."""
+    pk = dict(batch=(6, 4), T=60, R=3, K=2, c_batch=(6, 1), h_batch=(6, 1), seed=5)
+    c, b, u0, h = random_problem(**pk)
+    h = torch.full_like(h, 0.01)
+    grads = []
+    for dtype in (torch.float32, F64):
+        inputs = [x.float().to(dtype).requires_grad_() for x in (c, b, u0, h)]
+        problem = _problem(inputs, pk)
+        u = qr_lane_factorize(problem, ONES, True, False).solve(problem, True)
+        weight = torch.randn(u.shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+        grads.append(torch.autograd.grad((u * weight.to(dtype)).sum(), inputs[1:3]))
+    for label, a, b in zip(("rhs_equation", "init_vars"), *grads, strict=True):
+        assert a.dtype == torch.float32, label
+        assert rel_err(a.double(), b) <= 1e-6, label
+
+
+def test_float32_item_does_not_depend_on_the_batch():
+    """The refinement stops per item: a system solved alone gives the bits it gets in a batch
+    of 70 (lanes of 8 against 32), values and gradients."""
+    pk = dict(batch=(70,), T=40, R=3, K=2, seed=6)
+    inputs = [x.float() for x in random_problem(**pk)]
+    weight = torch.randn(70, 40, 1, 3, generator=torch.Generator().manual_seed(7)).float()
+    results = []
+    for n in (70, 1):
+        leaves = [x[:n].clone().requires_grad_() for x in inputs]
+        u = qr_lane_ode_forward(_problem(leaves, pk), ONES, True, True, False)
+        grads = torch.autograd.grad((u * weight[:n]).sum(), leaves)
+        results.append((u.detach()[:1], [g[:1] for g in grads]))
+    (u_all, g_all), (u_one, g_one) = results
+    assert torch.equal(u_one, u_all)
+    for label, a, b in zip(LABELS, g_one, g_all, strict=True):
+        assert torch.equal(a, b), label
+
+
 @pytest.mark.parametrize("central", [False, True])
 def test_normal_residual_kernel_matches_dense_rows(central):
     """A^T (beta - A x) of the refinement kernel against the dense rows, for any x."""

@@ -833,12 +833,15 @@ def solve_normal(rs, rhs, n_dims, central, width, out, n_workers):
 @_kernel
 def backward(
     grad, x, coef, steps, rhs_eq, init, n_dims, n_init_steps, n_init_orders, central, wts, finv,
-    width, rs, by_system, g_coef, g_steps, g_rhs, g_init, n_workers,
+    width, rs, by_system, adjoint_given, g_coef, g_steps, g_rhs, g_init, n_workers,
 ):  # fmt: skip
     """Gradients of the least-squares solution x (N, T, m, P) for the upstream gradient ``grad``
     (same shape): lambda = (A^T A)^{-1} grad with [R | S] (``rs`` by groups of items, or of
     systems with ``by_system``), residual r = beta - A x rebuilt row by row, and per row i
     dl/dbeta_i = (A lambda)_i, dl/dA_ij = r_i lambda_j - (A lambda)_i x_j, chained to the inputs.
+    With ``adjoint_given``, ``grad`` holds lambda itself (solved and refined by the caller) and
+    ``rs`` is not read; the arithmetic runs in the type of ``x`` (the float32 engine's
+    gradients are chained in float64 this way, from float64 copies of its inputs).
 
     Writes ``g_coef`` (N * P, Tc, E, m) and ``g_steps`` (N * P, Th) per item (the caller sums
     over P), ``g_rhs`` (N, Tb, E, P) and ``g_init`` (N, Su, D*K, P) (size-1 step axes summed)."""
@@ -854,7 +857,7 @@ def backward(
     rc = 2 * nb
     n_items = N * P
     n_groups = (n_items + W - 1) // W
-    dt = rs.dtype
+    dt = x.dtype
     w_eq, w_in = wts[0], wts[1]
     next_job = np.zeros(1, dtype=np.int64)
     for _worker in prange(n_workers):
@@ -883,10 +886,11 @@ def backward(
             _lanes(g, W, n_items, P, sysl, coll)
             _sources(g, W, by_system, Wr, sysl, sg, sl)
             for t in range(TB):
-                _read_block(grad, t, G, n, T, sysl, coll, gv[t])
+                _read_block(grad, t, G, n, T, sysl, coll, lam[t] if adjoint_given else gv[t])
                 _read_block(x, t, G, n, T, sysl, coll, ux[t])
-            _adjoint_sweep(rs, sg, sl, gv, w, TB, sv[0])
-            _back_substitute(rs, sg, sl, w, lam, TB, sv[0])
+            if not adjoint_given:
+                _adjoint_sweep(rs, sg, sl, gv, w, TB, sv[0])
+                _back_substitute(rs, sg, sl, w, lam, TB, sv[0])
             nl = min(W, n_items - g * W)  # real lanes
             for l in range(nl):
                 i_item, ns, ps = g * W + l, sysl[l], coll[l]

@@ -19,10 +19,14 @@ autograd.
   forward kernel, reflects it with the stored reflectors in the same order and
   back-substitutes, so ``factorize(...).solve`` equals :func:`qr_lane_ode_forward` to the bit.
 
-float32: the Householder sweep runs in float32; the solution then gets two steps of
-mixed-precision refinement (:func:`_refine`: residual and A^T r in float64 by a kernel,
-correction (R^T R)^{-1} A^T r with the float32 R), which brings the error from about
-cond(A) * eps32 to a few 1e-6 at most on the problems of tests/test_qr_lanes.py.
+float32: the Householder sweep runs in float32; the solution then gets mixed-precision
+refinement (:func:`_refine`: residual and A^T r in float64 by a kernel, correction
+(R^T R)^{-1} A^T r with the float32 R, until the correction is below one float32 rounding), which
+brings the error from about cond(A) * eps32 to a few 1e-8 on the problems of
+tests/test_qr_lanes.py. The backward pass refines the adjoint the same way (the float32 solve
+lambda = (R^T R)^{-1} g alone carries about cond(A)^2 * eps32, O(1) there) and chains the
+gradients in float64 from the refined solution kept in float64, so float32 gradients match
+float64 ones to a few 1e-8 as well.
 
 Lanes. A lane holds one *item*: system n (a left-hand side) with one right-hand-side column p.
 With one column per system (P = 1) the fused forward kernel runs on lanes of systems. With
@@ -53,9 +57,11 @@ from smnn.solver.layout import BatchFolding, EngineSizes
 __all__ = ["QrLaneFactor", "QrLaneLeftHandSide", "qr_lane_factorize", "qr_lane_ode_forward"]
 
 WIDE, NARROW = 32, 8
-# refinement steps of a float32 solution (_refine): the second one takes the long problem of
-# tests/test_qr_lanes.py (T = 4000) from 1.5e-4 to a few 1e-6
-_REFINE_STEPS = 2
+# refinement of float32 solutions and adjoints (_refine): an item stops once its correction is
+# at most _REFINE_TOL (one float32 rounding) times its size; the long problem of
+# tests/test_qr_lanes.py (T = 4000) takes 5 steps, the KdV- and Lorenz-like ones 2 or 3
+_REFINE_TOL = 2.0**-24
+_REFINE_MAX_STEPS = 8
 
 
 def lane_width(n_items: int) -> int:
@@ -202,9 +208,12 @@ class QrLaneFactor:
             )
         return _solve_normal(self.rs, rhs.detach().to(self.rs.dtype), self.sizes)
 
-    def solve_rhs(self, rhs_eq: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    def solve_rhs(
+        self, rhs_eq: torch.Tensor, init: torch.Tensor, keep64: bool = False
+    ) -> torch.Tensor:
         """u ``(N, T, m, P)`` for right-hand sides ``rhs_eq`` (N, Tb, E, P) and ``init``
-        (N, Su, D*K, P) (contiguous); sets ``bad_input`` where a value was not finite."""
+        (N, Su, D*K, P) (contiguous); sets ``bad_input`` where a value was not finite. With
+        ``keep64`` a float32 solution comes back in float64, as refined (:func:`_refine`)."""
         N, P = self.n_systems, rhs_eq.shape[3]
         T, m = self.n_steps, self.block_size
         dtype = self.rs.dtype
@@ -231,7 +240,7 @@ class QrLaneFactor:
                 threads=self.sizes.threads,
             )
         self.bad_input = bool(bad.any())
-        return _refine(self.rs, self.coef, self.steps, rhs_eq, init, out, self.sizes)
+        return _refine(self.rs, self.coef, self.steps, rhs_eq, init, out, self.sizes, None, keep64)
 
 
 def _solve_normal(rs: torch.Tensor, rhs: torch.Tensor, sizes: _Sizes) -> torch.Tensor:
@@ -255,16 +264,24 @@ def _solve_normal(rs: torch.Tensor, rhs: torch.Tensor, sizes: _Sizes) -> torch.T
     return out
 
 
-def _refine(rs, coef, steps, rhs_eq, init, u: torch.Tensor, sizes: _Sizes) -> torch.Tensor:
-    """Below float64: mixed-precision refinement (corrected semi-normal equations),
-    u + (R^T R)^{-1} A^T (beta - A u) with the residual and A^T r in float64 (kernel
-    :func:`qr_lane_kernels.normal_residual` on float64 copies of the inputs) and the
-    correction from the working-precision R, ``_REFINE_STEPS`` times. The float32 Householder
-    sweep alone leaves an error of about cond(A) * eps32 (median per-order error 2.3e-4, 1.8e-4
-    and 7.4e-3 on the KdV-like, Lorenz-like and long problems of tests/test_qr_lanes.py); refined
-    twice, 4.2e-8, 4.8e-8 and 3.6e-6. float64 solutions are returned as they are. (The
-    backward pass uses the float32 R without refinement: float32 gradients carry about
-    cond(A) * eps32.)"""
+def _refine(
+    rs, coef, steps, rhs_eq, init, u: torch.Tensor, sizes: _Sizes, plus=None, keep64=False
+) -> torch.Tensor:
+    """Below float64: mixed-precision refinement of a solution u ``(N, T, m, P)`` of the normal
+    equations A^T A u = A^T beta + plus (corrected semi-normal equations):
+    u <- u + (R^T R)^{-1} (A^T (beta - A u) + plus), the residual in float64 (kernel
+    :func:`qr_lane_kernels.normal_residual` on float64 copies of the inputs; u kept in float64)
+    and the correction from the working-precision R. Each item (system n, column p) stops once
+    its correction is at most ``_REFINE_TOL`` times its solution (max norms over T and m), at
+    most ``_REFINE_MAX_STEPS`` steps; an item's steps depend on its own values only, so its bits
+    do not depend on the rest of the batch.
+
+    The forward pass refines the solution (``plus`` None); the backward pass the adjoint
+    lambda = (A^T A)^{-1} g (``rhs_eq`` and ``init`` zero, ``plus`` = g). Each step gains
+    about 1 / (cond(A)^2 eps32) (20-1000x on the problems of tests/test_qr_lanes.py).
+
+    Returns u in its own dtype, or in float64 with ``keep64``; float64 solutions are returned
+    as they are."""
     if u.dtype == torch.float64 or u.numel() == 0:
         return u
     f64 = torch.float64
@@ -272,13 +289,16 @@ def _refine(rs, coef, steps, rhs_eq, init, u: torch.Tensor, sizes: _Sizes) -> to
     T, D, S, K, central, wts, finv = sizes.args(f64)
     N, P = u.shape[0], u.shape[3]
     W = lane_width(N * P)
-    for _ in range(_REFINE_STEPS):
+    u64 = u.to(f64).contiguous()
+    plus = None if plus is None else plus.to(f64)
+    active = torch.ones((N, 1, 1, P), dtype=torch.bool)
+    for _ in range(_REFINE_MAX_STEPS):
         r = hugepages.empty(tuple(u.shape), f64)
         _run(
             kernels.normal_residual,
             -(-N * P // W),
             *inputs,
-            u.to(f64).contiguous().numpy(),
+            u64.numpy(),
             D,
             S,
             K,
@@ -289,10 +309,27 @@ def _refine(rs, coef, steps, rhs_eq, init, u: torch.Tensor, sizes: _Sizes) -> to
             r.numpy(),
             threads=sizes.threads,
         )
-        r = r.to(u.dtype)
-        du = _solve_normal(rs, r, sizes)
-        u = (u.double() + du.double()).to(u.dtype)
-    return u
+        if plus is not None:
+            r += plus
+        du = _solve_normal(rs, r.to(u.dtype), sizes).to(f64)
+        u64 = torch.where(active, u64 + du, u64)
+        size = u64.abs().amax(dim=(1, 2), keepdim=True)
+        active &= du.abs().amax(dim=(1, 2), keepdim=True) > _REFINE_TOL * size
+        if not bool(active.any()):
+            break
+    return u64 if keep64 else u64.to(u.dtype)
+
+
+def _refined_adjoint(rs, coef, steps, grad: torch.Tensor, sizes: _Sizes) -> torch.Tensor:
+    """lambda = (A^T A)^{-1} grad ``(N, T, m, P)`` in float64 for a float32 factor: the float32
+    solve with R (error about cond(A)^2 * eps32, O(1) on the problems of tests/test_qr_lanes.py)
+    refined by :func:`_refine`."""
+    N, E, P = coef.shape[0], coef.shape[2], grad.shape[3]
+    D, K = sizes.n_dims, sizes.n_init_orders
+    zero_eq = torch.zeros((N, 1, E, P), dtype=grad.dtype)
+    zero_init = torch.zeros((N, 1, D * K, P), dtype=grad.dtype)
+    lam = _solve_normal(rs, grad, sizes)
+    return _refine(rs, coef, steps, zero_eq, zero_init, lam, sizes, plus=grad, keep64=True)
 
 
 def _factorize(coef: torch.Tensor, steps: torch.Tensor, sizes: _Sizes) -> QrLaneFactor:
@@ -350,7 +387,8 @@ class _QrLaneSolve(torch.autograd.Function):
     """u = argmin ||A(c, h) u - beta(c, b, u0)|| in one forward and one backward kernel.
 
     forward(coef (N, Tc, E, m), steps (N, Th), rhs_eq (N, Tb, E, P), init (N, Su, D*K, P),
-    sizes, outcome) -> x (N, T, m, P). Saved for backward: the inputs, x and [R | S]."""
+    sizes, outcome) -> x (N, T, m, P). Saved for backward: the inputs, x (in float64 for a
+    float32 solve, as refined) and [R | S]."""
 
     @staticmethod
     def forward(ctx, coef, steps, rhs_eq, init, sizes: _Sizes, outcome: _Outcome):
@@ -360,7 +398,7 @@ class _QrLaneSolve(torch.autograd.Function):
         if P > 1:
             factor = _factorize(coef, steps, sizes)
             bad_lhs = factor.bad_input
-            x = factor.solve_rhs(rhs_eq, init)
+            x = factor.solve_rhs(rhs_eq, init, keep64=True)
             rs, by_system = factor.rs, True
             outcome.failed_at = factor.failed_at
             outcome.bad_input = bad_lhs or factor.bad_input
@@ -392,13 +430,15 @@ class _QrLaneSolve(torch.autograd.Function):
                     bad.numpy(),
                     threads=sizes.threads,
                 )
-            x = _refine(rs, coef, steps, rhs_eq, init, x, sizes)
+            x = _refine(rs, coef, steps, rhs_eq, init, x, sizes, keep64=True)
             by_system = False
             outcome.failed_at = failed_at
             outcome.bad_input = bool(bad.any())
         ctx.sizes, ctx.rs, ctx.by_system = sizes, rs, by_system
+        # a float32 solution is saved as refined, in float64: the coefficient and step
+        # gradients chain the residual beta - A x, which x rounded to float32 would spoil
         ctx.save_for_backward(coef, steps, rhs_eq, init, x)
-        return x
+        return x.to(dtype)
 
     @staticmethod
     @once_differentiable
@@ -409,16 +449,26 @@ class _QrLaneSolve(torch.autograd.Function):
         grad_x = grad_x.detach().to(dtype).contiguous()
         N, P = coef.shape[0], rhs_eq.shape[3]
         W = lane_width(N * P)
-        g_coef = hugepages.empty((N * P, *coef.shape[1:]), dtype)
-        g_steps = hugepages.empty((N * P, steps.shape[1]), dtype)
-        g_rhs = hugepages.empty(tuple(rhs_eq.shape), dtype)
-        g_init = hugepages.empty(tuple(init.shape), dtype)
-        T, D, S, K, central, wts, finv = sizes.args(dtype)
+        rs, adjoint = ctx.rs, grad_x
+        if dtype != torch.float64 and x.numel() > 0:
+            # the adjoint refined in float64 and every product chained in float64 (from the
+            # refined float32 x): float32 gradients then carry the error of x, not cond(A)^2
+            adjoint = _refined_adjoint(rs, coef, steps, grad_x, sizes)
+            coef, steps, rhs_eq, init, x = (
+                t.to(torch.float64).contiguous() for t in (coef, steps, rhs_eq, init, x)
+            )
+            rs = _empty(torch.float64, 0, 1, 1, 1, 1)
+        work = x.dtype
+        g_coef = hugepages.empty((N * P, *coef.shape[1:]), work)
+        g_steps = hugepages.empty((N * P, steps.shape[1]), work)
+        g_rhs = hugepages.empty(tuple(rhs_eq.shape), work)
+        g_init = hugepages.empty(tuple(init.shape), work)
+        T, D, S, K, central, wts, finv = sizes.args(work)
         if P > 0:
             _run(
                 kernels.backward,
                 -(-N * P // W),
-                grad_x.numpy(),
+                adjoint.numpy(),
                 x.numpy(),
                 coef.numpy(),
                 steps.numpy(),
@@ -431,8 +481,9 @@ class _QrLaneSolve(torch.autograd.Function):
                 wts,
                 finv,
                 W,
-                ctx.rs.numpy(),
+                rs.numpy(),
                 ctx.by_system,
+                adjoint is not grad_x,
                 g_coef.numpy(),
                 g_steps.numpy(),
                 g_rhs.numpy(),
@@ -441,7 +492,7 @@ class _QrLaneSolve(torch.autograd.Function):
             )
         if P != 1:
             g_coef, g_steps = (_sum_items(g, N, P) for g in (g_coef, g_steps))
-        grads = (g_coef, g_steps, g_rhs, g_init)
+        grads = tuple(g.to(dtype) for g in (g_coef, g_steps, g_rhs, g_init))
         needed = ctx.needs_input_grad[:4]
         return (*(g if need else None for g, need in zip(grads, needed, strict=True)), None, None)
 
@@ -517,16 +568,22 @@ class _QrFactorSolve(torch.autograd.Function):
         T, D, R = sizes.n_steps, sizes.n_dims, sizes.n_orders
         S, K = sizes.n_init_steps, sizes.n_init_orders
         w_eq, w_in = sizes.weights[0], sizes.weights[1]
-        lam = lhs.factor.solve(grad_x)  # (N, T, m, P)
+        factor = lhs.factor
+        dtype = factor.rs.dtype
+        if dtype == torch.float64:
+            lam = factor.solve(grad_x)  # (N, T, m, P)
+        else:
+            g32 = grad_x.detach().to(dtype).contiguous()
+            lam = _refined_adjoint(factor.rs, factor.coef, factor.steps, g32, sizes)
         grad_rhs_eq = grad_init = None
         if ctx.needs_input_grad[0]:
-            coef = lhs.factor.coef.expand(N, T, E, D * R)
+            coef = factor.coef.to(lam.dtype).expand(N, T, E, D * R)
             g = torch.einsum("ntem,ntmp->ntep", coef, lam) * (w_eq * w_eq)
-            grad_rhs_eq = g if Tb == T else g.sum(1, keepdim=True)
+            grad_rhs_eq = (g if Tb == T else g.sum(1, keepdim=True)).to(dtype)
         if ctx.needs_input_grad[1]:
             lam_init = lam[:, :S].reshape(N, S, D, R, P)[:, :, :, :K].reshape(N, S, D * K, P)
             g = lam_init * (w_in * w_in)
-            grad_init = g if Su == S else g.sum(1, keepdim=True)
+            grad_init = (g if Su == S else g.sum(1, keepdim=True)).to(dtype)
         return grad_rhs_eq, grad_init, None
 
 

@@ -11,7 +11,14 @@ the kernels compute.
 from __future__ import annotations
 
 import pytest
-from pipeline_support import failure_report, make_workdir, run_snakemake, tiny_config
+from pipeline_support import (
+    CLI_SCALE,
+    failure_report,
+    make_workdir,
+    merge,
+    run_snakemake,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +26,8 @@ pytestmark = pytest.mark.slow
 def test_cold_and_warm_numba_cache_give_identical_results(tmp_path):
     import yaml
 
-    config = tiny_config()
+    # Lorenz at the command tests' scale (a few epochs): the cache, not the training, is tested
+    config = merge(tiny_config(), {"lorenz": CLI_SCALE["lorenz"]})
     config["standalone"]["enabled"] = False
     config["benchmark"]["enabled"] = False
     config["sst"]["scaling"]["enabled"] = False  # timings, not results

@@ -56,9 +56,10 @@ def _weights(fk) -> tuple[float, float, float]:
     )
 
 
-def _triton(inputs, pk, fk, check_pivots=True):
+def _triton(inputs, pk, fk, check_pivots=True, method="auto"):
     central = fk.get("enable_central_smoothness", False)
-    return triton_ode_forward(_problem(inputs, pk), _weights(fk), True, check_pivots, central)
+    problem = _problem(inputs, pk)
+    return triton_ode_forward(problem, _weights(fk), True, check_pivots, central, method)
 
 
 def _loss_weight(shape, seed=7) -> torch.Tensor:
@@ -109,14 +110,17 @@ def test_values_and_gradients_match_dense_reference(pk, fk):
 @interp
 @pytest.mark.parametrize("central", [False, True])
 def test_equals_cpu_lane_engine_to_rounding_both_dtypes(central):
-    """float64 and float32 against the CPU lane engine (numba) on the same inputs: values and
+    """float64 and float32 against the CPU lane engine (numba) on the same inputs, both with the
+    normal equations (method='sequential'; the QR sweeps: tests/test_triton_qr.py): values and
     every gradient; float32 to float32 rounding of this well-conditioned problem."""
     pk = dict(batch=(6,), T=6, E=2, D=2, S=2, K=2)
     fk = CENTRAL if central else {}
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-4)):
         inputs = tuple(x.requires_grad_() for x in random_problem(**pk, dtype=dtype))
-        u = _triton(inputs, pk, fk)
-        lane = ode_forward(*inputs, n_steps=6, n_init_var_steps=2, backend="numba", **fk)
+        u = _triton(inputs, pk, fk, method="sequential")
+        lane = ode_forward(
+            *inputs, n_steps=6, n_init_var_steps=2, backend="numba", method="sequential", **fk
+        )
         assert u.dtype == dtype
         assert rel_err(u, lane) < tol
         weight = _loss_weight(u.shape).to(dtype)
@@ -234,16 +238,16 @@ def test_blocks_path_for_huge_calls_agrees():
 
 @interp
 def test_qr_sweep_equals_torch_qr_path():
-    """The Triton QR sweep (one launch) against the torch path's QR (method='qr'): plain rows
-    with a left-hand side shared by two right-hand sides, central rows with odd T, float64 to
-    rounding and float32 to float32 rounding (the torch path refines its float32 solution,
-    this sweep does not yet); a rank-deficient system raises the torch path's error."""
+    """The Triton QR sweep against the torch path's QR (method='qr'): plain rows with a
+    left-hand side shared by two right-hand sides, central rows with odd T, float64 to
+    rounding and float32 to float32 rounding (both refine their float32 solution once); a
+    rank-deficient system raises the torch path's error (more in tests/test_triton_qr.py)."""
     from smnn.solver.triton_qr import triton_qr_ode_forward
 
     for pk, fk, dtype, tol in (
         (dict(batch=(3, 2), T=5, E=2, D=2, c_batch=(3, 1), h_batch=(3, 1)), {}, F64, 1e-12),
         (dict(batch=(2,), T=7, E=2, D=2, S=2, K=2), CENTRAL, F64, 1e-12),
-        (dict(batch=(2,), T=5), {}, torch.float32, 1e-5),
+        (dict(batch=(2,), T=5), {}, torch.float32, 1e-6),
     ):
         inputs = random_problem(**pk, dtype=dtype)
         T, S = pk["T"], pk.get("S", 1)
@@ -309,9 +313,10 @@ def test_triton_available_and_dispatch_rule():
     assert not triton_path_applies(CPU, "torch", "auto", plain, None)
     assert triton_path_applies(cuda_dev, "auto", "sequential", plain, None) == ok
     assert triton_path_applies(cuda_dev, "auto", "auto", plain, None, dtype=F64) == ok
-    # float32 'auto' is the QR sweep (torch path); explicit 'sequential' runs on Triton
-    assert not triton_path_applies(cuda_dev, "auto", "auto", plain, None, dtype=torch.float32)
+    # float32 'auto' is the QR sweep, on Triton too; explicit 'sequential' and 'qr' run there
+    assert triton_path_applies(cuda_dev, "auto", "auto", plain, None, dtype=torch.float32) == ok
     assert triton_path_applies(cuda_dev, "auto", "sequential", plain, None, torch.float32) == ok
+    assert triton_path_applies(cuda_dev, "auto", "qr", plain, None, dtype=F64) == ok
     assert not triton_path_applies(cuda_dev, "auto", "cyclic", plain, None)
     assert not triton_path_applies(cuda_dev, "auto", "auto", None, None)
     assert not triton_path_applies(cuda_dev, "torch", "auto", plain, None)
@@ -389,6 +394,8 @@ for dt, NB, RP, CP, NP, BLOCK in (("fp64", 3, 16, 8, 4, 4), ("fp32", 6, 32, 16, 
     flags = dict(NB=NB, RP=RP, CP=CP, NP=NP, BLOCK=BLOCK)
     args = ["*" + dt] * 8 + ["*i64"] + ["i32"] * 4 + ["fp32"]
     cases.append((K.qr_sweep_kernel, args, flags))
+    flags = dict(NB=NB, NP=NP, BLOCK=BLOCK)
+    cases.append((K.qr_normal_solve_kernel, ["*" + dt] * 4 + ["i32"] * 3, flags))
 for kernel, args, constexprs in cases:
     names = kernel.arg_names
     signature = dict(zip(names, args + ["constexpr"] * len(constexprs)))
@@ -406,7 +413,8 @@ print("compiled")
 
 def test_kernels_compile_for_a_gpu_without_one():
     """The compiler (not the interpreter) accepts every kernel (the blocks path's two, the fused
-    forward in both modes, the fused backward and the QR sweep, plain and central): PTX for
+    forward in both modes, the fused backward, the QR sweep and its normal solve, plain and
+    central): PTX for
     sm_90 and ptxas,
     in a process without TRITON_INTERPRET; skipped where triton's compiler API differs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -425,11 +433,12 @@ def test_kernels_compile_for_a_gpu_without_one():
 
 @cuda
 @needs_cuda
+@pytest.mark.parametrize("method", ["sequential", "qr"])
 @pytest.mark.parametrize("central", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_matches_cpu_and_repeats_bits(central, dtype):
-    """Compiled kernels on the GPU against the torch path on CPU (float64 reference): values
-    and gradients, then the same bits on a rerun."""
+def test_cuda_matches_cpu_and_repeats_bits(central, dtype, method):
+    """Compiled kernels on the GPU (the normal equations and the QR sweep) against the torch
+    path on CPU (float64 reference): values and gradients, then the same bits on a rerun."""
     pk = dict(batch=(300,), T=40, E=3, D=3, R=3, S=1, K=2)
     fk = CENTRAL if central else {}
     cpu_inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
@@ -440,7 +449,7 @@ def test_cuda_matches_cpu_and_repeats_bits(central, dtype):
     runs = []
     for _ in range(2):
         inputs = tuple(x.detach().to("cuda", dtype).requires_grad_() for x in cpu_inputs)
-        u = _triton(inputs, pk, fk)
+        u = _triton(inputs, pk, fk, method=method)
         grads = torch.autograd.grad((u * weight.to("cuda", dtype)).sum(), inputs)
         runs.append((u.detach(), *grads))
     u, *grads = runs[0]
@@ -453,10 +462,11 @@ def test_cuda_matches_cpu_and_repeats_bits(central, dtype):
 
 @cuda
 @needs_cuda
-def test_cuda_pivot_failure_raises():
+@pytest.mark.parametrize("method", ["sequential", "qr"])
+def test_cuda_pivot_failure_raises(method):
     c, b, u0, h = (x.cuda() for x in _pivot_problem(5, {1: 2}))
     with pytest.raises(NonPositivePivotError, match=r"batch index \(1,\) at block 2"):
-        _triton((c, b, u0, h), dict(T=6, S=1), {})
+        _triton((c, b, u0, h), dict(T=6, S=1), {}, method=method)
 
 
 # ------------------------------------------------------------------ through the public API
@@ -490,8 +500,6 @@ def test_backend_triton_says_why_it_cannot_run():
     c, b, u0, h = random_problem(batch=(2,), T=5)
     with pytest.raises(ValueError, match="method='cyclic' is not implemented on Triton"):
         ode_forward(c, b, u0, h, backend="triton", method="cyclic")
-    with pytest.raises(ValueError, match="method='qr'"):
-        ode_forward(c, b, u0, h, backend="triton", method="qr")
     w = torch.tensor(1.0, dtype=F64, requires_grad=True)
     with pytest.raises(ValueError, match="weights that need gradients"):
         ode_forward(c, b, u0, h, backend="triton", weight_smooth=w)

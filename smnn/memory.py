@@ -73,6 +73,7 @@ __all__ = [
     "physical_memory_bytes",
     "memory_budget_bytes",
     "check_memory_budget",
+    "check_training_memory",
     "measure_peak_memory",
     "measure_peak_memory_rss",
     "measure_peak_memory_profiler",
@@ -190,6 +191,31 @@ def _infer_device(args: tuple, kwargs: dict) -> torch.device:
         if isinstance(value, torch.Tensor) and value.device.type == "cuda":
             return value.device
     return torch.device("cpu")
+
+
+def check_training_memory(
+    experiment: str,
+    solver: str,
+    device: torch.device | str,
+    budget_gb: float | None,
+    **step: Any,
+) -> None:
+    """Refuse an experiment's training job whose predicted step peak exceeds its budget, before
+    it allocates anything: :func:`predict_step_bytes` of ``step`` (its keyword arguments, with
+    ``solver``) against :func:`memory_budget_bytes` of ``device`` and ``budget_gb``, whose config
+    key is ``<experiment>.train.memory_budget_gb``.
+
+    Raises:
+        MemoryBudgetError: naming the parts, their config keys (``step["keys"]``), the budget
+            and the key that overrides it.
+    """
+    check_memory_budget(
+        predict_step_bytes(solver=solver, **step),
+        memory_budget_bytes(device, budget_gb),
+        what=f"{experiment} training with {solver}",
+        override_key=f"{experiment}.train.memory_budget_gb",
+        device=device,
+    )
 
 
 def measure_peak_memory(

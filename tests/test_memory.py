@@ -124,6 +124,22 @@ def test_a_huge_model_is_refused_naming_its_key_without_allocating():
     assert "32 TB" in message and "16 GB" in message
 
 
+def test_check_training_memory_names_the_experiments_budget_key():
+    """The experiments' shared check: the step is predicted with the solver given, compared with
+    the budget in GB, and the message names ``<experiment>.train.memory_budget_gb``."""
+    from smnn.memory import MemoryBudgetError, check_training_memory, predict_step_bytes
+
+    step = dict(batch=512, n_steps=100, n_dims=1, n_orders=5, dtype=torch.float64,
+                keys={"solver": ["kdv.train.batch_size"]})  # fmt: skip
+    need = predict_step_bytes(solver="mnn_dense", **step).total
+    check_training_memory("kdv", "mnn_dense", "cpu", 1.01 * need / 1e9, **step)  # fits
+    with pytest.raises(MemoryBudgetError) as info:
+        check_training_memory("kdv", "mnn_dense", "cpu", 0.99 * need / 1e9, **step)
+    message = str(info.value)
+    assert "kdv training with mnn_dense" in message and "kdv.train.batch_size" in message
+    assert "kdv.train.memory_budget_gb" in message
+
+
 @pytest.mark.parametrize("solver", ["smnn", "mnn_cg", "mnn_dense"])
 def test_every_solver_is_predicted_and_a_huge_batch_refused(solver):
     from smnn.memory import MemoryBudgetError, check_memory_budget, predict_step_bytes

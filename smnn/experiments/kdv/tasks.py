@@ -143,28 +143,18 @@ def _check_memory(settings: KdvSettings, solver: str, n_x: int, device: torch.de
         smnn.memory.MemoryBudgetError: naming the config keys that size each part.
     """
     from smnn.experiments.kdv.settings import N_ORDERS
-    from smnn.memory import (
-        check_memory_budget,
-        memory_budget_bytes,
-        parameter_count,
-        predict_step_bytes,
-    )
+    from smnn.memory import check_training_memory, parameter_count
 
     args = settings.model_args(n_x)
-    solve_dtype = settings.solve_args()["solve_dtype"] or settings.torch_dtype
-    estimate = predict_step_bytes(
-        solver=solver, batch=settings.batch_size * n_x, n_steps=settings.window, n_dims=1,
-        n_orders=N_ORDERS, dtype=solve_dtype,
+    check_training_memory(
+        "kdv", solver, device, settings.memory_budget_gb,
+        batch=settings.batch_size * n_x, n_steps=settings.window, n_dims=1, n_orders=N_ORDERS,
+        dtype=settings.solve_args()["solve_dtype"] or settings.torch_dtype,
         n_params=parameter_count(lambda: KdvModel(**args, solver=solver)),
         keys={
             "model": ["kdv.model.base_filters", "kdv.model.n_blocks", "kdv.model.init_hidden"],
             "solver": ["kdv.train.batch_size", "kdv.model.window"],
         },
-    )  # fmt: skip
-    check_memory_budget(
-        estimate, memory_budget_bytes(device, settings.memory_budget_gb),
-        what=f"kdv training with {solver}", override_key="kdv.train.memory_budget_gb",
-        device=device,
     )  # fmt: skip
 
 

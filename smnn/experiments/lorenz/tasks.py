@@ -10,7 +10,7 @@ import torch
 
 from smnn.data.lorenz import load_lorenz, make_windows, window_starts
 from smnn.experiments.lorenz.models import LorenzModel, WindowOde, lorenz_library
-from smnn.experiments.lorenz.settings import BUDGET_KEY, N_ORDERS, LorenzSettings
+from smnn.experiments.lorenz.settings import N_ORDERS, LorenzSettings
 from smnn.experiments.model_files import read_model_file
 
 STEP_LOSS_POINTS = 1000  # per-step losses kept for the loss-curve figure (paper Figure 3)
@@ -80,41 +80,25 @@ def _check_memory(
     Raises:
         smnn.memory.MemoryBudgetError: naming the config keys that size each part.
     """
-    from smnn.memory import (
-        check_memory_budget,
-        memory_budget_bytes,
-        parameter_count,
-        predict_step_bytes,
-    )
+    from smnn.memory import check_training_memory, parameter_count
 
     dtype = settings.torch_dtype
     window = settings.data.window
     n_terms = lorenz_library().n_terms
-    n_params = parameter_count(
-        lambda: LorenzModel(window, settings.hidden, settings.latent, n_terms, 3)
-    )
-    estimate = predict_step_bytes(
-        solver=solver,
+    check_training_memory(
+        "lorenz", solver, device, settings.memory_budget_gb,
         batch=3 * min(settings.batch_size, max(1, int(windows.shape[0]))),  # (window, state)
-        n_steps=window,
-        n_dims=1,
-        n_orders=N_ORDERS,
-        dtype=dtype,
-        n_params=n_params,
+        n_steps=window, n_dims=1, n_orders=N_ORDERS, dtype=dtype,
+        n_params=parameter_count(
+            lambda: LorenzModel(window, settings.hidden, settings.latent, n_terms, 3)
+        ),
         extra={"windows": windows.numel() * torch.empty((), dtype=dtype).element_size()},
         keys={
             "model": ["lorenz.model.hidden", "lorenz.model.latent"],
             "solver": ["lorenz.train.batch_size", "lorenz.data.window"],
             "windows": ["lorenz.train.max_windows"],
         },
-    )
-    check_memory_budget(
-        estimate,
-        memory_budget_bytes(device, settings.memory_budget_gb),
-        what=f"lorenz training with {solver}",
-        override_key=BUDGET_KEY,
-        device=device,
-    )
+    )  # fmt: skip
 
 
 def build_task(

@@ -101,17 +101,12 @@ def _check_memory(settings: SstSettings, solver: str, device: torch.device) -> N
         smnn.memory.MemoryBudgetError: naming the config keys that size each part.
     """
     from smnn.experiments.sst.settings import N_ORDERS
-    from smnn.memory import (
-        check_memory_budget,
-        memory_budget_bytes,
-        parameter_count,
-        predict_step_bytes,
-    )
+    from smnn.memory import check_training_memory, parameter_count
 
-    solve_dtype = settings.solve_args()["solve_dtype"] or settings.torch_dtype
-    estimate = predict_step_bytes(
-        solver=solver, batch=2 * settings.batch_size, n_steps=settings.window, n_dims=1,
-        n_orders=N_ORDERS, dtype=solve_dtype,
+    check_training_memory(
+        "sst", solver, device, settings.memory_budget_gb,
+        batch=2 * settings.batch_size, n_steps=settings.window, n_dims=1, n_orders=N_ORDERS,
+        dtype=settings.solve_args()["solve_dtype"] or settings.torch_dtype,
         n_params=parameter_count(lambda: MechanisticIdentifier(**settings.mi_args(),
                                                                solver=solver)),
         keys={
@@ -119,11 +114,6 @@ def _check_memory(settings: SstSettings, solver: str, device: torch.device) -> N
                       "sst.model.latents"],
             "solver": ["sst.train.batch_size", "sst.model.window"],
         },
-    )  # fmt: skip
-    check_memory_budget(
-        estimate, memory_budget_bytes(device, settings.memory_budget_gb),
-        what=f"sst training with {solver}", override_key="sst.train.memory_budget_gb",
-        device=device,
     )  # fmt: skip
 
 

@@ -14,8 +14,9 @@ part that times out keeps what it measured:
 - ``tests``: ``pytest -m cuda tests/test_triton.py`` (the compiled kernels against the CPU
   paths); says so when pytest is absent;
 - ``solver``: the benchmark's named shapes (:data:`smnn.benchmark.catalog.NAMED_SHAPES`),
-  float32 and float64, forward + backward of: the Triton engine, the torch path (sequential,
-  replayed from CUDA graphs), block cyclic reduction, and the authors' ``ode_forward`` when
+  float32 and float64, forward + backward of: the Triton engine (``triton``: the normal
+  equations; ``triton_qr``: the QR sweep), the torch path (sequential, replayed from CUDA
+  graphs), block cyclic reduction, the torch path's QR, and the authors' ``ode_forward`` when
   ``--peer`` names their ``smnn.py``; median of synchronised steps, peak memory above the
   inputs (``torch.cuda.max_memory_allocated``), relative error against a float64 solve by
   cyclic reduction (a different algorithm);
@@ -170,13 +171,19 @@ def _device(args):
     return torch.device("cuda")
 
 
-def _triton_solve(c, b, u0, h, central=False):
-    """u from the Triton engine (the entry point behind ``ode_forward(backend='triton')``)."""
+def _triton_solve(c, b, u0, h, central=False, method="sequential"):
+    """u from the Triton engine (the entry point behind ``ode_forward(backend='triton')``):
+    ``method`` 'sequential' (the normal equations) or 'qr' (the orthogonal sweep)."""
     from smnn.solver.inputs import prepare_problem
     from smnn.solver.triton_engine import triton_ode_forward
 
     problem = prepare_problem(c, b, u0, h, None, None, False)
-    return triton_ode_forward(problem, (1.0, 1.0, 1.0), False, True, central)
+    return triton_ode_forward(problem, (1.0, 1.0, 1.0), False, True, central, method)
+
+
+def _triton_qr_solve(c, b, u0, h):
+    """u from the Triton engine's QR sweep (``ode_forward(backend='triton', method='qr')``)."""
+    return _triton_solve(c, b, u0, h, method="qr")
 
 
 # ------------------------------------------------------------------ part: tests
@@ -210,6 +217,7 @@ def _solver_methods(args):
 
     methods = {
         "triton": _triton_solve,
+        "triton_qr": _triton_qr_solve,
         "torch_graphs": lambda c, b, u0, h: ode_forward(
             c, b, u0, h, backend="torch", method="sequential", prefer_cuda_graph=True
         ),
@@ -304,7 +312,7 @@ def part_sst(args, rows: Rows) -> None:
     dtype = torch.float32  # sst.train.dtype of config/paper.yaml
     dense = solver_info("mnn_dense").function
     solvers = {
-        # ode_forward as users call it (float32 'auto': the QR sweep on the torch path)
+        # ode_forward as users call it (float32 'auto': the QR sweep, on Triton where it runs)
         "smnn": lambda c, b, u0, h: ode_forward(c, b, u0, h),
         # the normal equations on Triton
         "smnn_triton": _triton_solve,

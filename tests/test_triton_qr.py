@@ -45,6 +45,8 @@ CASES = [
     ("multi_state", dict(batch=(3,), T=6, E=3, D=2, R=3, S=2, K=2), {}),
     # left-hand side shared over the last batch dim (3 systems, 2 right-hand sides each)
     ("lhs_shared_P2", dict(batch=(3, 2), T=5, E=2, D=2, c_batch=(3, 1), h_batch=(3, 1)), {}),
+    # one system shared by 9 right-hand sides: each batch entry gets its own lane
+    ("lhs_shared_9", dict(batch=(9,), T=4, c_batch=(), h_batch=()), {}),
     # coefficients and steps shared by the whole batch (one system), rhs and u0 broadcast in t
     ("coef_shared", dict(batch=(3,), T=5, c_batch=(), h_batch=(), b_time=1, u_time=1, S=2), {}),
     (

@@ -5,7 +5,9 @@ docs/gpu.md).
 Rows: the row blocks x, y ``(N, Ts, p, n)`` and beta ``(N, Ts, p, P)`` are built by the torch
 formulas of :mod:`smnn.solver.qr` (:func:`~smnn.solver.qr.build_step_rows`,
 :func:`~smnn.solver.qr.build_step_rhs`, differentiable), a left-hand side shared by several
-right-hand sides folded into columns (:class:`~smnn.solver.layout.BatchFolding`). Kernels
+right-hand sides folded into columns (:class:`~smnn.solver.layout.BatchFolding`; in
+``ode_forward`` only up to 8 columns per system or as many as there are systems, else every
+batch entry gets its own lane: the sweep's tile holds a lane's columns). Kernels
 (:mod:`smnn.solver.triton_kernels`, one lane per system, layouts batch last):
 
 - :func:`~smnn.solver.triton_kernels.qr_sweep_kernel` (**1** launch): per step stack the
@@ -55,6 +57,7 @@ Importing this module does not import triton (the kernel module is imported when
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +76,12 @@ from smnn.solver.qr import (
     refine_solution,
     unfold_solution,
 )
-from smnn.solver.triton_engine import _launching, triton_cdiv, triton_unavailable_reason
+from smnn.solver.triton_engine import (
+    _columns_in_lanes,
+    _launching,
+    triton_cdiv,
+    triton_unavailable_reason,
+)
 
 __all__ = ["TritonQRFactor", "triton_qr_factorize", "triton_qr_ode_forward", "triton_qr_sweep"]
 
@@ -248,12 +256,21 @@ def triton_qr_ode_forward(
     ``check_pivots``: raise :class:`~smnn.solver.banded.NonPositivePivotError` naming the
     rank-deficient systems (as the torch path's QR); off, they come back NaN."""
     _check_device(problem)
-    folding = BatchFolding(tuple(problem.batch_shape), tuple(problem.lhs_batch_shape))
-    x, y = (folding.fold_lhs(v) for v in build_step_rows(problem, weights, central))
+    batch, lhs_batch = tuple(problem.batch_shape), tuple(problem.lhs_batch_shape)
+    x, y = build_step_rows(problem, weights, central)
+    folding = BatchFolding(batch, lhs_batch)
+    N = folding.n_systems
+    if _columns_in_lanes(N, math.prod(batch) // max(N, 1)):
+        # the sweep's tile holds the P columns beside the 2n unknowns of a lane: with many
+        # columns per system (the Lorenz pattern) every batch entry gets its own lane instead
+        x, y = (v.expand(*batch, *v.shape[-3:]) for v in (x, y))
+        lhs_batch = batch
+        folding = BatchFolding(batch, batch)
+    x, y = folding.fold_lhs(x), folding.fold_lhs(y)
     beta = folded_rhs(problem, folding, weights, central)
     u, failed_at = _TritonQRLeastSquares.apply(x, y, beta)
     if check_pivots:
-        raise_if_failed(failed_at, tuple(problem.lhs_batch_shape), rank=True)
+        raise_if_failed(failed_at, lhs_batch, rank=True)
     return unfold_solution(u, problem, folding, central)
 
 

@@ -1,5 +1,7 @@
 """Triton kernels of the GPU engine (:mod:`smnn.solver.triton_engine`): block Cholesky of a
-block-tridiagonal SPD matrix and its substitutions, one lane per system (docs/solver.md 4, 11).
+block-tridiagonal SPD matrix and its substitutions, one lane per system (docs/solver.md 4, 11);
+and the orthogonal solve of :mod:`smnn.solver.triton_qr` (:func:`qr_sweep_kernel`, and
+:func:`qr_normal_solve_kernel` for (R^T R)^{-1} g).
 
 Importing this module imports triton; :mod:`smnn.solver.triton_engine` imports it only when a
 call runs on Triton, so ``import smnn`` never needs triton.

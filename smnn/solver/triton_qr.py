@@ -45,9 +45,10 @@ the torch path's refinement once more (:class:`~smnn.solver.qr.QRLeftHandSide` d
 launches per solve in float64, 3 in float32; backward 1 (float32: 2). Why not kept
 reflectors as the torch path: they cost an (n+p) x 2n block per step (R and S cost 2 n x n)
 and a second Householder kernel replaying the rotations, while the semi-normal equations reuse
-the normal-solve kernel the gradients need anyway; Björck's corrected semi-normal equations
-reach the accuracy of the QR solve when cond(A)^2 eps < 1, which the refinement in float64
-extends to float32 here. Measured under the interpreter (tests/test_triton_qr.py,
+the normal-solve kernel the gradients need anyway. The corrected semi-normal equations
+(Björck) reach the accuracy of the QR solve while cond(A)^2 eps stays well below 1; in float32
+the float64 residuals of the refinement make up the difference on the tests' problems.
+Measured under the interpreter (tests/test_triton_qr.py,
 ``test_factorize_solve_equals_ode_forward``, B=3, T=5, E=2, D=2, R=3): factorize(...).solve
 agrees with ode_forward to 4.5e-15 relative in float64 and to the bit in float32 (B=3,
 T=30: 1.4e-9 in float32).

@@ -92,7 +92,7 @@ def _fixed_step(pk, h):
 
 
 # (name, random_problem kwargs, fixed step or None). Measured (median, per order): 4.2e-8,
-# 4.4e-8, 4.5e-8 refined until the correction is below one float32 rounding (3, 2 and 5
+# 4.4e-8, 4.5e-8 refined until the next correction is predicted below 2^-28 (2, 2 and 5
 # steps); 3.6e-6 on the long case after two steps; 2.3e-4, 1.8e-4, 7.4e-3 from the
 # float32 Householder sweep alone (about cond(A) * eps32), while the normal equations in
 # float32 fail the pivot check or are off by O(1).
@@ -257,8 +257,8 @@ def _solve_with(inputs, pk, weight_seed=3):
 
 
 # Measured (max relative error of each gradient against float64, coefficients, rhs_equation,
-# init_vars, steps): KdV-like 2.7e-8, 3.3e-8, 3.1e-8, 2.1e-8; Lorenz-like 4.4e-8, 7.3e-8,
-# 4.0e-8, 4.4e-8; long 3.6e-8, 4.9e-8, 1.5e-8, 3.5e-8. Without refining the adjoint and with the
+# init_vars, steps): KdV-like 4.7e-8, 4.7e-8, 3.1e-8, 2.1e-8; Lorenz-like 4.4e-8, 7.3e-8,
+# 4.0e-8, 4.4e-8; long 3.8e-8, 2.7e-7, 1.5e-8, 3.5e-8. Without refining the adjoint and with the
 # gradients chained in float32 from the float32 solution: 0.13, 0.48, 5.4e-2, 3.0e-3 (KdV-like)
 # up to 0.77, 2.3, 1.6e-2, 3.8e-2 (long).
 @pytest.mark.parametrize("pk,h", [c[1:3] for c in FLOAT32_CASES], ids=[c[0] for c in FLOAT32_CASES])

@@ -28,7 +28,8 @@ Householder reflections triangularise the first 2nb columns (nb on the last bloc
 rows 0..nb-1 become [R_t | S_t | z_t], rows nb..2nb-1 the triangle C_{t+1} carried to the next
 block with its right-hand side. Back substitution: u_t = R_t^{-1} (z_t - S_t u_{t+1}).
 
-Rank check: block t fails when |R_t[j, j]| <= nb * eps * ||A[:, j]|| for some j, with A[:, j]
+Rank check: block t fails when |R_t[j, j]| <= nb * eps * ||A[:, j]|| for some j (eps: the
+working type's, or ``wts[3]`` where the caller appends one), with A[:, j]
 the column of A of that unknown (the rows of blocks t-1 and t that touch it, before any
 reflection), or when R_t[j, j] is not finite. (Against the stacked column, carried triangle
 included, a direction that the rows leave undetermined was missed: its carried column is
@@ -389,7 +390,8 @@ def _factor_group(
     n = D * R
     rc = 2 * nb
     dt = a.dtype
-    eps = np.finfo(dt).eps
+    # the rank check's eps: the working type's, or wts[3] where given (qr_lanes._Sizes.rank_eps)
+    eps = wts[3] if wts.shape[0] > 3 else np.finfo(dt).eps
     store = refl.shape[0] > 0
     _lanes(g, W, n_items, P, sysl, coll)
     for l in range(W):

@@ -64,8 +64,10 @@ WIDE, NARROW = 32, 8
 # (T = 4000) 5 and 6; with 2^-24 the long case's rhs_equation gradient was 1.3e-6 off, 2.7e-7 now
 _REFINE_TOL = 2.0**-28
 _REFINE_MAX_STEPS = 8
-# eps of the float64 rank check of systems solved again in float64 (_resolve_in_float64)
-_RESOLVE_RANK_EPS = float(np.finfo(np.float64).eps) ** 0.5
+# eps of the float64 rank check of systems solved again in float64 (_resolve_in_float64): the
+# singular problem of tests/test_qr.py (T = 5, 60, 400, both smoothness modes) fails the check
+# from eps = 1e-15 up, its well-posed systems pass up to 1e-8 and beyond
+_RESOLVE_RANK_EPS = 1e-12
 
 
 def lane_width(n_items: int) -> int:
@@ -605,10 +607,10 @@ def _resolve_in_float64(
     |R_jj| / ||a_j|| = 5.4e-7 and 5.9e-7 against the threshold nb * eps32 = 6.0e-7, cond(A)
     1.6e7), yet the problem is well posed: float64 solves it. The rank check stays as strict
     as it is for rank-deficient systems; only these systems pay for float64. Their float64
-    rank check uses eps = ``_RESOLVE_RANK_EPS`` = sqrt(eps64), not eps64: a direction the rows
-    leave undetermined shows as rounding noise far below it (even where the float64 check
-    misses it, the known gap of tests/test_qr_lanes.py), a well-posed system that float32
-    could not resolve as 1 / cond(A) ~ 5e-7 above it."""
+    rank check uses eps = ``_RESOLVE_RANK_EPS`` = 1e-12, not eps64 (2.2e-16): a direction the
+    rows leave undetermined is caught from eps = 1e-15 up (even where the plain float64 check
+    misses it, the known gap of tests/test_qr_lanes.py); a well-posed system passes up to
+    cond(A) of about 1 / (nb * 1e-12)."""
     idx = torch.nonzero(outcome.to_resolve()).flatten()
     again = _Outcome()
     sub = tuple(t[idx].to(torch.float64).contiguous() for t in inputs)

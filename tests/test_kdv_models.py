@@ -231,11 +231,25 @@ def test_solve_matches_the_dense_reference_and_every_solver_runs():
 
 def test_layer_is_the_shared_mnn_layer_and_tiny_steps_fail_clearly():
     assert isinstance(small_model().layer, MnnLayer) and small_model("mnn_cg").solver == "mnn_cg"
-    model = small_model(n_x=16)
-    model.step_floor = 1e-4
-    torch.nn.init.constant_(model.step_head.bias, -20.0)  # the step at its floor
-    with pytest.raises(NonPositivePivotError, match=r"step sizes are 0\.0001 .*step_floor"):
-        model(torch.randn(2, WINDOW, 16, dtype=torch.float64))
+    x = torch.randn(2, WINDOW, 16, dtype=torch.float64)
+
+    def at_floor(floor: float, method: str) -> KdvModel:
+        torch.manual_seed(0)
+        model = KdvModel(16, WINDOW, 8, 5, 2, 1, 8, 1e-3, solve_method=method).double()
+        model.load_state_dict(small_model(n_x=16).state_dict())
+        model.step_floor = floor
+        torch.nn.init.constant_(model.step_head.bias, -20.0)  # the step at its floor
+        return model
+
+    # the normal equations fail at 1e-4 and say which settings help
+    with pytest.raises(NonPositivePivotError, match=r"step sizes are 0\.0001 .*solve_method auto"):
+        at_floor(1e-4, "sequential")(x)
+    # 'auto' retries the failed systems by QR, which solves them
+    auto, qr = at_floor(1e-4, "auto")(x).solution, at_floor(1e-4, "qr")(x).solution
+    assert bool(torch.isfinite(auto).all()) and torch.equal(auto, qr)
+    # far below, QR's rank check refuses too, naming the floor
+    with pytest.raises(NonPositivePivotError, match=r"even the QR solve.*step_floor"):
+        at_floor(1e-6, "auto")(x)
 
 
 def test_float32_qr_solve_is_close_to_float64_and_the_dtype_is_the_setting():

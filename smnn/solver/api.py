@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from smnn.solver.autograd import solve_with_factor
-from smnn.solver.banded import factorize_block_tridiagonal, raise_if_failed, resolve_backend
+from smnn.solver.banded import (
+    NonPositivePivotError,
+    factorize_block_tridiagonal,
+    raise_if_failed,
+    resolve_backend,
+)
 from smnn.solver.blocks import build_lhs_blocks, build_rhs
 from smnn.solver.cuda_graphs import CudaGraphPool
 from smnn.solver.cyclic import factorize_cyclic
@@ -57,11 +62,14 @@ def choose_method(
       (docs/solver.md, "The orthogonal (QR) solve", time table, forward + backward on the CPU torch
       path, SST and long scaled down: QR / best torch LDL^T = 2.9x Lorenz, 2.8x KdV, 3.7x SST, 12.7x
       long, 3.5x coupled; 31x-75x the LDL^T lane engine, the CPU default).
-    - Among the LDL^T methods on the torch path (CUDA, CPU without numba or with
-      ``backend='torch'``, weights that need gradients; the lane engine is always sequential):
-      the sequential sweep's T dependent steps each cost a few kernel launches, and cyclic
-      reduction (ceil(log2 T) levels) wins once there are more than a handful of steps
-      (docs/performance.md; docs/solver.md, "The orthogonal (QR) solve").
+    - Among the LDL^T methods: 'sequential' on every engine. Cyclic reduction (ceil(log2 T)
+      dependent levels instead of T) is faster on the torch path beyond a handful of steps
+      (docs/performance.md), but its pivots, taken in odd-even order, can all pass the pivot
+      check where the problem is too ill-conditioned for the normal equations: on
+      u^(4) + u = b with steps of 0.01 and T = 200 (tests/test_auto_fallback.py) it returned
+      a 20 % error without a word, where the sequential sweep's pivot check fails (and
+      'auto' then retries by QR, :func:`ode_forward`). Ask for 'cyclic' where the problems
+      are known to be well conditioned.
     """
     if method != "auto":
         return method
@@ -69,7 +77,7 @@ def choose_method(
         return "sequential"
     if dtype == torch.float32:
         return "qr"
-    return "cyclic" if n_steps > 8 else "sequential"
+    return "sequential"
 
 
 def _runs_qr(method: str, problem: OdeProblem, cuda_graphs=None) -> bool:
@@ -347,7 +355,8 @@ def ode_forward(
             :mod:`smnn.solver.qr`: never forms A^T A, error grows with cond(A) instead of
             cond(A)^2; on CUDA the Triton kernels of :mod:`smnn.solver.triton_qr` where
             Triton serves the call, docs/gpu.md) or 'auto' (see :func:`choose_method`: 'qr'
-            for float32, LDL^T for float64).
+            for float32, the sequential LDL^T sweep for float64, whose failed pivots, with
+            ``check_pivots``, are retried by 'qr': the normal equations square cond(A)).
         backend: 'auto' (compiled numba kernels on CPU when numba imports; on CUDA the Triton
             kernels when triton imports and they serve the call, docs/gpu.md; batched torch
             ops otherwise), 'numba', 'torch' or 'triton'.
@@ -390,11 +399,9 @@ def ode_forward(
             threads,
         )  # fmt: skip
     else:
-        if cuda_graphs is None and prefer_cuda_graph:
-            cuda_graphs = _default_graphs(problem, weights, central, method, backend)
         u = _solve_problem(
             problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs,
-            threads,
+            threads, prefer_cuda_graph,
         )  # fmt: skip
     return u.movedim(-3, 0) if is_step_dim_first else u
 
@@ -442,7 +449,41 @@ def _frozen_solve(
     return factorization.solve(problem.rhs_equation, problem.init_vars, check_inputs=check_inputs)
 
 
+def _falls_back_to_qr(method: str, problem: OdeProblem, check_pivots: bool, cuda_graphs) -> bool:
+    """Whether a failed pivot of this call is retried by QR: ``method='auto'`` resolved to the
+    normal equations (float64), pivots checked, and no CUDA-graph pool passed by the caller
+    (a pool replays the sequential LDL^T path only; the default pool of ``prefer_cuda_graph``
+    does not count). A pivot fails where cond(A)^2 * eps is too large for the normal
+    equations; the QR sweep needs only cond(A) * eps (docs/solver.md, "The orthogonal (QR)
+    solve"). QR's own rank check then decides: a truly rank-deficient problem still raises."""
+    return (
+        method == "auto" and check_pivots and cuda_graphs is None and not _runs_qr(method, problem)
+    )
+
+
 def _solve_problem(
+    problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs,
+    threads=None, prefer_cuda_graph=False,
+):  # fmt: skip
+    """u of ``problem`` by the method and engine the options pick (with ``prefer_cuda_graph``
+    and no pool given, the default CUDA-graph pool where it applies); with ``method='auto'``
+    a failed LDL^T pivot is retried by QR (:func:`_falls_back_to_qr`)."""
+    graphs = cuda_graphs
+    if graphs is None and prefer_cuda_graph:
+        graphs = _default_graphs(problem, weights, central, method, backend)
+    args = (problem, weights, central, method, backend, check_inputs, check_pivots, graphs,
+            threads)  # fmt: skip
+    if not _falls_back_to_qr(method, problem, check_pivots, cuda_graphs):
+        return _solve_problem_by(*args)
+    try:
+        return _solve_problem_by(*args)
+    except NonPositivePivotError:
+        return _solve_problem_by(
+            problem, weights, central, "qr", backend, check_inputs, check_pivots, None, threads
+        )
+
+
+def _solve_problem_by(
     problem, weights, central, method, backend, check_inputs, check_pivots, cuda_graphs,
     threads=None,
 ):  # fmt: skip
@@ -590,6 +631,20 @@ def factorize(
     _check_options(method, problem.coefficients.dtype)
     threads = _check_threads(threads)
     _check_central(problem, central)
+    args = (problem, weights, central, method, backend, check_pivots, threads)
+    if not _falls_back_to_qr(method, problem, check_pivots, None):
+        return _factorize_problem(*args)
+    try:
+        return _factorize_problem(*args)
+    except NonPositivePivotError:  # 'auto': a failed LDL^T pivot is retried by QR
+        return _factorize_problem(problem, weights, central, "qr", *args[4:])
+
+
+def _factorize_problem(
+    problem, weights, central, method, backend, check_pivots, threads
+) -> OdeFactorization:
+    """The factorization of :func:`factorize` (arguments checked) by the method and engine
+    the options pick."""
     if _uses_triton(problem, weights, method, backend, None):
         from smnn.solver.triton_engine import triton_factorize
 

@@ -195,13 +195,22 @@ class KdvModel(nn.Module):
             )  # fmt: skip
         except NonPositivePivotError as exc:
             h = ode.steps.detach()
+            if self.layer.method in ("sequential", "cyclic"):
+                why = (
+                    f"the normal equations (LDL^T) of an order-{N_ORDERS - 1} ODE lose positive "
+                    "definiteness at steps below about 0.01 even in float64: use "
+                    "kdv.model.solve_method auto or qr (the QR solve needs cond(A), not "
+                    "cond(A)^2), or raise kdv.model.step_floor"
+                )
+            else:
+                why = (
+                    "even the QR solve finds the least-squares problem rank deficient at these "
+                    "steps: raise kdv.model.step_floor or lower kdv.train.lr"
+                )
             raise NonPositivePivotError(
                 f"the KdV model's ODE could not be solved ({exc}); its step sizes are "
                 f"{float(h.min()):.3g} .. {float(h.max()):.3g} (floor {self.step_floor}, solved "
-                f"in {d}, method {self.layer.method}): the normal equations of an "
-                f"order-{N_ORDERS - 1} ODE lose positive definiteness at steps below about 0.005 "
-                "even in float64, so raise kdv.model.step_floor or lower kdv.train.lr (in float32 "
-                "use kdv.model.solve_method qr or auto)"
+                f"in {d}, method {self.layer.method}): {why}"
             ) from exc
         return u[..., 0, :].to(ode.rhs.dtype)
 

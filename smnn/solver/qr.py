@@ -63,6 +63,7 @@ solve.)
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -520,22 +521,17 @@ def apply_rows_t(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Ten
 class _QRLeastSquares(torch.autograd.Function):
     """u = argmin ||A u - beta|| for A given by the row blocks x, y (module docstring).
 
-    forward(x (N,Ts,p,n), y (N,Ts,p,n), beta (N,Ts,p,P), factor or None) -> u (N,Ts,n,P) and
-    failed_at (N,) (see :class:`QRFactor`).
-    Without a factor the sweep factorizes and rotates beta in one pass; with one (made from x,
-    y by :func:`factorize_rows` with ``keep_reflectors=True``) beta is rotated by its
-    reflectors. Backward: lambda = R^{-1} R^{-T} g, r = beta - A u,
-    dl/dbeta = A lambda, dl/dx_s = r_s lambda_s^T - (A lambda)_s u_s^T and
-    dl/dy_s = r_s lambda_{s+1}^T - (A lambda)_s u_{s+1}^T (summed over the P columns).
+    forward(x (N,Ts,p,n), y (N,Ts,p,n), beta (N,Ts,p,P), sweep) -> u (N,Ts,n,P) and
+    failed_at (N,) (see :class:`QRFactor`). ``sweep(x, y, beta)`` (detached tensors) returns
+    the unrefined u (NaN for failed systems) and a factor whose ``solve`` applies
+    (R^T R)^{-1} (:func:`qr_least_squares` gives the torch path's; the Triton engine passes
+    its kernel's); float32 solutions are then refined once (:func:`refine_solution`).
+    Backward: :func:`least_squares_backward` with that factor.
     """
 
     @staticmethod
-    def forward(ctx, x, y, beta, factor):
-        if factor is None:
-            factor, z = factorize_rows(x, y, beta)
-            u = nan_failed(factor.back_substitute(z), factor.failed_at)
-        else:
-            u = factor.solve_rows(beta.detach())
+    def forward(ctx, x, y, beta, sweep):
+        u, factor = sweep(x.detach(), y.detach(), beta.detach())
         if u.dtype == torch.float32:
             u = refine_solution(factor, x.detach(), y.detach(), beta.detach(), u)
         ctx.factor = factor
@@ -580,7 +576,11 @@ def least_squares_backward(factor, x, y, beta, u, grad_u, needs_input_grad):
 
 
 def qr_least_squares(
-    x: torch.Tensor, y: torch.Tensor, beta: torch.Tensor, factor: QRFactor | None = None
+    x: torch.Tensor,
+    y: torch.Tensor,
+    beta: torch.Tensor,
+    factor: QRFactor | None = None,
+    sweep=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable least-squares solution of the row blocks (shapes in the module docstring).
 
@@ -588,12 +588,26 @@ def qr_least_squares(
         x, y: ``(N, Ts, p, n)``; beta: ``(N, Ts, p, P)``.
         factor: a :class:`QRFactor` of x, y made with ``keep_reflectors=True`` (then only
             beta is rotated), or None (factorize and rotate in one sweep).
+        sweep: instead of the torch path, ``sweep(x, y, beta) -> (u, factor)`` on detached
+            tensors (u unrefined, NaN for failed systems; ``factor.solve`` applies
+            (R^T R)^{-1}): the Triton engine's kernel.
 
     Returns:
         u ``(N, Ts, n, P)`` (NaN for failed systems) and failed_at ``(N,)`` int64
         (1 + first rank-deficient step, 0 where fine).
     """
-    return _QRLeastSquares.apply(x, y, beta, factor)
+    if sweep is None:
+        sweep = functools.partial(_torch_sweep, factor=factor)
+    return _QRLeastSquares.apply(x, y, beta, sweep)
+
+
+def _torch_sweep(x, y, beta, factor: QRFactor | None):
+    """(u, factor) by the torch path: factorize and rotate beta in one pass, or rotate beta by
+    the reflectors of ``factor``."""
+    if factor is None:
+        factor, z = factorize_rows(x, y, beta)
+        return nan_failed(factor.back_substitute(z), factor.failed_at), factor
+    return factor.solve_rows(beta), factor
 
 
 # ------------------------------------------------------------------------------ API entries

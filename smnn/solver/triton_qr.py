@@ -71,8 +71,8 @@ from smnn.solver.qr import (
     apply_rows_t,
     build_step_rows,
     folded_rhs,
-    least_squares_backward,
     nan_failed,
+    qr_least_squares,
     rank_tolerance,
     refine_solution,
     unfold_solution,
@@ -216,32 +216,6 @@ def triton_qr_sweep(
     return nan_failed(u[:, :, :P].permute(3, 0, 1, 2), failed_at), factor
 
 
-class _TritonQRLeastSquares(torch.autograd.Function):
-    """u = argmin ||A u - beta|| (A in row blocks x, y) by the Triton sweep.
-
-    forward(x (N,Ts,p,n), y (N,Ts,p,n), beta (N,Ts,p,P)) -> u (N,Ts,n,P) and failed_at (N,):
-    one launch (float32: one more for the refinement). Backward: the torch path's
-    :func:`~smnn.solver.qr.least_squares_backward` with the Triton factor's solve (one launch,
-    float32: two).
-    """
-
-    @staticmethod
-    def forward(ctx, x, y, beta):
-        u, factor = triton_qr_sweep(x, y, beta)
-        if u.dtype == torch.float32:
-            u = refine_solution(factor, x.detach(), y.detach(), beta.detach(), u)
-        ctx.factor = factor
-        ctx.save_for_backward(x, y, beta, u)
-        failed_at = factor.failed_at.clone()
-        ctx.mark_non_differentiable(failed_at)
-        return u, failed_at
-
-    @staticmethod
-    def backward(ctx, grad_u, _grad_failed):
-        x, y, beta, u = ctx.saved_tensors
-        return least_squares_backward(ctx.factor, x, y, beta, u, grad_u, ctx.needs_input_grad)
-
-
 def _check_device(problem: OdeProblem) -> None:
     why = triton_unavailable_reason(problem.coefficients.device)
     if why is not None:
@@ -269,7 +243,7 @@ def triton_qr_ode_forward(
         folding = BatchFolding(batch, batch)
     x, y = folding.fold_lhs(x), folding.fold_lhs(y)
     beta = folded_rhs(problem, folding, weights, central)
-    u, failed_at = _TritonQRLeastSquares.apply(x, y, beta)
+    u, failed_at = qr_least_squares(x, y, beta, sweep=triton_qr_sweep)  # 1 launch (+1 float32)
     if check_pivots:
         raise_if_failed(failed_at, lhs_batch, rank=True)
     return unfold_solution(u, problem, folding, central)

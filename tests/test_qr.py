@@ -194,16 +194,7 @@ def _singular_problem(dtype, T):
 @pytest.mark.parametrize("central", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("T", [5, 60])
-def test_rank_deficiency_raises_or_gives_nan(dtype, T, central, backend, request):
-    if backend == "numba" and dtype == torch.float64 and T == 60 and not central:
-        # tests/test_qr_lanes.py::test_smoothness_rows_alone_are_rank_deficient, same gap
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="lane QR: the global null space of the smoothness rows shows only in "
-                "the last R_t, as rounding above its threshold (known gap)",
-                strict=False,
-            )
-        )
+def test_rank_deficiency_raises_or_gives_nan(dtype, T, central, backend):
     p = _singular_problem(dtype, T)
     kw = dict(enable_central_smoothness=central, backend=backend)
     with pytest.raises(NonPositivePivotError, match=r"rank deficient for 1 of 3.*\(1,\)"):

@@ -381,19 +381,17 @@ def test_normal_residual_kernel_matches_dense_rows(central):
     assert rel_err(got, dense) < 1e-12
 
 
-@pytest.mark.xfail(
-    reason="known gap: the null space is global (polynomials of degree < R), the last R_t "
-    "holds accumulated rounding above nb * eps * ||A[:, j]||; the threshold needs measuring",
-    strict=False,
-)
+@pytest.mark.parametrize("T", [60, 400, 4000])
 @pytest.mark.parametrize("central", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_smoothness_rows_alone_are_rank_deficient(dtype, central):
+def test_smoothness_rows_alone_are_rank_deficient(dtype, central, T):
     """System 1 has no equation (zero coefficients) and no initial rows: the Taylor rows leave
-    every polynomial of degree < R undetermined, and its R_t is rounding noise, not zero."""
-    c, b, u0, h = random_problem(batch=(3,), T=60, R=3, K=1, dtype=dtype)
+    every polynomial of degree < R undetermined, and its last R_t holds rounding of 1-2
+    nb * eps (caught by the margin RANK_TOLERANCE_FACTOR = 4, as on the torch path); the
+    well-posed systems beside it pass."""
+    c, b, u0, h = random_problem(batch=(3,), T=T, R=3, K=1, dtype=dtype)
     c[1] = 0.0
-    inputs, pk = (c, b, u0[..., :0, :, :0], h), dict(T=60, S=0)
+    inputs, pk = (c, b, u0[..., :0, :, :0], h), dict(T=T, S=0)
     with pytest.raises(NonPositivePivotError, match=r"1 of 3.*\(1,\)"):
         qr_lane_ode_forward(_problem(inputs, pk), ONES, True, True, central)
     u = qr_lane_ode_forward(_problem(inputs, pk), ONES, True, False, central)

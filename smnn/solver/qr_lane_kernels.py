@@ -28,8 +28,9 @@ Householder reflections triangularise the first 2nb columns (nb on the last bloc
 rows 0..nb-1 become [R_t | S_t | z_t], rows nb..2nb-1 the triangle C_{t+1} carried to the next
 block with its right-hand side. Back substitution: u_t = R_t^{-1} (z_t - S_t u_{t+1}).
 
-Rank check: block t fails when |R_t[j, j]| <= nb * eps * ||A[:, j]|| for some j (eps: the
-working type's, or ``wts[3]`` where the caller appends one), with A[:, j]
+Rank check: block t fails when |R_t[j, j]| <= nb * eps * ||A[:, j]|| for some j (eps:
+``wts[3]``, which :mod:`smnn.solver.qr_lanes` appends: 4 times the working type's, the torch
+path's :data:`smnn.solver.qr.RANK_TOLERANCE_FACTOR`; the working type's where absent), with A[:, j]
 the column of A of that unknown (the rows of blocks t-1 and t that touch it, before any
 reflection), or when R_t[j, j] is not finite. (Against the stacked column, carried triangle
 included, a direction that the rows leave undetermined was missed: its carried column is

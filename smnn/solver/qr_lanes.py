@@ -54,6 +54,7 @@ from smnn.solver.banded import raise_if_failed
 from smnn.solver.fused import _run_kernel as _run
 from smnn.solver.inputs import OdeProblem, check_finite, check_values_of
 from smnn.solver.layout import BatchFolding, EngineSizes
+from smnn.solver.qr import RANK_TOLERANCE_FACTOR
 
 __all__ = ["QrLaneFactor", "QrLaneLeftHandSide", "qr_lane_factorize", "qr_lane_ode_forward"]
 
@@ -78,15 +79,23 @@ def lane_width(n_items: int) -> int:
 @dataclass(frozen=True)
 class _Sizes(EngineSizes):
     """What the QR lane kernels need besides the tensors (layout.EngineSizes); ``rank_eps``:
-    the eps of the rank check where not the working type's (appended to the weights array)."""
+    the eps of the rank check where not :data:`smnn.solver.qr.RANK_TOLERANCE_FACTOR` times the
+    working type's (appended to the weights array: block t fails where
+    |R_t[j, j]| <= nb * rank_eps * ||A[:, j]||)."""
 
     rank_eps: float | None = None
 
     def args(self, dtype: torch.dtype) -> tuple:
         """(T, D, S, K, central, weights array, inverse factorials array) for the kernels."""
         wts, finv = _constants(self.n_orders, self.weights, dtype)
-        if self.rank_eps is not None:
-            wts = np.append(wts, wts.dtype.type(self.rank_eps))
+        # the torch path's margin (smnn.solver.qr.rank_tolerance): with eps alone, the global
+        # null space of a system of smoothness rows only (polynomials of degree < R) showed in
+        # its last R_t as rounding of 1-2 nb * eps and passed; factors 2-64 catch it at
+        # T = 60-4000, and the well-posed systems keep their margin (test_qr_lanes)
+        rank_eps = self.rank_eps
+        if rank_eps is None:
+            rank_eps = RANK_TOLERANCE_FACTOR * torch.finfo(dtype).eps
+        wts = np.append(wts, wts.dtype.type(rank_eps))
         T, D = self.n_steps, self.n_dims
         return T, D, self.n_init_steps, self.n_init_orders, self.central, wts, finv
 

@@ -471,13 +471,14 @@ def _solve_problem(
     graphs = cuda_graphs
     if graphs is None and prefer_cuda_graph:
         graphs = _default_graphs(problem, weights, central, method, backend)
-    args = (problem, weights, central, method, backend, check_inputs, check_pivots, graphs,
-            threads)  # fmt: skip
-    if not _falls_back_to_qr(method, problem, check_pivots, cuda_graphs):
-        return _solve_problem_by(*args)
     try:
-        return _solve_problem_by(*args)
+        return _solve_problem_by(
+            problem, weights, central, method, backend, check_inputs, check_pivots, graphs,
+            threads,
+        )  # fmt: skip
     except NonPositivePivotError:
+        if not _falls_back_to_qr(method, problem, check_pivots, cuda_graphs):
+            raise
         return _solve_problem_by(
             problem, weights, central, "qr", backend, check_inputs, check_pivots, None, threads
         )
@@ -631,13 +632,12 @@ def factorize(
     _check_options(method, problem.coefficients.dtype)
     threads = _check_threads(threads)
     _check_central(problem, central)
-    args = (problem, weights, central, method, backend, check_pivots, threads)
-    if not _falls_back_to_qr(method, problem, check_pivots, None):
-        return _factorize_problem(*args)
     try:
-        return _factorize_problem(*args)
-    except NonPositivePivotError:  # 'auto': a failed LDL^T pivot is retried by QR
-        return _factorize_problem(problem, weights, central, "qr", *args[4:])
+        return _factorize_problem(problem, weights, central, method, backend, check_pivots, threads)
+    except NonPositivePivotError:
+        if not _falls_back_to_qr(method, problem, check_pivots, None):
+            raise
+        return _factorize_problem(problem, weights, central, "qr", backend, check_pivots, threads)
 
 
 def _factorize_problem(

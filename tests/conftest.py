@@ -72,3 +72,27 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+INPUT_LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
+
+
+def loss_weight(shape, dtype=torch.float64, seed: int = 7) -> torch.Tensor:
+    """A fixed random weight ``shape`` for a scalar loss sum(u * weight) (drawn in float64)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def assert_matches_reference(u, ref, inputs, value_tol: float, grad_tol: float) -> None:
+    """u equals ref within ``value_tol`` (relative) and so does the gradient of
+    sum(u * loss_weight) to each of ``inputs`` (coefficients, rhs_equation, init_vars, steps)
+    within ``grad_tol``; every reference gradient is nonzero, so no check is vacuous."""
+    assert u.shape == ref.shape
+    assert rel_err(u, ref) < value_tol
+    weight = loss_weight(ref.shape, ref.dtype)
+    grads = torch.autograd.grad((u * weight).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), inputs)
+    for label, x, g, rg in zip(INPUT_LABELS, inputs, grads, ref_grads, strict=True):
+        assert g.shape == x.shape, label
+        assert float(rg.abs().max()) > 0, label
+        assert rel_err(g, rg) < grad_tol, label

@@ -20,7 +20,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import random_problem, rel_err
+from conftest import INPUT_LABELS, assert_matches_reference, loss_weight, random_problem, rel_err
 
 from smnn import NonPositivePivotError, ode_forward
 from smnn.solver import hugepages
@@ -38,7 +38,6 @@ from smnn.solver.inputs import prepare_problem
 from smnn.solver.reference import build_dense_system, dense_reference
 
 F64 = torch.float64
-LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
 CORE_DIMS = (4, 2, 3, 1)  # non-batch dims of each input
 
 
@@ -59,10 +58,6 @@ def _uses_fused_kernel(u: torch.Tensor) -> bool:
 def _solve_kwargs(pk: dict) -> dict:
     """T and S passed explicitly (needed when steps / init_vars have a size-1 step axis)."""
     return {"n_steps": pk.get("T", 7), "n_init_var_steps": pk.get("S", 1)}
-
-
-def _loss_weight(shape, seed=7) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 # ------------------------------------------------------------------ 1. values and gradients
@@ -137,15 +132,7 @@ def test_values_and_gradients_match_dense_reference(pk, fk):
     u = ode_forward(*inputs, **kw)
     assert _uses_fused_kernel(u), "default CPU call did not take the fused path"
     ref = dense_reference(*inputs, **kw)
-    assert u.shape == ref.shape
-    assert rel_err(u, ref) < 1e-10
-    weight = _loss_weight(ref.shape)
-    grads = torch.autograd.grad((u * weight).sum(), inputs)
-    ref_grads = torch.autograd.grad((ref * weight).sum(), inputs)
-    for label, x, g, rg in zip(LABELS, inputs, grads, ref_grads, strict=True):
-        assert g.shape == x.shape, label
-        assert float(rg.abs().max()) > 0, label  # the check below is not vacuous
-        assert rel_err(g, rg) < 1e-10, label
+    assert_matches_reference(u, ref, inputs, value_tol=1e-10, grad_tol=1e-10)
 
 
 # ------------------------------------------------------------------ 2. dispatch
@@ -205,10 +192,10 @@ def test_ode_forward_dispatch_and_agreement_with_torch_backend():
     u = ode_forward(*inputs, **kw)
     u_torch = ode_forward(*inputs, **kw, backend="torch")
     assert rel_err(u, u_torch) < 1e-10
-    weight = _loss_weight(u.shape)
+    weight = loss_weight(u.shape)
     grads = torch.autograd.grad((u * weight).sum(), inputs)
     grads_torch = torch.autograd.grad((u_torch * weight).sum(), inputs)
-    for label, g, gt in zip(LABELS, grads, grads_torch, strict=True):
+    for label, g, gt in zip(INPUT_LABELS, grads, grads_torch, strict=True):
         assert rel_err(g, gt) < 1e-10, label
 
 
@@ -345,7 +332,7 @@ def test_bad_values_raise_same_error_as_torch_path(pk, which, index, value):
     with pytest.raises(ValueError) as torch_info:
         ode_forward(*inputs, **kw, backend="torch")
     expected = str(torch_info.value)
-    assert LABELS[which] in expected  # the torch path names the bad input
+    assert INPUT_LABELS[which] in expected  # the torch path names the bad input
     with pytest.raises(ValueError) as default_info:
         ode_forward(*inputs, **kw)
     assert str(default_info.value) == expected
@@ -581,7 +568,7 @@ def test_shared_inputs_equal_their_copies(central):
     u_shared = ode_forward(*shared, **kw)
     u_copies = ode_forward(*copies, **kw)
     assert torch.equal(u_shared, u_copies)
-    weight = _loss_weight(u_shared.shape)
+    weight = loss_weight(u_shared.shape)
     g_shared = torch.autograd.grad((u_shared * weight).sum(), shared)
     g_copies = torch.autograd.grad((u_copies * weight).sum(), copies)
     g_copies = [
@@ -590,7 +577,7 @@ def test_shared_inputs_equal_their_copies(central):
         g_copies[2],
         g_copies[3].sum(0, keepdim=True),
     ]
-    for label, a, r in zip(LABELS, g_shared, g_copies, strict=True):
+    for label, a, r in zip(INPUT_LABELS, g_shared, g_copies, strict=True):
         assert rel_err(a, r) < 1e-12, label
 
 

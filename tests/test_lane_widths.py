@@ -8,13 +8,11 @@ import ast
 
 import pytest
 import torch
-from conftest import random_problem, rel_err
+from conftest import INPUT_LABELS, random_problem, rel_err
 
 from smnn import ode_forward
 from smnn.solver import fused, lane_kernels, lane_ops
 from smnn.solver.reference import dense_reference
-
-LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
 
 
 def _solve(inputs, width: int, monkeypatch, **kw):
@@ -103,7 +101,7 @@ def test_both_widths_match_reference_and_each_other(name, central, monkeypatch):
     tol = 1e-8 if pk.get("R", 3) >= 4 else 1e-10  # R >= 4: the dense oracle's own rounding
     assert rel_err(u32, ref) < tol
     assert torch.equal(u8, u32)
-    for label, a, b, r in zip(LABELS, g8, g32, ref_grads, strict=True):
+    for label, a, b, r in zip(INPUT_LABELS, g8, g32, ref_grads, strict=True):
         assert rel_err(b, r) < tol, label
         assert torch.equal(a, b), label
 
@@ -121,7 +119,7 @@ def test_lanes_as_columns_at_both_widths(monkeypatch):
     ref = dense_reference(*leaves, **kw)
     ref_grads = torch.autograd.grad((ref * weight).sum(), leaves)
     assert torch.equal(u8, u32)
-    for label, a, b, r in zip(LABELS, g8, g32, ref_grads, strict=True):
+    for label, a, b, r in zip(INPUT_LABELS, g8, g32, ref_grads, strict=True):
         assert rel_err(a, r) < 1e-10 and rel_err(b, r) < 1e-10, label
         if label in ("rhs_equation", "init_vars"):
             assert torch.equal(a, b), label

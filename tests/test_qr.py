@@ -10,15 +10,13 @@ import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 import torch
-from conftest import random_problem, rel_err
+from conftest import INPUT_LABELS, random_problem, rel_err
 from test_solver import CASES, _reference
 
 from smnn import NonPositivePivotError, factorize, ode_forward
 from smnn.solver import clear_frozen_lhs_cache
 from smnn.solver.factor import Factor
 from smnn.solver.reference import build_dense_system, dense_reference
-
-LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +40,7 @@ def test_values_and_gradients_match_dense_reference(name):
     assert u.shape == ref.shape
     assert rel_err(u, ref) < 1e-10
     grads = torch.autograd.grad((u * weight).sum(), inputs)
-    for label, x, g, rg in zip(LABELS, inputs, grads, ref_grads, strict=True):
+    for label, x, g, rg in zip(INPUT_LABELS, inputs, grads, ref_grads, strict=True):
         assert g.shape == x.shape, label
         if rg is None:  # R = 1: the steps do not enter the rows
             assert float(g.abs().max()) < 1e-12, label
@@ -95,7 +93,7 @@ def test_float32_gradients_follow_float64(backend, bound):
     p32 = [x.detach().float().requires_grad_() for x in p64]
     g64 = torch.autograd.grad(ode_forward(*p64, method="qr", backend=backend).square().sum(), p64)
     g32 = torch.autograd.grad(ode_forward(*p32, method="qr", backend=backend).square().sum(), p32)
-    for label, a, r in zip(LABELS, g32, g64, strict=True):
+    for label, a, r in zip(INPUT_LABELS, g32, g64, strict=True):
         assert rel_err(a.double(), r) < bound, (label, backend)
 
 

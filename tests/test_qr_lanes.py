@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse
 import scipy.sparse.linalg
 import torch
-from conftest import random_problem, rel_err
+from conftest import INPUT_LABELS, random_problem, rel_err
 
 from smnn import NonPositivePivotError
 from smnn.solver import qr_lanes
@@ -22,7 +22,6 @@ from smnn.solver.qr_lanes import qr_lane_factorize, qr_lane_ode_forward
 from smnn.solver.reference import build_dense_system, dense_reference
 
 F64 = torch.float64
-LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
 
 
 def _problem(inputs, pk):
@@ -75,7 +74,7 @@ def test_values_and_gradients_match_dense_reference(pk, weights, central):
     weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
     ref_grads = torch.autograd.grad((ref * weight).sum(), ref_in)
     assert rel_err(u, ref) < 1e-10
-    for label, g, r in zip(LABELS, grads, ref_grads, strict=True):
+    for label, g, r in zip(INPUT_LABELS, grads, ref_grads, strict=True):
         assert g.shape == r.shape, label
         assert rel_err(g, r) < 1e-10, label
 
@@ -270,7 +269,7 @@ def test_float32_gradients_close_to_float64(pk, h):
     in32 = [x.float() for x in inputs]
     _, g32 = _solve_with(in32, pk)
     _, g64 = _solve_with([x.double() for x in in32], pk)
-    for label, a, b in zip(LABELS, g32, g64, strict=True):
+    for label, a, b in zip(INPUT_LABELS, g32, g64, strict=True):
         assert a.dtype == torch.float32, label
         assert rel_err(a.double(), b) <= 1e-6, label
 
@@ -307,7 +306,7 @@ def test_float32_item_does_not_depend_on_the_batch():
         results.append((u.detach()[:1], [g[:1] for g in grads]))
     (u_all, g_all), (u_one, g_one) = results
     assert torch.equal(u_one, u_all)
-    for label, a, b in zip(LABELS, g_one, g_all, strict=True):
+    for label, a, b in zip(INPUT_LABELS, g_one, g_all, strict=True):
         assert torch.equal(a, b), label
 
 
@@ -335,7 +334,7 @@ def test_float32_rank_failures_are_solved_in_float64():
     u64, g64 = _solve_with([x.double() for x in in32], pk)
     assert torch.equal(u32[failed], u64[failed].float())
     assert float(_max_rel_err(u32, u64).max()) <= 1e-5
-    for label, a, b in zip(LABELS, g32, g64, strict=True):
+    for label, a, b in zip(INPUT_LABELS, g32, g64, strict=True):
         assert bool(a.isfinite().all()), label
         assert rel_err(a[failed].double(), b[failed]) <= 1e-6, label
 
@@ -351,7 +350,7 @@ def test_float32_refinement_that_does_not_converge_is_solved_in_float64(monkeypa
     monkeypatch.undo()
     u64, g64 = _solve_with([x.double() for x in in32], pk)
     assert float(_max_rel_err(u32, u64).max()) <= 1e-6
-    for label, a, b in zip(LABELS, g32, g64, strict=True):
+    for label, a, b in zip(INPUT_LABELS, g32, g64, strict=True):
         assert rel_err(a.double(), b) <= 1e-6, label
 
 

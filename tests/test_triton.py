@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import random_problem, rel_err  # noqa: E402
+from conftest import INPUT_LABELS, assert_matches_reference, loss_weight, random_problem, rel_err  # noqa: E402
 
 from smnn import NonPositivePivotError, ode_forward  # noqa: E402
 from smnn.solver.inputs import prepare_problem  # noqa: E402
@@ -33,7 +33,6 @@ from smnn.solver.triton_engine import (  # noqa: E402
 )
 
 F64 = torch.float64
-LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
 CPU = torch.device("cpu")
 
 interp = pytest.mark.skipif(
@@ -60,10 +59,6 @@ def _triton(inputs, pk, fk, check_pivots=True, method="auto"):
     central = fk.get("enable_central_smoothness", False)
     problem = _problem(inputs, pk)
     return triton_ode_forward(problem, _weights(fk), True, check_pivots, central, method)
-
-
-def _loss_weight(shape, seed=7) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 CENTRAL = dict(enable_central_smoothness=True, weight_smooth=0.7)
@@ -96,15 +91,7 @@ def test_values_and_gradients_match_dense_reference(pk, fk):
     inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
     u = _triton(inputs, pk, fk)
     ref = dense_reference(*inputs, n_steps=pk.get("T", 7), n_init_var_steps=pk.get("S", 1), **fk)
-    assert u.shape == ref.shape
-    assert rel_err(u, ref) < 1e-10
-    weight = _loss_weight(ref.shape)
-    grads = torch.autograd.grad((u * weight).sum(), inputs)
-    ref_grads = torch.autograd.grad((ref * weight).sum(), inputs)
-    for label, x, g, rg in zip(LABELS, inputs, grads, ref_grads, strict=True):
-        assert g.shape == x.shape, label
-        assert float(rg.abs().max()) > 0, label
-        assert rel_err(g, rg) < 1e-9, label
+    assert_matches_reference(u, ref, inputs, value_tol=1e-10, grad_tol=1e-9)
 
 
 @interp
@@ -123,10 +110,10 @@ def test_equals_cpu_lane_engine_to_rounding_both_dtypes(central):
         )
         assert u.dtype == dtype
         assert rel_err(u, lane) < tol
-        weight = _loss_weight(u.shape).to(dtype)
+        weight = loss_weight(u.shape).to(dtype)
         grads = torch.autograd.grad((u * weight).sum(), inputs)
         lane_grads = torch.autograd.grad((lane * weight).sum(), inputs)
-        for label, g, lg in zip(LABELS, grads, lane_grads, strict=True):
+        for label, g, lg in zip(INPUT_LABELS, grads, lane_grads, strict=True):
             assert g.dtype == dtype
             assert rel_err(g, lg) < 20 * tol, (label, dtype)
 
@@ -138,7 +125,7 @@ def test_same_bits_on_rerun():
     for _ in range(2):
         inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
         u = _triton(inputs, pk, CENTRAL)
-        grads = torch.autograd.grad((u * _loss_weight(u.shape)).sum(), inputs)
+        grads = torch.autograd.grad((u * loss_weight(u.shape)).sum(), inputs)
         runs.append((u.detach(), *grads))
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
@@ -162,7 +149,7 @@ def test_factorize_then_solve_many(central):
         ref = dense_reference(c, b2, u02, h, **fk)
         assert rel_err(u, ref) < 1e-10
         assert rel_err(u, _triton((c, b2, u02, h), pk, fk)) < 1e-13
-        weight = _loss_weight(u.shape)
+        weight = loss_weight(u.shape)
         grads = torch.autograd.grad((u * weight).sum(), (b2, u02))
         ref_grads = torch.autograd.grad((ref * weight).sum(), (b2, u02))
         for g, rg in zip(grads, ref_grads, strict=True):
@@ -196,7 +183,7 @@ def test_launches_per_call(monkeypatch, central):
     inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
     u = _triton(inputs, pk, fk)
     assert log == ["ode_sweep_kernel"]
-    torch.autograd.grad((u * _loss_weight(u.shape)).sum(), inputs)
+    torch.autograd.grad((u * loss_weight(u.shape)).sum(), inputs)
     assert log == ["ode_sweep_kernel", "ode_backward_kernel"]
     log.clear()
     c, b, u0, h = (x.detach() for x in inputs)
@@ -229,10 +216,10 @@ def test_blocks_path_for_huge_calls_agrees():
         u = _triton(inputs, pk, fk)
         ub = _blocks_forward(_problem(inputs, pk), _weights(fk), bool(fk), True)
         assert rel_err(ub, u) < 1e-12
-        weight = _loss_weight(u.shape)
+        weight = loss_weight(u.shape)
         grads = torch.autograd.grad((u * weight).sum(), inputs)
         block_grads = torch.autograd.grad((ub * weight).sum(), inputs)
-        for label, g, bg in zip(LABELS, grads, block_grads, strict=True):
+        for label, g, bg in zip(INPUT_LABELS, grads, block_grads, strict=True):
             assert rel_err(g, bg) < 1e-10, label
 
 
@@ -443,7 +430,7 @@ def test_cuda_matches_cpu_and_repeats_bits(central, dtype, method):
     fk = CENTRAL if central else {}
     cpu_inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
     ref = ode_forward(*cpu_inputs, backend="torch", **fk)
-    weight = _loss_weight(ref.shape)
+    weight = loss_weight(ref.shape)
     ref_grads = torch.autograd.grad((ref * weight).sum(), cpu_inputs)
     tol = 1e-9 if dtype == torch.float64 else 2e-3
     runs = []
@@ -454,7 +441,7 @@ def test_cuda_matches_cpu_and_repeats_bits(central, dtype, method):
         runs.append((u.detach(), *grads))
     u, *grads = runs[0]
     assert rel_err(u.cpu().double(), ref) < tol
-    for label, g, rg in zip(LABELS, grads, ref_grads, strict=True):
+    for label, g, rg in zip(INPUT_LABELS, grads, ref_grads, strict=True):
         assert rel_err(g.cpu().double(), rg) < 10 * tol, label
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import random_problem, rel_err  # noqa: E402
+from conftest import INPUT_LABELS, assert_matches_reference, loss_weight, random_problem, rel_err  # noqa: E402
 
 from smnn import NonPositivePivotError, factorize, ode_forward  # noqa: E402
 from smnn.solver.inputs import prepare_problem  # noqa: E402
@@ -18,7 +18,6 @@ from smnn.solver.reference import dense_reference  # noqa: E402
 from smnn.solver.triton_engine import interpreter_on, triton_path_applies  # noqa: E402
 
 F64, F32 = torch.float64, torch.float32
-LABELS = ("coefficients", "rhs_equation", "init_vars", "steps")
 CENTRAL = dict(enable_central_smoothness=True, weight_smooth=0.7)
 
 pytestmark = pytest.mark.skipif(
@@ -34,11 +33,6 @@ def _kw(pk, fk):
 def _qr(inputs, pk, fk, **kw):
     """ode_forward on Triton's QR sweep through the public API."""
     return ode_forward(*inputs, **_kw(pk, fk), backend="triton", method="qr", **kw)
-
-
-def _loss_weight(shape, dtype=F64, seed=7) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=F64).to(dtype)
 
 
 CASES = [
@@ -64,15 +58,7 @@ def test_values_and_gradients_match_dense_reference(pk, fk):
     inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
     u = _qr(inputs, pk, fk)
     ref = dense_reference(*inputs, **_kw(pk, fk))
-    assert u.shape == ref.shape
-    assert rel_err(u, ref) < 1e-11
-    weight = _loss_weight(ref.shape)
-    grads = torch.autograd.grad((u * weight).sum(), inputs)
-    ref_grads = torch.autograd.grad((ref * weight).sum(), inputs)
-    for label, x, g, rg in zip(LABELS, inputs, grads, ref_grads, strict=True):
-        assert g.shape == x.shape, label
-        assert float(rg.abs().max()) > 0, label
-        assert rel_err(g, rg) < 1e-9, label
+    assert_matches_reference(u, ref, inputs, value_tol=1e-11, grad_tol=1e-9)
 
 
 @pytest.mark.parametrize("central", [False, True])
@@ -83,13 +69,13 @@ def test_equals_cpu_lane_qr_engine_and_torch_qr_to_rounding(central):
     fk = CENTRAL if central else {}
     inputs = tuple(x.requires_grad_() for x in random_problem(**pk))
     u = _qr(inputs, pk, fk)
-    weight = _loss_weight(u.shape)
+    weight = loss_weight(u.shape)
     grads = torch.autograd.grad((u * weight).sum(), inputs)
     for backend in ("numba", "torch"):
         other = ode_forward(*inputs, **_kw(pk, fk), backend=backend, method="qr")
         assert rel_err(u, other) < 1e-13, backend
         other_grads = torch.autograd.grad((other * weight).sum(), inputs)
-        for label, g, og in zip(LABELS, grads, other_grads, strict=True):
+        for label, g, og in zip(INPUT_LABELS, grads, other_grads, strict=True):
             assert rel_err(g, og) < 1e-12, (backend, label)
 
 
@@ -114,10 +100,10 @@ def test_float32_refined_to_float64():
     raw, _ = triton_qr_sweep(x, y, folded_rhs(problem, folding, (1.0, 1.0, 1.0), False))
     raw = unfold_solution(raw, problem, folding, False)
     assert rel_err(raw.double(), u64) > 2 * err
-    weight = _loss_weight(u64.shape)
+    weight = loss_weight(u64.shape)
     g32 = torch.autograd.grad((u32 * weight.float()).sum(), p32)
     g64 = torch.autograd.grad((u64 * weight).sum(), p64)
-    for label, a, r in zip(LABELS, g32, g64, strict=True):
+    for label, a, r in zip(INPUT_LABELS, g32, g64, strict=True):
         assert a.dtype == F32
         assert rel_err(a.double(), r) < 1e-4, label
 
@@ -146,7 +132,7 @@ def test_factorize_solve_equals_ode_forward(central):
             ref = _qr((c2, b2, u02, h2), pk, fk)
             assert u.dtype == dtype
             assert rel_err(u, ref) < tol, (dtype, seed)
-            weight = _loss_weight(u.shape, dtype)
+            weight = loss_weight(u.shape, dtype)
             grads = torch.autograd.grad((u * weight).sum(), (b2, u02))
             ref_grads = torch.autograd.grad((ref * weight).sum(), (b2, u02))
             for g, rg in zip(grads, ref_grads, strict=True):
@@ -205,7 +191,7 @@ def test_same_bits_on_rerun():
         for _ in range(2):
             inputs = tuple(x.requires_grad_() for x in random_problem(**pk, dtype=dtype))
             u = _qr(inputs, pk, CENTRAL)
-            grads = torch.autograd.grad((u * _loss_weight(u.shape, dtype)).sum(), inputs)
+            grads = torch.autograd.grad((u * loss_weight(u.shape, dtype)).sum(), inputs)
             runs.append((u.detach(), *grads))
         for a, b in zip(*runs, strict=True):
             assert torch.equal(a, b), dtype

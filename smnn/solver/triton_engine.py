@@ -167,8 +167,9 @@ def triton_path_applies(
       pool, and a method of :data:`TRITON_METHODS` ('auto', 'sequential' or 'qr'; not
       'cyclic'). ``method='auto'`` on CUDA thus means Triton's sequential sweep in float64
       (1 launch forward, 1 backward, whatever T) instead of the torch path's sequential
-      sweep replayed from CUDA graphs, and Triton's QR sweep in float32 (:mod:`smnn.solver.triton_qr`) instead of
-      the torch path's QR: a documented rule until a GPU has measured it (docs/gpu.md).
+      sweep replayed from CUDA graphs, and Triton's QR sweep in float32
+      (:mod:`smnn.solver.triton_qr`) instead of the torch path's QR: a documented rule until
+      a GPU has measured it (docs/gpu.md).
       Everything else keeps the torch path. (``dtype`` is accepted for callers that pass it;
       the rule no longer depends on it.)
     - any other backend: never.
